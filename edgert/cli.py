@@ -1,0 +1,140 @@
+"""The `edgert` command: a thin layer over edgert.load() and the exporter."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run distilled reasoning and Mixture-of-Experts LLMs on edge CPUs.")
+
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def fail(message: str, code: int = 1):
+    typer.echo(f"edgert: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _user_errors():
+    from .artifact import ArtifactError
+    from .llm import PromptTooLong
+    from .model import ContextFull
+    return (ArtifactError, PromptTooLong, ContextFull, ValueError, OSError)
+
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(..., help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Artifact folder to write (atomically)."),
+    bits: int = typer.Option(4, help="Weight bits for attention and MLP/expert projections: 4, 8, or 32 (fp32 reference)."),
+    block_size: int = typer.Option(32, help="Quantization block size along the input dimension (16-256, power of two)."),
+    embed_bits: int = typer.Option(8, help="Bits for embeddings and lm_head: 8 or 32 (ignored with --bits 32)."),
+    context: Optional[int] = typer.Option(None, help="Longest context the artifact supports [default: model's, at most 32768]."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Export a Hugging Face checkpoint to an int4/int8 ONNX artifact."""
+    try:
+        from edgert_export import ExportError, export as do_export
+    except ImportError as e:
+        fail(f"the exporter needs the [export] extra ({e.name} is missing): pip install 'edgert[export]'")
+    try:
+        manifest = do_export(model_dir, out, bits=bits, block_size=block_size, context=context, force=force,
+                             embed_bits=embed_bits)
+    except ExportError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written", 130)
+    s = manifest["summary"]
+    typer.echo(f"exported {manifest['architecture']} ({manifest['model']['parameters'] / 1e6:.1f}M parameters) to {out}: "
+               f"{s['bytes'] / 1e6:.1f} MB, {s['bits_per_weight']:.2f} bits/weight, {s['seconds']:.1f} s", err=True)
+
+
+@app.command()
+def run(
+    artifact: Path = typer.Argument(..., help="Artifact folder made by `edgert export`."),
+    prompt: Optional[str] = typer.Argument(None, help="Prompt text; read from stdin when omitted."),
+    max_tokens: int = typer.Option(256, min=1, help="Most tokens to generate."),
+    temperature: Optional[float] = typer.Option(None, min=0.0, help="0 = greedy [default: the model's generation config]."),
+    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Nucleus sampling mass."),
+    top_k: Optional[int] = typer.Option(None, min=0, help="Sample among the k most likely tokens (0 = all)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is (no chat template), with the tokenizer's BOS."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of streaming text."),
+    context: Optional[int] = typer.Option(None, min=1, help="KV cache size in tokens [default: min(model, 4096)]."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: onnxruntime's choice]."),
+    think_budget: Optional[int] = typer.Option(None, min=0, help="Close the <think> reasoning after N tokens and answer."),
+    system: Optional[str] = typer.Option(None, help="System message for the chat template."),
+):
+    """Generate text. stdout carries only the generated text; reasoning is dimmed on a terminal."""
+    if prompt is None:
+        if sys.stdin.isatty():
+            fail("no prompt: give one as an argument or on stdin")
+        prompt = sys.stdin.read()
+    from . import load
+    try:
+        llm = load(artifact, context=context, threads=threads)
+        ids = llm.encode(prompt, raw=raw, system=system)
+        stream = llm.generate(ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              seed=seed, ignore_eos=ignore_eos, think_budget=think_budget)
+        color = sys.stdout.isatty() and not as_json and not os.environ.get("NO_COLOR")
+        tokens, text, reasoning = [], [], []
+        dimmed = False
+        for tok in stream:
+            if tok.id >= 0:
+                tokens.append(tok.id)
+            text.append(tok.text)
+            if tok.reasoning:
+                reasoning.append(tok.text)
+            if as_json:
+                continue
+            if color and tok.reasoning != dimmed and tok.text:
+                sys.stdout.write(DIM if tok.reasoning else RESET)
+                dimmed = tok.reasoning
+            sys.stdout.write(tok.text)
+            sys.stdout.flush()
+    except _user_errors() as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        if color:
+            sys.stdout.write(RESET)
+        raise typer.Exit(130)
+    st = llm.stats
+    if as_json:
+        full = "".join(text)
+        think = "".join(reasoning)
+        answer = full[len(think):] if full.startswith(think) else full
+        typer.echo(json.dumps({"text": full, "tokens": tokens, "prompt_tokens": st.prompt_tokens,
+                               "reasoning": think, "answer": answer.lstrip("\n") if think else answer,
+                               "prefill_tok_s": round(st.prefill_tok_s, 2), "decode_tok_s": round(st.decode_tok_s, 2),
+                               "stop_reason": st.stop_reason}, ensure_ascii=False))
+    else:
+        if dimmed:
+            sys.stdout.write(RESET)
+        sys.stdout.write("\n")
+        typer.echo(f"[{st.prompt_tokens} prompt tokens, {st.prefill_tok_s:.1f} tok/s | {st.generated} generated, "
+                   f"{st.decode_tok_s:.1f} tok/s | stop: {st.stop_reason}]", err=True)
+
+
+@app.command()
+def verify(artifact: Path = typer.Argument(..., help="Artifact folder.")):
+    """Check an artifact's files against the sha256 sums in its manifest."""
+    from .artifact import ArtifactError, verify as do_verify
+    try:
+        m = do_verify(artifact)
+    except ArtifactError as e:
+        fail(str(e))
+    typer.echo(f"{artifact}: ok ({m['architecture']}, {len(m['files'])} files verified)")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""`edgert.load(path)`: an artifact + its tokenizer + chat template, ready to generate text."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .chat import load_chat_template, render_chat
+from .generate import Sampling, Stats, Step, generate
+from .model import ContextFull, Model
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+class PromptTooLong(Exception):
+    pass
+
+
+@dataclass
+class Token(Step):
+    text: str = ""                # the text this token completes (may be "" mid-character)
+
+
+def _token_text(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class LLM:
+    def __init__(self, path, context: int | None = None, threads: int | None = None, tokenizer: str = "auto"):
+        self.path = Path(path)
+        self.model = Model(self.path, context=context, threads=threads)
+        self.manifest = self.model.manifest
+        self.tokenizer = Tokenizer.from_dir(self.path, backend=tokenizer)
+        self.chat_template = load_chat_template(self.path)
+        cfg_path = self.path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self._template_vars = {k: _token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        special = self.manifest["special_tokens"]
+        self.eos_ids = [i for i in special.get("eos") or [] if i is not None]
+        self.think = (special.get("think_start"), special.get("think_end"))
+        self.stats = Stats()
+
+    @property
+    def context(self) -> int:
+        return self.model.context
+
+    def encode(self, prompt: str, raw: bool = False, system: str | None = None) -> list[int]:
+        """Chat template (when the tokenizer has one) unless raw; raw text gets the tokenizer's own specials (BOS)."""
+        if raw or not self.chat_template:
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = render_chat(self.chat_template, messages, add_generation_prompt=True, **self._template_vars)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def sampling(self, temperature=None, top_p=None, top_k=None, seed=None) -> Sampling:
+        """Unset options come from the artifact's generation config, as transformers reads it."""
+        gen = self.manifest.get("generation", {})
+        if temperature is None:
+            temperature = gen.get("temperature", 1.0) if gen.get("do_sample") else 0.0
+        if top_p is None:
+            top_p = gen.get("top_p", 1.0) if gen.get("do_sample") else 1.0
+        if top_k is None:
+            top_k = gen.get("top_k", 0) if gen.get("do_sample") else 0
+        return Sampling(float(temperature), float(top_p), int(top_k or 0), seed)
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 256, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None, raw: bool = False,
+                 ignore_eos: bool = False, think_budget: int | None = None, system: str | None = None) -> Iterator[Token]:
+        """Yield Tokens as they are generated; `self.stats` describes the run (complete once exhausted)."""
+        ids = list(prompt) if not isinstance(prompt, str) else self.encode(prompt, raw=raw, system=system)
+        if len(ids) >= self.context:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens; the context holds {self.context} "
+                                f"(raise --context, up to {self.manifest['context_length']})")
+        if not ids:
+            raise PromptTooLong("the prompt is empty")
+        self.stats = Stats()
+        close = self.tokenizer.encode("\n</think>\n\n", add_special_tokens=False) if self.think[1] is not None else []
+        decoder = StreamDecoder(self.tokenizer)
+        steps = generate(self.model, ids, max_tokens, self.sampling(temperature, top_p, top_k, seed),
+                         stop_ids=() if ignore_eos else self.eos_ids, think=self.think, think_budget=think_budget,
+                         close_think_ids=close, stats=self.stats)
+        for step in steps:
+            yield Token(step.id, step.reasoning, step.forced, decoder.push(step.id))
+        tail = decoder.flush()
+        if tail:
+            yield Token(-1, False, True, tail)   # text held back for an incomplete character
+
+
+def load(path, context: int | None = None, threads: int | None = None, tokenizer: str = "auto") -> LLM:
+    return LLM(path, context=context, threads=threads, tokenizer=tokenizer)
+
+
+__all__ = ["LLM", "load", "Token", "PromptTooLong", "ContextFull"]

@@ -1,0 +1,74 @@
+"""One ONNX Runtime session over an artifact, with a static KV cache.
+
+The cache is one preallocated buffer per layer, sized by the context the user asks for, bound
+as both the past input and the present output of GroupQueryAttention: a step writes only its
+new rows in place, nothing is copied or reallocated per token.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .artifact import ArtifactError, read_manifest
+
+DEFAULT_CONTEXT = 4096
+
+
+class ContextFull(Exception):
+    pass
+
+
+class Model:
+    def __init__(self, path, context: int | None = None, threads: int | None = None):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        m = self.manifest["model"]
+        self.vocab, self.layers = m["vocab"], m["layers"]
+        max_ctx = self.manifest["context_length"]
+        self.context = context or min(max_ctx, DEFAULT_CONTEXT)
+        if not 1 <= self.context <= max_ctx:
+            raise ArtifactError(f"--context must be between 1 and {max_ctx} (the context this artifact was exported for), not {self.context}")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types with long texts
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{self.path}: onnxruntime {ort.__version__} cannot load the model: {first[:300]}") from None
+        shape = (1, m["kv_heads"], self.context, m["head_dim"])
+        self._io = self.session.io_binding()
+        self._io.bind_output("logits")      # output 0; the caches follow
+        self._cache = []
+        for i in range(self.layers):
+            for kind in ("key", "value"):
+                buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                self._cache.append(buf)
+                self._io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
+                self._io.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+        self.pos = 0            # tokens in the cache
+
+    def reset(self) -> None:
+        self.pos = 0            # stale rows past pos are never attended to: no need to clear
+
+    def forward(self, ids, num_logits: int = 1) -> np.ndarray:
+        """Feed tokens after what the cache holds; returns logits [num_logits, vocab] of the last positions."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        n = ids.shape[1]
+        if self.pos + n > self.context:
+            raise ContextFull(f"{self.pos + n} tokens do not fit the {self.context}-token context")
+        total = self.pos + n
+        io = self._io
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("num_logits", np.array([min(num_logits, n)], np.int64))
+        io.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        io.bind_output("logits")
+        self.session.run_with_iobinding(io)
+        self.pos = total
+        return io.get_outputs()[0].numpy()[0]

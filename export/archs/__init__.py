@@ -1,0 +1,24 @@
+"""One small module per architecture; each defines `Model`, a subclass of decoder.Decoder."""
+from __future__ import annotations
+
+import importlib
+
+from ..decoder import Decoder, UnsupportedModel
+
+# model_type in config.json -> module in this package
+ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+}
+
+
+def model_for(config: dict) -> Decoder:
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModel(f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
+    module = importlib.import_module(f".{ARCHITECTURES[model_type]}", __package__)
+    try:
+        return module.Model(config)
+    except KeyError as e:
+        raise UnsupportedModel(f"config.json lacks {e.args[0]!r}, which a {model_type} model needs") from None

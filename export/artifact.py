@@ -1,0 +1,156 @@
+"""HF folder -> artifact folder, written atomically.
+
+Everything goes into a hidden temporary folder beside OUT and is renamed into place only
+when complete, so an interrupted or failed export leaves nothing half-written behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .archs import model_for
+from .checkpoint import Checkpoint, CheckpointError
+from .decoder import UnsupportedModel
+from .graph import IR_VERSION, Graph, Recipe
+
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+DEFAULT_MAX_CONTEXT = 32768   # rotary tables cost 2 x context x head_dim/2 floats
+
+
+class ExportError(Exception):
+    """One line for the user."""
+
+
+def _progress(total: int, label: str):
+    tty = sys.stderr.isatty()
+    state = {"n": 0, "t0": time.time()}
+
+    def tick():
+        state["n"] += 1
+        if tty:
+            n = state["n"]
+            bar = "#" * (30 * n // total) + "." * (30 - 30 * n // total)
+            sys.stderr.write(f"\r{label} [{bar}] {n}/{total} layers {time.time() - state['t0']:.0f}s")
+            if n == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+    return tick
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
+    """bos / eos ids (generation_config first, as transformers does) and the reasoning markers."""
+    cfg, gen = ckpt.config, ckpt.generation_config
+    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    out = {"bos": gen.get("bos_token_id", cfg.get("bos_token_id")), "eos": eos,
+           "pad": gen.get("pad_token_id", cfg.get("pad_token_id"))}
+    tok = json.loads((src / "tokenizer.json").read_text())
+    lookup = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    vocab = tok.get("model", {}).get("vocab", {})
+    for key, text in (("think_start", "<think>"), ("think_end", "</think>")):
+        out[key] = lookup.get(text, vocab.get(text) if isinstance(vocab, dict) else None)
+    return out
+
+
+def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | None = None, force: bool = False,
+           embed_bits: int = 8, progress: bool = True) -> dict:
+    """Export a Hugging Face folder to an edgert artifact folder; returns the manifest."""
+    t0 = time.time()
+    src, out = Path(model_dir), Path(out)
+    if bits not in (4, 8, 32):
+        raise ExportError(f"--bits must be 4, 8 or 32, not {bits}")
+    if embed_bits not in (8, 32):
+        raise ExportError(f"--embed-bits must be 8 or 32, not {embed_bits}")
+    if block_size not in (16, 32, 64, 128, 256):
+        raise ExportError(f"--block-size must be one of 16, 32, 64, 128, 256, not {block_size}")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+        raise ExportError(f"{out} already exists and is not empty (use --force to replace it)")
+    try:
+        ckpt = Checkpoint(src)
+        model = model_for(ckpt.config)
+    except (CheckpointError, UnsupportedModel) as e:
+        raise ExportError(str(e)) from None
+    if not (src / "tokenizer.json").is_file():
+        raise ExportError(f"{src}: no tokenizer.json (the runtime needs the fast-tokenizer file)")
+    max_ctx = min(model.max_positions, DEFAULT_MAX_CONTEXT)
+    context = context or max_ctx
+    if context < 1 or context > model.max_positions:
+        raise ExportError(f"--context must be between 1 and the model's {model.max_positions} positions, not {context}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    g = None
+    try:
+        g = Graph(tmp / "model.onnx.data")
+        recipe = Recipe(bits=bits, block_size=block_size, embed_bits=embed_bits)
+        tick = _progress(model.n_layers, f"export {ckpt.config.get('model_type')}") if progress else (lambda: None)
+        quant = model.build(g, ckpt, recipe, context, tick)
+        import onnx
+        g.save(tmp / "model.onnx", producer="edgert")
+        for name in TOKENIZER_FILES + ("generation_config.json", "config.json"):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        total_params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names)
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in (tmp / "model.onnx", tmp / "model.onnx.data")}
+        manifest = {
+            "format": "edgert", "format_version": FORMAT_VERSION,
+            "architecture": ckpt.config.get("model_type"),
+            "model": {"layers": model.n_layers, "hidden": model.hidden, "heads": model.heads,
+                      "kv_heads": model.kv_heads, "head_dim": model.padded_head_dim, "vocab": model.vocab,
+                      "parameters": total_params, **model.extra_manifest()},
+            "context_length": context,
+            "quantization": {**quant, "router": 32, "int4": "asymmetric (zero point per block)",
+                             "int8": "symmetric", "accuracy_level": 4},
+            "special_tokens": _special_tokens(src, ckpt),
+            "generation": {k: ckpt.generation_config[k] for k in ("do_sample", "temperature", "top_p", "top_k",
+                                                                  "repetition_penalty") if k in ckpt.generation_config},
+            "files": files,
+            "versions": {"edgert": _version(), "onnx": onnx.__version__, "numpy": np.__version__,
+                         "onnx_ir": IR_VERSION, "python": platform.python_version()},
+        }
+        (tmp / "edgert.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    except OSError as e:
+        raise ExportError(f"writing {out}: {e.strerror or e}") from None
+    finally:
+        if g is not None:
+            g.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f["bytes"] for f in files.values())
+    manifest["summary"] = {"bytes": size, "bits_per_weight": 8 * size / max(total_params, 1), "seconds": time.time() - t0}
+    return manifest
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("edgert")
+    except Exception:
+        return "0+unknown"

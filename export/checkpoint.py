@@ -1,0 +1,135 @@
+"""Read a Hugging Face checkpoint folder one tensor at a time.
+
+safetensors is parsed directly (8-byte header length, JSON header, raw data) and the data is
+memory-mapped, so reading a tensor costs only that tensor: a 7B model exports on a device with
+a few GB of RAM. bf16 is widened to fp32 by a 16-bit shift, so no torch is needed.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import numpy as np
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that cannot be read; the message is one line for the user."""
+
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+           "I64": np.int64, "I32": np.int32, "U8": np.uint8, "I8": np.int8, "BOOL": np.bool_}
+
+
+class _SafetensorsFile:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{path.name}: truncated safetensors file (no header)")
+                (n,) = struct.unpack("<Q", head)
+                if n <= 0 or 8 + n > size:
+                    raise CheckpointError(f"{path.name}: corrupt safetensors header (length {n}, file {size} bytes)")
+                header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path.name}: corrupt safetensors header (not JSON)") from None
+        except OSError as e:
+            raise CheckpointError(f"{path.name}: cannot read ({e.strerror})") from None
+        header.pop("__metadata__", None)
+        self.start = 8 + n
+        self.tensors = header
+        for name, t in header.items():
+            if not isinstance(t, dict) or t.get("dtype") not in _DTYPES:
+                raise CheckpointError(f"{path.name}: tensor {name} has an unsupported dtype {t.get('dtype') if isinstance(t, dict) else t!r}")
+            b, e = t["data_offsets"]
+            want = int(np.prod(t["shape"], dtype=np.int64)) * np.dtype(_DTYPES[t["dtype"]]).itemsize
+            if e - b != want:
+                raise CheckpointError(f"{path.name}: tensor {name} has {e - b} bytes, its shape needs {want}")
+            if self.start + e > size:
+                raise CheckpointError(f"{path.name}: truncated (tensor {name} ends past the end of the file)")
+        self._map = None
+
+    def raw(self, name: str) -> tuple[np.ndarray, str]:
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        t = self.tensors[name]
+        b, e = t["data_offsets"]
+        arr = np.frombuffer(self._map, dtype=_DTYPES[t["dtype"]], count=(e - b) // np.dtype(_DTYPES[t["dtype"]]).itemsize,
+                            offset=self.start + b)
+        return arr.reshape(t["shape"]), t["dtype"]
+
+
+def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":  # bf16 is the top half of an fp32
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32)
+
+
+class Checkpoint:
+    """config.json + (sharded) safetensors of a Hugging Face model folder."""
+
+    def __init__(self, model_dir):
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: no such model folder")
+        cfg = self.dir / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"{self.dir}: no config.json (is this a Hugging Face model folder?)")
+        try:
+            self.config = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
+        gen = self.dir / "generation_config.json"
+        try:
+            self.generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{gen}: not valid JSON") from None
+        self._where: dict[str, _SafetensorsFile] = {}
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                raise CheckpointError(f"{index}: corrupt index (no weight_map)") from None
+            files = {}
+            for shard in sorted(set(weight_map.values())):
+                if not (self.dir / shard).is_file():
+                    raise CheckpointError(f"{self.dir}: shard {shard} named in the index is missing")
+                files[shard] = _SafetensorsFile(self.dir / shard)
+            for name, shard in weight_map.items():
+                if name not in files[shard].tensors:
+                    raise CheckpointError(f"{shard}: tensor {name} named in the index is missing")
+                self._where[name] = files[shard]
+        else:
+            shards = sorted(self.dir.glob("*.safetensors"))
+            if not shards:
+                raise CheckpointError(f"{self.dir}: no *.safetensors weights (.bin/.pt checkpoints are not supported)")
+            for p in shards:
+                f = _SafetensorsFile(p)
+                for name in f.tensors:
+                    self._where[name] = f
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].tensors[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        return self._where[name].tensors[name]["dtype"]
+
+    def get(self, name: str) -> np.ndarray:
+        """One tensor as a fresh float32 array (the only copy of it that export holds)."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.dir.name}: tensor {name} is missing from the checkpoint")
+        arr, dtype = self._where[name].raw(name)
+        return to_float32(arr, dtype)

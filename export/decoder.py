@@ -1,0 +1,237 @@
+"""The Llama-family decoder, built as one ONNX graph straight from config + weights.
+
+Llama, Qwen2, Qwen3 and the MoE families differ in a handful of places (q/k/v bias, q/k norm,
+the FFN, a few multipliers); an architecture module subclasses `Decoder` and overrides only
+those. The data path reads top to bottom in `build`: embed -> N x (norm, attention, norm, FFN)
+-> norm -> lm_head, with residual adds fused into the norms.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from onnx import TensorProto
+
+from . import graph as G
+from .checkpoint import Checkpoint
+from .graph import AttentionIO, Graph, Recipe
+
+
+class UnsupportedModel(Exception):
+    """The checkpoint uses a feature this exporter does not build; one line for the user."""
+
+
+class Decoder:
+    model_type = "llama"
+    qk_norm: str | None = None          # "head": RMSNorm per head (Qwen3); "full": over all heads (OLMoE)
+
+    def __init__(self, config: dict):
+        c = self.config = config
+        self.hidden = c["hidden_size"]
+        self.n_layers = c["num_hidden_layers"]
+        self.heads = c["num_attention_heads"]
+        self.kv_heads = c.get("num_key_value_heads") or self.heads
+        self.head_dim = c.get("head_dim") or self.hidden // self.heads
+        self.ffn_dim = c.get("intermediate_size")
+        self.vocab = c["vocab_size"]
+        self.eps = c.get("rms_norm_eps", 1e-6)
+        self.tied = bool(c.get("tie_word_embeddings", False))
+        self.max_positions = c.get("max_position_embeddings", 4096)
+        self.qkv_bias = bool(c.get("attention_bias", False))
+        self.attn_scale = self.head_dim ** -0.5
+        # GroupQueryAttention needs head_dim % 16 == 0; smaller heads (stories260K has 8) are
+        # zero-padded so that rotate-half pairs still line up (see _pad_heads).
+        self.padded_head_dim = -(-self.head_dim // 16) * 16
+        # Granite-style multipliers (1.0 = absent)
+        self.embedding_multiplier = 1.0
+        self.residual_multiplier = 1.0
+        self.logits_divisor = 1.0
+        act = c.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModel(f"hidden_act {act!r} is not supported (only silu)")
+        if c.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedModel("partial rotary embeddings are not supported")
+
+    # ---- rotary ------------------------------------------------------------------------
+    def rope(self) -> tuple[np.ndarray, float]:
+        """(inv_freq, attention_factor) with the config's rope scaling applied."""
+        c = self.config
+        p = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        base = p.get("rope_theta", c.get("rope_theta", 10000.0))
+        kind = p.get("rope_type", p.get("type", "default"))
+        dim = self.head_dim
+        inv = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        factor = p.get("factor", 1.0)
+        if kind in ("default", "dynamic"):      # dynamic NTK equals default inside max_position_embeddings
+            return inv, 1.0
+        if kind == "linear":
+            return inv / factor, 1.0
+        if kind == "llama3":
+            old = p["original_max_position_embeddings"]
+            lo_f, hi_f = p["low_freq_factor"], p["high_freq_factor"]
+            wavelen = 2 * math.pi / inv
+            scaled = np.where(wavelen > old / lo_f, inv / factor, inv)
+            smooth = (old / wavelen - lo_f) / (hi_f - lo_f)
+            medium = (wavelen >= old / hi_f) & (wavelen <= old / lo_f)
+            return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled), 1.0
+        if kind == "yarn":
+            old = p.get("original_max_position_embeddings") or self.max_positions
+
+            def mscale(s, m=1.0):
+                return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+            att = p.get("attention_factor")
+            if att is None:
+                m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+                att = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+            def corr(rot):
+                return dim * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))
+            lo, hi = corr(p.get("beta_fast") or 32), corr(p.get("beta_slow") or 1)
+            if p.get("truncate", True):
+                lo, hi = math.floor(lo), math.ceil(hi)
+            lo, hi = max(lo, 0), min(hi, dim - 1)
+            ramp = np.clip((np.arange(dim // 2) - lo) / ((hi - lo) or 0.001), 0, 1)
+            extrapolate = 1 - ramp
+            return inv / factor * (1 - extrapolate) + inv * extrapolate, float(att)
+        raise UnsupportedModel(f"rope scaling type {kind!r} is not supported (default, linear, dynamic, llama3, yarn)")
+
+    # ---- weights -----------------------------------------------------------------------
+    def layer_prefix(self, i: int) -> str:
+        return f"model.layers.{i}."
+
+    # ---- the graph ---------------------------------------------------------------------
+    def build(self, g: Graph, ckpt: Checkpoint, recipe: Recipe, context: int, progress=lambda: None) -> dict:
+        """Write the whole decoder into g. Returns the quantization actually used per tensor class."""
+        self.recipe, self.ckpt = recipe, ckpt
+        ids = g.input("input_ids", TensorProto.INT64, [1, "sequence"])
+        num_logits = g.input("num_logits", TensorProto.INT64, [1])
+        io = AttentionIO(g.input("seqlens_k", TensorProto.INT32, [1]),
+                         g.input("total_sequence_length", TensorProto.INT32, []), *G.rope_cache(g, *self.rope_for(context)))
+
+        x = self.embed(g, ids)
+        residual = None
+        for i in range(self.n_layers):
+            pre = self.layer_prefix(i)
+            if residual is None:
+                h, residual = G.rms_norm(g, x, ckpt.get(pre + "input_layernorm.weight"), self.eps, f"layers.{i}.input_norm"), x
+            else:
+                h, residual = G.add_rms_norm(g, x, residual, ckpt.get(pre + "input_layernorm.weight"), self.eps,
+                                             f"layers.{i}.input_norm")
+            x = self.scale_residual(g, self.attention(g, i, h, io), f"layers.{i}.attn")
+            h, residual = G.add_rms_norm(g, x, residual, ckpt.get(pre + "post_attention_layernorm.weight"), self.eps,
+                                         f"layers.{i}.post_attention_norm")
+            x = self.scale_residual(g, self.ffn(g, i, h), f"layers.{i}.ffn")
+            progress()
+        h, _ = G.add_rms_norm(g, x, residual, ckpt.get("model.norm.weight"), self.eps, "final_norm")
+        # Only the last num_logits positions reach lm_head: prefill pays for one row, not S.
+        last = g.op("Slice", [h, g.op("Neg", [num_logits], "logits_start"),
+                              g.const("logits_end", np.array([2**62], np.int64)), g.const("seq_axis", np.array([1], np.int64))],
+                    "last_positions")
+        g.output(self.lm_head(g, last), "logits", TensorProto.FLOAT, [1, "num_logits", self.vocab])
+        return {"attention": recipe.bits, "mlp": recipe.bits, "embed": recipe.bits_for("embed"),
+                "lm_head": recipe.bits_for("lm_head"), "block_size": recipe.block_size}
+
+    def extra_manifest(self) -> dict:
+        """Architecture facts the runtime reports (MoE modules add their expert counts)."""
+        return {}
+
+    def rope_for(self, context: int):
+        inv, att = self.rope()
+        pad = (self.padded_head_dim - self.head_dim) // 2
+        return np.concatenate([inv, np.zeros(pad)]), context, att
+
+    def _pad_heads(self, w: np.ndarray, axis: int) -> np.ndarray:
+        """Spread each head's halves [a | b] to [a 0 | b 0] along axis (rows of q/k/v, columns of o)."""
+        hd, hp = self.head_dim, self.padded_head_dim
+        if hp == hd:
+            return w
+        w = np.moveaxis(w, axis, 0)
+        heads = w.shape[0] // hd
+        src = w.reshape(heads, 2, hd // 2, *w.shape[1:])
+        out = np.zeros((heads, 2, hp // 2, *w.shape[1:]), w.dtype)
+        out[:, :, : hd // 2] = src
+        return np.moveaxis(out.reshape(heads * hp, *w.shape[1:]), 0, axis)
+
+    def scale_residual(self, g: Graph, x: str, name: str) -> str:
+        if self.residual_multiplier == 1.0:
+            return x
+        return g.op("Mul", [x, g.const(name + ".residual_multiplier", np.array(self.residual_multiplier, np.float32))],
+                    name + ".scaled")
+
+    def embed(self, g: Graph, ids: str) -> str:
+        table = self.ckpt.get("model.embed_tokens.weight")
+        bits = self.recipe.bits_for("embed")
+        if bits == 32:
+            x = g.op("Gather", [g.const("embed_tokens.weight", table, params=table.size), ids], "embed")
+        else:
+            bs = self.recipe.block_size
+            self._embed_q = G.quantized_rows(g, table, "embed_tokens", bs)
+            x = G.gather_int8_rows(g, ids, *self._embed_q, self.hidden, -(-self.hidden // bs) * bs, "embed")
+        del table
+        if self.embedding_multiplier != 1.0:
+            x = g.op("Mul", [x, g.const("embedding_multiplier", np.array(self.embedding_multiplier, np.float32))],
+                     "embed.scaled")
+        return x
+
+    def lm_head(self, g: Graph, h: str) -> str:
+        bits, bs = self.recipe.bits_for("lm_head"), self.recipe.block_size
+        if self.tied and bits == 8 and self.recipe.bits_for("embed") == 8:
+            # The int8 embedding rows are already MatMulNBits' B layout: share one copy.
+            qweight, scales = self._embed_q
+            logits = g.ms("MatMulNBits", [h, qweight, scales], "lm_head", K=self.hidden, N=self.vocab, bits=8,
+                          block_size=bs, accuracy_level=4)
+        else:
+            w = self.ckpt.get("model.embed_tokens.weight" if self.tied else "lm_head.weight")
+            logits = G.linear(g, h, w, "lm_head", bits, bs)
+        if self.logits_divisor != 1.0:
+            logits = g.op("Div", [logits, g.const("logits_divisor", np.array(self.logits_divisor, np.float32))],
+                          "logits.scaled")
+        return logits
+
+    def attention(self, g: Graph, i: int, x: str, io: AttentionIO) -> str:
+        pre, name = self.layer_prefix(i) + "self_attn.", f"layers.{i}.attn"
+        get = self.ckpt.get
+        # q, k, v as one fused projection: one kernel launch instead of three.
+        pad = self._pad_heads
+        w = np.concatenate([pad(get(pre + p + "_proj.weight"), 0) for p in "qkv"])
+        bias = None
+        if self.qkv_bias or pre + "q_proj.bias" in self.ckpt:
+            bias = np.concatenate([pad(get(pre + p + "_proj.bias"), 0) for p in "qkv"])
+        qkv = G.linear(g, x, w, name + ".qkv", self.recipe.bits, self.recipe.block_size, bias)
+        del w
+        hd = self.padded_head_dim
+        q_dim, kv_dim = self.heads * hd, self.kv_heads * hd
+        q, k, v = g.op("Split", [qkv, g.const(name + ".split", np.array([q_dim, kv_dim, kv_dim], np.int64))],
+                       name + ".split", outputs=3, axis=-1)
+        if self.qk_norm and hd != self.head_dim:
+            raise UnsupportedModel(f"q/k norm with head_dim {self.head_dim} (not a multiple of 16) is not supported")
+        if self.qk_norm == "head":
+            q = G.head_rms_norm(g, q, get(pre + "q_norm.weight"), self.eps, self.head_dim, name + ".q_norm")
+            k = G.head_rms_norm(g, k, get(pre + "k_norm.weight"), self.eps, self.head_dim, name + ".k_norm")
+        elif self.qk_norm == "full":
+            q = G.rms_norm(g, q, get(pre + "q_norm.weight"), self.eps, name + ".q_norm")
+            k = G.rms_norm(g, k, get(pre + "k_norm.weight"), self.eps, name + ".k_norm")
+        past_k = g.input(f"past_key_values.{i}.key", TensorProto.FLOAT, [1, self.kv_heads, "max_sequence", hd])
+        past_v = g.input(f"past_key_values.{i}.value", TensorProto.FLOAT, [1, self.kv_heads, "max_sequence", hd])
+        out, present_k, present_v = G.gqa(g, q, k, v, past_k, past_v, io, self.heads, self.kv_heads, self.attn_scale, name)
+        for src, kind in ((present_k, "key"), (present_v, "value")):
+            g.output(src, f"present.{i}.{kind}", TensorProto.FLOAT, [1, self.kv_heads, "max_sequence", hd])
+        return G.linear(g, out, pad(get(pre + "o_proj.weight"), 1), name + ".o_proj", self.recipe.bits, self.recipe.block_size,
+                        get(pre + "o_proj.bias") if pre + "o_proj.bias" in self.ckpt else None)
+
+    def ffn(self, g: Graph, i: int, x: str) -> str:
+        return swiglu_mlp(g, self.ckpt, x, self.layer_prefix(i) + "mlp.", f"layers.{i}.mlp", self.recipe.bits,
+                          self.recipe.block_size)
+
+
+def swiglu_mlp(g: Graph, ckpt: Checkpoint, x: str, pre: str, name: str, bits: int, block_size: int,
+               names=("gate_proj", "up_proj", "down_proj")) -> str:
+    """down(silu(gate(x)) * up(x)); gate and up run as one projection."""
+    gate_w, up_w = ckpt.get(pre + names[0] + ".weight"), ckpt.get(pre + names[1] + ".weight")
+    ffn = gate_w.shape[0]
+    gate_up = G.linear(g, x, np.concatenate([gate_w, up_w]), name + ".gate_up", bits, block_size)
+    del gate_w, up_w
+    gate, up = g.op("Split", [gate_up, g.const(name + ".split", np.array([ffn, ffn], np.int64))], name + ".split",
+                    outputs=2, axis=-1)
+    return G.linear(g, G.silu_mul(g, gate, up, name + ".act"), ckpt.get(pre + names[2] + ".weight"), name + ".down",
+                    bits, block_size)

@@ -1,0 +1,95 @@
+"""Shared test fixtures: random-weight Hugging Face checkpoints built from configs (no hub here),
+transformers fp32 as the numerical reference, and the real stories260K model when present."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STORIES = ROOT.parent / "shared" / "models" / "stories260K"
+BUNDLED_STORIES = ROOT / "export" / "data" / "stories260K"
+
+
+def stories_dir() -> Path:
+    if not STORIES.is_dir():
+        pytest.skip(f"the real stories260K model is absent ({STORIES}); it lives in the workspace's shared/ folder")
+    return STORIES
+
+
+def make_checkpoint(out: Path, model_type: str, dtype: str = "float32", shard: str | None = None, seed: int = 0,
+                    **overrides) -> Path:
+    """A random-weight HF folder for `model_type`, saved by transformers itself, with stories260K's tokenizer."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-6,
+                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    base.update(overrides)
+    config = transformers.AutoConfig.for_model(model_type, **base)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # random init is tiny; widen it so that the layers matter for the logits
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.dim() >= 2:
+                p.normal_(0, 0.08)
+            else:
+                p.normal_(0, 0.05)
+    model.to(getattr(torch, dtype))
+    kw = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(out, safe_serialization=True, **kw)
+    tok_src = BUNDLED_STORIES
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tok_src / f, out / f)
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}))
+    return out
+
+
+def hf_model(path: Path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    import torch
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def runtime_greedy(model, ids: list[int], n: int) -> list[int]:
+    model.reset()
+    logits, out = model.forward(ids)[-1], []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = model.forward([out[-1]])[-1]
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """export(src, bits=..., **kw) -> artifact path, cached per session."""
+    from edgert_export import export
+    cache = {}
+
+    def _export(src: Path, bits: int, **kw) -> Path:
+        key = (str(src), bits, tuple(sorted(kw.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("artifact") / "art"
+            export(src, out, bits=bits, progress=False, **kw)
+            cache[key] = out
+        return cache[key]
+    return _export
