@@ -76,6 +76,8 @@ def run(
         if sys.stdin.isatty():
             fail("no prompt: give one as an argument or on stdin")
         prompt = sys.stdin.read()
+    if not prompt.strip():
+        fail("the prompt is empty")
     from . import load
     try:
         llm = load(artifact, context=context, threads=threads)
@@ -119,6 +121,51 @@ def run(
         sys.stdout.write("\n")
         typer.echo(f"[{st.prompt_tokens} prompt tokens, {st.prefill_tok_s:.1f} tok/s | {st.generated} generated, "
                    f"{st.decode_tok_s:.1f} tok/s | stop: {st.stop_reason}]", err=True)
+
+
+@app.command()
+def bench(
+    artifact: Path = typer.Argument(..., help="Artifact folder."),
+    prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (synthetic tokens)."),
+    gen_tokens: int = typer.Option(64, min=1, help="Tokens to decode."),
+    repeat: int = typer.Option(3, min=1, help="Timed rounds (after one warm-up); medians are reported."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: onnxruntime's choice]."),
+    context: Optional[int] = typer.Option(None, min=1, help="KV cache size [default: what the run needs, at least 256]."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
+):
+    """Measure prefill and decode speed and peak memory on this device."""
+    from .bench import bench as do_bench, table
+    try:
+        result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context)
+    except _user_errors() as e:
+        fail(str(e))
+    typer.echo(table(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@app.command()
+def demo(
+    prompt: str = typer.Argument("Once upon a time", help="Story opening."),
+    bits: int = typer.Option(8, help="Export precision: 4, 8 or 32."),
+    max_tokens: int = typer.Option(120, min=1, help="Most tokens to generate."),
+    out: Optional[Path] = typer.Option(None, help="Where to keep the exported demo artifact [default: a cache folder]."),
+):
+    """Export the bundled stories260K model (a real 260K-parameter Llama) and tell a story."""
+    try:
+        from edgert_export import ExportError, export as do_export
+        from edgert_export.artifact import BUNDLED_MODEL
+    except ImportError as e:
+        fail(f"the demo exports a model, which needs the [export] extra ({e.name} is missing): pip install 'edgert[export]'")
+    out = out or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgert" / f"demo-stories260K-{bits}bit"
+    try:
+        if not (out / "edgert.json").is_file():
+            m = do_export(BUNDLED_MODEL, out, bits=bits, force=True, progress=False)
+            typer.echo(f"exported the bundled stories260K ({bits}-bit) to {out}: {m['summary']['bytes'] / 1e3:.0f} kB", err=True)
+    except ExportError as e:
+        fail(str(e))
+    run(out, prompt, max_tokens=max_tokens, temperature=0.0, top_p=None, top_k=None, seed=None, raw=True,
+        ignore_eos=False, as_json=False, context=None, threads=None, think_budget=None, system=None)
 
 
 @app.command()
