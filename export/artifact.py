@@ -23,7 +23,8 @@ from .graph import IR_VERSION, Graph, Recipe
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-DEFAULT_MAX_CONTEXT = 32768   # rotary tables cost 2 x context x head_dim/2 floats
+DEFAULT_MAX_CONTEXT = 32768
+BUNDLED_MODEL = Path(__file__).parent / "data" / "stories260K"   # for `edgert demo` and tests   # rotary tables cost 2 x context x head_dim/2 floats
 
 
 class ExportError(Exception):
