@@ -127,9 +127,25 @@ class Checkpoint:
     def dtype(self, name: str) -> str:
         return self._where[name].tensors[name]["dtype"]
 
+    def rows(self, name: str) -> "Rows":
+        """A 2-D tensor that is widened to fp32 only slice by slice (embedding tables are the
+        largest tensors: 151936 x 1536 is 0.9 GB in fp32)."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.dir.name}: tensor {name} is missing from the checkpoint")
+        return Rows(*self._where[name].raw(name))
+
     def get(self, name: str) -> np.ndarray:
         """One tensor as a fresh float32 array (the only copy of it that export holds)."""
         if name not in self._where:
             raise CheckpointError(f"{self.dir.name}: tensor {name} is missing from the checkpoint")
         arr, dtype = self._where[name].raw(name)
         return to_float32(arr, dtype)
+
+
+class Rows:
+    def __init__(self, raw: np.ndarray, dtype: str):
+        self._raw, self._dtype = raw, dtype
+        self.shape = raw.shape
+
+    def __getitem__(self, index) -> np.ndarray:
+        return to_float32(self._raw[index], self._dtype)

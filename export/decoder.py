@@ -159,10 +159,12 @@ class Decoder:
                     name + ".scaled")
 
     def embed(self, g: Graph, ids: str) -> str:
-        table = self.ckpt.get("model.embed_tokens.weight")
+        table = self.ckpt.rows("model.embed_tokens.weight")
         bits = self.recipe.bits_for("embed")
         if bits == 32:
-            x = g.op("Gather", [g.const("embed_tokens.weight", table, params=table.size), ids], "embed")
+            full = table[:]
+            x = g.op("Gather", [g.const("embed_tokens.weight", full, params=full.size), ids], "embed")
+            del full
         else:
             bs = self.recipe.block_size
             self._embed_q = G.quantized_rows(g, table, "embed_tokens", bs)
@@ -181,8 +183,8 @@ class Decoder:
             logits = g.ms("MatMulNBits", [h, qweight, scales], "lm_head", K=self.hidden, N=self.vocab, bits=8,
                           block_size=bs, accuracy_level=4)
         else:
-            w = self.ckpt.get("model.embed_tokens.weight" if self.tied else "lm_head.weight")
-            logits = G.linear(g, h, w, "lm_head", bits, bs)
+            w = self.ckpt.rows("model.embed_tokens.weight" if self.tied else "lm_head.weight")
+            logits = G.linear(g, h, w[:] if bits == 32 else w, "lm_head", bits, bs)
         if self.logits_divisor != 1.0:
             logits = g.op("Div", [logits, g.const("logits_divisor", np.array(self.logits_divisor, np.float32))],
                           "logits.scaled")

@@ -123,7 +123,7 @@ def linear(g: Graph, x: str, w: np.ndarray, name: str, bits: int, block_size: in
         y = g.op("MatMul", [x, g.const(f"{name}.weight_t", w.T, params=w.size)], name)
         return g.op("Add", [y, g.const(f"{name}.bias", bias)], name + ".bias") if bias is not None else y
     q = quantize(w, bits, block_size)
-    ins = [x, g.const(f"{name}.qweight", q.packed, params=w.size), g.const(f"{name}.scales", q.scales.reshape(-1)),
+    ins = [x, g.const(f"{name}.qweight", q.packed, params=n * k), g.const(f"{name}.scales", q.scales.reshape(-1)),
            g.const(f"{name}.zero_points", q.zero_points.reshape(-1)) if q.zero_points is not None else ""]
     if bias is not None:
         ins += ["", g.const(f"{name}.bias", bias.astype(np.float32))]
@@ -183,7 +183,7 @@ def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: Attentio
 def quantized_rows(g: Graph, table: np.ndarray, name: str, block_size: int) -> tuple[str, str]:
     """int8 rows in MatMulNBits' B layout (so lm_head can reuse them) + their scales."""
     q = quantize(table, 8, block_size)
-    return g.const(name + ".qweight", q.packed, params=table.size), g.const(name + ".scales", q.scales)
+    return g.const(name + ".qweight", q.packed, params=int(np.prod(table.shape))), g.const(name + ".scales", q.scales)
 
 
 def gather_int8_rows(g: Graph, ids: str, qweight: str, scales: str, width: int, padded: int, name: str) -> str:
