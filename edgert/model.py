@@ -14,6 +14,26 @@ import onnxruntime as ort
 from .artifact import ArtifactError, read_manifest
 
 DEFAULT_CONTEXT = 4096
+QMOE_SINCE = (1, 23)        # first onnxruntime with a CPU QMoE kernel
+
+
+def ort_version() -> tuple[int, int]:
+    return tuple(int(p) for p in ort.__version__.split(".")[:2])
+
+
+def choose_graph(graphs: dict, strategy: str | None) -> str:
+    """The graph variant to run: what the user asked for, else the fastest this onnxruntime has."""
+    if strategy:
+        if strategy not in graphs:
+            raise ArtifactError(f"--moe-strategy {strategy!r} is not in this artifact (it has: {', '.join(sorted(graphs))})")
+        if strategy == "qmoe" and ort_version() < QMOE_SINCE:
+            raise ArtifactError(f"--moe-strategy qmoe needs onnxruntime >= 1.23 (this is {ort.__version__}); use plain")
+        return strategy
+    if "default" in graphs:
+        return "default"
+    if "qmoe" in graphs and ort_version() >= QMOE_SINCE:
+        return "qmoe"
+    return "plain"
 
 
 class ContextFull(Exception):
@@ -21,7 +41,7 @@ class ContextFull(Exception):
 
 
 class Model:
-    def __init__(self, path, context: int | None = None, threads: int | None = None):
+    def __init__(self, path, context: int | None = None, threads: int | None = None, strategy: str | None = None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         m = self.manifest["model"]
@@ -36,8 +56,10 @@ class Model:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
+        graphs = self.manifest.get("graphs", {"default": "model.onnx"})
+        self.strategy = choose_graph(graphs, strategy)
         try:
-            self.session = ort.InferenceSession(str(self.path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(self.path / graphs[self.strategy]), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types with long texts
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{self.path}: onnxruntime {ort.__version__} cannot load the model: {first[:300]}") from None

@@ -106,12 +106,17 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         tick = _progress(model.n_layers, f"export {ckpt.config.get('model_type')}") if progress else (lambda: None)
         quant = model.build(g, ckpt, recipe, context, tick)
         import onnx
-        g.save(tmp / "model.onnx", producer="edgert")
+        graphs = {}
+        for variant in g.variants:      # dense: one graph; MoE: one per expert strategy, one data file
+            graphs[variant or "default"] = f"model.{variant}.onnx" if variant else "model.onnx"
+            g.save(tmp / graphs[variant or "default"], producer="edgert", variant=variant)
+        g.close()
         for name in TOKENIZER_FILES + ("generation_config.json", "config.json"):
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
         total_params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names)
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in (tmp / "model.onnx", tmp / "model.onnx.data")}
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                 for name in [*graphs.values(), "model.onnx.data"]}
         manifest = {
             "format": "edgert", "format_version": FORMAT_VERSION,
             "architecture": ckpt.config.get("model_type"),
@@ -119,6 +124,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
                       "kv_heads": model.kv_heads, "head_dim": model.padded_head_dim, "vocab": model.vocab,
                       "parameters": total_params, **model.extra_manifest()},
             "context_length": context,
+            "graphs": graphs,
             "quantization": {**quant, "router": 32, "int4": "asymmetric (zero point per block)",
                              "int8": "symmetric", "accuracy_level": 4},
             "special_tokens": _special_tokens(src, ckpt),
@@ -142,7 +148,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         raise ExportError(f"writing {out}: {e.strerror or e}") from None
     finally:
         if g is not None:
-            g.abort()
+            g.close()
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f["bytes"] for f in files.values())
     manifest["summary"] = {"bytes": size, "bits_per_weight": 8 * size / max(total_params, 1), "seconds": time.time() - t0}

@@ -229,11 +229,7 @@ class Decoder:
 def swiglu_mlp(g: Graph, ckpt: Checkpoint, x: str, pre: str, name: str, bits: int, block_size: int,
                names=("gate_proj", "up_proj", "down_proj")) -> str:
     """down(silu(gate(x)) * up(x)); gate and up run as one projection."""
-    gate_w, up_w = ckpt.get(pre + names[0] + ".weight"), ckpt.get(pre + names[1] + ".weight")
-    ffn = gate_w.shape[0]
-    gate_up = G.linear(g, x, np.concatenate([gate_w, up_w]), name + ".gate_up", bits, block_size)
-    del gate_w, up_w
-    gate, up = g.op("Split", [gate_up, g.const(name + ".split", np.array([ffn, ffn], np.int64))], name + ".split",
-                    outputs=2, axis=-1)
-    return G.linear(g, G.silu_mul(g, gate, up, name + ".act"), ckpt.get(pre + names[2] + ".weight"), name + ".down",
-                    bits, block_size)
+    gate_up = np.concatenate([ckpt.get(pre + names[0] + ".weight"), ckpt.get(pre + names[1] + ".weight")])
+    gu = G.linear_operands(g, gate_up, name + ".gate_up", bits, block_size)
+    down = G.linear_operands(g, ckpt.get(pre + names[2] + ".weight"), name + ".down", bits, block_size)
+    return G.swiglu(g, x, gu, down, gate_up.shape[0] // 2, name)

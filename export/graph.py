@@ -27,8 +27,12 @@ class Graph:
         self.data_path = Path(data_path)
         self._data = open(self.data_path, "wb")
         self._offset = 0
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        # (variant, item): variant None belongs to every graph; an MoE export also writes one
+        # graph per expert strategy ("qmoe", "plain") that share everything else, data included.
+        self.nodes: list[tuple[str | None, onnx.NodeProto]] = []
+        self.initializers: list[tuple[str | None, onnx.TensorProto]] = []
+        self.variant: str | None = None      # what op()/const() add to while set (see `only`)
+        self._where: dict[str, tuple[int, int]] = {}   # external initializer -> (offset, bytes)
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._names: set[str] = set()
@@ -45,30 +49,62 @@ class Graph:
     def const(self, name: str, array: np.ndarray, params: int = 0) -> str:
         """An initializer; anything but tiny tensors goes to the external data file now."""
         name = self._unique(name)
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array)
+        if not array.flags.c_contiguous:     # (np.ascontiguousarray would turn a scalar into [1])
+            array = array.copy()
         if array.nbytes <= _INLINE_BYTES:
-            self.initializers.append(numpy_helper.from_array(array, name))
+            self.initializers.append((self.variant, numpy_helper.from_array(array, name)))
         else:
             pad = -self._offset % _ALIGN
             self._data.write(b"\0" * pad)
             self._offset += pad
-            t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                                 dims=array.shape, data_location=TensorProto.EXTERNAL)
-            for k, v in (("location", self.data_path.name), ("offset", str(self._offset)), ("length", str(array.nbytes))):
-                t.external_data.add(key=k, value=v)
+            self._where[name] = (self._offset, array.nbytes)
+            self.initializers.append((self.variant, self._external(name, array.dtype, array.shape, self._offset, array.nbytes)))
             self._data.write(array.tobytes())
             self._offset += array.nbytes
-            self.initializers.append(t)
         if params:
             self.weight_bytes += array.nbytes
             self.weight_params += params
         return name
 
-    def op(self, op_type: str, inputs, name: str, outputs: int = 1, domain: str = "", **attrs):
-        """Add a node; returns its output name (or a list of names when outputs > 1)."""
-        outs = [self._unique(f"{name}/out{i}" if outputs > 1 else name) for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self._unique("n:" + name),
-                                           domain=domain or None, **attrs))
+    def _external(self, name, dtype, shape, offset, nbytes) -> onnx.TensorProto:
+        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape,
+                             data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(nbytes))):
+            t.external_data.add(key=k, value=v)
+        return t
+
+    def slice_of(self, stacked: str, array: np.ndarray, index: int, name: str, shape=None) -> str:
+        """Initializer for stacked[index] (array is the stacked data, already written), in `shape`:
+        the same bytes of the data file, so two graphs read one copy in different layouts."""
+        name = self._unique(name)
+        shape = shape or array.shape[1:]
+        if stacked not in self._where:      # small enough to have been inlined: inline the slice too
+            self.initializers.append((self.variant, numpy_helper.from_array(array[index].reshape(shape), name)))
+            return name
+        offset, _ = self._where[stacked]
+        per = array[index].nbytes
+        self.initializers.append((self.variant, self._external(name, array.dtype, shape, offset + index * per, per)))
+        return name
+
+    def only(self, variant: str | None):
+        """Context manager: what is added inside belongs to one graph variant only."""
+        graph = self
+
+        class _Only:
+            def __enter__(self):
+                self.saved, graph.variant = graph.variant, variant
+
+            def __exit__(self, *exc):
+                graph.variant = self.saved
+        return _Only()
+
+    def op(self, op_type: str, inputs, name: str, outputs: int = 1, domain: str = "", out: str | None = None, **attrs):
+        """Add a node; returns its output name (or a list of names when outputs > 1). `out` names
+        the output exactly: graph variants give their alternative of a block the same output."""
+        outs = [out] if out else [self._unique(f"{name}/out{i}" if outputs > 1 else name) for i in range(outputs)]
+        self.nodes.append((self.variant, helper.make_node(op_type, list(inputs), outs, name=self._unique("n:" + name),
+                                                          domain=domain or None, **attrs)))
         return outs[0] if outputs == 1 else outs
 
     def ms(self, op_type: str, inputs, name: str, outputs: int = 1, **attrs):
@@ -84,14 +120,28 @@ class Graph:
             self.op("Identity", [src], name)
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
 
-    def save(self, path: Path, producer: str) -> None:
-        self._data.close()
-        graph = helper.make_graph(self.nodes, "decoder", self.inputs, self.outputs, self.initializers)
+    def branch(self, build, name: str) -> onnx.GraphProto:
+        """A subgraph (for If) whose nodes `build()` adds; its weights stay main-graph initializers,
+        read from the outer scope (ORT still prepacks them)."""
+        saved, self.nodes = self.nodes, []
+        out = build()
+        body, self.nodes = [n for _, n in self.nodes], saved
+        return helper.make_graph(body, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+    @property
+    def variants(self) -> list[str | None]:
+        return sorted({v for v, _ in self.nodes if v is not None}) or [None]
+
+    def save(self, path: Path, producer: str, variant: str | None = None) -> None:
+        self._data.flush()
+        keep = (None, variant)
+        graph = helper.make_graph([n for v, n in self.nodes if v in keep], "decoder", self.inputs, self.outputs,
+                                  [t for v, t in self.initializers if v in keep])
         model = helper.make_model(graph, opset_imports=OPSETS, producer_name=producer)
         model.ir_version = IR_VERSION
         onnx.save_model(model, str(path))   # weights are external already: this is small
 
-    def abort(self) -> None:
+    def close(self) -> None:
         self._data.close()
 
 
@@ -118,16 +168,28 @@ def linear(g: Graph, x: str, w: np.ndarray, name: str, bits: int, block_size: in
            bias: np.ndarray | None = None) -> str:
     """y = x @ w.T + bias, w is [out, in]. int4/int8 run as MatMulNBits (accuracy_level 4:
     int8 activations, the fast path; level 0 is ~100x slower for int8 and fails on ORT 1.22)."""
+    return apply_linear(g, x, *linear_operands(g, w, name, bits, block_size, bias), name)
+
+
+def linear_operands(g: Graph, w, name: str, bits: int, block_size: int, bias=None) -> tuple:
+    """Write w's initializers now; apply_linear() adds the node (possibly inside an If branch)."""
     n, k = w.shape
     if bits == 32:
-        y = g.op("MatMul", [x, g.const(f"{name}.weight_t", w.T, params=w.size)], name)
-        return g.op("Add", [y, g.const(f"{name}.bias", bias)], name + ".bias") if bias is not None else y
+        return ("MatMul", [g.const(f"{name}.weight_t", np.ascontiguousarray(w.T), params=n * k),
+                           g.const(f"{name}.bias", bias) if bias is not None else ""], {})
     q = quantize(w, bits, block_size)
-    ins = [x, g.const(f"{name}.qweight", q.packed, params=n * k), g.const(f"{name}.scales", q.scales.reshape(-1)),
+    ins = [g.const(f"{name}.qweight", q.packed, params=n * k), g.const(f"{name}.scales", q.scales.reshape(-1)),
            g.const(f"{name}.zero_points", q.zero_points.reshape(-1)) if q.zero_points is not None else ""]
     if bias is not None:
         ins += ["", g.const(f"{name}.bias", bias.astype(np.float32))]
-    return g.ms("MatMulNBits", ins, name, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=4)
+    return ("MatMulNBits", ins, dict(K=k, N=n, bits=bits, block_size=block_size, accuracy_level=4))
+
+
+def apply_linear(g: Graph, x: str, op: str, operands: list, attrs: dict, name: str) -> str:
+    if op == "MatMul":
+        y = g.op("MatMul", [x, operands[0]], name)
+        return g.op("Add", [y, operands[1]], name + ".bias") if operands[1] else y
+    return g.ms("MatMulNBits", [x, *operands], name, **attrs)
 
 
 def rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, name: str) -> str:
@@ -152,7 +214,16 @@ def head_rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, head_dim: in
 
 
 def silu_mul(g: Graph, gate: str, up: str, name: str) -> str:
-    return g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], name + ".sigmoid")], name + ".silu"), up], name)
+    """silu(gate) * up; QuickGelu with alpha 1 is x * sigmoid(x) in one node."""
+    return g.op("Mul", [g.ms("QuickGelu", [gate], name + ".silu", alpha=1.0), up], name)
+
+
+def swiglu(g: Graph, x: str, gate_up: tuple, down: tuple, ffn: int, name: str) -> str:
+    """down(silu(gate(x)) * up(x)) from prepared MatMulNBits/MatMul operands (see `linear_operands`)."""
+    gu = apply_linear(g, x, *gate_up, name + ".gate_up")
+    gate, up = g.op("Split", [gu, g.const(name + ".split", np.array([ffn, ffn], np.int64))], name + ".split",
+                    outputs=2, axis=-1)
+    return apply_linear(g, silu_mul(g, gate, up, name + ".act"), *down, name + ".down")
 
 
 def rope_cache(g: Graph, inv_freq: np.ndarray, positions: int, attention_factor: float = 1.0) -> tuple[str, str]:
