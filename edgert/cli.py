@@ -23,8 +23,8 @@ def fail(message: str, code: int = 1):
 def _user_errors():
     from .artifact import ArtifactError
     from .llm import PromptTooLong
-    from .model import ContextFull
-    return (ArtifactError, PromptTooLong, ContextFull, ValueError, OSError)
+    from .model import ContextFull, RunError
+    return (ArtifactError, PromptTooLong, ContextFull, RunError, ValueError, OSError)
 
 
 @app.command()
@@ -70,6 +70,8 @@ def run(
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: onnxruntime's choice]."),
     think_budget: Optional[int] = typer.Option(None, min=0, help="Close the <think> reasoning after N tokens and answer."),
     system: Optional[str] = typer.Option(None, help="System message for the chat template."),
+    moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain [default: fastest for this onnxruntime]."),
+    stats: bool = typer.Option(False, "--stats", help="Report active parameters per token and per-layer expert usage."),
 ):
     """Generate text. stdout carries only the generated text; reasoning is dimmed on a terminal."""
     if prompt is None:
@@ -80,7 +82,9 @@ def run(
         fail("the prompt is empty")
     from . import load
     try:
-        llm = load(artifact, context=context, threads=threads)
+        llm = load(artifact, context=context, threads=threads, moe_strategy=moe_strategy)
+        if stats:
+            llm.model.track_experts()
         ids = llm.encode(prompt, raw=raw, system=system)
         stream = llm.generate(ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               seed=seed, ignore_eos=ignore_eos, think_budget=think_budget)
@@ -107,20 +111,26 @@ def run(
             sys.stdout.write(RESET)
         raise typer.Exit(130)
     st = llm.stats
+    report = llm.model.expert_report() if stats else None
     if as_json:
         full = "".join(text)
         think = "".join(reasoning)
         answer = full[len(think):] if full.startswith(think) else full
-        typer.echo(json.dumps({"text": full, "tokens": tokens, "prompt_tokens": st.prompt_tokens,
-                               "reasoning": think, "answer": answer.lstrip("\n") if think else answer,
-                               "prefill_tok_s": round(st.prefill_tok_s, 2), "decode_tok_s": round(st.decode_tok_s, 2),
-                               "stop_reason": st.stop_reason}, ensure_ascii=False))
+        out = {"text": full, "tokens": tokens, "prompt_tokens": st.prompt_tokens,
+               "reasoning": think, "answer": answer.lstrip("\n") if think else answer,
+               "prefill_tok_s": round(st.prefill_tok_s, 2), "decode_tok_s": round(st.decode_tok_s, 2),
+               "stop_reason": st.stop_reason}
+        if report:
+            out["stats"] = report
+        typer.echo(json.dumps(out, ensure_ascii=False))
     else:
         if dimmed:
             sys.stdout.write(RESET)
         sys.stdout.write("\n")
         typer.echo(f"[{st.prompt_tokens} prompt tokens, {st.prefill_tok_s:.1f} tok/s | {st.generated} generated, "
                    f"{st.decode_tok_s:.1f} tok/s | stop: {st.stop_reason}]", err=True)
+        if report:
+            typer.echo(format_expert_report(report), err=True)
 
 
 @app.command()
@@ -132,11 +142,12 @@ def bench(
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: onnxruntime's choice]."),
     context: Optional[int] = typer.Option(None, min=1, help="KV cache size [default: what the run needs, at least 256]."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
+    moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain [default: fastest for this onnxruntime]."),
 ):
     """Measure prefill and decode speed and peak memory on this device."""
     from .bench import bench as do_bench, table
     try:
-        result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context)
+        result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context, strategy=moe_strategy)
     except _user_errors() as e:
         fail(str(e))
     typer.echo(table(result))
@@ -165,7 +176,8 @@ def demo(
     except ExportError as e:
         fail(str(e))
     run(out, prompt, max_tokens=max_tokens, temperature=0.0, top_p=None, top_k=None, seed=None, raw=True,
-        ignore_eos=False, as_json=False, context=None, threads=None, think_budget=None, system=None)
+        ignore_eos=False, as_json=False, context=None, threads=None, think_budget=None, system=None,
+        moe_strategy=None, stats=False)
 
 
 @app.command()
@@ -177,6 +189,17 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact folder.")):
     except ArtifactError as e:
         fail(str(e))
     typer.echo(f"{artifact}: ok ({m['architecture']}, {len(m['files'])} files verified)")
+
+
+def format_expert_report(r: dict) -> str:
+    lines = [f"parameters {r['parameters'] / 1e6:.1f}M, active per token {r['active_parameters_per_token'] / 1e6:.1f}M"
+             + (f", expert strategy {r['strategy']}" if r["strategy"] != "default" else "")]
+    for layer, counts in (r.get("expert_usage") or {}).items():
+        c = sorted(enumerate(counts), key=lambda t: -t[1])
+        total = sum(counts) or 1
+        top = " ".join(f"#{e}:{n / total:.0%}" for e, n in c[:4] if n)
+        lines.append(f"  layer {layer:>3}: {sum(1 for n in counts if n)}/{len(counts)} experts used; busiest {top}")
+    return "\n".join(lines)
 
 
 def main():

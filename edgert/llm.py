@@ -26,9 +26,10 @@ def _token_text(value) -> str | None:
 
 
 class LLM:
-    def __init__(self, path, context: int | None = None, threads: int | None = None, tokenizer: str = "auto"):
+    def __init__(self, path, context: int | None = None, threads: int | None = None, tokenizer: str = "auto",
+                 moe_strategy: str | None = None):
         self.path = Path(path)
-        self.model = Model(self.path, context=context, threads=threads)
+        self.model = Model(self.path, context=context, threads=threads, strategy=moe_strategy)
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer.from_dir(self.path, backend=tokenizer)
         self.chat_template = load_chat_template(self.path)
@@ -86,8 +87,10 @@ class LLM:
             yield Token(-1, False, True, tail)   # text held back for an incomplete character
 
 
-def load(path, context: int | None = None, threads: int | None = None, tokenizer: str = "auto") -> LLM:
-    return LLM(path, context=context, threads=threads, tokenizer=tokenizer)
+def load(path, context: int | None = None, threads: int | None = None, tokenizer: str = "auto",
+         moe_strategy: str | None = None) -> LLM:
+    """moe_strategy: "qmoe" or "plain" for MoE artifacts (default: the fastest this onnxruntime runs)."""
+    return LLM(path, context=context, threads=threads, tokenizer=tokenizer, moe_strategy=moe_strategy)
 
 
 __all__ = ["LLM", "load", "Token", "PromptTooLong", "ContextFull"]

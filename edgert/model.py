@@ -40,6 +40,10 @@ class ContextFull(Exception):
     pass
 
 
+class RunError(Exception):
+    """onnxruntime failed while running the graph; one line for the user."""
+
+
 class Model:
     def __init__(self, path, context: int | None = None, threads: int | None = None, strategy: str | None = None):
         self.path = Path(path)
@@ -73,10 +77,35 @@ class Model:
                 self._cache.append(buf)
                 self._io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
                 self._io.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+        # MoE artifacts also output the experts each token used (--stats); bound only when tracked.
+        self.router_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith("router.")]
+        self._first_router = 1 + 2 * self.layers
+        self.expert_counts: np.ndarray | None = None   # [moe layers, experts] once track_experts() is on
         self.pos = 0            # tokens in the cache
+
+    def track_experts(self, on: bool = True) -> None:
+        """Count which experts each MoE layer picks from now on (or stop counting)."""
+        if on and self.router_outputs:
+            self.expert_counts = np.zeros((len(self.router_outputs), self.manifest["model"]["experts"]), np.int64)
+        elif not on and self.expert_counts is not None:
+            self.expert_counts = None
+            self._io.clear_binding_outputs()      # drop the router outputs, keep logits + cache bound
+            self._io.bind_output("logits")
+            for i, buf in enumerate(self._cache):
+                self._io.bind_ortvalue_output(f"present.{i // 2}.{('key', 'value')[i % 2]}", buf)
 
     def reset(self) -> None:
         self.pos = 0            # stale rows past pos are never attended to: no need to clear
+
+    def expert_report(self) -> dict:
+        """Active parameters per token and, once track_experts() ran, how often each layer's experts were picked."""
+        m = self.manifest["model"]
+        report = {"parameters": m["parameters"], "active_parameters_per_token": m["parameters"] - m.get("idle_expert_parameters", 0),
+                  "strategy": self.strategy}
+        if self.expert_counts is not None:
+            report["expert_usage"] = {str(layer): counts.tolist() for layer, counts in
+                                      zip(m.get("moe_layers", []), self.expert_counts)}
+        return report
 
     def forward(self, ids, num_logits: int = 1) -> np.ndarray:
         """Feed tokens after what the cache holds; returns logits [num_logits, vocab] of the last positions."""
@@ -90,7 +119,17 @@ class Model:
         io.bind_cpu_input("num_logits", np.array([min(num_logits, n)], np.int64))
         io.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        io.bind_output("logits")
-        self.session.run_with_iobinding(io)
+        io.bind_output("logits")         # its shape changes between prefill and decode: ORT allocates it
+        if self.expert_counts is not None:
+            for name in self.router_outputs:
+                io.bind_output(name)
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as e:          # onnxruntime's own exception types, multi-line texts
+            raise RunError(f"onnxruntime {ort.__version__} failed: {str(e).strip().splitlines()[0][:300]}") from None
         self.pos = total
-        return io.get_outputs()[0].numpy()[0]
+        outs = io.get_outputs()
+        if self.expert_counts is not None:
+            for j in range(len(self.router_outputs)):
+                np.add.at(self.expert_counts[j], outs[self._first_router + j].numpy().ravel(), 1)
+        return outs[0].numpy()[0]

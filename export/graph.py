@@ -99,10 +99,11 @@ class Graph:
                 graph.variant = self.saved
         return _Only()
 
-    def op(self, op_type: str, inputs, name: str, outputs: int = 1, domain: str = "", out: str | None = None, **attrs):
-        """Add a node; returns its output name (or a list of names when outputs > 1). `out` names
-        the output exactly: graph variants give their alternative of a block the same output."""
-        outs = [out] if out else [self._unique(f"{name}/out{i}" if outputs > 1 else name) for i in range(outputs)]
+    def op(self, op_type: str, inputs, name: str, outputs: int = 1, domain: str = "", out: str | None = None,
+           outs: list | None = None, **attrs):
+        """Add a node; returns its output name (or a list of names when outputs > 1). `out`/`outs`
+        name outputs exactly: graph variants give their alternative of a block the same output."""
+        outs = outs or ([out] if out else [self._unique(f"{name}/out{i}" if outputs > 1 else name) for i in range(outputs)])
         self.nodes.append((self.variant, helper.make_node(op_type, list(inputs), outs, name=self._unique("n:" + name),
                                                           domain=domain or None, **attrs)))
         return outs[0] if outputs == 1 else outs
@@ -121,12 +122,17 @@ class Graph:
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
 
     def branch(self, build, name: str) -> onnx.GraphProto:
-        """A subgraph (for If) whose nodes `build()` adds; its weights stay main-graph initializers,
-        read from the outer scope (ORT still prepacks them)."""
-        saved, self.nodes = self.nodes, []
-        out = build()
-        body, self.nodes = [n for _, n in self.nodes], saved
-        return helper.make_graph(body, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+        """A subgraph (for If) holding the nodes and initializers `build()` adds. Weights must live
+        in the subgraph that uses them: read from two scopes up, MatMulNBits is not prepacked
+        and takes a slower, numerically different path."""
+        saved_nodes, saved_inits = self.nodes, self.initializers
+        self.nodes, self.initializers = [], []
+        try:
+            out = build()
+            body, inits = [n for _, n in self.nodes], [t for _, t in self.initializers]
+        finally:
+            self.nodes, self.initializers = saved_nodes, saved_inits
+        return helper.make_graph(body, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
 
     @property
     def variants(self) -> list[str | None]:

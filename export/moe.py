@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from . import graph as G
 from .decoder import Decoder
@@ -189,20 +189,24 @@ def sorted_experts(g: Graph, x2: str, weights: str, ids: str, ew: ExpertWeights,
 
 
 def moe_block(g: Graph, x: str, router: np.ndarray, experts, r: Routing, hidden: int, ffn: int, bits: int,
-              block_size: int, name: str, group: int) -> str:
+              block_size: int, name: str, group: int, stats_output: str) -> str:
     """x [1, S, H] -> sparse-expert FFN output [1, S, H], once per strategy the weights allow."""
     x2 = g.op("Reshape", [x, _i64(g, name + ".x2", [-1, hidden])], name + ".x2d")
     # the router stays fp32: routing decisions flip easily
     logits = g.op("MatMul", [x2, g.const(name + ".router_t", np.ascontiguousarray(router.T))], name + ".router")
     ew = ExpertWeights(g, experts, hidden, ffn, bits, block_size, name)
     shape = g.op("Shape", [x], name + ".shape")
+    # Which experts each token used, as a graph output, for `edgert run --stats`.
     with g.only("plain"):
         weights, ids = route(g, logits, r, name)
         y_plain = sorted_experts(g, x2, weights, ids, ew, r, name + ".plain", group)
         out = g.op("Reshape", [y_plain, shape], name + ".out")
+        g.op("Identity", [ids], name + ".experts", out=stats_output)
     if ew.qmoe_ok:
         with g.only("qmoe"):
             g.op("Reshape", [qmoe(g, x2, logits, ew, r, name + ".qmoe"), shape], name + ".out_q", out=out)
+            g.op("TopK", [logits, _i64(g, name + ".k_stats", [r.top_k])], name + ".experts_q", outputs=2, axis=-1,
+                 outs=[name + ".unused_values", stats_output])
     return out
 
 
@@ -239,8 +243,11 @@ class MoEDecoder(Decoder):
         if not self.is_sparse(i):
             return super().ffn(g, i, x)
         pre = self.layer_prefix(i) + self.moe_prefix
+        stats = f"router.{i}.experts"
         out = moe_block(g, x, self.ckpt.get(pre + self.router_name), self.experts(i), self.routing, self.hidden,
-                        self.expert_ffn, self.recipe.bits, self.recipe.block_size, f"layers.{i}.moe", self.expert_group)
+                        self.expert_ffn, self.recipe.bits, self.recipe.block_size, f"layers.{i}.moe", self.expert_group,
+                        stats)
+        g.outputs.append(helper.make_tensor_value_info(stats, TensorProto.INT64, ["sequence", self.routing.top_k]))
         shared = self.shared_expert(g, i, x)
         return out if shared is None else g.op("Add", [out, shared], f"layers.{i}.moe.with_shared")
 
