@@ -1,4 +1,6 @@
 """The same artifacts on an older onnxruntime (Termux packages 1.22): identical greedy tokens.
+MoE artifacts run the plain expert graph there (no QMoE kernel before 1.23); here they run
+QMoE by default, so this also checks the two strategies against each other.
 
 Runs when EDGERT_ORT_PYTHON names a Python whose onnxruntime is the old one (.ci/run makes a
 venv with onnxruntime 1.22.1 for it); otherwise skips, saying so.
@@ -22,6 +24,7 @@ from edgert.model import Model
 out = {"version": onnxruntime.__version__, "runs": []}
 for art, prompt in json.loads(sys.argv[1]):
     m = Model(art, context=128, threads=1)
+    out.setdefault("strategies", []).append(m.strategy)
     logits, ids = m.forward(prompt)[-1], []
     for _ in range(24):
         ids.append(int(np.argmax(logits)))
@@ -42,8 +45,13 @@ def greedy_on(python: str, jobs) -> dict:
 def test_old_onnxruntime_gives_identical_tokens(tmp_path, exported):
     import sys
     qwen3 = make_checkpoint(tmp_path / "qwen3", "qwen3", head_dim=16, tie_word_embeddings=True)
+    moe = make_checkpoint(tmp_path / "moe", "qwen3_moe", num_experts=16, num_experts_per_tok=2, moe_intermediate_size=32,
+                          norm_topk_prob=True, head_dim=16)
+    moe2 = make_checkpoint(tmp_path / "moe2", "qwen2_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                           shared_expert_intermediate_size=64)
     prompt = [1, 403, 407, 261, 378]
-    jobs = [(str(exported(src, bits)), prompt) for src in (BUNDLED_STORIES, qwen3) for bits in (32, 8, 4)]
+    jobs = [(str(exported(src, bits)), prompt) for src in (BUNDLED_STORIES, qwen3, moe, moe2) for bits in (32, 8, 4)]
     old, new = greedy_on(OTHER, jobs), greedy_on(sys.executable, jobs)
     assert old["version"].startswith("1.22"), old["version"]
+    assert "qmoe" not in old["strategies"] and "plain" in old["strategies"]
     assert old["runs"] == new["runs"]
