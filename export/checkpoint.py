@@ -1,13 +1,15 @@
 """Read a Hugging Face checkpoint folder one tensor at a time.
 
-safetensors is parsed directly (8-byte header length, JSON header, raw data) and the data is
-memory-mapped, so reading a tensor costs only that tensor: a 7B model exports on a device with
-a few GB of RAM. bf16 is widened to fp32 by a 16-bit shift, so no torch is needed.
+safetensors is parsed directly (8-byte header length, JSON header, raw data) and each tensor
+(or a range of its rows) is read with pread into its own buffer, so reading a tensor costs only
+that tensor: a 7B model exports on a device with a few GB of RAM. (A memory map would do the
+same I/O but leave every touched page of the checkpoint counted in the process's RSS.)
+bf16 is widened to fp32 by a 16-bit shift, so no torch is needed.
 """
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -51,17 +53,24 @@ class _SafetensorsFile:
                 raise CheckpointError(f"{path.name}: tensor {name} has {e - b} bytes, its shape needs {want}")
             if self.start + e > size:
                 raise CheckpointError(f"{path.name}: truncated (tensor {name} ends past the end of the file)")
-        self._map = None
+        self._fd = None
 
-    def raw(self, name: str) -> tuple[np.ndarray, str]:
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, str]:
+        """Rows start:stop (along the first axis) of a tensor, in its stored dtype."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
         t = self.tensors[name]
-        b, e = t["data_offsets"]
-        arr = np.frombuffer(self._map, dtype=_DTYPES[t["dtype"]], count=(e - b) // np.dtype(_DTYPES[t["dtype"]]).itemsize,
-                            offset=self.start + b)
-        return arr.reshape(t["shape"]), t["dtype"]
+        shape, dtype = list(t["shape"]) or [1], np.dtype(_DTYPES[t["dtype"]])
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        stop = shape[0] if stop is None else min(stop, shape[0])
+        out = np.empty((stop - start, *shape[1:]), dtype)
+        view, offset, done = memoryview(out.reshape(-1).view(np.uint8)), self.start + t["data_offsets"][0] + start * row, 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.path.name}: truncated while reading {name}")
+            done += n
+        return out.reshape(t["shape"]) if not t["shape"] else out, t["dtype"]
 
 
 def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
@@ -132,20 +141,22 @@ class Checkpoint:
         largest tensors: 151936 x 1536 is 0.9 GB in fp32)."""
         if name not in self._where:
             raise CheckpointError(f"{self.dir.name}: tensor {name} is missing from the checkpoint")
-        return Rows(*self._where[name].raw(name))
+        return Rows(self._where[name], name)
 
     def get(self, name: str) -> np.ndarray:
         """One tensor as a fresh float32 array (the only copy of it that export holds)."""
         if name not in self._where:
             raise CheckpointError(f"{self.dir.name}: tensor {name} is missing from the checkpoint")
-        arr, dtype = self._where[name].raw(name)
+        arr, dtype = self._where[name].read(name)
         return to_float32(arr, dtype)
 
 
 class Rows:
-    def __init__(self, raw: np.ndarray, dtype: str):
-        self._raw, self._dtype = raw, dtype
-        self.shape = raw.shape
+    def __init__(self, file: _SafetensorsFile, name: str):
+        self._file, self._name = file, name
+        self.shape = tuple(file.tensors[name]["shape"])
 
-    def __getitem__(self, index) -> np.ndarray:
-        return to_float32(self._raw[index], self._dtype)
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(self.shape[0])
+        assert step == 1, "rows are read as one contiguous range"
+        return to_float32(*self._file.read(self._name, start, stop))
