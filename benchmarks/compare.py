@@ -29,7 +29,7 @@ class EdgertRunner(peers.Runner):
         import numpy as np
         from edgert.model import Model
         if self.model is None:
-            self.model = Model(self.artifact, context=len(prompt_ids) + n_decode + 8, threads=threads,
+            self.model = Model(self.artifact, context=1024, threads=threads,
                                strategy=self.strategy)
         m = self.model
         m.reset()

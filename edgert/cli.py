@@ -33,7 +33,7 @@ def export(
     out: Path = typer.Option(..., "-o", "--out", help="Artifact folder to write (atomically)."),
     bits: int = typer.Option(4, help="Weight bits for attention and MLP/expert projections: 4, 8, or 32 (fp32 reference)."),
     block_size: int = typer.Option(32, help="Quantization block size along the input dimension (16-256, power of two)."),
-    embed_bits: int = typer.Option(8, help="Bits for embeddings and lm_head: 8 or 32 (ignored with --bits 32)."),
+    embed_bits: int = typer.Option(8, help="Bits for embeddings and lm_head: 8, 32, or 4 (faster decode, less faithful; ignored with --bits 32)."),
     context: Optional[int] = typer.Option(None, help="Longest context the artifact supports [default: model's, at most 32768]."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ):

@@ -77,8 +77,8 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     src, out = Path(model_dir), Path(out)
     if bits not in (4, 8, 32):
         raise ExportError(f"--bits must be 4, 8 or 32, not {bits}")
-    if embed_bits not in (8, 32):
-        raise ExportError(f"--embed-bits must be 8 or 32, not {embed_bits}")
+    if embed_bits not in (4, 8, 32):
+        raise ExportError(f"--embed-bits must be 4, 8 or 32, not {embed_bits}")
     if block_size not in (16, 32, 64, 128, 256):
         raise ExportError(f"--block-size must be one of 16, 32, 64, 128, 256, not {block_size}")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:

@@ -167,8 +167,8 @@ class Decoder:
             del full
         else:
             bs = self.recipe.block_size
-            self._embed_q = G.quantized_rows(g, table, "embed_tokens", bs)
-            x = G.gather_int8_rows(g, ids, *self._embed_q, self.hidden, -(-self.hidden // bs) * bs, "embed")
+            self._embed_q = G.quantized_rows(g, table, "embed_tokens", bits, bs)
+            x = G.gather_quantized_rows(g, ids, *self._embed_q, bits, self.hidden, -(-self.hidden // bs) * bs, "embed")
         del table
         if self.embedding_multiplier != 1.0:
             x = g.op("Mul", [x, g.const("embedding_multiplier", np.array(self.embedding_multiplier, np.float32))],
@@ -177,10 +177,9 @@ class Decoder:
 
     def lm_head(self, g: Graph, h: str) -> str:
         bits, bs = self.recipe.bits_for("lm_head"), self.recipe.block_size
-        if self.tied and bits == 8 and self.recipe.bits_for("embed") == 8:
-            # The int8 embedding rows are already MatMulNBits' B layout: share one copy.
-            qweight, scales = self._embed_q
-            logits = g.ms("MatMulNBits", [h, qweight, scales], "lm_head", K=self.hidden, N=self.vocab, bits=8,
+        if self.tied and bits != 32 and self.recipe.bits_for("embed") == bits:
+            # The quantized embedding rows are already MatMulNBits' B layout: share one copy.
+            logits = g.ms("MatMulNBits", [h, *self._embed_q], "lm_head", K=self.hidden, N=self.vocab, bits=bits,
                           block_size=bs, accuracy_level=4)
         else:
             w = self.ckpt.rows("model.embed_tokens.weight" if self.tied else "lm_head.weight")

@@ -164,7 +164,7 @@ class Recipe:
         if tensor_class == "router":
             return 32        # routing decisions are fragile: keep them exact
         if tensor_class in ("embed", "lm_head"):
-            return 32 if self.bits == 32 else self.embed_bits
+            return 32 if self.bits == 32 else self.embed_bits   # 4 on request (speed over quality)
         return self.bits
 
 
@@ -257,21 +257,45 @@ def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: Attentio
                 scale=float(scale))
 
 
-def quantized_rows(g: Graph, table: np.ndarray, name: str, block_size: int) -> tuple[str, str]:
-    """int8 rows in MatMulNBits' B layout (so lm_head can reuse them) + their scales."""
-    q = quantize(table, 8, block_size)
-    return g.const(name + ".qweight", q.packed, params=int(np.prod(table.shape))), g.const(name + ".scales", q.scales)
+def quantized_rows(g: Graph, table, name: str, bits: int, block_size: int) -> tuple[str, str, str]:
+    """An embedding table in MatMulNBits' B layout (so a tied lm_head reads the same bytes):
+    (qweight [V, k_blocks, blob], scales [V, k_blocks], zero points [V, ceil(k_blocks/2)] or "")."""
+    q = quantize(table, bits, block_size)
+    return (g.const(name + ".qweight", q.packed, params=int(np.prod(table.shape))), g.const(name + ".scales", q.scales),
+            g.const(name + ".zero_points", q.zero_points) if q.zero_points is not None else "")
 
 
-def gather_int8_rows(g: Graph, ids: str, qweight: str, scales: str, width: int, padded: int, name: str) -> str:
-    """Embedding lookup from an int8 block-quantized table: only the looked-up rows are widened."""
-    rows = g.op("Cast", [g.op("Gather", [qweight, ids], name + ".rows")], name + ".cast", to=TensorProto.FLOAT)
-    rows = g.op("Sub", [rows, g.const(name + ".zero", np.array(128, np.float32))], name + ".center")
-    s = g.op("Unsqueeze", [g.op("Gather", [scales, ids], name + ".row_scales"),
-                           g.const(name + ".axis", np.array([-1], np.int64))], name + ".scales_b")
-    x = g.op("Reshape", [g.op("Mul", [rows, s], name + ".dequant"),
-                         g.const(name + ".shape", np.array([0, 0, padded], np.int64))], name + ".flat")
+def gather_quantized_rows(g: Graph, ids: str, qweight: str, scales: str, zero_points: str, bits: int, width: int,
+                          padded: int, name: str) -> str:
+    """Embedding lookup from a block-quantized table: only the looked-up rows are widened."""
+    def codes(packed: str, label: str) -> str:
+        """uint8 [..., n] -> float codes [..., n * 8 / bits] (int4: low nibble first)."""
+        x = g.op("Cast", [packed], label + ".cast", to=TensorProto.FLOAT)
+        if bits == 8:
+            return x
+        hi = g.op("Floor", [g.op("Div", [x, g.const(label + ".16", np.array(16, np.float32))], label + ".div")], label + ".hi")
+        lo = g.op("Sub", [x, g.op("Mul", [hi, g.const(label + ".16b", np.array(16, np.float32))], label + ".hi16")], label + ".lo")
+        axis = g.const(label + ".axis", np.array([-1], np.int64))
+        pair = g.op("Concat", [g.op("Unsqueeze", [lo, axis], label + ".lo1"), g.op("Unsqueeze", [hi, axis], label + ".hi1")],
+                    label + ".pair", axis=-1)
+        flat = g.op("Shape", [x], label + ".shape")
+        keep = g.op("Slice", [flat, g.const(label + ".k0", np.array([0], np.int64)), g.const(label + ".k1", np.array([-1], np.int64))],
+                    label + ".lead")
+        return g.op("Reshape", [pair, g.op("Concat", [keep, g.const(label + ".m1", np.array([-1], np.int64))], label + ".newshape",
+                                             axis=0)], label + ".codes")
+
+    rows = codes(g.op("Gather", [qweight, ids], name + ".rows"), name + ".w")            # [1, S, kb, block]
+    last = g.const(name + ".last", np.array([-1], np.int64))
+    if zero_points:
+        zp = codes(g.op("Gather", [zero_points, ids], name + ".zp_rows"), name + ".zp")   # [1, S, >= kb]
+        zp = g.op("Unsqueeze", [g.op("Slice", [zp, g.const(name + ".z0", np.array([0], np.int64)), g.op(
+            "Shape", [scales], name + ".kb", start=1, end=2), last], name + ".zp_kb"), last], name + ".zp_b")
+    else:
+        zp = g.const(name + ".zero", np.array(1 << (bits - 1), np.float32))
+    s = g.op("Unsqueeze", [g.op("Gather", [scales, ids], name + ".row_scales"), last], name + ".scales_b")
+    x = g.op("Mul", [g.op("Sub", [rows, zp], name + ".center"), s], name + ".dequant")
+    x = g.op("Reshape", [x, g.const(name + ".shape", np.array([0, 0, padded], np.int64))], name + ".flat")
     if padded != width:
         x = g.op("Slice", [x, g.const(name + ".s0", np.array([0], np.int64)), g.const(name + ".s1", np.array([width], np.int64)),
-                           g.const(name + ".s2", np.array([-1], np.int64))], name + ".unpad")
+                           last], name + ".unpad")
     return x
