@@ -163,7 +163,7 @@ class Decoder:
         bits = self.recipe.bits_for("embed")
         if bits == 32:
             full = table[:]
-            x = g.op("Gather", [g.const("embed_tokens.weight", full, params=full.size), ids], "embed")
+            x = g.op("Gather", [g.const("embed_tokens.weight", full), ids], "embed")
             del full
         else:
             bs = self.recipe.block_size
@@ -212,13 +212,20 @@ class Decoder:
         elif self.qk_norm == "full":
             q = G.rms_norm(g, q, get(pre + "q_norm.weight"), self.eps, name + ".q_norm")
             k = G.rms_norm(g, k, get(pre + "k_norm.weight"), self.eps, name + ".k_norm")
-        past_k = g.input(f"past_key_values.{i}.key", TensorProto.FLOAT, [1, self.kv_heads, "max_sequence", hd])
-        past_v = g.input(f"past_key_values.{i}.value", TensorProto.FLOAT, [1, self.kv_heads, "max_sequence", hd])
+        past_k, past_v = self.cache_inputs(g, i)
         out, present_k, present_v = G.gqa(g, q, k, v, past_k, past_v, io, self.heads, self.kv_heads, self.attn_scale, name)
-        for src, kind in ((present_k, "key"), (present_v, "value")):
-            g.output(src, f"present.{i}.{kind}", TensorProto.FLOAT, [1, self.kv_heads, "max_sequence", hd])
+        self.cache_outputs(g, i, present_k, present_v)
         return G.linear(g, out, pad(get(pre + "o_proj.weight"), 1), name + ".o_proj", self.recipe.bits, self.recipe.block_size,
                         get(pre + "o_proj.bias") if pre + "o_proj.bias" in self.ckpt else None)
+
+    def cache_inputs(self, g: Graph, i: int) -> tuple[str, str]:
+        shape = [1, self.kv_heads, "max_sequence", self.padded_head_dim]
+        return tuple(g.input(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, shape) for kind in ("key", "value"))
+
+    def cache_outputs(self, g: Graph, i: int, key: str, value: str) -> None:
+        """The runtime binds these to the same buffers as the inputs: the cache is updated in place."""
+        for src, kind in ((key, "key"), (value, "value")):
+            g.output(src, f"present.{i}.{kind}", TensorProto.FLOAT, [1, self.kv_heads, "max_sequence", self.padded_head_dim])
 
     def ffn(self, g: Graph, i: int, x: str) -> str:
         return swiglu_mlp(g, self.ckpt, x, self.layer_prefix(i) + "mlp.", f"layers.{i}.mlp", self.recipe.bits,

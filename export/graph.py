@@ -36,8 +36,6 @@ class Graph:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._names: set[str] = set()
-        self.weight_bytes = 0          # bytes of weights written (for bits/weight)
-        self.weight_params = 0
 
     def _unique(self, name: str) -> str:
         base, i = name, 1
@@ -46,7 +44,7 @@ class Graph:
         self._names.add(name)
         return name
 
-    def const(self, name: str, array: np.ndarray, params: int = 0) -> str:
+    def const(self, name: str, array: np.ndarray) -> str:
         """An initializer; anything but tiny tensors goes to the external data file now."""
         name = self._unique(name)
         array = np.asarray(array)
@@ -62,9 +60,6 @@ class Graph:
             self.initializers.append((self.variant, self._external(name, array.dtype, array.shape, self._offset, array.nbytes)))
             self._data.write(array.tobytes())
             self._offset += array.nbytes
-        if params:
-            self.weight_bytes += array.nbytes
-            self.weight_params += params
         return name
 
     def _external(self, name, dtype, shape, offset, nbytes) -> onnx.TensorProto:
@@ -181,10 +176,10 @@ def linear_operands(g: Graph, w, name: str, bits: int, block_size: int, bias=Non
     """Write w's initializers now; apply_linear() adds the node (possibly inside an If branch)."""
     n, k = w.shape
     if bits == 32:
-        return ("MatMul", [g.const(f"{name}.weight_t", np.ascontiguousarray(w.T), params=n * k),
+        return ("MatMul", [g.const(f"{name}.weight_t", np.ascontiguousarray(w.T)),
                            g.const(f"{name}.bias", bias) if bias is not None else ""], {})
     q = quantize(w, bits, block_size)
-    ins = [g.const(f"{name}.qweight", q.packed, params=n * k), g.const(f"{name}.scales", q.scales.reshape(-1)),
+    ins = [g.const(f"{name}.qweight", q.packed), g.const(f"{name}.scales", q.scales.reshape(-1)),
            g.const(f"{name}.zero_points", q.zero_points.reshape(-1)) if q.zero_points is not None else ""]
     if bias is not None:
         ins += ["", g.const(f"{name}.bias", bias.astype(np.float32))]
@@ -232,8 +227,9 @@ def swiglu(g: Graph, x: str, gate_up: tuple, down: tuple, ffn: int, name: str) -
     return apply_linear(g, silu_mul(g, gate, up, name + ".act"), *down, name + ".down")
 
 
-def rope_cache(g: Graph, inv_freq: np.ndarray, positions: int, attention_factor: float = 1.0) -> tuple[str, str]:
-    """cos/sin tables [positions, rotary_dim/2] for GroupQueryAttention's built-in rotary."""
+def rope_cache(g: Graph, inv_freq: np.ndarray, positions: int, attention_factor=1.0) -> tuple[str, str]:
+    """cos/sin tables [positions, rotary_dim/2] for GroupQueryAttention's built-in rotary
+    (attention_factor: yarn's scale, one number or one per frequency)."""
     angles = np.arange(positions, dtype=np.float64)[:, None] * inv_freq[None, :].astype(np.float64)
     return (g.const("rope.cos", (np.cos(angles) * attention_factor).astype(np.float32)),
             g.const("rope.sin", (np.sin(angles) * attention_factor).astype(np.float32)))
@@ -261,7 +257,7 @@ def quantized_rows(g: Graph, table, name: str, bits: int, block_size: int) -> tu
     """An embedding table in MatMulNBits' B layout (so a tied lm_head reads the same bytes):
     (qweight [V, k_blocks, blob], scales [V, k_blocks], zero points [V, ceil(k_blocks/2)] or "")."""
     q = quantize(table, bits, block_size)
-    return (g.const(name + ".qweight", q.packed, params=int(np.prod(table.shape))), g.const(name + ".scales", q.scales),
+    return (g.const(name + ".qweight", q.packed), g.const(name + ".scales", q.scales),
             g.const(name + ".zero_points", q.zero_points) if q.zero_points is not None else "")
 
 

@@ -28,6 +28,18 @@ class Routing:
     experts: int
     top_k: int
     renormalize: bool            # top-k weights divided by their sum (Mixtral, Granite, Qwen3-MoE usually)
+    # DeepSeek-style extras (defaults = plain softmax routing)
+    scoring: str = "softmax"     # or "sigmoid" (V3)
+    scale: float = 1.0           # routed_scaling_factor, applied to the final weights
+    groups: int = 1              # experts come in groups; only the best `top_groups` may be picked
+    top_groups: int = 1
+    group_score: str = "max"     # V2: best expert of the group; V3: "top2" = sum of its two best
+    masked: float = 0.0          # what a masked-out expert scores (V2 0, V3 -inf)
+    bias: tuple | None = None    # V3 e_score_correction_bias: shifts the choice, not the weights
+
+    @property
+    def simple(self) -> bool:
+        return self.scoring == "softmax" and self.scale == 1.0 and self.groups == 1 and self.bias is None
 
 
 def _i64(g: Graph, name: str, values) -> str:
@@ -37,12 +49,48 @@ def _i64(g: Graph, name: str, values) -> str:
 def route(g: Graph, logits: str, r: Routing, name: str) -> tuple[str, str]:
     """router logits [T,E] -> (weights [T,k], expert ids [T,k]) by the architecture's rule."""
     k = _i64(g, name + ".k", [r.top_k])
-    if r.renormalize:   # softmax over all then renormalised top-k == softmax over the top-k logits
+    if r.simple and r.renormalize:   # softmax over all, renormalised top-k == softmax over the top-k logits
         top, ids = g.op("TopK", [logits, k], name + ".topk", outputs=2, axis=-1)
         return g.op("Softmax", [top], name + ".weights", axis=-1), ids
-    probs = g.op("Softmax", [logits], name + ".probs", axis=-1)
-    weights, ids = g.op("TopK", [probs, k], name + ".topk", outputs=2, axis=-1)
+    scores, choice = choice_scores(g, logits, r, name)
+    ids = g.op("TopK", [choice, k], name + ".topk", outputs=2, axis=-1)[1]
+    weights = g.op("GatherElements", [scores, ids], name + ".picked", axis=-1) if choice != scores else None
+    if weights is None:
+        weights = g.op("TopK", [scores, k], name + ".topk_w", outputs=2, axis=-1)[0]
+    if r.renormalize:
+        total = g.op("ReduceSum", [weights, _i64(g, name + ".ax", [-1])], name + ".total", keepdims=1)
+        weights = g.op("Div", [weights, g.op("Add", [total, g.const(name + ".tiny", np.array(1e-20, np.float32))],
+                                                  name + ".total_eps")], name + ".renorm")
+    if r.scale != 1.0:
+        weights = g.op("Mul", [weights, g.const(name + ".scale", np.array(r.scale, np.float32))], name + ".scaled")
     return weights, ids
+
+
+def choice_scores(g: Graph, logits: str, r: Routing, name: str) -> tuple[str, str]:
+    """(scores the weights come from, scores the experts are chosen by)."""
+    scores = g.op("Softmax" if r.scoring == "softmax" else "Sigmoid", [logits], name + ".scores",
+                  **({"axis": -1} if r.scoring == "softmax" else {}))
+    choice = scores
+    if r.bias is not None:
+        choice = g.op("Add", [scores, g.const(name + ".bias", np.array(r.bias, np.float32))], name + ".biased")
+    if r.groups > 1:
+        per = r.experts // r.groups
+        grouped = g.op("Reshape", [choice, _i64(g, name + ".gshape", [-1, r.groups, per])], name + ".grouped")
+        if r.group_score == "max":
+            best = g.op("ReduceMax", [grouped], name + ".gbest", axes=[-1], keepdims=0)   # (opset 17: axes attribute)
+        else:   # sum of the two best experts of each group
+            two = g.op("TopK", [grouped, _i64(g, name + ".k2", [2])], name + ".gtop2", outputs=2, axis=-1)[0]
+            best = g.op("ReduceSum", [two, _i64(g, name + ".gax", [-1])], name + ".gbest", keepdims=0)
+        keep = g.op("TopK", [best, _i64(g, name + ".kg", [r.top_groups])], name + ".gtopk", outputs=2, axis=-1)[1]
+        onehot = g.op("OneHot", [keep, _i64(g, name + ".ng", [r.groups]), g.const(name + ".01", np.array([0, 1], np.float32))],
+                      name + ".gonehot", axis=-1)                                         # [T, top_groups, groups]
+        mask = g.op("ReduceMax", [onehot], name + ".gmask", axes=[1], keepdims=0)           # [T, groups]
+        mask = g.op("Expand", [g.op("Unsqueeze", [mask, _i64(g, name + ".uax", [-1])], name + ".gmask3"),
+                               _i64(g, name + ".eshape", [1, 1, per])], name + ".gmask_e")
+        mask = g.op("Reshape", [mask, _i64(g, name + ".mshape", [-1, r.experts])], name + ".emask")
+        choice = g.op("Where", [g.op("Cast", [mask], name + ".bmask", to=TensorProto.BOOL), choice,
+                                g.const(name + ".masked", np.array(r.masked, np.float32))], name + ".choice")
+    return scores, choice
 
 
 class ExpertWeights:
@@ -65,14 +113,14 @@ class ExpertWeights:
             down.append(quantize(dn, bits, block_size))
         for proj, qs in (("fc1", gate_up), ("fc2", down)):
             rows = qs[0].packed.shape[0]
-            self._write(g, f"{proj}.weight", np.stack([q.packed.reshape(rows, -1) for q in qs]), params=sum(q.packed.size for q in qs) * 8 // bits)
+            self._write(g, f"{proj}.weight", np.stack([q.packed.reshape(rows, -1) for q in qs]))
             self._write(g, f"{proj}.scales", np.stack([q.scales for q in qs]))
             if qs[0].zero_points is not None:
                 self._write(g, f"{proj}.zero_points", np.stack([q.zero_points for q in qs]))
         self.kb = {"fc1": gate_up[0].scales.shape[1], "fc2": down[0].scales.shape[1]}
 
-    def _write(self, g: Graph, key: str, array: np.ndarray, params: int = 0):
-        self.arrays[key] = (g.const(f"{self.name}.{key}", array, params=params), array)
+    def _write(self, g: Graph, key: str, array: np.ndarray):
+        self.arrays[key] = (g.const(f"{self.name}.{key}", array), array)
 
     def qmoe_inputs(self) -> dict:
         return {k: v[0] for k, v in self.arrays.items()}
@@ -96,16 +144,23 @@ class ExpertWeights:
 
 
 def qmoe(g: Graph, x2: str, logits: str, ew: ExpertWeights, r: Routing, name: str) -> str:
-    """One QMoE node. Its own top-k softmax renormalises; for routing without renormalisation
-    the full softmax goes in as router_weights (then gathered, not renormalised)."""
+    """One QMoE node. It picks experts by top-k of `router_probs` and, given `router_weights`,
+    gathers the weights from those (renormalised when normalize_routing_weights); without them
+    it uses the softmax over the top-k logits, which is exactly renormalised softmax routing."""
     a = ew.qmoe_inputs()
-    ins = [x2, logits, a["fc1.weight"], a["fc1.scales"], "", a["fc2.weight"], a["fc2.scales"], "", "", "", "",
-           a.get("fc1.zero_points", ""), a.get("fc2.zero_points", ""), ""]
-    if not r.renormalize:
-        ins.append(g.op("Softmax", [logits], name + ".probs", axis=-1))
-    return g.ms("QMoE", ins, name, k=r.top_k, expert_weight_bits=ew.bits, block_size=ew.block_size,
-                activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-                normalize_routing_weights=int(r.renormalize), accuracy_level=4)
+    probs, weights = logits, ""
+    if not (r.simple and r.renormalize):
+        weights, probs = choice_scores(g, logits, r, name)
+        if r.scale != 1.0 and not r.renormalize:
+            weights = g.op("Mul", [weights, g.const(name + ".scale", np.array(r.scale, np.float32))], name + ".scaled")
+    ins = [x2, probs, a["fc1.weight"], a["fc1.scales"], "", a["fc2.weight"], a["fc2.scales"], "", "", "", "",
+           a.get("fc1.zero_points", ""), a.get("fc2.zero_points", ""), "", weights]
+    y = g.ms("QMoE", ins, name, k=r.top_k, expert_weight_bits=ew.bits, block_size=ew.block_size,
+             activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+             normalize_routing_weights=int(r.renormalize), accuracy_level=4)
+    if r.scale != 1.0 and r.renormalize:     # renormalising inside would cancel a scale given before
+        y = g.op("Mul", [y, g.const(name + ".out_scale", np.array(r.scale, np.float32))], name + ".out_scaled")
+    return y
 
 
 def sorted_experts(g: Graph, x2: str, weights: str, ids: str, ew: ExpertWeights, r: Routing, name: str,
@@ -205,7 +260,8 @@ def moe_block(g: Graph, x: str, router: np.ndarray, experts, r: Routing, hidden:
     if ew.qmoe_ok:
         with g.only("qmoe"):
             g.op("Reshape", [qmoe(g, x2, logits, ew, r, name + ".qmoe"), shape], name + ".out_q", out=out)
-            g.op("TopK", [logits, _i64(g, name + ".k_stats", [r.top_k])], name + ".experts_q", outputs=2, axis=-1,
+            choice = logits if r.simple else choice_scores(g, logits, r, name + ".stats")[1]
+            g.op("TopK", [choice, _i64(g, name + ".k_stats", [r.top_k])], name + ".experts_q", outputs=2, axis=-1,
                  outs=[name + ".unused_values", stats_output])
     return out
 
@@ -239,12 +295,15 @@ class MoEDecoder(Decoder):
     def shared_expert(self, g: Graph, i: int, x: str) -> str | None:
         return None
 
+    def routing_for(self, i: int) -> Routing:
+        return self.routing
+
     def ffn(self, g: Graph, i: int, x: str) -> str:
         if not self.is_sparse(i):
             return super().ffn(g, i, x)
         pre = self.layer_prefix(i) + self.moe_prefix
         stats = f"router.{i}.experts"
-        out = moe_block(g, x, self.ckpt.get(pre + self.router_name), self.experts(i), self.routing, self.hidden,
+        out = moe_block(g, x, self.ckpt.get(pre + self.router_name), self.experts(i), self.routing_for(i), self.hidden,
                         self.expert_ffn, self.recipe.bits, self.recipe.block_size, f"layers.{i}.moe", self.expert_group,
                         stats)
         g.outputs.append(helper.make_tensor_value_info(stats, TensorProto.INT64, ["sequence", self.routing.top_k]))

@@ -21,7 +21,7 @@ def stories_dir() -> Path:
 
 
 def make_checkpoint(out: Path, model_type: str, dtype: str = "float32", shard: str | None = None, seed: int = 0,
-                    **overrides) -> Path:
+                    tweak=None, **overrides) -> Path:
     """A random-weight HF folder for `model_type`, saved by transformers itself, with stories260K's tokenizer."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -40,6 +40,8 @@ def make_checkpoint(out: Path, model_type: str, dtype: str = "float32", shard: s
                 p.normal_(0, 0.08)
             else:
                 p.normal_(0, 0.05)
+        if tweak:
+            tweak(model)
     model.to(getattr(torch, dtype))
     kw = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(out, safe_serialization=True, **kw)

@@ -26,15 +26,37 @@ CONFIGS = {
     "granitemoe": ("granitemoe", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=64,
                                       embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
                                       logits_scaling=3.0)),
+    # multi-head latent attention (interleaved rotary, value heads narrower than q/k), group-limited
+    # softmax routing scaled without renormalisation, shared experts, a dense first layer, yarn rope
+    "deepseek_v2": ("deepseek_v2", dict(num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
+                                        moe_intermediate_size=32, n_shared_experts=2, kv_lora_rank=32, q_lora_rank=None,
+                                        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=16, first_k_dense_replace=1,
+                                        num_key_value_heads=4, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                        routed_scaling_factor=1.5, rope_scaling=dict(
+                                            rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                            mscale=1.0, mscale_all_dim=0.8, beta_fast=32, beta_slow=1))),
+    # + low-rank queries, sigmoid scores with a learned choice bias, top-2-sum groups, renormalised
+    "deepseek_v3": ("deepseek_v3", dict(n_routed_experts=16, num_experts_per_tok=3, moe_intermediate_size=32,
+                                        n_shared_experts=1, kv_lora_rank=32, q_lora_rank=24, qk_rope_head_dim=16,
+                                        qk_nope_head_dim=16, v_head_dim=32, first_k_dense_replace=1,
+                                        num_key_value_heads=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)),
     # expert FFN 48 is not a multiple of the 32-wide block: QMoE cannot take it, the plain path can
     "mixtral-odd-ffn": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
 }
 
 
+def random_choice_bias(model):
+    """V3's e_score_correction_bias starts at zero; make it matter."""
+    import torch
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(0.3 * torch.randn_like(buf))
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def case(request, tmp_path_factory):
     model_type, overrides = CONFIGS[request.param]
-    src = make_checkpoint(tmp_path_factory.mktemp(request.param), model_type, **overrides)
+    src = make_checkpoint(tmp_path_factory.mktemp(request.param), model_type, tweak=random_choice_bias, **overrides)
     return request.param, src, hf_model(src)
 
 

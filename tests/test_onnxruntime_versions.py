@@ -49,8 +49,12 @@ def test_old_onnxruntime_gives_identical_tokens(tmp_path, exported):
                           norm_topk_prob=True, head_dim=16)
     moe2 = make_checkpoint(tmp_path / "moe2", "qwen2_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                            shared_expert_intermediate_size=64)
+    mla = make_checkpoint(tmp_path / "mla", "deepseek_v3", n_routed_experts=16, num_experts_per_tok=3,
+                          moe_intermediate_size=32, n_shared_experts=1, kv_lora_rank=32, q_lora_rank=24,
+                          qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, first_k_dense_replace=1,
+                          num_key_value_heads=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
     prompt = [1, 403, 407, 261, 378]
-    jobs = [(str(exported(src, bits)), prompt) for src in (BUNDLED_STORIES, qwen3, moe, moe2) for bits in (32, 8, 4)]
+    jobs = [(str(exported(src, bits)), prompt) for src in (BUNDLED_STORIES, qwen3, moe, moe2, mla) for bits in (32, 8, 4)]
     old, new = greedy_on(OTHER, jobs), greedy_on(sys.executable, jobs)
     assert old["version"].startswith("1.22"), old["version"]
     assert "qmoe" not in old["strategies"] and "plain" in old["strategies"]

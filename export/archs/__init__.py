@@ -15,6 +15,8 @@ ARCHITECTURES = {
     "mixtral": "mixtral",
     "olmoe": "olmoe",
     "granitemoe": "granitemoe",
+    "deepseek_v2": "deepseek_v2",
+    "deepseek_v3": "deepseek_v3",
 }
 
 
