@@ -142,8 +142,10 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except CheckpointError as e:
+    except (CheckpointError, UnsupportedModel) as e:
         raise ExportError(str(e)) from None
+    except KeyError as e:
+        raise ExportError(f"{src}: config.json lacks {e.args[0]!r}, which this {ckpt.config.get('model_type')} model needs") from None
     except OSError as e:
         raise ExportError(f"writing {out}: {e.strerror or e}") from None
     finally:

@@ -42,6 +42,8 @@ class Decoder:
         # GroupQueryAttention needs head_dim % 16 == 0; smaller heads (stories260K has 8) are
         # zero-padded so that rotate-half pairs still line up (see _pad_heads).
         self.padded_head_dim = -(-self.head_dim // 16) * 16
+        if self.qk_norm and self.padded_head_dim != self.head_dim:
+            raise UnsupportedModel(f"q/k norm with head_dim {self.head_dim} (not a multiple of 16) is not supported")
         # Granite-style multipliers (1.0 = absent)
         self.embedding_multiplier = 1.0
         self.residual_multiplier = 1.0
@@ -204,8 +206,6 @@ class Decoder:
         q_dim, kv_dim = self.heads * hd, self.kv_heads * hd
         q, k, v = g.op("Split", [qkv, g.const(name + ".split", np.array([q_dim, kv_dim, kv_dim], np.int64))],
                        name + ".split", outputs=3, axis=-1)
-        if self.qk_norm and hd != self.head_dim:
-            raise UnsupportedModel(f"q/k norm with head_dim {self.head_dim} (not a multiple of 16) is not supported")
         if self.qk_norm == "head":
             q = G.head_rms_norm(g, q, get(pre + "q_norm.weight"), self.eps, self.head_dim, name + ".q_norm")
             k = G.head_rms_norm(g, k, get(pre + "k_norm.weight"), self.eps, self.head_dim, name + ".k_norm")
