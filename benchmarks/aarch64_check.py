@@ -29,8 +29,8 @@ Machines (qemu -cpu model + /proc/cpuinfo):
 A cpuinfo that claims more than the emulated CPU has makes onnxruntime die of SIGILL (asimddp on
 cortex-a72), so each machine gets the cpuinfo of its own CPU.
 
-Artifacts (exported on the host): the bundled stories260K at bits 32, 8, 4 and 4 with fp32
-embeddings/lm_head ("4e32"), and a tiny random Qwen3-MoE (16 experts, top-2; built with
+Artifacts (exported on the host): the bundled stories260K at bits 32, 8, 4, and 4 with fp32 or int4
+embeddings/lm_head ("4e32", "4e4": no 8-bit tensor at all), and a tiny random Qwen3-MoE (16 experts, top-2; built with
 tests/conftest.py's make_checkpoint) at 4 and 4e32. MoE artifacts hold model.qmoe.onnx and
 model.plain.onnx: the runtime picks plain below onnxruntime 1.23, qmoe from 1.23 on; on >= 1.23
 plain is also run, forced.
@@ -253,6 +253,7 @@ ARTIFACTS = [  # name, source, bits, extra export options
     ("stories260K", "stories", 8, {}),
     ("stories260K", "stories", 4, {}),
     ("stories260K", "stories", 4, {"embed_bits": 32}),
+    ("stories260K", "stories", 4, {"embed_bits": 4}),
     ("qwen3-moe-tiny", "moe", 4, {}),
     ("qwen3-moe-tiny", "moe", 4, {"embed_bits": 32}),
 ]
@@ -410,11 +411,15 @@ def run_job(env: Env, art: dict, strategy: str | None, args, runs_dir: Path, for
     job_file = runs_dir / f"{key}.job.json"
     job_file.write_text(json.dumps(job))
     t0 = time.perf_counter()
-    r = subprocess.run([*env.argv, str(Path(__file__).resolve()), "--_worker", str(job_file)], env=env.env,
-                       capture_output=True, text=True, timeout=args.timeout)
+    try:
+        r = subprocess.run([*env.argv, str(Path(__file__).resolve()), "--_worker", str(job_file)], env=env.env,
+                           capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        r = subprocess.CompletedProcess(e.cmd, -9, "", out + f"\ntimed out after {args.timeout:.0f} s")
     wall = time.perf_counter() - t0
-    row = {"artifact": art["name"], "bits": art["bits"], "art_path": art["path"], "ort": env.ort, "machine": env.kind, "machine_label": env.label,
-           "requested_strategy": strategy or "auto", "wall_s": wall, "key": key}
+    row = {"artifact": art["name"], "bits": art["bits"], "art_path": art["path"], "ort": env.ort, "machine": env.kind,
+           "machine_label": env.label, "requested_strategy": strategy or "auto", "wall_s": wall, "key": key}
     if Path(job["result"]).is_file():
         row.update(json.loads(Path(job["result"]).read_text()))
     else:

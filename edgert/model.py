@@ -6,6 +6,7 @@ new rows in place, nothing is copied or reallocated per token.
 """
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,36 @@ QMOE_SINCE = (1, 23)        # first onnxruntime with a CPU QMoE kernel
 
 def ort_version() -> tuple[int, int]:
     return tuple(int(p) for p in ort.__version__.split(".")[:2])
+
+
+# One MatMulNBits node with 8-bit weights (y = ones(32) @ W.T with every weight 1 -> 32): some
+# builds (onnxruntime 1.22 on aarch64, as Termux ships it) have no 8-bit kernel and fail only
+# at the first run, deep in generation. Probed once per process when an artifact needs it.
+_INT8_PROBE = (
+    "CAo60gIKcwoBQQoBQgoBUxIBWSILTWF0TXVsTkJpdHMqCAoBSxggoAECKggKAU4YBKABAioVCg5hY2N1cmFjeV9sZXZlbBgEoAEC"
+    "KgsKBGJpdHMYCKABAioRCgpibG9ja19zaXplGCCgAQI6DWNvbS5taWNyb3NvZnQSBXByb2JlKo4BCAQIAQggEAJCAUJKgAGBgYGB"
+    "gYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGB"
+    "gYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGBgSoZCAQQAUIBU0oQAACAPwAAgD8AAIA/AACA"
+    "P1oTCgFBEg4KDAgBEggKAggBCgIIIGITCgFZEg4KDAgBEggKAggBCgIIBEIECgAQEUIRCg1jb20ubWljcm9zb2Z0EAE=")
+_int8_ok: bool | None = None
+
+
+def int8_kernel_available() -> bool:
+    global _int8_ok
+    if _int8_ok is None:
+        import base64
+        try:
+            sess = ort.InferenceSession(base64.b64decode(_INT8_PROBE), providers=["CPUExecutionProvider"])
+            y = sess.run(None, {"A": np.ones((1, 32), np.float32)})[0]
+            _int8_ok = bool(np.allclose(y, 32.0))
+        except Exception:
+            _int8_ok = False
+    return _int8_ok
+
+
+def uses_int8_matmul(manifest: dict) -> bool:
+    q = manifest.get("quantization", {})
+    return 8 in (q.get("attention"), q.get("mlp"), q.get("lm_head"))
 
 
 def choose_graph(graphs: dict, strategy: str | None) -> str:
@@ -62,6 +93,10 @@ class Model:
         opts.log_severity_level = 3
         graphs = self.manifest.get("graphs", {"default": "model.onnx"})
         self.strategy = choose_graph(graphs, strategy)
+        if uses_int8_matmul(self.manifest) and not int8_kernel_available():
+            raise ArtifactError(f"this onnxruntime ({ort.__version__} on {platform.machine()}) has no 8-bit MatMulNBits "
+                                f"kernel, which this artifact's int8 weights need: re-export with --bits 4 --embed-bits 4 "
+                                f"(or --embed-bits 32), or install a newer onnxruntime")
         try:
             self.session = ort.InferenceSession(str(self.path / graphs[self.strategy]), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types with long texts
