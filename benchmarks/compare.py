@@ -53,12 +53,12 @@ def checkpoint(shape: str, work: Path) -> Path:
     return path
 
 
-def export(src: Path, out: Path, bits: int = 4) -> tuple[Path, float]:
+def export(src: Path, out: Path, bits: int = 4, embed_bits: int = 8, block_size: int = 32) -> tuple[Path, float]:
     """Export once (cached); returns the artifact and the export's wall time."""
     from edgert_export import export as do_export
     if not (out / "edgert.json").is_file():
         t0 = time.time()
-        do_export(src, out, bits=bits, force=True, progress=False)
+        do_export(src, out, bits=bits, force=True, progress=False, embed_bits=embed_bits, block_size=block_size)
         (out / "export_seconds").write_text(str(time.time() - t0))
     return out, float((out / "export_seconds").read_text()) if (out / "export_seconds").is_file() else 0.0
 
@@ -115,9 +115,10 @@ def print_table(rows, base: str, title: str):
 def dense(args) -> dict:
     src = checkpoint("qwen2.5-0.5b", args.work)
     runners = []
-    for bits in (4, 8):
-        art, secs = export(src, args.work / f"edgert-q05-int{bits}", bits)
-        runners.append(EdgertRunner(art, f"edgert int{bits}", info={"notes": f"export {secs:.0f} s, "
+    for bits, embed, block, label in ((4, 8, 32, "edgert int4"), (4, 4, 32, "edgert int4, --embed-bits 4"),
+                                      (4, 4, 64, "edgert int4, embed 4, block 64"), (8, 8, 32, "edgert int8")):
+        art, secs = export(src, args.work / f"edgert-q05-int{bits}-e{embed}-b{block}", bits, embed, block)
+        runners.append(EdgertRunner(art, label, info={"notes": f"export {secs:.0f} s, "
                                     f"{sum(f.stat().st_size for f in art.iterdir()) / 1e6:.0f} MB"}))
     runners += peer_runners(src, args, [("genai", "int4"), ("llamacpp", "Q4_0"), ("llamacpp", "Q4_K_M")])
     prompt = peers.make_prompt(src, args.prompt_len)
@@ -153,6 +154,10 @@ def moe(args) -> dict:
         top, total = nodes_per_layer(art, f"model.{strategy}.onnx")
         runners.append(EdgertRunner(art, f"edgert {strategy}", strategy,
                                     {"notes": f"{top} nodes/layer ({total} with branches)"}))
+    art4, _ = export(src, args.work / "edgert-moe-int4-e4", embed_bits=4)
+    runners.append(EdgertRunner(art4, "edgert qmoe, --embed-bits 4", "qmoe"))
+    art64, _ = export(src, args.work / "edgert-moe-int4-e4-b64", embed_bits=4, block_size=64)
+    runners.append(EdgertRunner(art64, "edgert qmoe, embed 4, block 64", "qmoe"))
     every = with_top_k(src, args.work / "ckpt" / "qwen3-moe-small-all", experts)
     art_all, _ = export(every, args.work / "edgert-moe-all-int4")
     runners.append(EdgertRunner(art_all, "(a) every expert computed", "qmoe", {"notes": f"top-{experts} of {experts}"}))
