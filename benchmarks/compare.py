@@ -39,8 +39,7 @@ class EdgertRunner(peers.Runner):
         for _ in range(n_decode):
             token = int(np.argmax(m.forward([token])[-1]))
         t2 = time.perf_counter()
-        return {"prefill_tok_s": len(prompt_ids) / (t1 - t0), "decode_tok_s": n_decode / (t2 - t1),
-                "n_prompt": len(prompt_ids), "n_decode": n_decode}
+        return peers.timing(len(prompt_ids), n_decode, t0, t1, t2)
 
     def close(self):
         self.model = None

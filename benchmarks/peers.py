@@ -63,6 +63,12 @@ from pathlib import Path
 LLAMA_QTYPES = ("Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "BF16", "F16")
 
 
+def timing(n_prompt: int, n_decode: int, t0: float, t1: float, t2: float) -> dict:
+    """What every Runner.measure returns: prefill ran from t0 to t1, decode from t1 to t2."""
+    return {"prefill_tok_s": n_prompt / (t1 - t0), "decode_tok_s": n_decode / (t2 - t1),
+            "n_prompt": n_prompt, "n_decode": n_decode}
+
+
 class Runner:
     """A prepared peer.  measure() may be called many times."""
 
@@ -184,12 +190,7 @@ class GenaiRunner(Runner):
         del gen
         if got != total:
             raise RuntimeError(f"{self.name}: expected {total} tokens, got {got}")
-        return {
-            "prefill_tok_s": n / (t1 - t0),
-            "decode_tok_s": n_decode / (t2 - t1),
-            "n_prompt": n,
-            "n_decode": n_decode,
-        }
+        return timing(n, n_decode, t0, t1, t2)
 
     def close(self):
         self._model = None
@@ -304,12 +305,7 @@ class LlamaCppRunner(Runner):
         for _ in range(n_decode):
             tok = self._eval(ctx, [tok])
         t2 = time.perf_counter()
-        return {
-            "prefill_tok_s": n / (t1 - t0),
-            "decode_tok_s": n_decode / (t2 - t1),
-            "n_prompt": n,
-            "n_decode": n_decode,
-        }
+        return timing(n, n_decode, t0, t1, t2)
 
     def close(self):
         if self.ctx is not None:
