@@ -107,9 +107,9 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         quant = model.build(g, ckpt, recipe, context, tick)
         import onnx
         graphs = {}
-        for variant in g.variants:      # dense: one graph; MoE: one per expert strategy, one data file
-            graphs[variant or "default"] = f"model.{variant}.onnx" if variant else "model.onnx"
-            g.save(tmp / graphs[variant or "default"], producer="edgert", variant=variant)
+        for name, tags in g.variants().items():   # graphs over one data file (see Graph.variants)
+            graphs[name] = "model.onnx" if name == "default" else f"model.{name}.onnx"
+            g.save(tmp / graphs[name], producer="edgert", tags=tags)
         g.close()
         for name in TOKENIZER_FILES + ("generation_config.json", "config.json"):
             if (src / name).is_file():
