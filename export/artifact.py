@@ -105,7 +105,6 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         recipe = Recipe(bits=bits, block_size=block_size, embed_bits=embed_bits)
         tick = _progress(model.n_layers, f"export {ckpt.config.get('model_type')}") if progress else (lambda: None)
         quant = model.build(g, ckpt, recipe, context, tick)
-        import onnx
         graphs = {}
         for variant in g.variants:      # dense: one graph; MoE: one per expert strategy, one data file
             graphs[variant or "default"] = f"model.{variant}.onnx" if variant else "model.onnx"
@@ -131,7 +130,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
             "generation": {k: ckpt.generation_config[k] for k in ("do_sample", "temperature", "top_p", "top_k",
                                                                   "repetition_penalty") if k in ckpt.generation_config},
             "files": files,
-            "versions": {"edgert": _version(), "onnx": onnx.__version__, "numpy": np.__version__,
+            "versions": {"edgert": _version(), "numpy": np.__version__,
                          "onnx_ir": IR_VERSION, "python": platform.python_version()},
         }
         (tmp / "edgert.json").write_text(json.dumps(manifest, indent=2) + "\n")
