@@ -71,8 +71,9 @@ def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
 
 
 def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | None = None, force: bool = False,
-           embed_bits: int = 8, progress: bool = True) -> dict:
-    """Export a Hugging Face folder to an edgert artifact folder; returns the manifest."""
+           embed_bits: int = 8, progress: bool = True, checkpoint=None) -> dict:
+    """Export a Hugging Face folder to an edgert artifact folder; returns the manifest.
+    `checkpoint` replaces the folder's weights (synthetic.py); config and tokenizer still come from the folder."""
     t0 = time.time()
     src, out = Path(model_dir), Path(out)
     if bits not in (4, 8, 32):
@@ -84,7 +85,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
         raise ExportError(f"{out} already exists and is not empty (use --force to replace it)")
     try:
-        ckpt = Checkpoint(src)
+        ckpt = Checkpoint(src) if checkpoint is None else checkpoint
         model = model_for(ckpt.config)
     except (CheckpointError, UnsupportedModel) as e:
         raise ExportError(str(e)) from None
