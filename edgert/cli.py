@@ -135,24 +135,39 @@ def run(
 
 @app.command()
 def bench(
-    artifact: Path = typer.Argument(..., help="Artifact folder."),
+    artifact: Optional[Path] = typer.Argument(None, help="Artifact folder (or use --synthetic)."),
+    synthetic: Optional[str] = typer.Option(None, help="Bench a built-in shape with random weights instead, built here "
+                                            "without a download and cached (EDGERT_SYNTHETIC_DIR): qwen2.5-0.5b, "
+                                            "r1-distill-qwen-1.5b, r1-distill-qwen-7b, qwen3-0.6b, olmoe-1b-7b."),
+    bits: int = typer.Option(4, help="With --synthetic: weight bits, 4 or 8 (embeddings/lm_head int8, block 32, as export)."),
     prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (synthetic tokens)."),
     gen_tokens: int = typer.Option(64, min=1, help="Tokens to decode."),
-    repeat: int = typer.Option(3, min=1, help="Timed rounds (after one warm-up); medians are reported."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: onnxruntime's choice]."),
-    context: Optional[int] = typer.Option(None, min=1, help="KV cache size [default: what the run needs, at least 256]."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
-    moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain [default: fastest for this onnxruntime]."),
+    repeat: int = typer.Option(3, min=1, help="Timed rounds (after one warm-up); median, min and max are reported."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads, also for the bandwidth probe (default: the physical cores)."),
+    context: Optional[int] = typer.Option(None, min=1, help="KV cache size (default: what the run needs, at least 256)."),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="[FILE]",
+                                           help="Print one JSON object instead of the table; with FILE, print the table "
+                                                "and write the JSON there."),
+    moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain (default: the fastest this onnxruntime has)."),
 ):
-    """Measure prefill and decode speed and peak memory on this device."""
-    from .bench import bench as do_bench, table
+    """Measure prefill/decode speed, time to first token, load time, peak memory and the decode
+    roofline (memory bandwidth / bytes read per token) on this device."""
+    from .bench import bench as do_bench, synthetic_artifact, table
+    if (artifact is None) == (synthetic is None):
+        fail("give an artifact folder or --synthetic SHAPE (one of them)")
     try:
+        if synthetic:
+            artifact = synthetic_artifact(synthetic, bits, context or max(prompt_tokens + gen_tokens + 1, 256))
         result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context, strategy=moe_strategy)
     except _user_errors() as e:
         fail(str(e))
+    result["synthetic"] = synthetic
+    if json_out == "-":
+        typer.echo(json.dumps(result, indent=2))
+        return
     typer.echo(table(result))
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 @app.command()
@@ -202,8 +217,18 @@ def format_expert_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _bench_json_value(args: list[str]) -> list[str]:
+    """`edgert bench --json` without a FILE means stdout: give the option its "-" (typer has no
+    optional option values)."""
+    if args[:1] == ["bench"] and "--json" in args:
+        i = args.index("--json")
+        if i + 1 == len(args) or args[i + 1].startswith("-"):
+            return args[: i + 1] + ["-"] + args[i + 1:]
+    return args
+
+
 def main():
-    app()
+    app(args=_bench_json_value(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from onnx import TensorProto
-
 from . import graph as G
 from .checkpoint import Checkpoint
 from .graph import AttentionIO, Graph, Recipe
+from .onnx_proto import TensorProto
 
 
 class UnsupportedModel(Exception):

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
+from . import onnx_proto as proto
+from .onnx_proto import TensorProto, helper, numpy_helper
 from .quantize import quantize
 
 IR_VERSION = 10          # onnxruntime 1.22 (Termux) refuses anything newer
@@ -31,13 +31,13 @@ class Graph:
         # A MoE export writes one graph per expert strategy ("qmoe", "plain"); int8 weights also
         # get a graph that reads them as nibbles ("nibbles", see `nibble_matmul`). The graphs
         # share everything else, the data file included.
-        self.nodes: list[tuple[frozenset, onnx.NodeProto]] = []
-        self.initializers: list[tuple[frozenset, onnx.TensorProto]] = []
+        self.nodes: list[tuple[frozenset, proto.NodeProto]] = []
+        self.initializers: list[tuple[frozenset, proto.TensorProto]] = []
         self.tags: frozenset = frozenset()    # what op()/const() add to while set (see `only`)
         self._branch_depth = 0
         self._where: dict[str, tuple[int, int]] = {}   # external initializer -> (offset, bytes)
-        self.inputs: list[onnx.ValueInfoProto] = []
-        self.outputs: list[onnx.ValueInfoProto] = []
+        self.inputs: list[proto.ValueInfoProto] = []
+        self.outputs: list[proto.ValueInfoProto] = []
         self._names: set[str] = set()
         self.int8_in_branches = False   # int8 MatMulNBits inside If bodies: no nibble twin
 
@@ -66,9 +66,9 @@ class Graph:
             self._offset += array.nbytes
         return name
 
-    def _external(self, name, dtype, shape, offset, nbytes) -> onnx.TensorProto:
-        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape,
-                             data_location=TensorProto.EXTERNAL)
+    def _external(self, name, dtype, shape, offset, nbytes) -> proto.TensorProto:
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape,
+                        data_location=TensorProto.EXTERNAL)
         for k, v in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(nbytes))):
             t.external_data.add(key=k, value=v)
         return t
@@ -120,7 +120,7 @@ class Graph:
             self.op("Identity", [src], name)
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
 
-    def branch(self, build, name: str) -> onnx.GraphProto:
+    def branch(self, build, name: str) -> proto.GraphProto:
         """A subgraph (for If) holding the nodes and initializers `build()` adds. Weights must live
         in the subgraph that uses them: read from two scopes up, MatMulNBits is not prepacked
         and takes a slower, numerically different path."""
@@ -154,7 +154,7 @@ class Graph:
                                   [i for t, i in self.initializers if t <= tags])
         model = helper.make_model(graph, opset_imports=OPSETS, producer_name=producer)
         model.ir_version = IR_VERSION
-        onnx.save_model(model, str(path))   # weights are external already: this is small
+        proto.save_model(model, str(path))   # weights are external already: this is small
 
     def close(self) -> None:
         self._data.close()
