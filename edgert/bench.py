@@ -21,9 +21,10 @@ def peak_rss_mb() -> float:
 
 
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3, threads: int | None = None,
-          context: int | None = None, seed: int = 0, strategy: str | None = None) -> dict:
+          context: int | None = None, seed: int = 0, strategy: str | None = None, max_memory=None) -> dict:
     t0 = time.perf_counter()
-    model = Model(path, context=context or max(prompt_tokens + gen_tokens + 1, 256), threads=threads, strategy=strategy)
+    model = Model(path, context=context or max(prompt_tokens + gen_tokens + 1, 256), threads=threads, strategy=strategy,
+                  max_memory=max_memory)
     load_s = time.perf_counter() - t0
     special = model.manifest["special_tokens"]
     avoid = {i for i in [special.get("bos"), special.get("pad"), *(special.get("eos") or [])] if i is not None}
@@ -44,7 +45,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3,
     return {
         "artifact": str(path), "architecture": m["architecture"], "parameters": m["model"]["parameters"],
         "quantization": m["quantization"], "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
-        "threads": threads or "default", "repeat": repeat,
+        "threads": model.threads, "repeat": repeat,
         "prefill_tok_s": statistics.median(r.prefill_tok_s for r in runs),
         "decode_tok_s": statistics.median(r.decode_tok_s for r in runs),
         "ms_per_token": 1000 / statistics.median(r.decode_tok_s for r in runs),

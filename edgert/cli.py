@@ -9,10 +9,12 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Run distilled reasoning and Mixture-of-Experts LLMs on edge CPUs.")
 
 DIM, RESET = "\033[2m", "\033[0m"
+MAX_MEMORY_HELP = ("Memory budget, e.g. 2G or 1500M: refuse before loading when weights + KV cache at --context "
+                   "do not fit [default: available memory]; off = no check.")
 
 
 def fail(message: str, code: int = 1):
@@ -67,11 +69,12 @@ def run(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of streaming text."),
     context: Optional[int] = typer.Option(None, min=1, help="KV cache size in tokens [default: min(model, 4096)]."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: onnxruntime's choice]."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: the fast physical cores]."),
     think_budget: Optional[int] = typer.Option(None, min=0, help="Close the <think> reasoning after N tokens and answer."),
     system: Optional[str] = typer.Option(None, help="System message for the chat template."),
     moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain [default: fastest for this onnxruntime]."),
     stats: bool = typer.Option(False, "--stats", help="Report active parameters per token and per-layer expert usage."),
+    max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
 ):
     """Generate text. stdout carries only the generated text; reasoning is dimmed on a terminal."""
     if prompt is None:
@@ -82,7 +85,7 @@ def run(
         fail("the prompt is empty")
     from . import load
     try:
-        llm = load(artifact, context=context, threads=threads, moe_strategy=moe_strategy)
+        llm = load(artifact, context=context, threads=threads, moe_strategy=moe_strategy, max_memory=max_memory)
         if stats:
             llm.model.track_experts()
         ids = llm.encode(prompt, raw=raw, system=system)
@@ -139,15 +142,17 @@ def bench(
     prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (synthetic tokens)."),
     gen_tokens: int = typer.Option(64, min=1, help="Tokens to decode."),
     repeat: int = typer.Option(3, min=1, help="Timed rounds (after one warm-up); medians are reported."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: onnxruntime's choice]."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: the fast physical cores]."),
     context: Optional[int] = typer.Option(None, min=1, help="KV cache size [default: what the run needs, at least 256]."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
     moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain [default: fastest for this onnxruntime]."),
+    max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
 ):
     """Measure prefill and decode speed and peak memory on this device."""
     from .bench import bench as do_bench, table
     try:
-        result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context, strategy=moe_strategy)
+        result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context, strategy=moe_strategy,
+                          max_memory=max_memory)
     except _user_errors() as e:
         fail(str(e))
     typer.echo(table(result))
@@ -177,7 +182,7 @@ def demo(
         fail(str(e))
     run(out, prompt, max_tokens=max_tokens, temperature=0.0, top_p=None, top_k=None, seed=None, raw=True,
         ignore_eos=False, as_json=False, context=None, threads=None, think_budget=None, system=None,
-        moe_strategy=None, stats=False)
+        moe_strategy=None, stats=False, max_memory=None)
 
 
 @app.command()
