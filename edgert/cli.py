@@ -132,6 +132,9 @@ def run(
         sys.stdout.write("\n")
         typer.echo(f"[{st.prompt_tokens} prompt tokens, {st.prefill_tok_s:.1f} tok/s | {st.generated} generated, "
                    f"{st.decode_tok_s:.1f} tok/s | stop: {st.stop_reason}]", err=True)
+        if st.stop_reason == "context":
+            typer.echo(f"edgert: stopped: the {llm.context}-token context is full (prompt + generated); raise --context "
+                       f"(this artifact holds up to {llm.manifest['context_length']})", err=True)
         if report:
             typer.echo(format_expert_report(report), err=True)
 

@@ -170,3 +170,13 @@ def test_cli_runs_within_a_budget_and_reports_threads(artifact, tmp_path):
     r = edgert("bench", artifact, "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1", "--json", out)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["threads"] == default_threads()
+
+
+def test_run_stops_at_the_context_with_a_stated_reason(artifact):
+    """A full KV cache ends generation cleanly: exit 0, stop_reason "context", one line saying why."""
+    args = ("run", artifact, "Once upon a time", "--raw", "--ignore-eos", "--max-tokens", "500", "--context", "24")
+    r = edgert(*args)
+    assert r.returncode == 0, r.stderr
+    assert "stop: context" in r.stderr and "the 24-token context is full" in r.stderr and "raise --context" in r.stderr
+    out = json.loads(edgert(*args, "--json").stdout)
+    assert out["stop_reason"] == "context" and out["prompt_tokens"] + len(out["tokens"]) == 24 + 1  # the last is not fed
