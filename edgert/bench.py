@@ -112,13 +112,14 @@ def _spread(result: dict, key: str, values: list[float]) -> None:
 
 
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3, threads: int | None = None,
-          context: int | None = None, seed: int = 0, strategy: str | None = None, probe_seconds: float = 1.0) -> dict:
+          context: int | None = None, seed: int = 0, strategy: str | None = None, probe_seconds: float = 1.0,
+          max_memory=None) -> dict:
     path = Path(path)
     cpu = cpu_info()
-    threads = threads or cpu["cores"]     # what onnxruntime picks by default: the physical cores
     _progress("bench: loading")
     t0 = time.perf_counter()
-    model = Model(path, context=context or max(prompt_tokens + gen_tokens + 1, 256), threads=threads, strategy=strategy)
+    model = Model(path, context=context or max(prompt_tokens + gen_tokens + 1, 256), threads=threads, strategy=strategy,
+                  max_memory=max_memory)
     load_s = time.perf_counter() - t0
     special = model.manifest["special_tokens"]
     avoid = {i for i in [special.get("bos"), special.get("pad"), *(special.get("eos") or [])] if i is not None}
@@ -138,7 +139,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3,
     runs = runs[1:]
     rss = peak_rss_mb()                              # before the probe's buffer
     _progress("bench: memory bandwidth")
-    bandwidth = memory_bandwidth(threads, probe_seconds)
+    bandwidth = memory_bandwidth(model.threads, probe_seconds)
     _progress("")
     m = model.manifest
     config_file = path / "config.json"
@@ -148,7 +149,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3,
     result = {
         "artifact": str(path), "architecture": m["architecture"], "parameters": m["model"]["parameters"],
         "active_parameters_per_token": experts["active_parameters_per_token"], "quantization": m["quantization"],
-        "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "threads": threads, "repeat": repeat,
+        "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "threads": model.threads, "repeat": repeat,
         "strategy": model.strategy,
     }
     _spread(result, "prefill_tok_s", [r.prefill_tok_s for r in runs])

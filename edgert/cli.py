@@ -9,10 +9,12 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Run distilled reasoning and Mixture-of-Experts LLMs on edge CPUs.")
 
 DIM, RESET = "\033[2m", "\033[0m"
+MAX_MEMORY_HELP = ("Memory budget, e.g. 2G or 1500M: refuse before loading when weights + KV cache at --context "
+                   "do not fit [default: available memory]; off = no check.")
 
 
 def fail(message: str, code: int = 1):
@@ -67,11 +69,12 @@ def run(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of streaming text."),
     context: Optional[int] = typer.Option(None, min=1, help="KV cache size in tokens [default: min(model, 4096)]."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: onnxruntime's choice]."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: the fast physical cores]."),
     think_budget: Optional[int] = typer.Option(None, min=0, help="Close the <think> reasoning after N tokens and answer."),
     system: Optional[str] = typer.Option(None, help="System message for the chat template."),
     moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain [default: fastest for this onnxruntime]."),
     stats: bool = typer.Option(False, "--stats", help="Report active parameters per token and per-layer expert usage."),
+    max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
 ):
     """Generate text. stdout carries only the generated text; reasoning is dimmed on a terminal."""
     if prompt is None:
@@ -82,7 +85,7 @@ def run(
         fail("the prompt is empty")
     from . import load
     try:
-        llm = load(artifact, context=context, threads=threads, moe_strategy=moe_strategy)
+        llm = load(artifact, context=context, threads=threads, moe_strategy=moe_strategy, max_memory=max_memory)
         if stats:
             llm.model.track_experts()
         ids = llm.encode(prompt, raw=raw, system=system)
@@ -129,6 +132,9 @@ def run(
         sys.stdout.write("\n")
         typer.echo(f"[{st.prompt_tokens} prompt tokens, {st.prefill_tok_s:.1f} tok/s | {st.generated} generated, "
                    f"{st.decode_tok_s:.1f} tok/s | stop: {st.stop_reason}]", err=True)
+        if st.stop_reason == "context":
+            typer.echo(f"edgert: stopped: the {llm.context}-token context is full (prompt + generated); raise --context "
+                       f"(this artifact holds up to {llm.manifest['context_length']})", err=True)
         if report:
             typer.echo(format_expert_report(report), err=True)
 
@@ -143,12 +149,13 @@ def bench(
     prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (synthetic tokens)."),
     gen_tokens: int = typer.Option(64, min=1, help="Tokens to decode."),
     repeat: int = typer.Option(3, min=1, help="Timed rounds (after one warm-up); median, min and max are reported."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads, also for the bandwidth probe (default: the physical cores)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads, also for the bandwidth probe (default: the fast physical cores)."),
     context: Optional[int] = typer.Option(None, min=1, help="KV cache size (default: what the run needs, at least 256)."),
     json_out: Optional[str] = typer.Option(None, "--json", metavar="[FILE]",
                                            help="Print one JSON object instead of the table; with FILE, print the table "
                                                 "and write the JSON there."),
     moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain (default: the fastest this onnxruntime has)."),
+    max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
 ):
     """Measure prefill/decode speed, time to first token, load time, peak memory and the decode
     roofline (memory bandwidth / bytes read per token) on this device."""
@@ -158,7 +165,8 @@ def bench(
     try:
         if synthetic:
             artifact = synthetic_artifact(synthetic, bits, context or max(prompt_tokens + gen_tokens + 1, 256))
-        result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context, strategy=moe_strategy)
+        result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context, strategy=moe_strategy,
+                          max_memory=max_memory)
     except _user_errors() as e:
         fail(str(e))
     result["synthetic"] = synthetic
@@ -192,7 +200,7 @@ def demo(
         fail(str(e))
     run(out, prompt, max_tokens=max_tokens, temperature=0.0, top_p=None, top_k=None, seed=None, raw=True,
         ignore_eos=False, as_json=False, context=None, threads=None, think_budget=None, system=None,
-        moe_strategy=None, stats=False)
+        moe_strategy=None, stats=False, max_memory=None)
 
 
 @app.command()

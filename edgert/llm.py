@@ -27,9 +27,9 @@ def _token_text(value) -> str | None:
 
 class LLM:
     def __init__(self, path, context: int | None = None, threads: int | None = None, tokenizer: str = "auto",
-                 moe_strategy: str | None = None):
+                 moe_strategy: str | None = None, max_memory: int | str | None = None):
         self.path = Path(path)
-        self.model = Model(self.path, context=context, threads=threads, strategy=moe_strategy)
+        self.model = Model(self.path, context=context, threads=threads, strategy=moe_strategy, max_memory=max_memory)
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer.from_dir(self.path, backend=tokenizer)
         self.chat_template = load_chat_template(self.path)
@@ -88,9 +88,11 @@ class LLM:
 
 
 def load(path, context: int | None = None, threads: int | None = None, tokenizer: str = "auto",
-         moe_strategy: str | None = None) -> LLM:
-    """moe_strategy: "qmoe" or "plain" for MoE artifacts (default: the fastest this onnxruntime runs)."""
-    return LLM(path, context=context, threads=threads, tokenizer=tokenizer, moe_strategy=moe_strategy)
+         moe_strategy: str | None = None, max_memory: int | str | None = None) -> LLM:
+    """moe_strategy: "qmoe" or "plain" for MoE artifacts (default: the fastest this onnxruntime runs).
+    max_memory: memory budget checked before loading, bytes or "2G" (default: what is available; "off": no check)."""
+    return LLM(path, context=context, threads=threads, tokenizer=tokenizer, moe_strategy=moe_strategy,
+               max_memory=max_memory)
 
 
 __all__ = ["LLM", "load", "Token", "PromptTooLong", "ContextFull"]

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .artifact import ArtifactError, read_manifest
+from .device import check_fit, default_threads, weights_held_once
 
 DEFAULT_CONTEXT = 4096
 QMOE_SINCE = (1, 23)        # first onnxruntime with a CPU QMoE kernel
@@ -86,7 +87,10 @@ class RunError(Exception):
 
 
 class Model:
-    def __init__(self, path, context: int | None = None, threads: int | None = None, strategy: str | None = None):
+    def __init__(self, path, context: int | None = None, threads: int | None = None, strategy: str | None = None,
+                 max_memory: int | str | None = None):
+        """threads: default the fast physical cores (edgert.device). max_memory: the memory budget
+        checked before loading, bytes or "2G"; None = what the system has available, "off" = no check."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         m = self.manifest["model"]
@@ -95,16 +99,19 @@ class Model:
         self.context = context or min(max_ctx, DEFAULT_CONTEXT)
         if not 1 <= self.context <= max_ctx:
             raise ArtifactError(f"--context must be between 1 and {max_ctx} (the context this artifact was exported for), not {self.context}")
+        self.memory_need = check_fit(self.path, self.manifest, self.context, max_memory)
+        self.threads = threads or default_threads()
         opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
         graphs = self.manifest.get("graphs", {"default": "model.onnx"})
         self.strategy = choose_graph(graphs, strategy, uses_int8_matmul(self.manifest))
         try:
-            self.session = ort.InferenceSession(str(self.path / graphs[self.strategy]), opts, providers=["CPUExecutionProvider"])
+            with weights_held_once(self.path):
+                self.session = ort.InferenceSession(str(self.path / graphs[self.strategy]), opts,
+                                                    providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types with long texts
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{self.path}: onnxruntime {ort.__version__} cannot load the model: {first[:300]}") from None
