@@ -65,7 +65,7 @@ class ArtifactScorer:
 class TransformersScorer:
     """A Hugging Face folder through transformers in fp32, the numerical reference."""
 
-    def __init__(self, path: Path, window: int):
+    def __init__(self, path: Path, window: int, threads: int | None = None):
         try:
             import torch
             import transformers
@@ -75,6 +75,8 @@ class TransformersScorer:
         if not (path / "tokenizer.json").is_file():
             raise EvalError(f"{path}: no tokenizer.json, so its tokens cannot be compared with the artifact's")
         self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)
         transformers.utils.logging.disable_progress_bar()
         try:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -94,7 +96,7 @@ def open_scorer(path, window: int, threads: int | None = None):
     if (path / "edgert.json").is_file():
         return ArtifactScorer(path, window, threads)
     if (path / "config.json").is_file():
-        return TransformersScorer(path, window)
+        return TransformersScorer(path, window, threads)
     if not path.is_dir():
         raise EvalError(f"{path}: no such folder")
     raise EvalError(f"{path}: neither an edgert artifact (edgert.json) nor a Hugging Face folder (config.json)")
