@@ -160,11 +160,11 @@ def eval_(
     artifact: Path = typer.Argument(..., help="Artifact folder to evaluate."),
     reference: Optional[Path] = typer.Option(None, help="Compare with this model: an artifact, or a Hugging Face "
                                              "folder run by transformers in fp32 (needs transformers + torch)."),
-    text: Optional[Path] = typer.Option(None, help="UTF-8 text file to score [default: built-in children's stories]."),
-    window: Optional[int] = typer.Option(None, help="Tokens per window [default: min(context, 512)]."),
+    text: Optional[Path] = typer.Option(None, help="UTF-8 text file to score (default: built-in children's stories, 2066 words)."),
+    window: Optional[int] = typer.Option(None, help="Tokens per window (default: min(context, 512)); a last window of 2+ tokens is scored too."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: ppl, tokens, windows, window, seconds "
                                  "(+ kld, top1, ref_ppl with --reference)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: onnxruntime's choice]."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for onnxruntime and torch (default: theirs)."),
 ):
     """Perplexity on a text (BOS once, non-overlapping windows; each window's tokens after the first are
     scored given their prefix in the window) and, with --reference, mean KL(reference || artifact) and top-1 agreement."""
