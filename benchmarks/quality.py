@@ -2,7 +2,7 @@
 on the same token ids in the same windows (`edgert eval`'s definition, edgert/evaluate.py).
 
     python benchmarks/quality.py MODEL_DIR [MODEL_DIR ...] --work DIR [--text FILE] [--window N]
-                                 [--threads 2] [--json OUT]
+                                 [--threads 1] [--json OUT]
 
 Per model folder (a Hugging Face checkpoint):
   * edgert: fp32, int8, int4 (the default export) and int4 `--recipe rtn` when the exporter has
@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, required=True, help="folder for the exports and GGUF files")
     ap.add_argument("--text", type=Path, help="UTF-8 text [default: edgert's built-in stories]")
     ap.add_argument("--window", type=int, help="tokens per window [default: min(context, 512)]")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads per runtime (default 1: on a busy machine spinning thread pools make this 5-10x slower)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args(argv)
     text = a.text.read_text(encoding="utf-8") if a.text else sample_text()
