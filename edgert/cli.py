@@ -165,13 +165,15 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: ppl, tokens, windows, window, seconds "
                                  "(+ kld, top1, ref_ppl with --reference)."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for onnxruntime and torch (default: theirs)."),
+    moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain for ARTIFACT (the reference "
+                                               "runs its default; default: the fastest here)."),
 ):
     """Perplexity on a text (BOS once, non-overlapping windows; each window's tokens after the first are
     scored given their prefix in the window) and, with --reference, mean KL(reference || artifact) and top-1 agreement."""
     from .evaluate import EvalError, evaluate
     try:
         body = None if text is None else text.read_text(encoding="utf-8")
-        r = evaluate(artifact, body, reference=reference, window=window, threads=threads)
+        r = evaluate(artifact, body, reference=reference, window=window, threads=threads, moe_strategy=moe_strategy)
     except UnicodeDecodeError:
         fail(f"{text}: not UTF-8 text")
     except (EvalError, *_user_errors()) as e:

@@ -49,12 +49,12 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 class ArtifactScorer:
     """Logits of every position of a window from an artifact: one prefill call per window."""
 
-    def __init__(self, path, window: int | None = None, threads: int | None = None):
+    def __init__(self, path, window: int | None = None, threads: int | None = None, strategy: str | None = None):
         self.context = read_manifest(path)["context_length"]
         self.window = window or min(self.context, DEFAULT_WINDOW)
         if self.window > self.context:
             raise EvalError(f"--window {self.window} is longer than {path}'s context ({self.context} tokens)")
-        self.model = Model(path, context=self.window, threads=threads)   # the KV cache holds one window
+        self.model = Model(path, context=self.window, threads=threads, strategy=strategy)   # the cache holds one window
         self.tokenizer = Tokenizer.from_dir(path)
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -120,15 +120,16 @@ def score_window(ids: list[int], logits: np.ndarray, ref_logits: np.ndarray | No
 
 
 def evaluate(artifact, text: str | None = None, reference=None, window: int | None = None,
-             threads: int | None = None) -> dict:
+             threads: int | None = None, moe_strategy: str | None = None) -> dict:
     """Perplexity of `artifact` on `text` (default: the built-in stories) and, with a reference,
-    mean KL(reference || artifact), top-1 agreement and the reference's perplexity."""
+    mean KL(reference || artifact), top-1 agreement and the reference's perplexity. moe_strategy picks
+    the artifact's expert graph (a MoE artifact against itself with another strategy compares the two)."""
     if window is not None and window < 2:
         raise EvalError(f"--window must be at least 2 tokens (one to condition on, one to score), not {window}")
     text = sample_text() if text is None else text
     if not text.strip():
         raise EvalError("the text is empty")
-    scorer = ArtifactScorer(artifact, window, threads)
+    scorer = ArtifactScorer(artifact, window, threads, moe_strategy)
     window = scorer.window
     ref = open_scorer(reference, window, threads) if reference is not None else None
     ids = scorer.tokenizer.encode(text, add_special_tokens=True)

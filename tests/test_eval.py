@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLED_STORIES, make_checkpoint
+from edgert.model import QMOE_SINCE, ort_version
 from edgert.evaluate import EvalError, evaluate, sample_text, split_windows
 from test_cli import assert_one_line_error, edgert
 
@@ -200,3 +201,16 @@ def test_hf_reference_without_transformers(exported, monkeypatch, tiny_qwen2):
     monkeypatch.setitem(sys.modules, "transformers", None)       # import transformers -> ImportError
     with pytest.raises(EvalError, match="needs transformers and torch .transformers is missing"):
         evaluate(exported(STORIES, 32), "Once upon a time", reference=tiny_qwen2)
+
+
+def test_moe_expert_graphs_against_each_other_and_transformers(exported, tmp_path, story_text):
+    src = make_checkpoint(tmp_path / "moe", "qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                          norm_topk_prob=True)
+    text = story_text[:3000]
+    by_hf = evaluate(exported(src, 32), text, reference=src)          # fp32 has the plain graph only
+    assert by_hf["kld"] < 1e-6 and abs(by_hf["ppl"] / by_hf["ref_ppl"] - 1) < 1e-3
+    int8 = exported(src, 8)
+    if "qmoe" in json.loads((int8 / "edgert.json").read_text())["graphs"] and ort_version() >= QMOE_SINCE:
+        graphs = evaluate(int8, text, reference=int8, moe_strategy="plain")   # reference: the QMoE graph
+        assert graphs["kld"] < 1e-4 and graphs["top1"] > 0.99
+        assert evaluate(int8, text, reference=src)["kld"] > 10 * graphs["kld"]   # int8 itself differs more
