@@ -114,7 +114,8 @@ def score_window(ids: list[int], logits: np.ndarray, ref_logits: np.ndarray | No
         if ref_logits is not None:
             lp = log_softmax(ref_logits[:-1][rows])
             out["ref_nll"] -= lp[np.arange(len(t)), t].sum()
-            out["kl"] += (np.exp(lp) * (lp - lq)).sum()
+            p, keep = np.exp(lp), np.isfinite(lp)      # tokens the reference rules out (-inf) add 0, not nan
+            out["kl"] += (p[keep] * (lp[keep] - lq[keep])).sum()
             out["top1"] += int((lp.argmax(-1) == lq.argmax(-1)).sum())
     return out
 

@@ -214,3 +214,20 @@ def test_moe_expert_graphs_against_each_other_and_transformers(exported, tmp_pat
         graphs = evaluate(int8, text, reference=int8, moe_strategy="plain")   # reference: the QMoE graph
         assert graphs["kld"] < 1e-4 and graphs["top1"] > 0.99
         assert evaluate(int8, text, reference=src)["kld"] > 10 * graphs["kld"]   # int8 itself differs more
+
+
+def test_score_window_sums_in_float64_and_ignores_tokens_the_reference_rules_out():
+    from edgert.evaluate import score_window
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 9)).astype(np.float32)
+    ref = logits + rng.normal(scale=0.5, size=logits.shape).astype(np.float32)
+    ref[:, 4] = -np.inf                                   # e.g. a masked vocabulary entry
+    ids = [0, 1, 2, 3, 5, 6]
+    got = score_window(ids, logits, ref)
+    lq = logits[:-1].astype(np.float64) - np.log(np.exp(logits[:-1].astype(np.float64)).sum(-1, keepdims=True))
+    r = np.delete(ref[:-1].astype(np.float64), 4, axis=1)
+    lp = r - np.log(np.exp(r).sum(-1, keepdims=True))
+    want_kl = (np.exp(lp) * (lp - np.delete(lq, 4, axis=1))).sum()
+    assert np.isfinite(got["kl"]) and got["kl"] == pytest.approx(want_kl, rel=1e-12)
+    assert got["nll"] == pytest.approx(-lq[np.arange(5), ids[1:]].sum(), rel=1e-12)
+    assert got["top1"] == int((ref[:-1].argmax(-1) == logits[:-1].argmax(-1)).sum())
