@@ -372,8 +372,8 @@ def find_gguf_converter(work_dir: Path) -> Path:
     return dest
 
 
-def prepare_llamacpp(hf_dir, work_dir, qtype: str = "Q4_0", base: str = "bf16") -> Runner:
-    """Convert hf_dir to GGUF (`base`: bf16, or f32 for quality runs) and quantize it to qtype (cached in work_dir)."""
+def prepare_llamacpp(hf_dir, work_dir, qtype: str = "Q4_0", outtype: str = "bf16") -> Runner:
+    """Convert hf_dir to GGUF (`outtype` bf16, or f32 for quality runs) and quantize it to qtype (cached in work_dir)."""
     try:
         import llama_cpp
     except ImportError as e:
@@ -387,36 +387,36 @@ def prepare_llamacpp(hf_dir, work_dir, qtype: str = "Q4_0", base: str = "bf16") 
     _check_hf_dir(hf_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    if base not in ("bf16", "f32"):
-        raise ValueError(f"base must be bf16 or f32, not {base!r}")
+    if outtype not in ("bf16", "f32"):
+        raise ValueError(f"outtype must be bf16 or f32, not {outtype!r}")
 
     # 1. HF -> bf16/f32 GGUF (shared by every qtype)
-    base_gguf = work_dir / f"llamacpp-{base}.gguf"
-    base_meta_path = work_dir / f"llamacpp-{base}.meta.json"
-    base_key = _checkpoint_key(hf_dir, {"outtype": base, "llama_cpp": _version("llama_cpp_python")})
-    base_meta = _cached(base_meta_path, base_key, base_gguf)
+    base = work_dir / f"llamacpp-{outtype}.gguf"
+    base_meta_path = work_dir / f"llamacpp-{outtype}.meta.json"
+    base_key = _checkpoint_key(hf_dir, {"outtype": outtype, "llama_cpp": _version("llama_cpp_python")})
+    base_meta = _cached(base_meta_path, base_key, base)
     if base_meta is None:
         conv = find_gguf_converter(work_dir)
-        tmp = base_gguf.with_suffix(".tmp")
+        tmp = base.with_suffix(".tmp")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_convert-gguf", str(conv),
-               str(hf_dir), "--outfile", str(tmp), "--outtype", base]
-        dt = _run_logged(cmd, work_dir / f"llamacpp-{base}.log", "convert_hf_to_gguf.py")
-        tmp.rename(base_gguf)
-        base_meta = {"key": base_key, "convert_s": round(dt, 1), "command": " ".join(cmd), "bytes": _dir_size(base_gguf)}
+               str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+        dt = _run_logged(cmd, work_dir / f"llamacpp-{outtype}.log", "convert_hf_to_gguf.py")
+        tmp.rename(base)
+        base_meta = {"key": base_key, "convert_s": round(dt, 1), "command": " ".join(cmd), "bytes": _dir_size(base)}
         base_meta_path.write_text(json.dumps(base_meta, indent=2) + "\n")
 
-    # 2. base GGUF -> qtype
-    if qtype == base.upper():
-        out, meta = base_gguf, dict(base_meta, quantize_s=0.0)
+    # 2. bf16/f32 GGUF -> qtype
+    if qtype == outtype.upper():
+        out, meta = base, dict(base_meta, quantize_s=0.0)
     else:
-        tag = qtype if base == "bf16" else f"{qtype}-from-{base}"
+        tag = qtype if outtype == "bf16" else f"{qtype}-from-{outtype}"
         out = work_dir / f"llamacpp-{tag}.gguf"
         meta_path = work_dir / f"llamacpp-{tag}.meta.json"
         key = base_key + "-" + qtype
         meta = _cached(meta_path, key, out)
         if meta is None:
             tmp = out.with_suffix(".tmp")
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--_quantize", str(base_gguf), str(tmp), qtype]
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--_quantize", str(base), str(tmp), qtype]
             dt = _run_logged(cmd, work_dir / f"llamacpp-{tag}.log", f"llama_model_quantize {qtype}")
             tmp.rename(out)
             meta = {"key": key, "convert_s": base_meta["convert_s"], "quantize_s": round(dt, 1),

@@ -103,7 +103,7 @@ def llamacpp_variants(src: Path, work: Path, window: int, threads: int, errors: 
     for qtype in ("F32", *LLAMA_QTYPES):
         name = f"llama.cpp {qtype}"
         try:
-            runner = peers.prepare_llamacpp(src, work / "llamacpp", qtype=qtype, base="f32")
+            runner = peers.prepare_llamacpp(src, work / "llamacpp", qtype=qtype, outtype="f32")
             gguf = runner.gguf
             runner.close()
             bits, types = gguf_types(gguf)
