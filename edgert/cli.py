@@ -178,6 +178,39 @@ def bench(
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
 
 
+@app.command("eval")
+def eval_(
+    artifact: Path = typer.Argument(..., help="Artifact folder to evaluate."),
+    reference: Optional[Path] = typer.Option(None, help="Compare with this model: an artifact, or a Hugging Face "
+                                             "folder run by transformers in fp32 (needs transformers + torch)."),
+    text: Optional[Path] = typer.Option(None, help="UTF-8 text file to score (default: built-in children's stories, 2066 words)."),
+    window: Optional[int] = typer.Option(None, help="Tokens per window (default: min(context, 512)); a last window of 2+ tokens is scored too."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: ppl, tokens, windows, window, seconds "
+                                 "(+ kld, top1, ref_ppl with --reference)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for onnxruntime and torch (default: theirs)."),
+    moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain for ARTIFACT (the reference "
+                                               "runs its default; default: the fastest here)."),
+):
+    """Perplexity on a text (BOS once, non-overlapping windows; each window's tokens after the first are
+    scored given their prefix in the window) and, with --reference, mean KL(reference || artifact) and top-1 agreement."""
+    from .evaluate import EvalError, evaluate
+    try:
+        body = None if text is None else text.read_text(encoding="utf-8")
+        r = evaluate(artifact, body, reference=reference, window=window, threads=threads, moe_strategy=moe_strategy)
+    except UnicodeDecodeError:
+        fail(f"{text}: not UTF-8 text")
+    except (EvalError, *_user_errors()) as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    typer.echo(f"ppl {r['ppl']:.4f} over {r['tokens']} tokens ({r['windows']} windows of up to {r['window']}, "
+               f"{r['seconds']:.1f} s)")
+    if reference is not None:
+        typer.echo(f"reference ppl {r['ref_ppl']:.4f} ({r['ppl'] / r['ref_ppl'] - 1:+.2%}), "
+                   f"KL(reference || artifact) {r['kld']:.5f}, top-1 agreement {r['top1']:.2%}")
+
+
 @app.command()
 def demo(
     prompt: str = typer.Argument("Once upon a time", help="Story opening."),
