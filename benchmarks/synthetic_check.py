@@ -48,7 +48,7 @@ def main(argv=None):
     real, _ = export(checkpoint(a.shape, a.work), a.work / f"edgert-{a.shape}-int{a.bits}", bits=a.bits)
     env = {**os.environ, "EDGERT_SYNTHETIC_DIR": str(a.work / "synthetic")}
     common = ["--threads", str(a.threads), "--repeat", str(a.repeat)]
-    run_bench(["--synthetic", a.shape, "--bits", str(a.bits), "--repeat", "1", "--gen-tokens", "1",
+    run_bench(["--synthetic", a.shape, "--bits", str(a.bits), "--repeat", "1", "--gen-tokens", "2",
                "--prompt-tokens", "1"], env)                                      # builds (and caches) it, untimed
     results = {"real": [], "synthetic": []}
     for i in range(a.rounds):

@@ -67,9 +67,22 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is none, e.g. macOS)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def memory_bandwidth(threads: int, seconds: float = 1.0, size: int = 512 * 2**20) -> float:
     """Read bandwidth in GB/s: `threads` threads each reduce their part of a buffer far larger than
-    the caches (numpy releases the GIL), repeated for ~`seconds`; the best pass counts, as in STREAM."""
+    the caches (numpy releases the GIL), repeated for ~`seconds`; the best pass counts, as in STREAM.
+    The buffer takes at most a quarter of the free memory (a Pi with the model loaded)."""
+    size = min(size, (mem_available() or size * 4) // 4)
     buf = np.ones(size // 4, np.float32)
     parts = np.array_split(buf, threads)
     best, t_end = 0.0, time.perf_counter() + seconds
@@ -113,6 +126,8 @@ def _spread(result: dict, key: str, values: list[float]) -> None:
 
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3, threads: int | None = None,
           context: int | None = None, seed: int = 0, strategy: str | None = None, probe_seconds: float = 1.0) -> dict:
+    if gen_tokens < 2:
+        raise ValueError("--gen-tokens must be at least 2: the first token comes from prefill, decode is timed from the second")
     path = Path(path)
     cpu = cpu_info()
     threads = threads or cpu["cores"]     # what onnxruntime picks by default: the physical cores

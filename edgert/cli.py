@@ -141,7 +141,7 @@ def bench(
                                             "r1-distill-qwen-1.5b, r1-distill-qwen-7b, qwen3-0.6b, olmoe-1b-7b."),
     bits: int = typer.Option(4, help="With --synthetic: weight bits, 4 or 8 (embeddings/lm_head int8, block 32, as export)."),
     prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (synthetic tokens)."),
-    gen_tokens: int = typer.Option(64, min=1, help="Tokens to decode."),
+    gen_tokens: int = typer.Option(64, min=2, help="Tokens to generate (the first comes from prefill, the rest are decode steps)."),
     repeat: int = typer.Option(3, min=1, help="Timed rounds (after one warm-up); median, min and max are reported."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads, also for the bandwidth probe (default: the physical cores)."),
     context: Optional[int] = typer.Option(None, min=1, help="KV cache size (default: what the run needs, at least 256)."),

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgert.artifact import bytes_per_weight
+from edgert.bench import mem_available
 
 from .archs import model_for
 from .artifact import BUNDLED_MODEL, DEFAULT_MAX_CONTEXT, export
@@ -227,17 +228,6 @@ def weight_bytes(config: dict, recipe: Recipe) -> int:
 def kv_cache_bytes(config: dict, context: int) -> int:
     m = model_for(config)
     return 2 * 4 * m.n_layers * m.kv_heads * m.padded_head_dim * context
-
-
-def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is none, e.g. macOS)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def check_fits(shape: str, need_memory: int, need_disk: int, folder: Path, available: int | None = None) -> None:
