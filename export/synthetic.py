@@ -218,9 +218,7 @@ def weight_bytes(config: dict, recipe: Recipe) -> int:
             total += 4 * int(np.prod(shape))
             continue
         cls = "embed" if name == "model.embed_tokens.weight" else "lm_head" if name == "lm_head.weight" else "mlp"
-        total += quantized_bytes(*shape, recipe.bits_for(cls), recipe.block_size)
-    if m.tied and recipe.bits_for("embed") != recipe.bits_for("lm_head"):
-        total += quantized_bytes(m.vocab, m.hidden, recipe.bits_for("lm_head"), recipe.block_size)
+        total += quantized_bytes(*shape, recipe.bits_for(cls), recipe.block_size)   # (a tied table is stored once)
     context = min(m.max_positions, DEFAULT_MAX_CONTEXT)
     return total + 2 * 4 * context * m.padded_head_dim // 2      # + the rotary tables
 
@@ -269,7 +267,8 @@ def build(shape: str, bits: int = 4, context: int = 256, folder: Path | None = N
         raise SyntheticError(f"--context must be at most {longest} for {shape} (the context its artifact is exported for)")
     out = (folder or cache_dir()) / f"{shape}-int{bits}"
     key = _key(config, bits, seed)
-    cached = (out / "synthetic.json").is_file() and json.loads((out / "synthetic.json").read_text()).get("key") == key
+    cached = all((out / f).is_file() for f in ("synthetic.json", "edgert.json", "model.onnx.data")) \
+        and json.loads((out / "synthetic.json").read_text()).get("key") == key
     data = (out / "model.onnx.data").stat().st_size if cached else weight_bytes(config, Recipe(bits=bits))
     check_fits(shape, data + kv_cache_bytes(config, context), 0 if cached else data, out.parent, available)
     if cached:
