@@ -265,7 +265,7 @@ def build(shape: str, bits: int = 4, context: int = 256, folder: Path | None = N
     longest = min(config.get("max_position_embeddings", 4096), DEFAULT_MAX_CONTEXT)   # what export gives it
     if context > longest:
         raise SyntheticError(f"--context must be at most {longest} for {shape} (the context its artifact is exported for)")
-    out = (folder or cache_dir()) / f"{shape}-int{bits}"
+    out = Path(folder or cache_dir()) / f"{shape}-int{bits}"
     key = _key(config, bits, seed)
     cached = all((out / f).is_file() for f in ("synthetic.json", "edgert.json", "model.onnx.data")) \
         and json.loads((out / "synthetic.json").read_text()).get("key") == key
