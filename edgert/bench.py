@@ -124,16 +124,24 @@ def _spread(result: dict, key: str, values: list[float]) -> None:
     result[key], result[key + "_min"], result[key + "_max"] = statistics.median(values), min(values), max(values)
 
 
-def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3, threads: int | None = None,
-          context: int | None = None, seed: int = 0, strategy: str | None = None, probe_seconds: float = 1.0) -> dict:
+def bench_context(prompt_tokens: int, gen_tokens: int, context: int | None) -> int:
+    """The KV cache a bench run allocates (checked before anything is loaded or built)."""
     if gen_tokens < 2:
         raise ValueError("--gen-tokens must be at least 2: the first token comes from prefill, decode is timed from the second")
+    if context and context < prompt_tokens + gen_tokens:
+        raise ValueError(f"--context {context} cannot hold --prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens}")
+    return context or max(prompt_tokens + gen_tokens + 1, 256)
+
+
+def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3, threads: int | None = None,
+          context: int | None = None, seed: int = 0, strategy: str | None = None, probe_seconds: float = 1.0) -> dict:
+    context = bench_context(prompt_tokens, gen_tokens, context)
     path = Path(path)
     cpu = cpu_info()
     threads = threads or cpu["cores"]     # what onnxruntime picks by default: the physical cores
     _progress("bench: loading")
     t0 = time.perf_counter()
-    model = Model(path, context=context or max(prompt_tokens + gen_tokens + 1, 256), threads=threads, strategy=strategy)
+    model = Model(path, context=context, threads=threads, strategy=strategy)
     load_s = time.perf_counter() - t0
     special = model.manifest["special_tokens"]
     avoid = {i for i in [special.get("bos"), special.get("pad"), *(special.get("eos") or [])] if i is not None}

@@ -153,14 +153,14 @@ def bench(
 ):
     """Measure prefill/decode speed, time to first token, load time, peak memory and the decode
     roofline (memory bandwidth / bytes read per token) on this device."""
-    from .bench import bench as do_bench, synthetic_artifact, table
+    from .bench import bench as do_bench, bench_context, synthetic_artifact, table
     if (artifact is None) == (synthetic is None):
         fail("give an artifact folder or --synthetic SHAPE (one of them)")
     if bits is not None and not synthetic:
         fail("--bits applies to --synthetic models only (an artifact's bits are fixed at export)")
     try:
         if synthetic:
-            artifact = synthetic_artifact(synthetic, bits or 4, context or max(prompt_tokens + gen_tokens + 1, 256))
+            artifact = synthetic_artifact(synthetic, bits or 4, bench_context(prompt_tokens, gen_tokens, context))
         result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context, strategy=moe_strategy)
     except _user_errors() as e:
         fail(str(e))

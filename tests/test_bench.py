@@ -207,6 +207,7 @@ def test_bench_bad_input_is_one_line():
     for args, message in ((["bench"], "give an artifact folder or --synthetic SHAPE"),
                           (["bench", "--synthetic", "nope"], "unknown shape 'nope'"),
                           (["bench", "--synthetic", "qwen3-0.6b", "--bits", "3"], "--bits must be 4 or 8"),
-                          (["bench", "some-artifact", "--bits", "8"], "--bits applies to --synthetic models only")):
+                          (["bench", "some-artifact", "--bits", "8"], "--bits applies to --synthetic models only"),
+                          (["bench", "--synthetic", "qwen3-0.6b", "--context", "100"], "--context 100 cannot hold")):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
