@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from .artifact import bytes_per_weight
 from .generate import Sampling, Stats, generate
+from .device import available_memory
 from .model import Model
 
 # ---- the device ----------------------------------------------------------------------------
@@ -69,7 +70,9 @@ def peak_rss_mb() -> float:
 
 def memory_bandwidth(threads: int, seconds: float = 1.0, size: int = 512 * 2**20) -> float:
     """Read bandwidth in GB/s: `threads` threads each reduce their part of a buffer far larger than
-    the caches (numpy releases the GIL), repeated for ~`seconds`; the best pass counts, as in STREAM."""
+    the caches (numpy releases the GIL), repeated for ~`seconds`; the best pass counts, as in STREAM.
+    The buffer takes at most a quarter of the free memory (a Pi with the model loaded)."""
+    size = min(size, (available_memory() or (size * 4, ''))[0] // 4)
     buf = np.ones(size // 4, np.float32)
     parts = np.array_split(buf, threads)
     best, t_end = 0.0, time.perf_counter() + seconds
@@ -111,15 +114,24 @@ def _spread(result: dict, key: str, values: list[float]) -> None:
     result[key], result[key + "_min"], result[key + "_max"] = statistics.median(values), min(values), max(values)
 
 
+def bench_context(prompt_tokens: int, gen_tokens: int, context: int | None) -> int:
+    """The KV cache a bench run allocates (checked before anything is loaded or built)."""
+    if gen_tokens < 2:
+        raise ValueError("--gen-tokens must be at least 2: the first token comes from prefill, decode is timed from the second")
+    if context and context < prompt_tokens + gen_tokens:
+        raise ValueError(f"--context {context} cannot hold --prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens}")
+    return context or max(prompt_tokens + gen_tokens + 1, 256)
+
+
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3, threads: int | None = None,
           context: int | None = None, seed: int = 0, strategy: str | None = None, probe_seconds: float = 1.0,
           max_memory=None) -> dict:
+    context = bench_context(prompt_tokens, gen_tokens, context)
     path = Path(path)
     cpu = cpu_info()
     _progress("bench: loading")
     t0 = time.perf_counter()
-    model = Model(path, context=context or max(prompt_tokens + gen_tokens + 1, 256), threads=threads, strategy=strategy,
-                  max_memory=max_memory)
+    model = Model(path, context=context, threads=threads, strategy=strategy, max_memory=max_memory)
     load_s = time.perf_counter() - t0
     special = model.manifest["special_tokens"]
     avoid = {i for i in [special.get("bos"), special.get("pad"), *(special.get("eos") or [])] if i is not None}

@@ -145,9 +145,10 @@ def bench(
     synthetic: Optional[str] = typer.Option(None, help="Bench a built-in shape with random weights instead, built here "
                                             "without a download and cached (EDGERT_SYNTHETIC_DIR): qwen2.5-0.5b, "
                                             "r1-distill-qwen-1.5b, r1-distill-qwen-7b, qwen3-0.6b, olmoe-1b-7b."),
-    bits: int = typer.Option(4, help="With --synthetic: weight bits, 4 or 8 (embeddings/lm_head int8, block 32, as export)."),
+    bits: Optional[int] = typer.Option(None, help="With --synthetic: weight bits, 4 or 8 (default 4; embeddings/lm_head "
+                                                  "int8, block 32, as export does)."),
     prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (synthetic tokens)."),
-    gen_tokens: int = typer.Option(64, min=1, help="Tokens to decode."),
+    gen_tokens: int = typer.Option(64, min=2, help="Tokens to generate (the first comes from prefill, the rest are decode steps)."),
     repeat: int = typer.Option(3, min=1, help="Timed rounds (after one warm-up); median, min and max are reported."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads, also for the bandwidth probe (default: the fast physical cores)."),
     context: Optional[int] = typer.Option(None, min=1, help="KV cache size (default: what the run needs, at least 256)."),
@@ -159,12 +160,14 @@ def bench(
 ):
     """Measure prefill/decode speed, time to first token, load time, peak memory and the decode
     roofline (memory bandwidth / bytes read per token) on this device."""
-    from .bench import bench as do_bench, synthetic_artifact, table
+    from .bench import bench as do_bench, bench_context, synthetic_artifact, table
     if (artifact is None) == (synthetic is None):
         fail("give an artifact folder or --synthetic SHAPE (one of them)")
+    if bits is not None and not synthetic:
+        fail("--bits applies to --synthetic models only (an artifact's bits are fixed at export)")
     try:
         if synthetic:
-            artifact = synthetic_artifact(synthetic, bits, context or max(prompt_tokens + gen_tokens + 1, 256))
+            artifact = synthetic_artifact(synthetic, bits or 4, bench_context(prompt_tokens, gen_tokens, context))
         result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context, strategy=moe_strategy,
                           max_memory=max_memory)
     except _user_errors() as e:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgert.artifact import bytes_per_weight
+from edgert.device import RUNTIME_BYTES, WEIGHT_FACTOR, available_memory
 
 from .archs import model_for
 from .artifact import BUNDLED_MODEL, DEFAULT_MAX_CONTEXT, export
@@ -217,9 +218,7 @@ def weight_bytes(config: dict, recipe: Recipe) -> int:
             total += 4 * int(np.prod(shape))
             continue
         cls = "embed" if name == "model.embed_tokens.weight" else "lm_head" if name == "lm_head.weight" else "mlp"
-        total += quantized_bytes(*shape, recipe.bits_for(cls), recipe.block_size)
-    if m.tied and recipe.bits_for("embed") != recipe.bits_for("lm_head"):
-        total += quantized_bytes(m.vocab, m.hidden, recipe.bits_for("lm_head"), recipe.block_size)
+        total += quantized_bytes(*shape, recipe.bits_for(cls), recipe.block_size)   # (a tied table is stored once)
     context = min(m.max_positions, DEFAULT_MAX_CONTEXT)
     return total + 2 * 4 * context * m.padded_head_dim // 2      # + the rotary tables
 
@@ -229,22 +228,11 @@ def kv_cache_bytes(config: dict, context: int) -> int:
     return 2 * 4 * m.n_layers * m.kv_heads * m.padded_head_dim * context
 
 
-def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is none, e.g. macOS)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_fits(shape: str, need_memory: int, need_disk: int, folder: Path, available: int | None = None) -> None:
     """Refuse, in one line, a shape whose weights + KV cache exceed free memory, or whose files the disk."""
-    available = mem_available() if available is None else available
+    available = (available_memory() or (None, ""))[0] if available is None else available
     if available is not None and need_memory > available:
-        raise SyntheticError(f"{shape} needs {need_memory / 2**30:.1f} GiB of memory (weights + KV cache) but "
+        raise SyntheticError(f"{shape} needs {need_memory / 2**30:.1f} GiB of memory (weights + KV cache + runtime) but "
                              f"{available / 2**30:.1f} GiB is available: pick a smaller shape, --bits 4 or a shorter --context")
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
@@ -277,11 +265,14 @@ def build(shape: str, bits: int = 4, context: int = 256, folder: Path | None = N
     longest = min(config.get("max_position_embeddings", 4096), DEFAULT_MAX_CONTEXT)   # what export gives it
     if context > longest:
         raise SyntheticError(f"--context must be at most {longest} for {shape} (the context its artifact is exported for)")
-    out = (folder or cache_dir()) / f"{shape}-int{bits}"
+    out = Path(folder or cache_dir()) / f"{shape}-int{bits}"
     key = _key(config, bits, seed)
-    cached = (out / "synthetic.json").is_file() and json.loads((out / "synthetic.json").read_text()).get("key") == key
+    cached = all((out / f).is_file() for f in ("synthetic.json", "edgert.json", "model.onnx.data")) \
+        and json.loads((out / "synthetic.json").read_text()).get("key") == key
     data = (out / "model.onnx.data").stat().st_size if cached else weight_bytes(config, Recipe(bits=bits))
-    check_fits(shape, data + kv_cache_bytes(config, context), 0 if cached else data, out.parent, available)
+    # the same estimate as the runtime's check before loading (edgert/device.py)
+    need = int(data * WEIGHT_FACTOR) + kv_cache_bytes(config, context) + RUNTIME_BYTES
+    check_fits(shape, need, 0 if cached else data, out.parent, available)
     if cached:
         return out
     with tempfile.TemporaryDirectory(prefix=".synthetic-src-", dir=out.parent) as src:

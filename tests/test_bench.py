@@ -109,7 +109,7 @@ def test_builtin_shapes_have_the_real_parameter_counts():
 
 
 def test_refuses_when_memory_is_short(tmp_path):
-    with pytest.raises(SyntheticError, match=r"needs 5\.\d GiB of memory .* but 1\.0 GiB is available") as e:
+    with pytest.raises(SyntheticError, match=r"needs 6\.\d GiB of memory \(weights \+ KV cache \+ runtime\) but 1\.0 GiB is available") as e:
         build("r1-distill-qwen-7b", 4, folder=tmp_path, available=2**30)
     assert "\n" not in str(e.value) and not list(tmp_path.iterdir())        # refused before writing anything
     with pytest.raises(SyntheticError, match="unknown shape 'nope'; built-in shapes: qwen2.5-0.5b"):
@@ -205,6 +205,9 @@ def test_bench_json_flag_takes_no_value_before_another_option():
 
 def test_bench_bad_input_is_one_line():
     for args, message in ((["bench"], "give an artifact folder or --synthetic SHAPE"),
-                          (["bench", "--synthetic", "nope"], "unknown shape 'nope'")):
+                          (["bench", "--synthetic", "nope"], "unknown shape 'nope'"),
+                          (["bench", "--synthetic", "qwen3-0.6b", "--bits", "3"], "--bits must be 4 or 8"),
+                          (["bench", "some-artifact", "--bits", "8"], "--bits applies to --synthetic models only"),
+                          (["bench", "--synthetic", "qwen3-0.6b", "--context", "100"], "--context 100 cannot hold")):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output

@@ -79,12 +79,16 @@ def test_export_bytes_equal_onnx(case, deepseek, tmp_path, monkeypatch):
 
 
 def test_export_imports_no_onnx(tmp_path):
-    """The exporter runs where onnx is not installed (sys.modules['onnx'] = None makes importing it fail)."""
+    """The exporter and the synthetic models of `edgert bench --synthetic` run where onnx is not
+    installed (sys.modules['onnx'] = None makes importing it fail)."""
     code = (
         "import sys; sys.modules['onnx'] = None\n"
         "from edgert_export import export\n"
         f"export({str(BUNDLED_STORIES)!r}, {str(tmp_path / 'art')!r}, bits=4, progress=False)\n"
         "from edgert.model import Model; Model(sys.argv[1]).forward([1, 2, 3])\n"
+        "from edgert_export.synthetic import SHAPES, build\n"
+        "tiny = dict(SHAPES['qwen3-0.6b'], num_hidden_layers=1, hidden_size=128, intermediate_size=256, vocab_size=512)\n"
+        f"Model(build('tiny', 4, folder={str(tmp_path)!r}, config=tiny, progress=False)).forward([1, 2, 3])\n"
         "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "art")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
