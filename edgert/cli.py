@@ -174,6 +174,8 @@ def demo(
     except ImportError as e:
         fail(f"the demo exports a model, which needs the [export] extra ({e.name} is missing): pip install 'edgert[export]'")
     src = BUNDLED_MODEL.parent / "reasoning-qwen2"
+    if not (src / "model.safetensors").is_file():
+        fail(f"the bundled reasoning model is missing from {src}: reinstall edgert")
     # the cache key holds a hash of the weights, so an upgraded fixture is exported again
     weights = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()[:12]
     out = out or (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgert"
