@@ -1,6 +1,7 @@
 """The `edgert` command: a thin layer over edgert.load() and the exporter."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -214,27 +215,39 @@ def eval_(
                    f"KL(reference || artifact) {r['kld']:.5f}, top-1 agreement {r['top1']:.2%}")
 
 
+DEMO_PROMPT = "What is (9-5)*7+2+2?"   # one of the fixture's held-out problems (tests/test_fixtures.py)
+
+
 @app.command()
 def demo(
-    prompt: str = typer.Argument("Once upon a time", help="Story opening."),
-    bits: int = typer.Option(8, help="Export precision: 4, 8 or 32."),
+    prompt: str = typer.Argument(DEMO_PROMPT, help="Question for the model: arithmetic chains of +, - and * by digits, results 0-50."),
+    bits: int = typer.Option(4, help="Export precision: 4, 8 or 32."),
     max_tokens: int = typer.Option(120, min=1, help="Most tokens to generate."),
     out: Optional[Path] = typer.Option(None, help="Where to keep the exported demo artifact [default: a cache folder]."),
 ):
-    """Export the bundled stories260K model (a real 260K-parameter Llama) and tell a story."""
+    """Export the bundled reasoning model (a 0.66M-parameter Qwen2 trained on arithmetic in
+    DeepSeek-R1's format) and watch it think before it answers."""
     try:
         from edgert_export import ExportError, export as do_export
         from edgert_export.artifact import BUNDLED_MODEL
     except ImportError as e:
         fail(f"the demo exports a model, which needs the [export] extra ({e.name} is missing): pip install 'edgert[export]'")
-    out = out or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgert" / f"demo-stories260K-{bits}bit"
+    src = BUNDLED_MODEL.parent / "reasoning-qwen2"
+    if not (src / "model.safetensors").is_file():
+        fail(f"the bundled reasoning model is missing from {src}: reinstall edgert")
+    # the cache key holds a hash of the weights, so an upgraded fixture is exported again
+    weights = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()[:12]
+    out = out or (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgert"
+                  / f"demo-reasoning-qwen2-{bits}bit-{weights}")
     try:
         if not (out / "edgert.json").is_file():
-            m = do_export(BUNDLED_MODEL, out, bits=bits, force=True, progress=False)
-            typer.echo(f"exported the bundled stories260K ({bits}-bit) to {out}: {m['summary']['bytes'] / 1e3:.0f} kB", err=True)
+            m = do_export(src, out, bits=bits, force=True, progress=False)
+            typer.echo(f"exported the bundled reasoning-qwen2 ({bits}-bit) to {out}: {m['summary']['bytes'] / 1e3:.0f} kB",
+                       err=True)
     except ExportError as e:
         fail(str(e))
-    run(out, prompt, max_tokens=max_tokens, temperature=0.0, top_p=None, top_k=None, seed=None, raw=True,
+    typer.echo(prompt, err=True)
+    run(out, prompt, max_tokens=max_tokens, temperature=0.0, top_p=None, top_k=None, seed=None, raw=False,
         ignore_eos=False, as_json=False, context=None, threads=None, think_budget=None, system=None,
         moe_strategy=None, stats=False, max_memory=None)
 
