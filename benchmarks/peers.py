@@ -60,7 +60,7 @@ from pathlib import Path
 # common
 # --------------------------------------------------------------------------
 
-LLAMA_QTYPES = ("Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "BF16", "F16")
+LLAMA_QTYPES = ("Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "BF16", "F16", "F32")
 
 
 def timing(n_prompt: int, n_decode: int, t0: float, t1: float, t2: float) -> dict:
@@ -253,6 +253,7 @@ class LlamaCppRunner(Runner):
         self.lc = llama_cpp
         self.name = name
         self.info = info
+        self.gguf = gguf
         _llama_quiet(llama_cpp)
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
@@ -371,8 +372,8 @@ def find_gguf_converter(work_dir: Path) -> Path:
     return dest
 
 
-def prepare_llamacpp(hf_dir, work_dir, qtype: str = "Q4_0") -> Runner:
-    """Convert hf_dir to GGUF (bf16) and quantize it to qtype (cached in work_dir)."""
+def prepare_llamacpp(hf_dir, work_dir, qtype: str = "Q4_0", outtype: str = "bf16") -> Runner:
+    """Convert hf_dir to GGUF (`outtype` bf16, or f32 for quality runs) and quantize it to qtype (cached in work_dir)."""
     try:
         import llama_cpp
     except ImportError as e:
@@ -380,39 +381,43 @@ def prepare_llamacpp(hf_dir, work_dir, qtype: str = "Q4_0") -> Runner:
     qtype = qtype.upper()
     if qtype not in LLAMA_QTYPES:
         raise ValueError(f"unknown qtype {qtype}; choose from {', '.join(LLAMA_QTYPES)}")
-    if not hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}"):
+    if qtype != "F32" and not hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}"):
         raise RuntimeError(f"this llama-cpp-python has no LLAMA_FTYPE_MOSTLY_{qtype}")
     hf_dir, work_dir = Path(hf_dir).resolve(), Path(work_dir).resolve()
     _check_hf_dir(hf_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    # 1. HF -> bf16 GGUF (shared by every qtype)
-    base = work_dir / "llamacpp-bf16.gguf"
-    base_meta_path = work_dir / "llamacpp-bf16.meta.json"
-    base_key = _checkpoint_key(hf_dir, {"outtype": "bf16", "llama_cpp": _version("llama_cpp_python")})
+    if outtype not in ("bf16", "f32"):
+        raise ValueError(f"outtype must be bf16 or f32, not {outtype!r}")
+
+    # 1. HF -> bf16/f32 GGUF (shared by every qtype)
+    base = work_dir / f"llamacpp-{outtype}.gguf"
+    base_meta_path = work_dir / f"llamacpp-{outtype}.meta.json"
+    base_key = _checkpoint_key(hf_dir, {"outtype": outtype, "llama_cpp": _version("llama_cpp_python")})
     base_meta = _cached(base_meta_path, base_key, base)
     if base_meta is None:
         conv = find_gguf_converter(work_dir)
         tmp = base.with_suffix(".tmp")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_convert-gguf", str(conv),
-               str(hf_dir), "--outfile", str(tmp), "--outtype", "bf16"]
-        dt = _run_logged(cmd, work_dir / "llamacpp-bf16.log", "convert_hf_to_gguf.py")
+               str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+        dt = _run_logged(cmd, work_dir / f"llamacpp-{outtype}.log", "convert_hf_to_gguf.py")
         tmp.rename(base)
         base_meta = {"key": base_key, "convert_s": round(dt, 1), "command": " ".join(cmd), "bytes": _dir_size(base)}
         base_meta_path.write_text(json.dumps(base_meta, indent=2) + "\n")
 
-    # 2. bf16 GGUF -> qtype
-    if qtype == "BF16":
+    # 2. bf16/f32 GGUF -> qtype
+    if qtype == outtype.upper():
         out, meta = base, dict(base_meta, quantize_s=0.0)
     else:
-        out = work_dir / f"llamacpp-{qtype}.gguf"
-        meta_path = work_dir / f"llamacpp-{qtype}.meta.json"
+        tag = qtype if outtype == "bf16" else f"{qtype}-from-{outtype}"
+        out = work_dir / f"llamacpp-{tag}.gguf"
+        meta_path = work_dir / f"llamacpp-{tag}.meta.json"
         key = base_key + "-" + qtype
         meta = _cached(meta_path, key, out)
         if meta is None:
             tmp = out.with_suffix(".tmp")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--_quantize", str(base), str(tmp), qtype]
-            dt = _run_logged(cmd, work_dir / f"llamacpp-{qtype}.log", f"llama_model_quantize {qtype}")
+            dt = _run_logged(cmd, work_dir / f"llamacpp-{tag}.log", f"llama_model_quantize {qtype}")
             tmp.rename(out)
             meta = {"key": key, "convert_s": base_meta["convert_s"], "quantize_s": round(dt, 1),
                     "command": " ".join(cmd), "bytes": _dir_size(out)}

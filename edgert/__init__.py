@@ -6,7 +6,8 @@
         print(tok.text, end="", flush=True)
 
 The runtime needs only onnxruntime, numpy and jinja2 (`tokenizers` when present); the exporter
-(`edgert export`, package edgert_export) is a separate install extra.
+(`edgert export`, package edgert_export) needs only numpy and is never imported by the runtime
+(except by `edgert bench --synthetic`, which builds a model).
 """
 __all__ = ["load", "LLM", "Token"]
 

@@ -49,3 +49,12 @@ def verify(path) -> dict:
         if h.hexdigest() != info["sha256"]:
             raise ArtifactError(f"{path}: {name} is corrupt (sha256 differs from the manifest)")
     return manifest
+
+
+def bytes_per_weight(bits: int, block_size: int) -> float:
+    """Stored bytes per weight of a block-quantized matrix (MatMulNBits layout): the codes, an fp32
+    scale per block and, for int4 (asymmetric), a 4-bit zero point per block; 32 = plain fp32.
+    Shared by the bench's decode roofline and the synthetic models' size check."""
+    if bits == 32:
+        return 4.0
+    return bits / 8 + (4 + (0.5 if bits == 4 else 0)) / block_size

@@ -1,18 +1,66 @@
-"""`edgert bench`: prefill and decode speed of an artifact on this device, with synthetic tokens
-(no tokenizer, no prompt file: the number people compare across a Pi, a phone and a laptop)."""
+"""`edgert bench`: what an artifact (or a synthetic model of a real shape) does on this device.
+
+Prefill and decode speed with synthetic tokens (no tokenizer, no prompt file), time to first
+token, load time, peak memory, and the decode roofline: a decode step reads every weight it
+uses once, so (bytes read per token) / (measured memory bandwidth) is a ceiling on decode
+speed; the % of it reached says how much a faster kernel could still win on this device.
+"""
 from __future__ import annotations
 
+import json
+import os
 import platform
 import resource
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from .artifact import bytes_per_weight
 from .generate import Sampling, Stats, generate
+from .device import available_memory
 from .model import Model
+
+# ---- the device ----------------------------------------------------------------------------
+
+# /proc/cpuinfo flag -> the name we report (x86 "flags", ARM "Features")
+_X86_FEATURES = {"avx2": "avx2", "avx512f": "avx512", "avx512_vnni": "avx512_vnni", "avx_vnni": "avx_vnni",
+                 "amx_int8": "amx"}
+_ARM_FEATURES = {"asimd": "neon", "asimddp": "dotprod", "i8mm": "i8mm", "sve": "sve", "sve2": "sve2"}
+
+
+def cpu_info(text: str | None = None) -> dict:
+    """CPU model, the SIMD features that matter for int4/int8 kernels, and physical cores,
+    from /proc/cpuinfo (x86 or ARM layout)."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            text = ""
+    fields: dict[str, str] = {}
+    cores, processors = set(), 0
+    physical = None
+    for line in text.splitlines():
+        key, _, value = (s.strip() for s in line.partition(":"))
+        if key == "processor":
+            processors += 1
+        elif key == "physical id":
+            physical = value
+        elif key == "core id":
+            cores.add((physical, value))
+        fields.setdefault(key, value)
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    names = {**_X86_FEATURES, **_ARM_FEATURES}
+    model = fields.get("model name") or fields.get("Model") or fields.get("Hardware") or ""
+    if not model and "CPU part" in fields:      # ARM without a name: implementer/part ids
+        model = f"ARM implementer {fields.get('CPU implementer')} part {fields['CPU part']}"
+    return {"model": model or platform.processor() or platform.machine(),
+            "features": sorted({names[f] for f in flags if f in names}),
+            "cores": len(cores) or processors or os.cpu_count() or 1}
 
 
 def peak_rss_mb() -> float:
@@ -20,11 +68,70 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def memory_bandwidth(threads: int, seconds: float = 1.0, size: int = 512 * 2**20) -> float:
+    """Read bandwidth in GB/s: `threads` threads each reduce their part of a buffer far larger than
+    the caches (numpy releases the GIL), repeated for ~`seconds`; the best pass counts, as in STREAM.
+    The buffer takes at most a quarter of the free memory (a Pi with the model loaded)."""
+    size = min(size, (available_memory() or (size * 4, ''))[0] // 4)
+    buf = np.ones(size // 4, np.float32)
+    parts = np.array_split(buf, threads)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.max, parts))                 # page the buffer in
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            list(pool.map(np.max, parts))
+            best = max(best, buf.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+# ---- what a decode step reads ---------------------------------------------------------------
+
+def decode_bytes_per_token(manifest: dict, config: dict, data_bytes: int, position: float) -> float:
+    """Bytes one decode step reads: the data file minus what a single token does not touch (the
+    embedding table but one row, unless a tied lm_head reads all of it; the idle experts; the
+    rotary tables but one row), plus the KV cache up to `position`."""
+    m, q = manifest["model"], manifest["quantization"]
+    bs, hidden, vocab, hd = q.get("block_size", 32), m["hidden"], m["vocab"], m["head_dim"]
+    embed = vocab * hidden * bytes_per_weight(q["embed"], bs)
+    shared = bool(config.get("tie_word_embeddings")) and q["embed"] == q["lm_head"] != 32
+    unread = 0 if shared else embed * (1 - 1 / vocab)
+    unread += m.get("idle_expert_parameters", 0) * bytes_per_weight(q["mlp"], bs)
+    unread += 2 * 4 * (manifest["context_length"] - 1) * hd // 2
+    kv = 2 * 4 * m["layers"] * m["kv_heads"] * hd * position
+    return data_bytes - unread + kv
+
+
+# ---- the measurement -------------------------------------------------------------------------
+
+def _progress(message: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\033[K{message}")
+        sys.stderr.flush()
+
+
+def _spread(result: dict, key: str, values: list[float]) -> None:
+    result[key], result[key + "_min"], result[key + "_max"] = statistics.median(values), min(values), max(values)
+
+
+def bench_context(prompt_tokens: int, gen_tokens: int, context: int | None) -> int:
+    """The KV cache a bench run allocates (checked before anything is loaded or built)."""
+    if gen_tokens < 2:
+        raise ValueError("--gen-tokens must be at least 2: the first token comes from prefill, decode is timed from the second")
+    if context and context < prompt_tokens + gen_tokens:
+        raise ValueError(f"--context {context} cannot hold --prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens}")
+    return context or max(prompt_tokens + gen_tokens + 1, 256)
+
+
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3, threads: int | None = None,
-          context: int | None = None, seed: int = 0, strategy: str | None = None, max_memory=None) -> dict:
+          context: int | None = None, seed: int = 0, strategy: str | None = None, probe_seconds: float = 1.0,
+          max_memory=None) -> dict:
+    context = bench_context(prompt_tokens, gen_tokens, context)
+    path = Path(path)
+    cpu = cpu_info()
+    _progress("bench: loading")
     t0 = time.perf_counter()
-    model = Model(path, context=context or max(prompt_tokens + gen_tokens + 1, 256), threads=threads, strategy=strategy,
-                  max_memory=max_memory)
+    model = Model(path, context=context, threads=threads, strategy=strategy, max_memory=max_memory)
     load_s = time.perf_counter() - t0
     special = model.manifest["special_tokens"]
     avoid = {i for i in [special.get("bos"), special.get("pad"), *(special.get("eos") or [])] if i is not None}
@@ -32,7 +139,8 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3,
     ids = [int(i) for i in rng.integers(0, model.vocab, prompt_tokens * 2) if int(i) not in avoid][:prompt_tokens]
     runs = []
     model.track_experts()                            # only the untimed warm-up round counts expert use
-    for _ in range(repeat + 1):                      # the first round warms up (page-in, prepacking)
+    for r in range(repeat + 1):                      # the first round warms up (page-in, prepacking)
+        _progress(f"bench: round {r}/{repeat}" + (" (warm-up)" if r == 0 else f", last decode {runs[-1].decode_tok_s:.1f} tok/s"))
         stats = Stats()
         for _ in generate(model, ids, gen_tokens, Sampling(0.0), stats=stats):
             pass
@@ -41,30 +149,71 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3,
             experts = model.expert_report()
             model.track_experts(False)
     runs = runs[1:]
+    rss = peak_rss_mb()                              # before the probe's buffer
+    _progress("bench: memory bandwidth")
+    bandwidth = memory_bandwidth(model.threads, probe_seconds)
+    _progress("")
     m = model.manifest
-    return {
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    data_bytes = (path / "model.onnx.data").stat().st_size
+    per_token = decode_bytes_per_token(m, config, data_bytes, prompt_tokens + gen_tokens / 2)
+    result = {
         "artifact": str(path), "architecture": m["architecture"], "parameters": m["model"]["parameters"],
-        "quantization": m["quantization"], "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
-        "threads": model.threads, "repeat": repeat,
-        "prefill_tok_s": statistics.median(r.prefill_tok_s for r in runs),
-        "decode_tok_s": statistics.median(r.decode_tok_s for r in runs),
-        "ms_per_token": 1000 / statistics.median(r.decode_tok_s for r in runs),
-        "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "strategy": model.strategy,
-        "active_parameters_per_token": experts["active_parameters_per_token"],
-        "expert_usage": experts.get("expert_usage"),
-        "onnxruntime": ort.__version__, "machine": platform.machine(), "python": platform.python_version(),
+        "active_parameters_per_token": experts["active_parameters_per_token"], "quantization": m["quantization"],
+        "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "threads": model.threads, "repeat": repeat,
+        "strategy": model.strategy,
     }
+    _spread(result, "prefill_tok_s", [r.prefill_tok_s for r in runs])
+    _spread(result, "decode_tok_s", [r.decode_tok_s for r in runs])
+    _spread(result, "ttft_s", [r.prefill_s for r in runs])      # prompt in, logits of the first token out
+    roofline = bandwidth * 1e9 / per_token
+    result.update({
+        "ms_per_token": 1000 / result["decode_tok_s"], "load_s": load_s, "peak_rss_mb": rss,
+        "model_mb": sum(f["bytes"] for f in m["files"].values()) / 1e6,
+        "bits_per_weight": 8 * data_bytes / m["model"]["parameters"],
+        "bytes_per_token_mb": per_token / 1e6, "bandwidth_gbs": bandwidth, "roofline_tok_s": roofline,
+        "roofline_pct": 100 * result["decode_tok_s"] / roofline,
+        "cpu": cpu["model"], "cpu_features": cpu["features"], "cores": cpu["cores"],
+        "onnxruntime": ort.__version__, "machine": platform.machine(), "python": platform.python_version(),
+        "expert_usage": experts.get("expert_usage"),
+    })
+    return result
 
 
 def table(r: dict) -> str:
     arch = f"{r['architecture']}, {r['parameters'] / 1e6:.1f}M parameters"
     if r["active_parameters_per_token"] != r["parameters"]:
         arch += f", {r['active_parameters_per_token'] / 1e6:.1f}M active per token ({r['strategy']} experts)"
-    rows = [("artifact", r["artifact"]), ("architecture", arch),
+
+    def spread(key, fmt, unit):
+        return f"{r[key]:{fmt}} {unit} (min {r[key + '_min']:{fmt}}, max {r[key + '_max']:{fmt}})"
+    rows = [("artifact", r.get("synthetic") and f"synthetic {r['synthetic']} ({r['artifact']})" or r["artifact"]),
+            ("architecture", arch),
+            ("size", f"{r['model_mb']:.0f} MB, {r['bits_per_weight']:.2f} bits per weight"),
             ("prompt / generated", f"{r['prompt_tokens']} / {r['gen_tokens']} tokens, {r['threads']} threads, "
                                    f"median of {r['repeat']}"),
-            ("prefill", f"{r['prefill_tok_s']:.1f} tok/s"),
-            ("decode", f"{r['decode_tok_s']:.1f} tok/s ({r['ms_per_token']:.1f} ms/token)"),
+            ("prefill", spread("prefill_tok_s", ".1f", "tok/s")),
+            ("decode", spread("decode_tok_s", ".1f", "tok/s") + f", {r['ms_per_token']:.1f} ms/token"),
+            ("first token", spread("ttft_s", ".3f", "s")),
+            ("roofline", f"{r['roofline_tok_s']:.1f} tok/s = {r['bandwidth_gbs']:.1f} GB/s / "
+                         f"{r['bytes_per_token_mb']:.0f} MB per token; decode reaches {r['roofline_pct']:.0f}%"),
             ("load", f"{r['load_s']:.2f} s"), ("peak RSS", f"{r['peak_rss_mb']:.0f} MB"),
+            ("cpu", f"{r['cpu']} ({r['cores']} cores; {' '.join(r['cpu_features']) or 'no int8 SIMD features'})"),
             ("onnxruntime", f"{r['onnxruntime']} on {r['machine']}")]
     return "\n".join(f"{k:<20} {v}" for k, v in rows)
+
+
+def synthetic_artifact(shape: str, bits: int, context: int) -> Path:
+    """The cached synthetic artifact of a built-in shape, built first when needed. The build runs in
+    a child process, so its memory does not count in this process's peak RSS."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from edgert_export import ExportError
+    from edgert_export.synthetic import SyntheticError, build
+    _progress(f"bench: building the synthetic {shape} (int{bits})")
+    try:
+        with ProcessPoolExecutor(1) as pool:
+            return pool.submit(build, shape, bits, context).result()
+    except (SyntheticError, ExportError) as e:
+        raise ValueError(str(e)) from None

@@ -141,26 +141,77 @@ def run(
 
 @app.command()
 def bench(
-    artifact: Path = typer.Argument(..., help="Artifact folder."),
+    artifact: Optional[Path] = typer.Argument(None, help="Artifact folder (or use --synthetic)."),
+    synthetic: Optional[str] = typer.Option(None, help="Bench a built-in shape with random weights instead, built here "
+                                            "without a download and cached (EDGERT_SYNTHETIC_DIR): qwen2.5-0.5b, "
+                                            "r1-distill-qwen-1.5b, r1-distill-qwen-7b, qwen3-0.6b, olmoe-1b-7b."),
+    bits: Optional[int] = typer.Option(None, help="With --synthetic: weight bits, 4 or 8 (default 4; embeddings/lm_head "
+                                                  "int8, block 32, as export does)."),
     prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (synthetic tokens)."),
-    gen_tokens: int = typer.Option(64, min=1, help="Tokens to decode."),
-    repeat: int = typer.Option(3, min=1, help="Timed rounds (after one warm-up); medians are reported."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: the fast physical cores]."),
-    context: Optional[int] = typer.Option(None, min=1, help="KV cache size [default: what the run needs, at least 256]."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
-    moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain [default: fastest for this onnxruntime]."),
+    gen_tokens: int = typer.Option(64, min=2, help="Tokens to generate (the first comes from prefill, the rest are decode steps)."),
+    repeat: int = typer.Option(3, min=1, help="Timed rounds (after one warm-up); median, min and max are reported."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads, also for the bandwidth probe (default: the fast physical cores)."),
+    context: Optional[int] = typer.Option(None, min=1, help="KV cache size (default: what the run needs, at least 256)."),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="[FILE]",
+                                           help="Print one JSON object instead of the table; with FILE, print the table "
+                                                "and write the JSON there."),
+    moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain (default: the fastest this onnxruntime has)."),
     max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
 ):
-    """Measure prefill and decode speed and peak memory on this device."""
-    from .bench import bench as do_bench, table
+    """Measure prefill/decode speed, time to first token, load time, peak memory and the decode
+    roofline (memory bandwidth / bytes read per token) on this device."""
+    from .bench import bench as do_bench, bench_context, synthetic_artifact, table
+    if (artifact is None) == (synthetic is None):
+        fail("give an artifact folder or --synthetic SHAPE (one of them)")
+    if bits is not None and not synthetic:
+        fail("--bits applies to --synthetic models only (an artifact's bits are fixed at export)")
     try:
+        if synthetic:
+            artifact = synthetic_artifact(synthetic, bits or 4, bench_context(prompt_tokens, gen_tokens, context))
         result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context, strategy=moe_strategy,
                           max_memory=max_memory)
     except _user_errors() as e:
         fail(str(e))
+    result["synthetic"] = synthetic
+    if json_out == "-":
+        typer.echo(json.dumps(result, indent=2))
+        return
     typer.echo(table(result))
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+@app.command("eval")
+def eval_(
+    artifact: Path = typer.Argument(..., help="Artifact folder to evaluate."),
+    reference: Optional[Path] = typer.Option(None, help="Compare with this model: an artifact, or a Hugging Face "
+                                             "folder run by transformers in fp32 (needs transformers + torch)."),
+    text: Optional[Path] = typer.Option(None, help="UTF-8 text file to score (default: built-in children's stories, 2066 words)."),
+    window: Optional[int] = typer.Option(None, help="Tokens per window (default: min(context, 512)); a last window of 2+ tokens is scored too."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: ppl, tokens, windows, window, seconds "
+                                 "(+ kld, top1, ref_ppl with --reference)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for onnxruntime and torch (default: theirs)."),
+    moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain for ARTIFACT (the reference "
+                                               "runs its default; default: the fastest here)."),
+):
+    """Perplexity on a text (BOS once, non-overlapping windows; each window's tokens after the first are
+    scored given their prefix in the window) and, with --reference, mean KL(reference || artifact) and top-1 agreement."""
+    from .evaluate import EvalError, evaluate
+    try:
+        body = None if text is None else text.read_text(encoding="utf-8")
+        r = evaluate(artifact, body, reference=reference, window=window, threads=threads, moe_strategy=moe_strategy)
+    except UnicodeDecodeError:
+        fail(f"{text}: not UTF-8 text")
+    except (EvalError, *_user_errors()) as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    typer.echo(f"ppl {r['ppl']:.4f} over {r['tokens']} tokens ({r['windows']} windows of up to {r['window']}, "
+               f"{r['seconds']:.1f} s)")
+    if reference is not None:
+        typer.echo(f"reference ppl {r['ref_ppl']:.4f} ({r['ppl'] / r['ref_ppl'] - 1:+.2%}), "
+                   f"KL(reference || artifact) {r['kld']:.5f}, top-1 agreement {r['top1']:.2%}")
 
 
 @app.command()
@@ -210,8 +261,18 @@ def format_expert_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _bench_json_value(args: list[str]) -> list[str]:
+    """`edgert bench --json` without a FILE means stdout: give the option its "-" (typer has no
+    optional option values)."""
+    if args[:1] == ["bench"] and "--json" in args:
+        i = args.index("--json")
+        if i + 1 == len(args) or args[i + 1].startswith("-"):
+            return args[: i + 1] + ["-"] + args[i + 1:]
+    return args
+
+
 def main():
-    app()
+    app(args=_bench_json_value(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ new rows in place, nothing is copied or reallocated per token.
 """
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -37,6 +38,8 @@ _int8_ok: bool | None = None
 
 def int8_kernel_available() -> bool:
     global _int8_ok
+    if os.environ.get("EDGERT_INT8_KERNEL") == "0":     # act as if it were missing (tests, comparisons)
+        return False
     if _int8_ok is None:
         import base64
         try:
@@ -53,19 +56,26 @@ def uses_int8_matmul(manifest: dict) -> bool:
     return 8 in (q.get("attention"), q.get("mlp"), q.get("lm_head"))
 
 
-def choose_graph(graphs: dict, strategy: str | None) -> str:
-    """The graph variant to run: what the user asked for, else the fastest this onnxruntime has."""
+def choose_graph(graphs: dict, strategy: str | None, needs_int8: bool = False) -> str:
+    """The graph variant to run: what the user asked for, else the fastest this onnxruntime has.
+    Without an 8-bit MatMulNBits kernel, the twin that reads the int8 weights as nibbles."""
     if strategy:
         if strategy not in graphs:
             raise ArtifactError(f"--moe-strategy {strategy!r} is not in this artifact (it has: {', '.join(sorted(graphs))})")
         if strategy == "qmoe" and ort_version() < QMOE_SINCE:
             raise ArtifactError(f"--moe-strategy qmoe needs onnxruntime >= 1.23 (this is {ort.__version__}); use plain")
-        return strategy
-    if "default" in graphs:
-        return "default"
-    if "qmoe" in graphs and ort_version() >= QMOE_SINCE:
-        return "qmoe"
-    return "plain"
+        ranked = [strategy]
+    else:
+        ranked = [name for name in ("default", "qmoe", "plain") if name in graphs
+                  and (name != "qmoe" or ort_version() >= QMOE_SINCE)]
+    if needs_int8 and not int8_kernel_available():
+        twins = [n if n.endswith("nibbles") else "nibbles" if n == "default" else f"{n}+nibbles" for n in ranked]
+        ranked = [n for n in twins if n in graphs]
+        if not ranked:
+            raise ArtifactError(f"this onnxruntime ({ort.__version__} on {platform.machine()}) has no 8-bit MatMulNBits "
+                                f"kernel and this artifact's int8 weights have no 4-bit form here: re-export with "
+                                f"--bits 4, or install onnxruntime >= 1.23")
+    return ranked[0] if ranked else "plain"
 
 
 class ContextFull(Exception):
@@ -97,11 +107,7 @@ class Model:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
         graphs = self.manifest.get("graphs", {"default": "model.onnx"})
-        self.strategy = choose_graph(graphs, strategy)
-        if uses_int8_matmul(self.manifest) and not int8_kernel_available():
-            raise ArtifactError(f"this onnxruntime ({ort.__version__} on {platform.machine()}) has no 8-bit MatMulNBits "
-                                f"kernel, which this artifact's int8 weights need: re-export with --bits 4 --embed-bits 4 "
-                                f"(or --embed-bits 32), or install a newer onnxruntime")
+        self.strategy = choose_graph(graphs, strategy, uses_int8_matmul(self.manifest))
         try:
             with weights_held_once(self.path):
                 self.session = ort.InferenceSession(str(self.path / graphs[self.strategy]), opts,

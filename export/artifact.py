@@ -71,8 +71,9 @@ def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
 
 
 def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | None = None, force: bool = False,
-           embed_bits: int = 8, progress: bool = True) -> dict:
-    """Export a Hugging Face folder to an edgert artifact folder; returns the manifest."""
+           embed_bits: int = 8, progress: bool = True, checkpoint=None) -> dict:
+    """Export a Hugging Face folder to an edgert artifact folder; returns the manifest.
+    `checkpoint` replaces the folder's weights (synthetic.py); config and tokenizer still come from the folder."""
     t0 = time.time()
     src, out = Path(model_dir), Path(out)
     if bits not in (4, 8, 32):
@@ -84,7 +85,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
         raise ExportError(f"{out} already exists and is not empty (use --force to replace it)")
     try:
-        ckpt = Checkpoint(src)
+        ckpt = Checkpoint(src) if checkpoint is None else checkpoint
         model = model_for(ckpt.config)
     except (CheckpointError, UnsupportedModel) as e:
         raise ExportError(str(e)) from None
@@ -105,11 +106,10 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         recipe = Recipe(bits=bits, block_size=block_size, embed_bits=embed_bits)
         tick = _progress(model.n_layers, f"export {ckpt.config.get('model_type')}") if progress else (lambda: None)
         quant = model.build(g, ckpt, recipe, context, tick)
-        import onnx
         graphs = {}
-        for variant in g.variants:      # dense: one graph; MoE: one per expert strategy, one data file
-            graphs[variant or "default"] = f"model.{variant}.onnx" if variant else "model.onnx"
-            g.save(tmp / graphs[variant or "default"], producer="edgert", variant=variant)
+        for name, tags in g.variants().items():   # graphs over one data file (see Graph.variants)
+            graphs[name] = "model.onnx" if name == "default" else f"model.{name}.onnx"
+            g.save(tmp / graphs[name], producer="edgert", tags=tags)
         g.close()
         for name in TOKENIZER_FILES + ("generation_config.json", "config.json"):
             if (src / name).is_file():
@@ -131,7 +131,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
             "generation": {k: ckpt.generation_config[k] for k in ("do_sample", "temperature", "top_p", "top_k",
                                                                   "repetition_penalty") if k in ckpt.generation_config},
             "files": files,
-            "versions": {"edgert": _version(), "onnx": onnx.__version__, "numpy": np.__version__,
+            "versions": {"edgert": _version(), "numpy": np.__version__,
                          "onnx_ir": IR_VERSION, "python": platform.python_version()},
         }
         (tmp / "edgert.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -10,11 +10,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from onnx import TensorProto
-
 from . import graph as G
 from .checkpoint import Checkpoint
 from .graph import AttentionIO, Graph, Recipe
+from .onnx_proto import TensorProto
 
 
 class UnsupportedModel(Exception):
@@ -181,8 +180,8 @@ class Decoder:
         bits, bs = self.recipe.bits_for("lm_head"), self.recipe.block_size
         if self.tied and bits != 32 and self.recipe.bits_for("embed") == bits:
             # The quantized embedding rows are already MatMulNBits' B layout: share one copy.
-            logits = g.ms("MatMulNBits", [h, *self._embed_q], "lm_head", K=self.hidden, N=self.vocab, bits=bits,
-                          block_size=bs, accuracy_level=4)
+            logits = G.apply_linear(g, h, "MatMulNBits", list(self._embed_q),
+                                    dict(K=self.hidden, N=self.vocab, bits=bits, block_size=bs, accuracy_level=4), "lm_head")
         else:
             w = self.ckpt.rows("model.embed_tokens.weight" if self.tied else "lm_head.weight")
             logits = G.linear(g, h, w[:] if bits == 32 else w, "lm_head", bits, bs)

@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
 
 from . import graph as G
 from .decoder import Decoder
 from .graph import Graph
+from .onnx_proto import TensorProto, helper, numpy_helper
 from .quantize import quantize
 
 

@@ -89,6 +89,8 @@ def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool | None =
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block size must be a power of two >= 16, not {block_size}")
     symmetric = (bits == 8) if symmetric is None else symmetric
+    if hasattr(w, "quantized"):     # a shape-only weight of a synthetic model (export/synthetic.py): random codes
+        return w.quantized(bits, block_size, symmetric)
     n, k = w.shape
     kb = -(-k // block_size)
     packed = np.empty((n, kb, block_size * bits // 8), np.uint8)

@@ -1,0 +1,286 @@
+"""Artifacts of real model shapes with random weights, built on the device without a download:
+what `edgert bench --synthetic SHAPE` measures before anyone fetches gigabytes.
+
+The artifact comes from the real exporter and architecture modules (same graph, same recipe
+defaults); only the weight source differs. `SyntheticCheckpoint` looks like a checkpoint, but
+its large matrices are shape-only `SyntheticWeight`s that quantize() turns straight into random
+packed codes with plausible block scales (no fp32 matrix, no quantization search), so a 7B
+shape builds in the time it takes to write its bytes. Small tensors (norms, biases, routers)
+are real random fp32. The values follow benchmarks/checkpoints.py's random checkpoints
+(normal(0, 0.02), norms 1 + normal(0, 0.02)): activations stay finite and MoE routers spread
+tokens over the experts as random real weights do.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from edgert.artifact import bytes_per_weight
+from edgert.device import RUNTIME_BYTES, WEIGHT_FACTOR, available_memory
+
+from .archs import model_for
+from .artifact import BUNDLED_MODEL, DEFAULT_MAX_CONTEXT, export
+from .decoder import Decoder
+from .graph import Recipe
+from .moe import MoEDecoder
+from .quantize import Quantized, _pack4
+
+STD = 0.02              # the random checkpoints' weight scale
+GENERATOR_VERSION = 1   # bump when the weights or the layout change: cached artifacts are rebuilt
+
+
+def _qwen2(**kw) -> dict:
+    return dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151643,
+                **kw)
+
+
+# Real models' config.json numbers (architecture fields only).
+SHAPES = {
+    "qwen2.5-0.5b": _qwen2(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                           num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                           rope_theta=1000000.0, tie_word_embeddings=True),
+    "r1-distill-qwen-1.5b": _qwen2(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                   max_position_embeddings=131072, rope_theta=10000, tie_word_embeddings=False),
+    "r1-distill-qwen-7b": _qwen2(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                 max_position_embeddings=131072, rope_theta=10000, tie_word_embeddings=False),
+    "qwen3-0.6b": dict(model_type="qwen3", hidden_act="silu", hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
+    "olmoe-1b-7b": dict(model_type="olmoe", hidden_act="silu", hidden_size=2048, intermediate_size=1024,
+                        num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, num_experts=64,
+                        num_experts_per_tok=8, norm_topk_prob=False, vocab_size=50304, max_position_embeddings=4096,
+                        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=None,
+                        eos_token_id=50279),
+}
+SUPPORTED = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
+
+
+class SyntheticError(Exception):
+    """One line for the user."""
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+class SyntheticWeight:
+    """A weight matrix [out, in] that exists only as its shape until quantize() asks for its codes.
+    np.concatenate / np.stack / reshape (how the exporter fuses q|k|v, gate|up and experts) give
+    another placeholder; anything that wants the fp32 values fails loudly."""
+
+    def __init__(self, shape, name: str, seed: int):
+        self.shape, self.name, self.seed = tuple(int(d) for d in shape), name, seed
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        assert int(np.prod(shape)) == int(np.prod(self.shape)), (shape, self.shape)
+        return SyntheticWeight(shape, self.name, self.seed)
+
+    def __array_function__(self, func, types, args, kwargs):
+        parts = list(args[0])
+        axis = kwargs.get("axis", args[1] if len(args) > 1 else 0)
+        if func is np.concatenate:
+            shape = list(parts[0].shape)
+            shape[axis] = sum(p.shape[axis] for p in parts)
+        elif func is np.stack:
+            shape = list(parts[0].shape)
+            shape.insert(axis, len(parts))
+        else:
+            return NotImplemented
+        return SyntheticWeight(shape, parts[0].name, parts[0].seed)
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError(f"{self.name}: synthetic weights exist only in quantized form (use --bits 4 or 8)")
+
+    def quantized(self, bits: int, block_size: int, symmetric: bool) -> Quantized:
+        """Uniformly random codes (a byte holds two int4 codes) and block scales that give the
+        dequantized weights the standard deviation STD."""
+        n, k = self.shape
+        kb = -(-k // block_size)
+        rng = _rng(self.seed, self.name)
+        packed = np.frombuffer(rng.bytes(n * kb * block_size * bits // 8), np.uint8).reshape(n, kb, -1)
+        levels, mid = 1 << bits, 1 << (bits - 1)
+        rms_code = np.sqrt((levels ** 2 - 1) / 12 + 0.25)       # of (uniform code - mid)
+        scales = (STD / rms_code * rng.uniform(0.9, 1.1, (n, kb))).astype(np.float32)
+        zero_points = None
+        if not symmetric:
+            zp = rng.integers(mid - 1, mid + 1, (n, kb + (kb % 2 if bits == 4 else 0)), dtype=np.uint8, endpoint=True)
+            zero_points = _pack4(zp) if bits == 4 else zp
+        return Quantized(packed, scales, zero_points, bits, block_size, k)
+
+
+def tensor_shapes(m: Decoder) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the Hugging Face checkpoint of model m, by the architecture's own names."""
+    if m.model_type not in SUPPORTED:
+        raise SyntheticError(f"synthetic weights for {m.model_type} are not supported ({', '.join(SUPPORTED)})")
+    h, q, kv = m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim
+    out = {"model.embed_tokens.weight": (m.vocab, h)}
+    for i in range(m.n_layers):
+        p = m.layer_prefix(i)
+        a = p + "self_attn."
+        out[p + "input_layernorm.weight"] = (h,)
+        for proj, rows in (("q", q), ("k", kv), ("v", kv)):
+            out[f"{a}{proj}_proj.weight"] = (rows, h)
+            if m.qkv_bias:
+                out[f"{a}{proj}_proj.bias"] = (rows,)
+        out[a + "o_proj.weight"] = (h, q)
+        if m.qk_norm:
+            head = m.qk_norm == "head"
+            out[a + "q_norm.weight"], out[a + "k_norm.weight"] = ((m.head_dim,), (m.head_dim,)) if head else ((q,), (kv,))
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        out.update(_ffn_shapes(m, i))
+    out["model.norm.weight"] = (h,)
+    if not m.tied:
+        out["lm_head.weight"] = (m.vocab, h)
+    return out
+
+
+def _swiglu_shapes(pre: str, ffn: int, h: int, names=("gate_proj", "up_proj", "down_proj")) -> dict:
+    return {f"{pre}{names[0]}.weight": (ffn, h), f"{pre}{names[1]}.weight": (ffn, h), f"{pre}{names[2]}.weight": (h, ffn)}
+
+
+def _ffn_shapes(m: Decoder, i: int) -> dict:
+    h, p = m.hidden, m.layer_prefix(i)
+    if not (isinstance(m, MoEDecoder) and m.is_sparse(i)):
+        return _swiglu_shapes(p + "mlp.", m.ffn_dim, h)
+    pre = p + m.moe_prefix
+    out = {pre + m.router_name: (m.routing.experts, h)}
+    for e in range(m.routing.experts):
+        out.update(_swiglu_shapes(pre, m.expert_ffn, h, tuple(n.format(e=e) for n in m.expert_names)))
+    shared = m.config.get("shared_expert_intermediate_size")
+    if m.model_type == "qwen2_moe" and shared:
+        out.update(_swiglu_shapes(pre + "shared_expert.", shared, h))
+        out[pre + "shared_expert_gate.weight"] = (1, h)
+    return out
+
+
+def _is_matrix(m: Decoder, name: str, shape) -> bool:
+    """Weights the exporter quantizes (routers and the [1, H] shared-expert gate stay fp32)."""
+    router = isinstance(m, MoEDecoder) and name.endswith("." + m.router_name)
+    return len(shape) == 2 and min(shape) > 1 and not router
+
+
+class SyntheticCheckpoint:
+    """The Checkpoint interface (config, names, shape, get, rows) over generated weights."""
+
+    def __init__(self, config: dict, seed: int = 0):
+        self.config, self.generation_config, self.seed = config, {}, seed
+        self.model = model_for(config)
+        self._shapes = tensor_shapes(self.model)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shapes
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def get(self, name: str):
+        shape = self._shapes[name]
+        if _is_matrix(self.model, name, shape):
+            return SyntheticWeight(shape, name, self.seed)
+        x = _rng(self.seed, name).normal(0, STD, shape).astype(np.float32)
+        return x + np.float32(1) if "norm" in name else x
+
+    rows = get      # the embedding path reads tables through rows(); a placeholder serves both
+
+
+# ---- sizes and the memory check -------------------------------------------------------------
+
+def quantized_bytes(n: int, k: int, bits: int, block_size: int) -> int:
+    """Bytes of an [n, k] weight in the artifact (k padded to whole blocks)."""
+    return int(n * -(-k // block_size) * block_size * bytes_per_weight(bits, block_size))
+
+
+def weight_bytes(config: dict, recipe: Recipe) -> int:
+    """The data file an export of `config` writes, give or take alignment."""
+    m = model_for(config)
+    total = 0
+    for name, shape in tensor_shapes(m).items():
+        if not _is_matrix(m, name, shape):
+            total += 4 * int(np.prod(shape))
+            continue
+        cls = "embed" if name == "model.embed_tokens.weight" else "lm_head" if name == "lm_head.weight" else "mlp"
+        total += quantized_bytes(*shape, recipe.bits_for(cls), recipe.block_size)   # (a tied table is stored once)
+    context = min(m.max_positions, DEFAULT_MAX_CONTEXT)
+    return total + 2 * 4 * context * m.padded_head_dim // 2      # + the rotary tables
+
+
+def kv_cache_bytes(config: dict, context: int) -> int:
+    m = model_for(config)
+    return 2 * 4 * m.n_layers * m.kv_heads * m.padded_head_dim * context
+
+
+def check_fits(shape: str, need_memory: int, need_disk: int, folder: Path, available: int | None = None) -> None:
+    """Refuse, in one line, a shape whose weights + KV cache exceed free memory, or whose files the disk."""
+    available = (available_memory() or (None, ""))[0] if available is None else available
+    if available is not None and need_memory > available:
+        raise SyntheticError(f"{shape} needs {need_memory / 2**30:.1f} GiB of memory (weights + KV cache + runtime) but "
+                             f"{available / 2**30:.1f} GiB is available: pick a smaller shape, --bits 4 or a shorter --context")
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if need_disk > free:
+        raise SyntheticError(f"{shape} needs {need_disk / 2**30:.1f} GiB of disk in {folder} but {free / 2**30:.1f} GiB "
+                             f"is free (set EDGERT_SYNTHETIC_DIR to build elsewhere)")
+
+
+# ---- build and cache ------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    if os.environ.get("EDGERT_SYNTHETIC_DIR"):
+        return Path(os.environ["EDGERT_SYNTHETIC_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgert" / "synthetic"
+
+
+def _key(config: dict, bits: int, seed: int) -> str:
+    return hashlib.sha256(json.dumps([config, bits, seed, GENERATOR_VERSION], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build(shape: str, bits: int = 4, context: int = 256, folder: Path | None = None, seed: int = 0,
+          config: dict | None = None, progress: bool = True, available: int | None = None) -> Path:
+    """The artifact for a built-in shape (or `config`), from the cache when it is there and current.
+    `context` is the KV cache the bench will allocate (for the memory check)."""
+    if config is None and shape not in SHAPES:
+        raise SyntheticError(f"unknown shape {shape!r}; built-in shapes: {', '.join(SHAPES)}")
+    if bits not in (4, 8):
+        raise SyntheticError(f"--bits must be 4 or 8 for a synthetic model, not {bits}")
+    config = dict(config or SHAPES[shape])
+    longest = min(config.get("max_position_embeddings", 4096), DEFAULT_MAX_CONTEXT)   # what export gives it
+    if context > longest:
+        raise SyntheticError(f"--context must be at most {longest} for {shape} (the context its artifact is exported for)")
+    out = Path(folder or cache_dir()) / f"{shape}-int{bits}"
+    key = _key(config, bits, seed)
+    cached = all((out / f).is_file() for f in ("synthetic.json", "edgert.json", "model.onnx.data")) \
+        and json.loads((out / "synthetic.json").read_text()).get("key") == key
+    data = (out / "model.onnx.data").stat().st_size if cached else weight_bytes(config, Recipe(bits=bits))
+    # the same estimate as the runtime's check before loading (edgert/device.py)
+    need = int(data * WEIGHT_FACTOR) + kv_cache_bytes(config, context) + RUNTIME_BYTES
+    check_fits(shape, need, 0 if cached else data, out.parent, available)
+    if cached:
+        return out
+    with tempfile.TemporaryDirectory(prefix=".synthetic-src-", dir=out.parent) as src:
+        src = Path(src)    # the exporter copies config and tokenizer from a folder; the weights come from the source
+        (src / "config.json").write_text(json.dumps(config, indent=2))
+        (src / "generation_config.json").write_text(json.dumps(
+            {k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None}))
+        shutil.copyfile(BUNDLED_MODEL / "tokenizer.json", src / "tokenizer.json")   # any tokenizer: bench needs none
+        export(src, out, bits=bits, force=True, progress=progress, checkpoint=SyntheticCheckpoint(config, seed))
+    (out / "synthetic.json").write_text(json.dumps({"shape": shape, "bits": bits, "seed": seed, "key": key}) + "\n")
+    return out
