@@ -136,8 +136,9 @@ class Decoder:
                               g.const("logits_end", np.array([2**62], np.int64)), g.const("seq_axis", np.array([1], np.int64))],
                     "last_positions")
         g.output(self.lm_head(g, last), "logits", TensorProto.FLOAT, [1, "num_logits", self.vocab])
+        split = {"lm_head_int8_candidates": self.lm_head_candidates} if self._split_head() else {}   # int4 planes, see above
         return {"attention": recipe.bits, "mlp": recipe.bits, "embed": recipe.bits_for("embed"),
-                "lm_head": recipe.bits_for("lm_head"), "block_size": recipe.block_size}
+                "lm_head": recipe.bits_for("lm_head"), "block_size": recipe.block_size, **split}
 
     def extra_manifest(self) -> dict:
         """Architecture facts the runtime reports (MoE modules add their expert counts)."""

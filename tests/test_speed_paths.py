@@ -77,6 +77,8 @@ def test_stories_keeps_greedy_tokens_and_quality(tmp_path, split_head, monkeypat
     prompt = [1, 403, 407]                      # a story opening: no near-ties for 100 greedy tokens at fp32
     want_ids = hf_greedy(ref, prompt, 100)
     plain, split = Model(arts[0]), Model(arts[64])
+    assert split.manifest["quantization"]["lm_head_int8_candidates"] == 64
+    assert "lm_head_int8_candidates" not in plain.manifest["quantization"]
     assert runtime_greedy(split, prompt, 100) == want_ids == runtime_greedy(plain, prompt, 100)
     # teacher-forced over a sampled-like window: the split head stays as close to fp32 as the plain int8 head
     ids = prompt + want_ids + [int(i) for i in np.random.default_rng(0).integers(3, 512, 150)]
