@@ -3,6 +3,8 @@ candidates must come out at int8 accuracy, the rest within the int4 reading's bo
 embedding lookup must return the int8 rows, and a real model must keep its greedy tokens."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from onnx import TensorProto
@@ -91,3 +93,16 @@ def test_stories_keeps_greedy_tokens_and_quality(tmp_path, split_head, monkeypat
         best = np.argsort(-want, -1)[:, :5]
         assert np.abs(np.take_along_axis(got - want, best, -1)).max() < 0.5
     assert top1[64] >= top1[0] - 0.01 and top1[64] > 0.95, top1
+
+
+@pytest.mark.skipif(not os.environ.get("EDGERT_ORT_PYTHON"), reason="set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
+def test_split_head_on_old_onnxruntime(tmp_path, split_head):
+    """TopK, ScatterElements and int4 MatMulNBits without zero points: the same tokens on onnxruntime 1.22."""
+    import sys
+    from edgert_export import export
+    from test_onnxruntime_versions import greedy_on
+    export(BUNDLED_STORIES, tmp_path / "art", bits=4, progress=False)
+    jobs = [(str(tmp_path / "art"), [1, 403, 407])]
+    old, new = greedy_on(os.environ["EDGERT_ORT_PYTHON"], jobs), greedy_on(sys.executable, jobs)
+    assert old["version"].startswith("1.22"), old["version"]
+    assert old["runs"] == new["runs"]
