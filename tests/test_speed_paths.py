@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto
 
 from conftest import BUNDLED_STORIES, hf_greedy, hf_logits, hf_model, runtime_greedy
-from edgert.model import Model
+from edgert.model import Model, uses_int8_matmul
 from edgert_export import graph as G
 from edgert_export.decoder import Decoder
 
@@ -86,6 +86,11 @@ def test_stories_keeps_greedy_tokens_and_quality(tmp_path, split_head, monkeypat
     plain, split = Model(arts[0]), Model(arts[64])
     assert split.manifest["quantization"]["lm_head_int8_candidates"] == 64
     assert "lm_head_int8_candidates" not in plain.manifest["quantization"]
+    # int8 layers still need the 8-bit kernel (absent from onnxruntime 1.22 on aarch64); a split head does not
+    assert uses_int8_matmul(split.manifest) and uses_int8_matmul(plain.manifest)
+    four = {"quantization": {**split.manifest["quantization"], "attention": 4, "mlp": 4}}
+    assert not uses_int8_matmul(four)
+    assert uses_int8_matmul({"quantization": {**plain.manifest["quantization"], "attention": 4, "mlp": 4}})
     assert runtime_greedy(split, prompt, 100) == want_ids == runtime_greedy(plain, prompt, 100)
     # teacher-forced over the model's own sampled text (as test_quality): as close to fp32 as the plain int8 head
     import torch
