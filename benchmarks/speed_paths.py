@@ -183,9 +183,8 @@ def head(args) -> dict:
     from edgert_export.decoder import Decoder
     src = compare.checkpoint(args.shape, args.work)
     runners, default = [], Decoder.lm_head_candidates
-    for candidates, embed, label in ((0, 8, "int8 lm_head, one MatMulNBits"),
-                                     (default, 8, f"int8 lm_head, split: int4 + {default} at int8"),
-                                     (0, 4, "int4 lm_head (--embed-bits 4)")):
+    for candidates, embed, label in ((0, 8, "int8 head"), (default, 8, f"int8 head split, {default} at int8"),
+                                     (0, 4, "int4 head (--embed-bits 4)")):
         Decoder.lm_head_candidates = candidates
         art, _ = compare.export(src, args.work / f"edgert-{args.shape}-int4-e{embed}-c{candidates}", 4, embed)
         size = sum(f.stat().st_size for f in art.iterdir()) / 1e6
