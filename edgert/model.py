@@ -53,7 +53,8 @@ def int8_kernel_available() -> bool:
 
 def uses_int8_matmul(manifest: dict) -> bool:
     q = manifest.get("quantization", {})
-    return 8 in (q.get("attention"), q.get("mlp"), q.get("lm_head"))
+    head = None if "lm_head_int8_candidates" in q else q.get("lm_head")   # int8 split in int4 planes: int4 kernels only
+    return 8 in (q.get("attention"), q.get("mlp"), head)
 
 
 def choose_graph(graphs: dict, strategy: str | None, needs_int8: bool = False) -> str:

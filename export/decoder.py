@@ -23,6 +23,12 @@ class UnsupportedModel(Exception):
 class Decoder:
     model_type = "llama"
     qk_norm: str | None = None          # "head": RMSNorm per head (Qwen3); "full": over all heads (OLMoE)
+    # An int8 lm_head over a large vocabulary is stored as two int4 planes and read as int4 for all
+    # logits, then at int8 for this many best candidates per position (`graph.candidate_logits`):
+    # decode reads 0.625 instead of 1.125 bytes per lm_head weight. Below split_head_min_vocab
+    # rows the head is too small a share of a step to pay for TopK; 0 candidates = off.
+    lm_head_candidates = 64
+    split_head_min_vocab = 16384
 
     def __init__(self, config: dict):
         c = self.config = config
@@ -129,8 +135,9 @@ class Decoder:
                               g.const("logits_end", np.array([2**62], np.int64)), g.const("seq_axis", np.array([1], np.int64))],
                     "last_positions")
         g.output(self.lm_head(g, last), "logits", TensorProto.FLOAT, [1, "num_logits", self.vocab])
+        split = {"lm_head_int8_candidates": self.lm_head_candidates} if self._split_head() else {}   # int4 planes, see above
         return {"attention": recipe.bits, "mlp": recipe.bits, "embed": recipe.bits_for("embed"),
-                "lm_head": recipe.bits_for("lm_head"), "block_size": recipe.block_size}
+                "lm_head": recipe.bits_for("lm_head"), "block_size": recipe.block_size, **split}
 
     def extra_manifest(self) -> dict:
         """Architecture facts the runtime reports (MoE modules add their expert counts)."""
@@ -168,17 +175,28 @@ class Decoder:
             del full
         else:
             bs = self.recipe.block_size
-            self._embed_q = G.quantized_rows(g, table, "embed_tokens", bits, bs)
-            x = G.gather_quantized_rows(g, ids, *self._embed_q, bits, self.hidden, -(-self.hidden // bs) * bs, "embed")
+            planes = self.tied and self._split_head() and self.recipe.bits_for("lm_head") == bits
+            self._embed_q = G.quantized_rows(g, table, "embed_tokens", bits, bs, planes)
+            x = G.gather_quantized_rows(g, ids, *self._embed_q[:3], bits, self.hidden, -(-self.hidden // bs) * bs, "embed",
+                                        *self._embed_q[3:])
         del table
         if self.embedding_multiplier != 1.0:
             x = g.op("Mul", [x, g.const("embedding_multiplier", np.array(self.embedding_multiplier, np.float32))],
                      "embed.scaled")
         return x
 
+    def _split_head(self) -> bool:
+        return (self.recipe.bits_for("lm_head") == 8 and self.lm_head_candidates > 0
+                and self.vocab >= self.split_head_min_vocab)
+
     def lm_head(self, g: Graph, h: str) -> str:
         bits, bs = self.recipe.bits_for("lm_head"), self.recipe.block_size
-        if self.tied and bits != 32 and self.recipe.bits_for("embed") == bits:
+        if self._split_head():
+            shared = self.tied and self.recipe.bits_for("embed") == bits
+            table = self._embed_q if shared else G.quantized_rows(
+                g, self.ckpt.rows("model.embed_tokens.weight" if self.tied else "lm_head.weight"), "lm_head", bits, bs, True)
+            logits = G.candidate_logits(g, h, table, self.vocab, self.hidden, bs, self.lm_head_candidates, "lm_head")
+        elif self.tied and bits != 32 and self.recipe.bits_for("embed") == bits:
             # The quantized embedding rows are already MatMulNBits' B layout: share one copy.
             logits = G.apply_linear(g, h, "MatMulNBits", list(self._embed_q),
                                     dict(K=self.hidden, N=self.vocab, bits=bits, block_size=bs, accuracy_level=4), "lm_head")

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import onnx_proto as proto
 from .onnx_proto import TensorProto, helper, numpy_helper
-from .quantize import quantize
+from .quantize import _pack4, quantize
 
 IR_VERSION = 10          # onnxruntime 1.22 (Termux) refuses anything newer
 OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
@@ -317,21 +317,50 @@ def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: Attentio
                 scale=float(scale))
 
 
-def quantized_rows(g: Graph, table, name: str, bits: int, block_size: int) -> tuple[str, str, str]:
+def quantized_rows(g: Graph, table, name: str, bits: int, block_size: int, planes: bool = False) -> tuple:
     """An embedding table in MatMulNBits' B layout (so a tied lm_head reads the same bytes):
-    (qweight [V, k_blocks, blob], scales [V, k_blocks], zero points [V, ceil(k_blocks/2)] or "")."""
+    (qweight [V, k_blocks, blob], scales [V, k_blocks], zero points [V, ceil(k_blocks/2)] or "").
+    planes (int8 only): the codes are stored as two int4 planes, (hi, scales, "", lo), with
+    code = 16 * hi + lo - 8 and |code - 128| <= 119 (see `split_int8`): the hi plane alone is a
+    round-to-nearest int4 reading of the table, half the bytes (`lm_head_candidates`)."""
+    if planes:
+        return split_int8(g, table, name, block_size)
     q = quantize(table, bits, block_size)
     return (g.const(name + ".qweight", q.packed), g.const(name + ".scales", q.scales),
             g.const(name + ".zero_points", q.zero_points) if q.zero_points is not None else "")
 
 
+PLANE_RANGE = 119        # int8 codes within 128 +- 119: round(code / 16) then fits a 4-bit hi nibble
+_PLANE_CHUNK = 4096      # rows per step: bounds the fp32 temporaries
+
+
+def split_int8(g: Graph, table, name: str, block_size: int) -> tuple[str, str, str, str]:
+    """Symmetric int8 rows (max |w| of a block -> 119, not 127: 0.09 bit) stored as two int4
+    planes, hi = round(code / 16) and the remainder lo: the same bytes as plain int8."""
+    n, k = table.shape
+    kb = -(-k // block_size)
+    hi = np.empty((n, kb, block_size // 2), np.uint8)
+    lo = np.empty_like(hi)
+    scales = np.empty((n, kb), np.float32)
+    for r in range(0, n, _PLANE_CHUNK):
+        blk = np.zeros((min(_PLANE_CHUNK, n - r), kb * block_size), np.float32)
+        blk[:, :k] = table[r : r + blk.shape[0]]
+        blk = blk.reshape(blk.shape[0], kb, block_size)
+        s = np.abs(blk).max(-1) / PLANE_RANGE
+        u = np.rint(blk / np.where(s == 0, 1, s)[..., None]).astype(np.int16) + 136   # code + 8, in [17, 255]
+        hi[r : r + len(u)], lo[r : r + len(u)] = _pack4(u >> 4), _pack4(u & 15)        # code = 16 hi + lo - 8
+        scales[r : r + len(u)] = s
+    return (g.const(name + ".qweight_hi", hi), g.const(name + ".scales", scales), "", g.const(name + ".qweight_lo", lo))
+
+
 def gather_quantized_rows(g: Graph, ids: str, qweight: str, scales: str, zero_points: str, bits: int, width: int,
-                          padded: int, name: str) -> str:
-    """Embedding lookup from a block-quantized table: only the looked-up rows are widened."""
-    def codes(packed: str, label: str) -> str:
-        """uint8 [..., n] -> float codes [..., n * 8 / bits] (int4: low nibble first)."""
+                          padded: int, name: str, lo_plane: str = "") -> str:
+    """Embedding lookup from a block-quantized table: only the looked-up rows are widened.
+    lo_plane: the table is int8 split in two int4 planes (`split_int8`); qweight is the hi plane."""
+    def codes(packed: str, label: str, nibbles: bool = bits == 4) -> str:
+        """uint8 [..., n] -> float codes [..., n * 2] of int4 nibbles (low first), or [..., n] bytes."""
         x = g.op("Cast", [packed], label + ".cast", to=TensorProto.FLOAT)
-        if bits == 8:
+        if not nibbles:
             return x
         hi = g.op("Floor", [g.op("Div", [x, g.const(label + ".16", np.array(16, np.float32))], label + ".div")], label + ".hi")
         lo = g.op("Sub", [x, g.op("Mul", [hi, g.const(label + ".16b", np.array(16, np.float32))], label + ".hi16")], label + ".lo")
@@ -344,6 +373,13 @@ def gather_quantized_rows(g: Graph, ids: str, qweight: str, scales: str, zero_po
         return g.op("Reshape", [pair, g.op("Concat", [keep, g.const(label + ".m1", np.array([-1], np.int64))], label + ".newshape",
                                              axis=0)], label + ".codes")
 
+    if lo_plane:        # code = 16 hi + lo - 8, centred on 128
+        hi, lo = (codes(g.op("Gather", [plane, ids], f"{name}.{part}_rows"), f"{name}.{part}", True)
+                  for plane, part in ((qweight, "hi"), (lo_plane, "lo")))
+        rows = g.op("Add", [g.op("Mul", [hi, g.const(name + ".x16", np.array(16, np.float32))], name + ".hi16"), lo],
+                    name + ".plane_codes")
+        zp = g.const(name + ".zero", np.array(136, np.float32))
+        return _dequant_rows(g, rows, zp, scales, ids, width, padded, name)
     rows = codes(g.op("Gather", [qweight, ids], name + ".rows"), name + ".w")            # [1, S, kb, block]
     last = g.const(name + ".last", np.array([-1], np.int64))
     if zero_points:
@@ -352,6 +388,12 @@ def gather_quantized_rows(g: Graph, ids: str, qweight: str, scales: str, zero_po
             "Shape", [scales], name + ".kb", start=1, end=2), last], name + ".zp_kb"), last], name + ".zp_b")
     else:
         zp = g.const(name + ".zero", np.array(1 << (bits - 1), np.float32))
+    return _dequant_rows(g, rows, zp, scales, ids, width, padded, name)
+
+
+def _dequant_rows(g: Graph, rows: str, zp: str, scales: str, ids: str, width: int, padded: int, name: str) -> str:
+    """(codes [1, S, kb, block] - zp) * scale of each looked-up row's blocks, as [1, S, width]."""
+    last = g.const(name + ".last_axis", np.array([-1], np.int64))
     s = g.op("Unsqueeze", [g.op("Gather", [scales, ids], name + ".row_scales"), last], name + ".scales_b")
     x = g.op("Mul", [g.op("Sub", [rows, zp], name + ".center"), s], name + ".dequant")
     x = g.op("Reshape", [x, g.const(name + ".shape", np.array([0, 0, padded], np.int64))], name + ".flat")
@@ -359,3 +401,27 @@ def gather_quantized_rows(g: Graph, ids: str, qweight: str, scales: str, zero_po
         x = g.op("Slice", [x, g.const(name + ".s0", np.array([0], np.int64)), g.const(name + ".s1", np.array([width], np.int64)),
                            last], name + ".unpad")
     return x
+
+
+def candidate_logits(g: Graph, h: str, table: tuple, vocab: int, hidden: int, block_size: int, candidates: int,
+                     name: str) -> str:
+    """lm_head over a `split_int8` table: all logits from the hi plane alone (MatMulNBits int4 over half
+    of int8's bytes, error within half a 16-code step), then the `candidates` best of each position
+    recomputed from both planes, i.e. at int8. Greedy picks and the head of the sampled
+    distribution are int8's; decode reads 0.625 instead of 1.125 bytes per lm_head weight."""
+    hi, scales, _, lo = table
+    coarse = g.ms("MatMulNBits", [h, hi, scales], name + ".coarse", K=hidden, N=vocab, bits=4, block_size=block_size,
+                  accuracy_level=4)    # no zero points: int4's default 8 centres hi, as 16 * (hi - 8) ~ code - 128
+    coarse = g.op("Mul", [coarse, g.const(name + ".x16", np.array(16, np.float32))], name + ".coarse16")
+    k = g.const(name + ".k", np.array([min(candidates, vocab)], np.int64))
+    _, best = g.op("TopK", [coarse, k], name + ".best", outputs=2, axis=-1)                          # [1, n, k]
+    flat = g.op("Reshape", [best, g.const(name + ".flat", np.array([1, -1], np.int64))], name + ".ids")
+    padded = -(-hidden // block_size) * block_size
+    rows = gather_quantized_rows(g, flat, hi, scales, "", 8, hidden, padded, name + ".rows", lo_plane=lo)  # [1, n k, hidden]
+    rows = g.op("Reshape", [rows, g.op("Concat", [g.op("Shape", [best], name + ".best_shape"),
+                                                   g.const(name + ".hidden", np.array([hidden], np.int64))],
+                                        name + ".rows_shape", axis=0)], name + ".rows4")             # [1, n, k, hidden]
+    last = g.const(name + ".last", np.array([-1], np.int64))
+    exact = g.op("Squeeze", [g.op("MatMul", [rows, g.op("Unsqueeze", [h, last], name + ".h_col")], name + ".exact_col"), last],
+                 name + ".exact")
+    return g.op("ScatterElements", [coarse, best, exact], name, axis=-1)
