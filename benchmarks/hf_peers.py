@@ -1,0 +1,200 @@
+"""Hugging Face peers: transformers fp32 (the numerical reference) and optimum-onnx (fp32, dynamic int8).
+
+optimum-onnx pins transformers < 4.58 while onnxruntime-genai's builder needs transformers 5, so
+optimum lives in its own venv, made here under the suite's work folder (torch==2.13.0 installed
+first and alone, so pip never pulls a CUDA build to satisfy a dependency).
+
+    py = ensure_venv(work / "venvs", "optimum", OPTIMUM_VENV)
+    art = prepare_optimum(hf_dir, work / "optimum" / shape, py, quant="int8")   # -> (folder, meta)
+
+Both runners time prefill and decode the same way as peers.timing(): the whole prompt -> the
+logits of its last token + greedy pick, then n_decode single-token forwards with their cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402  (stdlib-only at import: usable from any venv)
+
+
+def _pinned_onnxruntime() -> str:
+    """The onnxruntime of the main environment, so both ONNX peers run the same kernels."""
+    v = peers._version("onnxruntime")
+    return f"onnxruntime=={v}" if v != "?" else "onnxruntime"
+
+
+# pip install steps, in order; the first alone (see the module docstring)
+OPTIMUM_VENV = [["torch==2.13.0"],
+                ["optimum-onnx[onnxruntime]==0.1.0", "transformers<4.58", _pinned_onnxruntime()]]
+
+
+def ensure_venv(root: Path, name: str, steps: list[list[str]], log_dir: Path | None = None) -> Path:
+    """A venv at root/name with the pip steps installed (cached by their hash); returns its python."""
+    venv = Path(root).resolve() / name
+    py = venv / "bin" / "python"
+    key = hashlib.sha256(json.dumps(steps).encode()).hexdigest()[:16]
+    marker = venv / "edgert-suite.key"
+    if py.exists() and marker.exists() and marker.read_text() == key:
+        return py
+    shutil.rmtree(venv, ignore_errors=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    log = (log_dir or venv.parent) / f"{name}-venv.log"
+    peers._run_logged([sys.executable, "-m", "venv", str(venv)], log, f"python -m venv {venv}")
+    for i, pkgs in enumerate(steps):
+        cmd = [str(py), "-m", "pip", "install", "-q", *pkgs]
+        part = log.with_suffix(f".{i}.log")
+        peers._run_logged(cmd, part, f"pip install {' '.join(pkgs)} (venv {name})")
+    marker.write_text(key)
+    return py
+
+
+# --------------------------------------------------------------------------
+# runners: one greedy loop over a model with the transformers forward() API
+# --------------------------------------------------------------------------
+
+
+class _CausalLMLoop(peers.Runner):
+    """Prefill, then single-token forwards carrying past_key_values (what generate() does, minus
+    its per-step bookkeeping, so only the model is timed)."""
+
+    prefill_kwargs: dict = {}
+
+    def __init__(self, path: Path, name: str):
+        self.path, self.name, self.info = Path(path), name, {}
+        self.model = None
+
+    def _load(self, threads: int):
+        raise NotImplementedError
+
+    def measure(self, prompt_ids, n_decode, threads=2):
+        import torch
+
+        torch.set_num_threads(threads)
+        if self.model is None:
+            self.model = self._load(threads)
+        model = self.model
+        n = len(prompt_ids)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            ids = torch.tensor([list(prompt_ids)])
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **self.prefill_kwargs)
+            token = int(out.logits[0, -1].argmax())
+            t1 = time.perf_counter()
+            for i in range(n_decode):
+                out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
+                            attention_mask=torch.ones((1, n + i + 1), dtype=torch.long), use_cache=True)
+                token = int(out.logits[0, -1].argmax())
+            t2 = time.perf_counter()
+        return peers.timing(n, n_decode, t0, t1, t2)
+
+    def close(self):
+        self.model = None
+
+
+class TransformersRunner(_CausalLMLoop):
+    """transformers fp32, eager PyTorch on the CPU: the numerical reference."""
+
+    prefill_kwargs = {"logits_to_keep": 1}     # lm_head on the last position only, as edgert does
+
+    def _load(self, threads):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
+
+
+class OptimumRunner(_CausalLMLoop):
+    """optimum-onnx's ORTModelForCausalLM over its exported (and maybe quantized) model.onnx."""
+
+    def _load(self, threads):
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        # the quantizer writes model_quantized.onnx: load whichever single graph the folder holds
+        names = sorted(p.name for p in self.path.glob("*.onnx"))
+        name = "model.onnx" if "model.onnx" in names else names[0]
+        return ORTModelForCausalLM.from_pretrained(self.path, file_name=name, session_options=so,
+                                                   provider="CPUExecutionProvider")
+
+
+# --------------------------------------------------------------------------
+# optimum-onnx export and dynamic quantization (in its venv)
+# --------------------------------------------------------------------------
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _need_memory(what: str, need: int) -> None:
+    """Refuse up front rather than let the kernel's OOM killer pick a victim on a shared machine."""
+    have = _mem_available()
+    if have < need:
+        raise RuntimeError(f"{what} needs ~{need / 2**30:.0f} GiB of free memory, {have / 2**30:.0f} GiB available")
+
+
+def prepare_optimum(hf_dir, out_dir, python: Path, n_params: int, quant: str = "fp32") -> tuple[Path, dict]:
+    """optimum-cli export onnx (fp32; + `onnxruntime quantize --avx512_vnni`, dynamic int8), cached.
+
+    Returns (model folder, meta with bytes and timings)."""
+    hf_dir, out_dir = Path(hf_dir).resolve(), Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cli = str(Path(python).parent / "optimum-cli")
+    fp32 = out_dir / "fp32"
+    key = peers._checkpoint_key(hf_dir, {"optimum": "fp32", "python": str(python)})
+    meta = peers._cached(out_dir / "fp32.meta.json", key, fp32 / "model.onnx")
+    if meta is None:
+        # tracing holds the torch model, the ONNX proto and its validation run: ~3 copies of fp32
+        _need_memory("optimum fp32 export", 3 * 4 * n_params)
+        tmp = out_dir / "fp32.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [cli, "export", "onnx", "--model", str(hf_dir), "--task", "text-generation-with-past", str(tmp)]
+        dt = peers._run_logged(cmd, out_dir / "fp32.log", "optimum-cli export onnx")
+        shutil.rmtree(fp32, ignore_errors=True)
+        tmp.rename(fp32)
+        meta = {"key": key, "convert_s": round(dt, 1), "command": " ".join(cmd), "bytes": peers._dir_size(fp32)}
+        (out_dir / "fp32.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if quant == "fp32":
+        return fp32, meta
+    if quant != "int8":
+        raise ValueError(f"optimum quant {quant!r}: fp32 or int8")
+    q8 = out_dir / "int8"
+    key8 = key + "-int8"
+    meta8 = peers._cached(out_dir / "int8.meta.json", key8, q8)
+    if meta8 is None:
+        _need_memory("optimum dynamic int8 quantization", 2 * 4 * n_params)
+        tmp = out_dir / "int8.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [cli, "onnxruntime", "quantize", "--onnx_model", str(fp32), "--avx512_vnni", "-o", str(tmp)]
+        dt = peers._run_logged(cmd, out_dir / "int8.log", "optimum-cli onnxruntime quantize")
+        # the quantizer writes model_quantized.onnx next to the fp32 config files
+        shutil.rmtree(q8, ignore_errors=True)
+        tmp.rename(q8)
+        meta8 = {"key": key8, "convert_s": round(meta["convert_s"] + dt, 1), "quantize_s": round(dt, 1),
+                 "command": " ".join(cmd), "bytes": peers._dir_size(q8)}
+        (out_dir / "int8.meta.json").write_text(json.dumps(meta8, indent=2) + "\n")
+    return q8, meta8
+
+
+def venv_versions(python: Path, modules: list[str]) -> dict:
+    """Installed versions of modules in another interpreter."""
+    code = ("import json, importlib.metadata as m\n"
+            "def v(n):\n  try: return m.version(n)\n  except Exception: return None\n"
+            f"print(json.dumps({{n: v(n) for n in {modules!r}}}))")
+    r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    return json.loads(r.stdout) if r.returncode == 0 else {}
