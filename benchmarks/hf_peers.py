@@ -148,47 +148,44 @@ def _need_memory(what: str, need: int) -> None:
         raise RuntimeError(f"{what} needs ~{need / 2**30:.0f} GiB of free memory, {have / 2**30:.0f} GiB available")
 
 
-def prepare_optimum(hf_dir, out_dir, python: Path, n_params: int, quant: str = "fp32") -> tuple[Path, dict]:
-    """optimum-cli export onnx (fp32; + `onnxruntime quantize --avx512_vnni`, dynamic int8), cached.
+def _build_once(out_dir: Path, tag: str, key: str, cmd: list[str], what: str, need: int) -> dict:
+    """Run cmd + [out_dir/tag.tmp], rename the result to out_dir/tag; cached by key in tag.meta.json."""
+    out, meta_path = out_dir / tag, out_dir / f"{tag}.meta.json"
+    meta = peers._cached(meta_path, key, out)
+    if meta is None:
+        _need_memory(what, need)
+        tmp = out_dir / f"{tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        dt = peers._run_logged(cmd + [str(tmp)], out_dir / f"{tag}.log", what)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        meta = {"key": key, "convert_s": round(dt, 1), "command": " ".join(cmd + [str(out)]),
+                "bytes": peers._dir_size(out)}
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
 
-    Returns (model folder, meta with bytes and timings)."""
+
+def prepare_optimum(hf_dir, out_dir, python: Path, n_params: int, quant: str = "fp32") -> tuple[Path, dict]:
+    """optimum-cli export onnx (fp32; + `onnxruntime quantize --avx512_vnni`: dynamic int8), cached.
+
+    Returns (model folder, meta with bytes and build seconds, the export's included for int8)."""
+    if quant not in ("fp32", "int8"):
+        raise ValueError(f"optimum quant {quant!r}: fp32 or int8")
     hf_dir, out_dir = Path(hf_dir).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     cli = str(Path(python).parent / "optimum-cli")
-    fp32 = out_dir / "fp32"
     key = peers._checkpoint_key(hf_dir, {"optimum": "fp32", "python": str(python)})
-    meta = peers._cached(out_dir / "fp32.meta.json", key, fp32 / "model.onnx")
-    if meta is None:
-        # tracing holds the torch model, the ONNX proto and its validation run: ~3 copies of fp32
-        _need_memory("optimum fp32 export", 3 * 4 * n_params)
-        tmp = out_dir / "fp32.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [cli, "export", "onnx", "--model", str(hf_dir), "--task", "text-generation-with-past", str(tmp)]
-        dt = peers._run_logged(cmd, out_dir / "fp32.log", "optimum-cli export onnx")
-        shutil.rmtree(fp32, ignore_errors=True)
-        tmp.rename(fp32)
-        meta = {"key": key, "convert_s": round(dt, 1), "command": " ".join(cmd), "bytes": peers._dir_size(fp32)}
-        (out_dir / "fp32.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    # tracing holds the torch model, the ONNX proto and a validation run: about 3 fp32 copies
+    meta = _build_once(out_dir, "fp32", key, [cli, "export", "onnx", "--model", str(hf_dir), "--task",
+                                              "text-generation-with-past"],
+                       "optimum-cli export onnx", 3 * 4 * n_params)
     if quant == "fp32":
-        return fp32, meta
-    if quant != "int8":
-        raise ValueError(f"optimum quant {quant!r}: fp32 or int8")
-    q8 = out_dir / "int8"
-    key8 = key + "-int8"
-    meta8 = peers._cached(out_dir / "int8.meta.json", key8, q8)
-    if meta8 is None:
-        _need_memory("optimum dynamic int8 quantization", 2 * 4 * n_params)
-        tmp = out_dir / "int8.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [cli, "onnxruntime", "quantize", "--onnx_model", str(fp32), "--avx512_vnni", "-o", str(tmp)]
-        dt = peers._run_logged(cmd, out_dir / "int8.log", "optimum-cli onnxruntime quantize")
-        # the quantizer writes model_quantized.onnx next to the fp32 config files
-        shutil.rmtree(q8, ignore_errors=True)
-        tmp.rename(q8)
-        meta8 = {"key": key8, "convert_s": round(meta["convert_s"] + dt, 1), "quantize_s": round(dt, 1),
-                 "command": " ".join(cmd), "bytes": peers._dir_size(q8)}
-        (out_dir / "int8.meta.json").write_text(json.dumps(meta8, indent=2) + "\n")
-    return q8, meta8
+        return out_dir / "fp32", meta
+    # writes model_quantized.onnx (MatMulInteger, per-tensor int8 weights) beside the config files
+    meta8 = _build_once(out_dir, "int8", key + "-int8", [cli, "onnxruntime", "quantize", "--onnx_model",
+                                                          str(out_dir / "fp32"), "--avx512_vnni", "-o"],
+                        "optimum-cli onnxruntime quantize", 2 * 4 * n_params)
+    return out_dir / "int8", dict(meta8, convert_s=meta8["convert_s"] + meta["convert_s"])
 
 
 def venv_versions(python: Path, modules: list[str]) -> dict:
