@@ -86,13 +86,14 @@ class _CausalLMLoop(peers.Runner):
             t0 = time.perf_counter()
             ids = torch.tensor([list(prompt_ids)])
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **self.prefill_kwargs)
-            token = int(out.logits[0, -1].argmax())
+            tokens = [int(out.logits[0, -1].argmax())]
             t1 = time.perf_counter()
             for i in range(n_decode):
-                out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
+                out = model(input_ids=torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values,
                             attention_mask=torch.ones((1, n + i + 1), dtype=torch.long), use_cache=True)
-                token = int(out.logits[0, -1].argmax())
+                tokens.append(int(out.logits[0, -1].argmax()))
             t2 = time.perf_counter()
+        self.last_tokens = tokens[:-1]      # the greedy continuation that was fed back
         return peers.timing(n, n_decode, t0, t1, t2)
 
     def close(self):
