@@ -37,7 +37,7 @@ import report  # noqa: E402
 
 SHAPES = ("qwen2.5-0.5b", "r1-distill-qwen-1.5b", "qwen3-moe-small")
 BASELINE = "edgert int4"
-WORKER_TIMEOUT_S = 1800
+WORKER_TIMEOUT_S = 1200
 
 
 @dataclass
