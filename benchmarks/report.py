@@ -64,7 +64,8 @@ def markdown(rep: dict) -> str:
         "whole prompt to the first greedy token; *decode* = the following single-token steps.",
         "",
         f"Memory read bandwidth ({rep['threads']} threads, `benchmarks/machine.py`): {bw[0]:.1f} GB/s before, "
-        f"{bw[1]:.1f} GB/s after. *Decode roofline* = bandwidth / weight bytes read per token (the model's "
+        + (f"{bw[1]:.1f} GB/s after" if bw[1] is not None else "(run still going: shapes so far)")
+        + ". *Decode roofline* = bandwidth / weight bytes read per token (the model's "
         "weights as held in memory: transformers holds fp32; MoE: active experts only, so it overstates "
         "runners that compute every expert); the KV cache and activations are left out, so 100% is "
         "unreachable. *Others' CPU* = share of the cores other processes kept busy during that runner's rounds "

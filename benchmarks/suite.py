@@ -280,20 +280,28 @@ def main(argv=None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     bw_before = machine.read_bandwidth(args.threads)
     print(f"memory read bandwidth ({args.threads} threads): {bw_before / 1e9:.1f} GB/s", flush=True)
-    results = [run_shape(s, args, bw_before, wanted) for s in shapes]
+    results = []
+    for s in shapes:
+        results.append(run_shape(s, args, bw_before, wanted))
+        # written after every shape: a long run that is stopped still leaves its finished shapes
+        write_report(args, argv, started, [bw_before / 1e9, None], results)
     bw_after = machine.read_bandwidth(args.threads)
+    write_report(args, argv, started, [bw_before / 1e9, bw_after / 1e9], results)
+    print(f"wrote {args.results} and {args.json}")
+    return 0
+
+
+def write_report(args, argv, started, bandwidth_gbs, results) -> None:
     rep = {
         "command": "python benchmarks/suite.py " + " ".join(shlex.quote(a) for a in argv),
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": args.threads, "prompt_len": args.prompt_len, "decode": args.decode, "repeat": args.repeat,
-        "bandwidth_gbs": [bw_before / 1e9, bw_after / 1e9],
+        "bandwidth_gbs": bandwidth_gbs,
         "machine": machine.describe(), "versions": versions(args.work), "shapes": results,
     }
     args.json.write_text(json.dumps(rep, indent=2) + "\n")
     args.results.write_text(report.markdown(rep))
-    print(f"wrote {args.results} and {args.json}")
-    return 0
 
 
 def versions(work: Path) -> dict:
