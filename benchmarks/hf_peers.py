@@ -149,12 +149,16 @@ def _need_memory(what: str, need: int) -> None:
         raise RuntimeError(f"{what} needs ~{need / 2**30:.0f} GiB of free memory, {have / 2**30:.0f} GiB available")
 
 
-def _build_once(out_dir: Path, tag: str, key: str, cmd: list[str], what: str, need: int) -> dict:
-    """Run cmd + [out_dir/tag.tmp], rename the result to out_dir/tag; cached by key in tag.meta.json."""
+def _build_once(out_dir: Path, tag: str, key: str, cmd: list[str], what: str, need: int, disk: int) -> dict:
+    """Run cmd + [out_dir/tag.tmp], rename the result to out_dir/tag; cached by key in tag.meta.json.
+    need / disk: bytes of memory / disk space the step needs; refused up front when they are not free."""
     out, meta_path = out_dir / tag, out_dir / f"{tag}.meta.json"
     meta = peers._cached(meta_path, key, out)
     if meta is None:
         _need_memory(what, need)
+        free = shutil.disk_usage(out_dir).free
+        if free < disk:
+            raise RuntimeError(f"{what} writes ~{disk / 1e9:.1f} GB, {free / 1e9:.1f} GB free on {out_dir}")
         tmp = out_dir / f"{tag}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         dt = peers._run_logged(cmd + [str(tmp)], out_dir / f"{tag}.log", what)
@@ -180,13 +184,14 @@ def prepare_optimum(hf_dir, out_dir, python: Path, n_params: int, quant: str = "
     # peaked at 5.2 GB for 2.0 GB of fp32 weights, so ask for 2.75 fp32 copies
     meta = _build_once(out_dir, "fp32", key, [cli, "export", "onnx", "--model", str(hf_dir), "--task",
                                               "text-generation-with-past"],
-                       "optimum-cli export onnx", 11 * n_params)
+                       "optimum-cli export onnx", 11 * n_params, disk=4 * n_params)
     if quant == "fp32":
         return out_dir / "fp32", meta
     # writes model_quantized.onnx (MatMulInteger, per-tensor int8 weights) beside the config files
     meta8 = _build_once(out_dir, "int8", key + "-int8", [cli, "onnxruntime", "quantize", "--onnx_model",
                                                           str(out_dir / "fp32"), "--avx512_vnni", "-o"],
-                        "optimum-cli onnxruntime quantize", 22 * n_params)    # measured: 10.2 GB for 2.0 GB
+                        "optimum-cli onnxruntime quantize", 22 * n_params,    # measured: 10.2 GB for 2.0 GB
+                        disk=n_params)
     return out_dir / "int8", dict(meta8, convert_s=meta8["convert_s"] + meta["convert_s"])
 
 

@@ -14,19 +14,19 @@ def _shape_table(s: dict) -> list[str]:
     active = f", {s['active_params'] / 1e6:.0f}M active" if s["active_params"] != s["params"] else ""
     out = [f"### {s['shape']} — {s['architecture']}, {s['params'] / 1e6:.0f}M parameters{active}", "",
            f"Load average (1 min) {s['loadavg_before'][0]:.2f} before, {s['loadavg_after'][0]:.2f} after; "
-           f"measuring took {s['measure_s']} s. Decode roofline: {s['read_fraction']:.0%} of each runner's weight "
-           "bytes read per token.", "",
+           f"measuring took {s['measure_s']} s.", "",
            "| runner | prefill tok/s | decode tok/s | prefill vs edgert | decode vs edgert | decode min–max "
-           "| decode roofline tok/s | % of roofline | peak RSS MB | size on disk MB | others' CPU | notes |",
-           "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+           "| MB read per token | decode roofline tok/s | % of roofline | peak RSS MB | size on disk MB | others' CPU | notes |",
+           "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in s["rows"]:
         if "refused" in r:
-            out.append(f"| {r['name']} | refused: {r['refused'].replace('|', '/')} |||||||||||")
+            out.append(f"| {r['name']} | refused: {r['refused'].replace('|', '/')} ||||||||||||")
             continue
         out.append(" | ".join([
             f"| {r['name']}", _f(r["prefill_tok_s"]), _f(r["decode_tok_s"]),
             _f(r.get("prefill_vs_edgert"), "{:.2f}x"), _f(r.get("decode_vs_edgert"), "{:.2f}x"),
-            f"{r['decode_range'][0]:.1f}–{r['decode_range'][1]:.1f}", _f(r["roofline_tok_s"]),
+            f"{r['decode_range'][0]:.1f}–{r['decode_range'][1]:.1f}", f"{r['bytes_per_token_mb']:.0f}",
+            _f(r["roofline_tok_s"]),
             _f(r["roofline_pct"], "{:.0f}%"), f"{r['peak_rss_mb']:.0f}", f"{r['disk_mb']:.0f}",
             f"{r['other_load_median']:.0%}", r["notes"]]) + " |")
     return out + [""]
@@ -65,10 +65,10 @@ def markdown(rep: dict) -> str:
         "",
         f"Memory read bandwidth ({rep['threads']} threads, `benchmarks/machine.py`): {bw[0]:.1f} GB/s before, "
         + (f"{bw[1]:.1f} GB/s after" if bw[1] is not None else "(run still going: shapes so far)")
-        + ". *Decode roofline* = bandwidth / weight bytes read per token (the model's "
-        "weights as held in memory: transformers holds fp32; MoE: active experts only, so it overstates "
-        "runners that compute every expert); the KV cache and activations are left out, so 100% is "
-        "unreachable. *Others' CPU* = share of the cores other processes kept busy during that runner's rounds "
+        + ". *Decode roofline* = bandwidth (before) / weight bytes a decode step reads, counted in each "
+        "runner's own model (`benchmarks/weight_bytes.py`: lookup-only embedding tables out, a tied "
+        "lm_head in, MoE experts x top-k/E; transformers: fp32 in memory); the KV cache and activations "
+        "are left out, so 100% is unreachable. *Others' CPU* = share of the cores other processes kept busy during that runner's rounds "
         "(the machine is shared).",
         "",
     ]

@@ -34,6 +34,7 @@ import hf_peers  # noqa: E402
 import machine  # noqa: E402
 import peers  # noqa: E402
 import report  # noqa: E402
+import weight_bytes  # noqa: E402
 
 SHAPES = ("qwen2.5-0.5b", "r1-distill-qwen-1.5b", "qwen3-moe-small")
 BASELINE = "edgert int4"
@@ -49,7 +50,7 @@ class Prepared:
     python: str = sys.executable
     options: dict = field(default_factory=dict)
     disk_bytes: int = 0            # the model as stored
-    weight_bytes: int = 0          # the weights as held in memory (transformers: fp32 from bf16)
+    bytes_per_token: int = 0       # weight bytes a decode step reads (weight_bytes.py)
     notes: str = ""
     refused: str = ""              # one line: why this runner has no numbers
 
@@ -79,37 +80,60 @@ def export_edgert(src: Path, out: Path, bits: int = 4, embed_bits: int = 8, bloc
 def _edgert(src, work, shape, bits):
     art, secs = export_edgert(src, work / "edgert" / f"{shape}-int{bits}", bits=bits)
     return Prepared("", "edgert", str(art), disk_bytes=peers._dir_size(art),
-                    weight_bytes=peers._dir_size(art / "model.onnx.data"), notes=f"export {secs:.0f} s")
+                    bytes_per_token=weight_bytes.onnx_bytes_per_token(art, _expert_share(src)),
+                    notes=f"export {secs:.0f} s")
 
 
 def _genai(src, work, shape, precision):
     r = peers.prepare_genai(src, work / "peers" / shape, precision=precision)
-    return Prepared("", "genai", str(r.model_dir), disk_bytes=r.info["bytes"], weight_bytes=r.info["bytes"],
+    return Prepared("", "genai", str(r.model_dir), disk_bytes=r.info["bytes"],
+                    bytes_per_token=weight_bytes.onnx_bytes_per_token(r.model_dir, _expert_share(src)),
                     notes=f"build {r.info['convert_s']:.0f} s")
 
 
 def _llamacpp(src, work, shape, qtype):
     r = peers.prepare_llamacpp(src, work / "peers" / shape, qtype=qtype, src_dir=work)
     r.close()
-    return Prepared("", "llamacpp", str(work / "peers" / shape / f"llamacpp-{qtype}.gguf"),
-                    disk_bytes=r.info["bytes"], weight_bytes=r.info["bytes"],
+    gguf = work / "peers" / shape / f"llamacpp-{qtype}.gguf"
+    return Prepared("", "llamacpp", str(gguf), disk_bytes=r.info["bytes"],
+                    bytes_per_token=weight_bytes.gguf_bytes_per_token(gguf, _expert_share(src)),
                     notes=f"convert {r.info['convert_s']:.0f} s + quantize {r.info.get('quantize_s', 0):.0f} s")
 
 
+_OPTIMUM_FAILED: dict[str, str] = {}     # shape -> why its fp32 export failed (int8 starts from it)
+
+
 def _optimum(src, work, shape, quant):
+    if shape in _OPTIMUM_FAILED:
+        raise RuntimeError(_OPTIMUM_FAILED[shape])
     py = hf_peers.ensure_venv(work / "venvs", "optimum", hf_peers.OPTIMUM_VENV)
-    path, meta = hf_peers.prepare_optimum(src, work / "optimum" / shape, py, _params(src), quant)
-    return Prepared("", "optimum", str(path), python=str(py), disk_bytes=meta["bytes"], weight_bytes=meta["bytes"],
+    try:
+        path, meta = hf_peers.prepare_optimum(src, work / "optimum" / shape, py, _params(src), quant)
+    except RuntimeError as e:
+        _OPTIMUM_FAILED[shape] = str(e)
+        raise
+    return Prepared("", "optimum", str(path), python=str(py), disk_bytes=meta["bytes"],
+                    bytes_per_token=weight_bytes.onnx_bytes_per_token(path, _expert_share(src)),
                     notes=f"export {meta['convert_s']:.0f} s")
 
 
 def _transformers(src, work, shape, _):
-    return Prepared("", "transformers", str(src), disk_bytes=peers._dir_size(src), weight_bytes=4 * _params(src),
+    config = _config(src)
+    return Prepared("", "transformers", str(src), disk_bytes=peers._dir_size(src),
+                    bytes_per_token=weight_bytes.hf_bytes_per_token(config, checkpoints.active_param_count(config)),
                     notes="bf16 checkpoint, run in fp32")
 
 
+def _config(src: Path) -> dict:
+    return json.loads((src / "config.json").read_text())
+
+
 def _params(src: Path) -> int:
-    return checkpoints.param_count(json.loads((src / "config.json").read_text()))
+    return checkpoints.param_count(_config(src))
+
+
+def _expert_share(src: Path) -> float:
+    return weight_bytes.expert_share(_config(src))
 
 
 # table order; the first is the baseline of every ratio
@@ -182,7 +206,7 @@ def interleave(runners: list[Prepared], prompt, n_decode, repeat, threads, shape
     return rounds
 
 
-def summarise(runners: list[Prepared], rounds, read_fraction: float, bandwidth: float) -> list[dict]:
+def summarise(runners: list[Prepared], rounds, bandwidth: float) -> list[dict]:
     rows = []
     for p in runners:
         ms = rounds.get(p.name, [])
@@ -193,13 +217,12 @@ def summarise(runners: list[Prepared], rounds, read_fraction: float, bandwidth: 
             continue
         pre = [m["prefill_tok_s"] for m in ms]
         dec = [m["decode_tok_s"] for m in ms]
-        bytes_per_token = p.weight_bytes * read_fraction
-        roof = bandwidth / bytes_per_token if bytes_per_token else None
+        roof = bandwidth / p.bytes_per_token if p.bytes_per_token else None
         row.update(prefill_tok_s=statistics.median(pre), decode_tok_s=statistics.median(dec),
                    prefill_range=[min(pre), max(pre)], decode_range=[min(dec), max(dec)],
                    peak_rss_mb=max(m["peak_rss_mb"] for m in ms), load_s=statistics.median(m["load_s"] for m in ms),
                    other_load_median=statistics.median(m["other_load"] for m in ms), rounds=len(ms),
-                   bytes_per_token_mb=bytes_per_token / 1e6, roofline_tok_s=roof,
+                   bytes_per_token_mb=p.bytes_per_token / 1e6, roofline_tok_s=roof,
                    roofline_pct=100 * statistics.median(dec) / roof if roof else None)
         rows.append(row)
     base = next((r for r in rows if r["name"] == BASELINE and "refused" not in r), None)
@@ -210,16 +233,6 @@ def summarise(runners: list[Prepared], rounds, read_fraction: float, bandwidth: 
     return rows
 
 
-def read_fraction(config: dict) -> float:
-    """Share of the weights read per decoded token: active parameters, less an untied input embedding
-    (one row of it is read). Applied to each runner's weight bytes for its decode roofline."""
-    total = checkpoints.param_count(config)
-    read = checkpoints.active_param_count(config)
-    if not config.get("tie_word_embeddings", False):
-        read -= config["vocab_size"] * config["hidden_size"]
-    return read / total
-
-
 def run_shape(shape: str, args, bandwidth: float, wanted) -> dict:
     src, runners = prepare_all(shape, args.work, wanted)
     config = json.loads((src / "config.json").read_text())
@@ -227,11 +240,10 @@ def run_shape(shape: str, args, bandwidth: float, wanted) -> dict:
     load_before = os.getloadavg()
     t0 = time.time()
     rounds = interleave(runners, prompt, args.decode, args.repeat, args.threads, shape)
-    frac = read_fraction(config)
     return {"shape": shape, "architecture": config["architectures"][0],
             "params": checkpoints.param_count(config), "active_params": checkpoints.active_param_count(config),
-            "read_fraction": frac, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            "measure_s": round(time.time() - t0), "rows": summarise(runners, rounds, frac, bandwidth),
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "measure_s": round(time.time() - t0), "rows": summarise(runners, rounds, bandwidth),
             "rounds": rounds}
 
 
