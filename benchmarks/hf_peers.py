@@ -146,7 +146,7 @@ def _need_memory(what: str, need: int) -> None:
     """Refuse up front rather than let the kernel's OOM killer pick a victim on a shared machine."""
     have = _mem_available()
     if have < need:
-        raise RuntimeError(f"{what} needs ~{need / 2**30:.0f} GiB of free memory, {have / 2**30:.0f} GiB available")
+        raise RuntimeError(f"{what} needs ~{need / 2**30:.1f} GiB of free memory, {have / 2**30:.1f} GiB available")
 
 
 def _build_once(out_dir: Path, tag: str, key: str, cmd: list[str], what: str, need: int, disk: int) -> dict:
