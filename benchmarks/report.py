@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
+
+BUSY = 0.25     # median share of the cores used by others above which the report says so
 
 
 def _f(x, fmt="{:.1f}") -> str:
@@ -65,13 +68,18 @@ def markdown(rep: dict) -> str:
         "",
         f"Memory read bandwidth ({rep['threads']} threads, `benchmarks/machine.py`): {bw[0]:.1f} GB/s before, "
         + (f"{bw[1]:.1f} GB/s after" if bw[1] is not None else "(run still going: shapes so far)")
-        + ". *Decode roofline* = bandwidth (before) / weight bytes a decode step reads, counted in each "
+        + ". *Decode roofline* = bandwidth (the better probe: others' load only slows it) / weight bytes a decode step reads, counted in each "
         "runner's own model (`benchmarks/weight_bytes.py`: lookup-only embedding tables out, a tied "
         "lm_head in, MoE experts x top-k/E; transformers: fp32 in memory); the KV cache and activations "
         "are left out, so 100% is unreachable. *Others' CPU* = share of the cores other processes kept busy during that runner's rounds "
         "(the machine is shared).",
         "",
     ]
+    busy = [r["other_load_median"] for s in rep["shapes"] for r in s["rows"] if "other_load_median" in r]
+    if busy and statistics.median(busy) > BUSY:
+        lines += [f"**Busy machine:** other processes kept a median {statistics.median(busy):.0%} of the cores busy "
+                  "during the rounds. Ratios between runners are only indicative, and llama.cpp (spinning "
+                  "threads) suffers most; rerun on a quiet machine before quoting absolute figures.", ""]
     for s in rep["shapes"]:
         lines += _shape_table(s)
     lines += ["## Versions", ""] + _versions(rep["versions"]) + [""]

@@ -72,7 +72,8 @@ def test_summary_medians_ratios_roofline_and_refusals():
                suite.Prepared("onnxruntime-genai int4", refused="NotImplementedError: not supported")]
     rounds = {suite.BASELINE: _rounds([400, 500, 600], [50, 40, 60]),
               "llama.cpp Q4_0": _rounds([1000, 900, 1100], [20, 30, 25])}
-    rows = suite.summarise(runners, rounds, bandwidth=10e9)
+    rows = suite.summarise(runners, rounds)
+    suite.add_roofline(rows, 10e9)
     base, llama, genai = rows
     assert (base["prefill_tok_s"], base["decode_tok_s"]) == (500, 50)
     assert base["roofline_tok_s"] == pytest.approx(10e9 / 50e6) and base["roofline_pct"] == pytest.approx(25)
