@@ -389,10 +389,15 @@ def prepare_llamacpp(hf_dir, work_dir, qtype: str = "Q4_0", src_dir=None) -> Run
     _check_hf_dir(hf_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    # 1. HF -> bf16 GGUF (shared by every qtype)
+    # 1. HF -> bf16 GGUF (shared by every qtype; may be deleted once the qtypes are made)
     base = work_dir / "llamacpp-bf16.gguf"
     base_meta_path = work_dir / "llamacpp-bf16.meta.json"
     base_key = _checkpoint_key(hf_dir, {"outtype": "bf16", "llama_cpp": _version("llama_cpp_python")})
+    if qtype != "BF16":
+        out = work_dir / f"llamacpp-{qtype}.gguf"
+        meta = _cached(work_dir / f"llamacpp-{qtype}.meta.json", base_key + "-" + qtype, out)
+        if meta is not None:
+            return LlamaCppRunner(out, f"llama.cpp-{qtype}", meta)
     base_meta = _cached(base_meta_path, base_key, base)
     if base_meta is None:
         conv = find_gguf_converter(Path(src_dir).resolve() if src_dir else work_dir)
