@@ -1,7 +1,7 @@
 """The side-by-side suite: edgert against every peer, interleaved, medians and ratios -> RESULTS.md.
 
     python benchmarks/suite.py --work DIR [--shapes qwen2.5-0.5b,r1-distill-qwen-1.5b,qwen3-moe-small]
-                               [--repeat 5] [--threads 2] [--runners SUBSTR,...] [--quick]
+                               [--repeat 5] [--threads 2] [--runners SUBSTR,...] [--quick] [--prepare-only]
                                [--results benchmarks/RESULTS.md] [--json benchmarks/results.json]
 
 For each shape it prepares (and caches in DIR) a random-weight checkpoint of the real shape, the
@@ -285,7 +285,10 @@ def main(argv=None) -> int:
     if args.repeat < 1 or args.threads < 1 or args.prompt_len < 1 or args.decode < 1:
         ap.error("--repeat, --threads, --prompt-len and --decode must be >= 1")
     args.work = args.work.resolve()
-    args.work.mkdir(parents=True, exist_ok=True)
+    try:
+        args.work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        ap.error(f"--work {args.work}: {e.strerror}")
     filters = [f.strip().lower() for f in args.runners.split(",") if f.strip()]
 
     def wanted(label: str) -> bool:
