@@ -1,4 +1,7 @@
-"""edgert side by side with its peers, interleaved in one run, medians and ratios.
+"""edgert's own variants against each other, interleaved in one process, medians and ratios.
+
+The side-by-side comparison with every peer (each in its own process) is benchmarks/suite.py;
+this script is for edgert's options: export presets, expert strategies and MoE baselines.
 
     python benchmarks/compare.py dense --work DIR            # Qwen2.5-0.5B shape: edgert int4/int8, genai int4, llama.cpp Q4_0/Q4_K_M
     python benchmarks/compare.py moe --work DIR              # small Qwen3-MoE (1.3B, 64 experts, top-4) against
@@ -12,54 +15,16 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import checkpoints  # noqa: E402
 import peers  # noqa: E402
+import suite  # noqa: E402
+from runners import EdgertRunner  # noqa: E402
 
 
-class EdgertRunner(peers.Runner):
-    def __init__(self, artifact: Path, name: str, strategy: str | None = None, info: dict | None = None):
-        self.artifact, self.name, self.strategy, self.info = artifact, name, strategy, info or {}
-        self.model = None
-
-    def measure(self, prompt_ids, n_decode, threads=2):
-        import numpy as np
-        from edgert.model import Model
-        if self.model is None:
-            self.model = Model(self.artifact, context=1024, threads=threads,
-                               strategy=self.strategy)
-        m = self.model
-        m.reset()
-        t0 = time.perf_counter()
-        token = int(np.argmax(m.forward(prompt_ids)[-1]))
-        t1 = time.perf_counter()
-        for _ in range(n_decode):
-            token = int(np.argmax(m.forward([token])[-1]))
-        t2 = time.perf_counter()
-        return peers.timing(len(prompt_ids), n_decode, t0, t1, t2)
-
-    def close(self):
-        self.model = None
-
-
-def checkpoint(shape: str, work: Path) -> Path:
-    path = work / "ckpt" / shape
-    if not (path / "config.json").is_file():
-        checkpoints.make_checkpoint(shape, path)
-    return path
-
-
-def export(src: Path, out: Path, bits: int = 4, embed_bits: int = 8, block_size: int = 32) -> tuple[Path, float]:
-    """Export once (cached); returns the artifact and the export's wall time."""
-    from edgert_export import export as do_export
-    if not (out / "edgert.json").is_file():
-        t0 = time.time()
-        do_export(src, out, bits=bits, force=True, progress=False, embed_bits=embed_bits, block_size=block_size)
-        (out / "export_seconds").write_text(str(time.time() - t0))
-    return out, float((out / "export_seconds").read_text()) if (out / "export_seconds").is_file() else 0.0
+checkpoint = suite.checkpoint
+export = suite.export_edgert
 
 
 def with_top_k(src: Path, dst: Path, k: int) -> Path:

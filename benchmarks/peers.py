@@ -372,8 +372,10 @@ def find_gguf_converter(work_dir: Path) -> Path:
     return dest
 
 
-def prepare_llamacpp(hf_dir, work_dir, qtype: str = "Q4_0", outtype: str = "bf16") -> Runner:
-    """Convert hf_dir to GGUF (`outtype` bf16, or f32 for quality runs) and quantize it to qtype (cached in work_dir)."""
+def prepare_llamacpp(hf_dir, work_dir, qtype: str = "Q4_0", outtype: str = "bf16", src_dir=None) -> Runner:
+    """Convert hf_dir to GGUF (`outtype` bf16, or f32 for quality runs) and quantize it to qtype
+    (cached in work_dir). src_dir: where the converter is looked for or unpacked (default
+    work_dir), so that several checkpoints can share one copy."""
     try:
         import llama_cpp
     except ImportError as e:
@@ -394,9 +396,15 @@ def prepare_llamacpp(hf_dir, work_dir, qtype: str = "Q4_0", outtype: str = "bf16
     base = work_dir / f"llamacpp-{outtype}.gguf"
     base_meta_path = work_dir / f"llamacpp-{outtype}.meta.json"
     base_key = _checkpoint_key(hf_dir, {"outtype": outtype, "llama_cpp": _version("llama_cpp_python")})
+    if qtype != outtype.upper():       # a cached quantized file no longer needs its base GGUF
+        tag = qtype if outtype == "bf16" else f"{qtype}-from-{outtype}"
+        out = work_dir / f"llamacpp-{tag}.gguf"
+        meta = _cached(work_dir / f"llamacpp-{tag}.meta.json", base_key + "-" + qtype, out)
+        if meta is not None:
+            return LlamaCppRunner(out, f"llama.cpp-{qtype}", meta)
     base_meta = _cached(base_meta_path, base_key, base)
     if base_meta is None:
-        conv = find_gguf_converter(work_dir)
+        conv = find_gguf_converter(Path(src_dir).resolve() if src_dir else work_dir)
         tmp = base.with_suffix(".tmp")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_convert-gguf", str(conv),
                str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
@@ -531,13 +539,13 @@ def prepare(peer: str, hf_dir, work_dir, genai_extra: dict | None = None) -> Run
 
 
 def _cpu_times() -> tuple[float, float, float]:
-    """(wall s, whole-machine busy CPU s, this process's CPU s)."""
+    """(wall s, whole-machine busy CPU s, CPU s of this process and its finished children)."""
     with open("/proc/stat") as f:
         vals = [int(v) for v in f.readline().split()[1:]]
     idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
     busy = (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
     t = os.times()
-    return time.perf_counter(), busy, t.user + t.system
+    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
 
 
 def other_load(before, after) -> float:

@@ -1,0 +1,106 @@
+"""The benchmark suite's own logic: the timed greedy loop of the HF peers, the roofline and ratio
+arithmetic, refusals as rows, and one-line worker errors."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, hf_greedy, hf_model, make_checkpoint
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import checkpoints  # noqa: E402
+import report  # noqa: E402
+import suite  # noqa: E402
+
+
+def test_transformers_loop_matches_generate(tmp_path):
+    """The hand-written prefill + cached decode loop feeds back exactly what generate() picks."""
+    import hf_peers
+    ckpt = make_checkpoint(tmp_path / "ck", "qwen2")
+    ids = [5, 17, 99, 3, 250, 41, 7, 300]
+    runner = hf_peers.TransformersRunner(ckpt, "transformers fp32")
+    m = runner.measure(ids, 12, threads=1)
+    assert (m["n_prompt"], m["n_decode"]) == (8, 12)
+    assert runner.last_tokens == hf_greedy(hf_model(ckpt), ids, 12)
+
+
+def test_hf_bytes_per_token_follows_tied_and_untied_embeddings():
+    import weight_bytes
+    tied = checkpoints.SHAPES["qwen2.5-0.5b"].config
+    assert weight_bytes.hf_bytes_per_token(tied, 494_032_768) == 4 * 494_032_768
+    untied = checkpoints.SHAPES["r1-distill-qwen-1.5b"].config
+    assert weight_bytes.hf_bytes_per_token(untied, 1_777_088_000) == 4 * (1_777_088_000 - 151936 * 1536)
+    moe = checkpoints.SHAPES["qwen3-moe-small"].config
+    assert weight_bytes.expert_share(moe) == 4 / 64 and weight_bytes.expert_share(tied) == 1.0
+
+
+def test_onnx_bytes_per_token_leaves_out_lookup_tables(tmp_path):
+    """An embedding only gathered from is read one row per token; one shared with the lm_head is read whole."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    import weight_bytes
+
+    table = numpy_helper.from_array(np.zeros((100, 8), np.float32), "table")       # 3200 bytes
+    w = numpy_helper.from_array(np.zeros((8, 8), np.uint8), "w")                    # 64 bytes
+
+    def save(folder, shared):
+        nodes = [helper.make_node("Gather", ["table", "ids"], ["x"]),
+                 helper.make_node("MatMulInteger", ["x8", "w"], ["y"])]
+        if shared:
+            nodes.append(helper.make_node("MatMul", ["h", "table"], ["logits"]))
+        g = helper.make_graph(nodes, "g", [], [], [table, w])
+        folder.mkdir()
+        onnx.save(helper.make_model(g), str(folder / "model.onnx"))
+        return folder
+
+    assert weight_bytes.onnx_bytes_per_token(save(tmp_path / "a", shared=False)) == 64
+    assert weight_bytes.onnx_bytes_per_token(save(tmp_path / "b", shared=True)) == 64 + 3200
+
+
+def _rounds(pre, dec):
+    return [{"prefill_tok_s": p, "decode_tok_s": d, "peak_rss_mb": 100.0 + i, "load_s": 1.0, "other_load": 0.0}
+            for i, (p, d) in enumerate(zip(pre, dec))]
+
+
+def test_summary_medians_ratios_roofline_and_refusals():
+    runners = [suite.Prepared(suite.BASELINE, "edgert", bytes_per_token=50e6, disk_bytes=120e6),
+               suite.Prepared("llama.cpp Q4_0", "llamacpp", bytes_per_token=100e6, disk_bytes=200e6),
+               suite.Prepared("onnxruntime-genai int4", refused="NotImplementedError: not supported")]
+    rounds = {suite.BASELINE: _rounds([400, 500, 600], [50, 40, 60]),
+              "llama.cpp Q4_0": _rounds([1000, 900, 1100], [20, 30, 25])}
+    rows = suite.summarise(runners, rounds)
+    suite.add_roofline(rows, 10e9)
+    base, llama, genai = rows
+    assert (base["prefill_tok_s"], base["decode_tok_s"]) == (500, 50)
+    assert base["roofline_tok_s"] == pytest.approx(10e9 / 50e6) and base["roofline_pct"] == pytest.approx(25)
+    assert llama["prefill_vs_edgert"] == pytest.approx(2.0) and llama["decode_vs_edgert"] == pytest.approx(0.5)
+    assert llama["peak_rss_mb"] == 102 and llama["decode_range"] == [20, 30]
+    assert genai["refused"] == "NotImplementedError: not supported" and "decode_tok_s" not in genai
+
+    rep = {"command": "python benchmarks/suite.py --work W", "started": "a", "finished": "b", "threads": 2,
+           "prompt_len": 128, "decode": 64, "repeat": 3, "bandwidth_gbs": [10.0, 10.0],
+           "machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "machine": "x86_64", "simd": "", "kernel": "k"},
+           "versions": {"onnxruntime": "1", "optimum venv": {"transformers": "4.57"}},
+           "shapes": [{"shape": "s", "architecture": "A", "params": 10, "active_params": 10,
+                       "loadavg_before": [0.1], "loadavg_after": [0.2], "measure_s": 1, "rows": rows}]}
+    md = report.markdown(rep)
+    assert "| llama.cpp Q4_0 | 1000.0 | 25.0 | 2.00x | 0.50x | 20.0–30.0 | 100 | 100.0 | 25% | 102 | 200 |" in md
+    assert "| onnxruntime-genai int4 | refused: NotImplementedError: not supported |" in md
+    assert "python benchmarks/suite.py --work W" in md and "transformers 4.57" in md
+
+
+def test_worker_reports_one_line_errors(tmp_path):
+    p = suite.Prepared("edgert int4", "edgert", str(tmp_path / "missing"))
+    r = suite.run_worker(p, [1, 2, 3], 2, 1)
+    assert set(r) == {"error"} and "\n" not in r["error"] and "Traceback" not in r["error"]
+
+
+def test_suite_cli_rejects_bad_shapes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        suite.main(["--work", str(tmp_path), "--shapes", "gpt-9"])
+    assert e.value.code != 0
+    assert "unknown shape 'gpt-9'" in capsys.readouterr().err
