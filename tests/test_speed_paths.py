@@ -119,9 +119,9 @@ def test_split_head_on_old_onnxruntime(tmp_path, split_head):
     """TopK, ScatterElements and int4 MatMulNBits without zero points: the same tokens on onnxruntime 1.22."""
     import sys
     from edgert_export import export
-    from test_onnxruntime_versions import greedy_on
+    from test_onnxruntime_versions import IDS_SCRIPT, run_on
     export(BUNDLED_STORIES, tmp_path / "art", bits=4, progress=False)
     jobs = [(str(tmp_path / "art"), [1, 403, 407])]
-    old, new = greedy_on(os.environ["EDGERT_ORT_PYTHON"], jobs), greedy_on(sys.executable, jobs)
+    old, new = run_on(os.environ["EDGERT_ORT_PYTHON"], IDS_SCRIPT, jobs), run_on(sys.executable, IDS_SCRIPT, jobs)
     assert old["version"].startswith("1.22"), old["version"]
     assert old["runs"] == new["runs"]
