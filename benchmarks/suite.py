@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+ROOT = Path(__file__).resolve().parents[1]
 import checkpoints  # noqa: E402
 import hf_peers  # noqa: E402
 import machine  # noqa: E402
@@ -70,10 +72,16 @@ def checkpoint(shape: str, work: Path) -> Path:
 def export_edgert(src: Path, out: Path, bits: int = 4, embed_bits: int = 8, block_size: int = 32) -> tuple[Path, float]:
     """Export once (cached); returns the artifact and the export's wall time."""
     from edgert_export import export as do_export
-    if not (out / "edgert.json").is_file():
+    # cached per exporter source, options and checkpoint: a changed exporter exports again
+    sources = sorted((ROOT / "export").rglob("*.py"))
+    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + repr((bits, embed_bits, block_size)).encode()
+                           + (src / "config.json").read_bytes()).hexdigest()
+    if not (out / "edgert.json").is_file() or not (out / "export_stamp").is_file() \
+            or (out / "export_stamp").read_text() != stamp:
         t0 = time.time()
         do_export(src, out, bits=bits, force=True, progress=False, embed_bits=embed_bits, block_size=block_size)
         (out / "export_seconds").write_text(str(time.time() - t0))
+        (out / "export_stamp").write_text(stamp)
     return out, float((out / "export_seconds").read_text()) if (out / "export_seconds").is_file() else 0.0
 
 
