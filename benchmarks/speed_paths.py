@@ -1,7 +1,6 @@
 """Where dense int4 time goes, and the lm_head read as int4 + int8 candidates, side by side.
 
     python benchmarks/speed_paths.py kernels            # MatMulNBits layouts vs int8 GEMM on Qwen2.5-0.5B's projections
-    python benchmarks/speed_paths.py profile ART        # per-op-type shares of a prefill and a decode step
     python benchmarks/speed_paths.py head --work DIR    # int8 lm_head: one int8 MatMulNBits vs split planes (+ embed 4)
 Options: --threads 2 --repeat 5 --json OUT (head: --shape qwen2.5-0.5b|r1-distill-qwen-1.5b --prompt-len 128 --decode 64)
 
@@ -9,13 +8,13 @@ Options: --threads 2 --repeat 5 --json OUT (head: --shape qwen2.5-0.5b|r1-distil
 896->9728, down 4864->896) at M=1 (decode) and M=128 (prefill) for each way ONNX Runtime can read
 them; with --threads 1 it reports CPU time, which the other processes of a shared machine disturb
 least. GB/s counts the weight bytes a decode step reads.
+Per-op-type time shares of a prefill and a decode step: benchmarks/op_profile.py ART.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
-import os
 import statistics
 import sys
 import time
@@ -128,55 +127,6 @@ def kernels(args) -> dict:
     return {"threads": args.threads, "layers": args.layers, "weight_bytes": sizes, "rows": rows}
 
 
-# ---- profile -------------------------------------------------------------------------------
-
-def profile(args) -> dict:
-    """Per-op-type kernel time of one prefill (prompt-len tokens) and the decode steps after it."""
-    import onnxruntime as ort
-    from edgert.model import Model
-    model = Model(args.artifact, context=args.prompt_len + args.decode + 8, threads=args.threads)
-    opts = ort.SessionOptions()
-    opts.enable_profiling, opts.intra_op_num_threads, opts.log_severity_level = True, args.threads, 3
-    opts.profile_file_prefix = str(Path(args.work) / "ort_profile")
-    graphs = model.manifest.get("graphs", {"default": "model.onnx"})
-    session = ort.InferenceSession(str(Path(args.artifact) / graphs[model.strategy]), opts, providers=["CPUExecutionProvider"])
-    model.session, model._io = session, session.io_binding()      # the same cache binding, on a profiling session
-    model._io.bind_output("logits")
-    for i, buf in enumerate(model._cache):
-        name = f"{i // 2}.{('key', 'value')[i % 2]}"
-        model._io.bind_ortvalue_input(f"past_key_values.{name}", buf)
-        model._io.bind_ortvalue_output(f"present.{name}", buf)
-    prompt = np.random.default_rng(0).integers(100, 1000, args.prompt_len)
-    token = 0
-    for _ in range(2):                                       # the first round warms up
-        model.reset()
-        token = int(np.argmax(model.forward(prompt)[-1]))
-        for _ in range(args.decode):
-            token = int(np.argmax(model.forward([token])[-1]))
-    trace = Path(session.end_profiling())
-    events = json.loads(trace.read_text())
-    trace.unlink()
-    runs = [e for e in events if e.get("name") == "model_run"][args.decode + 1:]
-    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    result = {}
-    for label, span in (("prefill", runs[:1]), ("decode", runs[1:])):
-        by_op, by_node = collections.Counter(), collections.Counter()
-        for e in kernels:
-            if any(r["ts"] <= e["ts"] <= r["ts"] + r["dur"] for r in span):
-                by_op[e["args"]["op_name"]] += e["dur"] / len(span)
-                by_node[e["name"][:-len("_kernel_time")]] += e["dur"] / len(span)
-        total = sum(by_op.values())
-        step = statistics.median(r["dur"] for r in span)
-        print(f"\n{label}: {step / 1e3:.2f} ms per run ({'%d tokens' % args.prompt_len if label == 'prefill' else '1 token'}), "
-              f"kernels {total / 1e3:.2f} ms")
-        for op, us in by_op.most_common(8):
-            print(f"  {op:36} {us / 1e3:8.3f} ms {100 * us / total:5.1f}%")
-        head = sum(us for n, us in by_node.items() if n.startswith("n:lm_head"))
-        print(f"  {'(lm_head nodes)':36} {head / 1e3:8.3f} ms {100 * head / total:5.1f}%")
-        result[label] = {"run_ms": step / 1e3, "ops_ms": {k: v / 1e3 for k, v in by_op.items()}, "lm_head_ms": head / 1e3}
-    return result
-
-
 # ---- head ----------------------------------------------------------------------------------
 
 def head(args) -> dict:
@@ -198,8 +148,7 @@ def head(args) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suite", choices=["kernels", "profile", "head"])
-    ap.add_argument("artifact", nargs="?", type=Path, help="profile: the artifact folder")
+    ap.add_argument("suite", choices=["kernels", "head"])
     ap.add_argument("--work", type=Path, default=Path("bench-out"))
     ap.add_argument("--shape", default="qwen2.5-0.5b", choices=["qwen2.5-0.5b", "r1-distill-qwen-1.5b"])
     ap.add_argument("--layers", type=int, default=LAYERS)
@@ -209,10 +158,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    if args.suite == "profile" and (args.artifact is None or not (args.artifact / "edgert.json").is_file()):
-        ap.error("profile needs an artifact folder (one with edgert.json)")
     args.work.mkdir(parents=True, exist_ok=True)
-    result = {"kernels": kernels, "profile": profile, "head": head}[args.suite](args)
+    result = {"kernels": kernels, "head": head}[args.suite](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
