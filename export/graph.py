@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .quantize import quantize
+from .quantize import DEFAULT_RECIPE, Quantizer
 
 IR_VERSION = 10          # onnxruntime 1.22 (Termux) refuses anything newer
 OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
@@ -36,6 +36,7 @@ class Graph:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._names: set[str] = set()
+        self.quantizer = Quantizer()         # the recipe's method (+ calibration statistics)
 
     def _unique(self, name: str) -> str:
         base, i = name, 1
@@ -116,6 +117,10 @@ class Graph:
             self.op("Identity", [src], name)
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
 
+    def add_output(self, name: str) -> None:
+        """Expose an existing float tensor as a graph output too (calibration probes)."""
+        self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+
     def branch(self, build, name: str) -> onnx.GraphProto:
         """A subgraph (for If) holding the nodes and initializers `build()` adds. Weights must live
         in the subgraph that uses them: read from two scopes up, MatMulNBits is not prepacked
@@ -154,6 +159,7 @@ class Recipe:
     bits: int = 4            # attention and MLP / expert projections
     block_size: int = 32
     embed_bits: int = 8      # embeddings and lm_head: small models punish int4 here
+    method: str = DEFAULT_RECIPE   # how int4 codes are chosen (quantize.RECIPES)
 
     def bits_for(self, tensor_class: str) -> int:
         if tensor_class == "router":
@@ -178,7 +184,7 @@ def linear_operands(g: Graph, w, name: str, bits: int, block_size: int, bias=Non
     if bits == 32:
         return ("MatMul", [g.const(f"{name}.weight_t", np.ascontiguousarray(w.T)),
                            g.const(f"{name}.bias", bias) if bias is not None else ""], {})
-    q = quantize(w, bits, block_size)
+    q = g.quantizer(w, bits, block_size, name)
     ins = [g.const(f"{name}.qweight", q.packed), g.const(f"{name}.scales", q.scales.reshape(-1)),
            g.const(f"{name}.zero_points", q.zero_points.reshape(-1)) if q.zero_points is not None else ""]
     if bias is not None:
@@ -256,7 +262,7 @@ def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: Attentio
 def quantized_rows(g: Graph, table, name: str, bits: int, block_size: int) -> tuple[str, str, str]:
     """An embedding table in MatMulNBits' B layout (so a tied lm_head reads the same bytes):
     (qweight [V, k_blocks, blob], scales [V, k_blocks], zero points [V, ceil(k_blocks/2)] or "")."""
-    q = quantize(table, bits, block_size)
+    q = g.quantizer(table, bits, block_size, name)
     return (g.const(name + ".qweight", q.packed), g.const(name + ".scales", q.scales),
             g.const(name + ".zero_points", q.zero_points) if q.zero_points is not None else "")
 

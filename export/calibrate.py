@@ -1,0 +1,120 @@
+"""Input statistics of every linear layer, measured on a short calibration text.
+
+The quantizer minimises each linear's *output* error (see quantize.py), which needs E[x x^T]
+of its input x. They come from a quick first pass: the same decoder is built at int8
+(round to nearest, cheap and close to fp32) with every linear's input made a graph output,
+and onnxruntime runs it over the text. The inputs are kept on disk (one memory-mapped
+[tokens, K] array per input), so memory stays near one tensor; the Gram matrix of a linear is
+formed only when that linear is quantized.
+
+What is measured: every linear in the main graph (attention, dense MLP, shared experts,
+lm_head). MoE experts share the layer input, so the router's input stands for every expert's
+gate/up; an expert's down projection sees only its own tokens, inside an If branch that cannot
+be a graph output, so it is quantized without statistics (the block search).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgert.model import QMOE_SINCE, int8_kernel_available, ort_version
+
+from .graph import Graph, Recipe
+from .quantize import Quantizer, Stats
+
+DEFAULT_CALIB = Path(__file__).parent / "data" / "calib.txt"
+WINDOW = 512                  # tokens per window, each starting from an empty cache
+_CHUNK_BYTES = 256 << 20      # bounds the probe outputs of one onnxruntime run
+
+
+class CalibrationError(Exception):
+    """One line for the user."""
+
+
+class ActivationStats:
+    """Linear name -> Stats, read from the probe arrays on demand."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], linears: dict[str, str], tokens: int):
+        self.arrays, self.linears, self.tokens = arrays, linears, tokens
+        self._last: tuple[str, Stats] | None = None     # MoE experts ask for one input many times
+
+    def get(self, name: str) -> Stats | None:
+        tensor = self.linears.get(name)
+        if tensor is None:
+            return None
+        if self._last is None or self._last[0] != tensor:
+            x = self.arrays[tensor]
+            self._last = (tensor, Stats(gram=(x.T @ x / len(x)).astype(np.float32)))
+        return self._last[1]
+
+
+def calibration_windows(src: Path, text: str, window: int) -> list[list[int]]:
+    """The text tokenized once (with the tokenizer's BOS), cut into consecutive windows."""
+    from edgert.tokenizer import Tokenizer
+    ids = Tokenizer.from_dir(src).encode(text, add_special_tokens=True)
+    return [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1]
+
+
+def collect(model, ckpt, src: Path, text: str, work: Path) -> ActivationStats:
+    """Run the probe graph over `text`; work is a scratch folder the caller removes."""
+    import onnxruntime as ort
+
+    window = min(WINDOW, model.max_positions)
+    windows = calibration_windows(src, text, window)
+    if not windows:
+        raise CalibrationError("the calibration text has fewer than 2 tokens")
+    work.mkdir(parents=True, exist_ok=True)
+    g = Graph(work / "probe.onnx.data")
+    g.quantizer = Quantizer("rtn")
+    bits = 8 if int8_kernel_available() else 4      # onnxruntime 1.22 on ARM has no 8-bit kernel
+    model.build(g, ckpt, Recipe(bits=bits, embed_bits=bits, method="rtn"), window)
+    linears = _probe_linears(g)
+    tensors = sorted(set(linears.values()))
+    for t in tensors:
+        g.add_output(t)
+    variant = "qmoe" if "qmoe" in g.variants and ort_version() >= QMOE_SINCE else g.variants[0]
+    g.save(work / "probe.onnx", producer="edgert-calibration", variant=variant)
+    g.close()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(work / "probe.onnx"), opts, providers=["CPUExecutionProvider"])
+
+    caches = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    total = sum(len(w) for w in windows)
+    arrays, widths = {}, {}
+    pos = 0
+    for ids in windows:
+        cache = {c.name: np.zeros([window if isinstance(d, str) else d for d in c.shape], np.float32) for c in caches}
+        done = 0
+        while done < len(ids):
+            step = 16 if not widths else max(16, _CHUNK_BYTES // (4 * sum(widths.values())))
+            part = ids[done:done + step]
+            feed = {"input_ids": np.array([part], np.int64), "num_logits": np.array([1], np.int64),
+                    "seqlens_k": np.array([done + len(part) - 1], np.int32),
+                    "total_sequence_length": np.array(done + len(part), np.int32), **cache}
+            names = tensors + [c.name.replace("past_key_values.", "present.") for c in caches]
+            outs = sess.run(names, feed)
+            for t, x in zip(tensors, outs):
+                x = x.reshape(-1, x.shape[-1])
+                if t not in arrays:
+                    widths[t] = x.shape[-1]
+                    arrays[t] = np.lib.format.open_memmap(work / f"x{len(arrays)}.npy", "w+", np.float32,
+                                                          (total, x.shape[-1]))
+                arrays[t][pos:pos + len(x)] = x
+            cache = dict(zip((c.name for c in caches), outs[len(tensors):]))
+            done += len(part)
+            pos += len(part)
+    return ActivationStats(arrays, linears, total)
+
+
+def _probe_linears(g: Graph) -> dict[str, str]:
+    """Linear name -> the tensor it reads, for MatMulNBits / weight MatMul nodes of the main graph."""
+    weights = {t.name for v, t in g.initializers}
+    out = {}
+    for variant, node in g.nodes:
+        if variant is not None or not node.name.startswith("n:"):
+            continue
+        if node.op_type == "MatMulNBits" or node.op_type == "MatMul" and node.input[1] in weights:
+            out[node.name[2:]] = node.input[0]
+    return out
