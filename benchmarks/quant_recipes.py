@@ -9,8 +9,9 @@ is tokenized once with BOS at the start and cut into consecutive windows of W = 
 given its window prefix; ppl = exp(mean NLL). The reference is transformers fp32; artifacts run
 through edgert.model.Model.forward(num_logits=all). KL(fp32 || artifact) and top-1 agreement
 are over the same positions. "linear bpw" counts the MatMulNBits tensors of the projections
-(codes + scales + zero points, padding included) per weight; "file bpw" the whole artifact
-per parameter. --llamacpp adds llama.cpp Q4_0 / Q4_K_M / Q8_0 rows (benchmarks/peers.py
+(codes + scales + zero points, padding included) per weight; "weight bpw" every stored tensor
+per parameter, without the artifact's 4 kB page alignment of each tensor (which dominates the
+file of a 260K-parameter model and is noise for real ones); "file kB" the files as written. --llamacpp adds llama.cpp Q4_0 / Q4_K_M / Q8_0 rows (benchmarks/peers.py
 converts; needs llama-cpp-python and the converter, see benchmarks/README.md).
 """
 from __future__ import annotations
@@ -39,6 +40,20 @@ def _symmetric_rtn(w, bits, block_size, name=None):
     return quantize(w, bits, block_size, symmetric=bits == 4, shrink=(1.0,))
 
 
+class _Int8For:
+    """Mixed precision: linears whose name ends with one of `suffixes` at int8 (the MatMulNBits
+    node takes the tensor's own bits), the rest by the recipe."""
+
+    def __init__(self, recipe, suffixes):
+        self.recipe, self.suffixes = recipe, suffixes
+
+    def __call__(self, w, bits, block_size, name=None):
+        from edgert_export.quantize import quantize
+        if bits == 4 and name and name.endswith(self.suffixes):
+            return quantize(w, 8, block_size)
+        return self.recipe(w, bits, block_size, name)
+
+
 # name -> export() keyword arguments; "quantizer" replaces the recipe's quantizer (issue variants)
 CANDIDATES = {
     "fp32": dict(bits=32),
@@ -51,6 +66,10 @@ CANDIDATES = {
     "gptq-b32": dict(bits=4, recipe="gptq"),
     "gptq-b64": dict(bits=4, recipe="gptq", block_size=64),
     "gptq-b16": dict(bits=4, recipe="gptq", block_size=16),
+    "gptq-b32-down8": dict(bits=4, recipe="gptq", int8=(".down",)),
+    "gptq-b64-down8": dict(bits=4, recipe="gptq", block_size=64, int8=(".down",)),
+    "gptq-b32-down8-o8": dict(bits=4, recipe="gptq", int8=(".down", ".o_proj")),
+    "gptq-b16-down8": dict(bits=4, recipe="gptq", block_size=16, int8=(".down",)),
 }
 
 
@@ -66,10 +85,15 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def reference_logprobs(src: Path, windows) -> list[np.ndarray]:
+def reference_model(src: Path):
     import torch
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+
+
+def reference_logprobs(src: Path, windows) -> list[np.ndarray]:
+    import torch
+    model = reference_model(src)
     with torch.no_grad():
         return [log_softmax(model(torch.tensor([w])).logits[0, :-1].numpy()) for w in windows]
 
@@ -96,14 +120,15 @@ def score(windows, ref, got) -> dict:
             "top1": float(np.concatenate(agree).mean()), "tokens": int(sum(len(n) for n in nll))}
 
 
-def linear_bits_per_weight(art: Path) -> float | None:
-    """Bytes of every MatMulNBits projection (not lm_head / embeddings) per weight, from the graph."""
+def weight_bytes(art: Path) -> tuple[int, float | None]:
+    """(bytes of every initializer, without the data file's page alignment; bits per weight of the
+    MatMulNBits projections, lm_head excepted: codes + scales + zero points, padding included)."""
     import onnx
     m = onnx.load(str(art / "model.onnx"), load_external_data=False)
     sizes = {}
     for t in m.graph.initializer:
         ext = {e.key: e.value for e in t.external_data}
-        sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data)
+        sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data) or t.ByteSize()
     nbytes = weights = 0
     for n in m.graph.node:
         if n.op_type != "MatMulNBits" or n.name.startswith("n:lm_head"):
@@ -111,24 +136,31 @@ def linear_bits_per_weight(art: Path) -> float | None:
         a = {x.name: x.i for x in n.attribute}
         nbytes += sum(sizes.get(i, 0) for i in n.input[1:4] if i)
         weights += a["K"] * a["N"]
-    return 8 * nbytes / weights if weights else None
+    return sum(sizes.values()), (8 * nbytes / weights if weights else None)
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    import gguf
+    return int(sum(t.n_bytes for t in gguf.GGUFReader(str(path)).tensors))
 
 
 def export_candidate(src: Path, out: Path, spec: dict) -> dict:
     from edgert_export import artifact, export
     spec = dict(spec)
-    custom = spec.pop("quantizer", None)
+    custom, int8 = spec.pop("quantizer", None), spec.pop("int8", None)
     saved = artifact.Quantizer
     if custom:
         artifact.Quantizer = lambda method, stats=None: custom
+    elif int8:
+        artifact.Quantizer = lambda method, stats=None: _Int8For(saved(method, stats), int8)
     try:
         t0 = time.time()
         m = export(src, out, force=True, progress=False, **spec)
         seconds = time.time() - t0
     finally:
         artifact.Quantizer = saved
-    return {"file_bytes": m["summary"]["bytes"], "file_bpw": m["summary"]["bits_per_weight"],
-            "linear_bpw": linear_bits_per_weight(out), "export_s": seconds}
+    wbytes, linear_bpw = weight_bytes(out)
+    return {"file_bytes": m["summary"]["bytes"], "weight_bytes": wbytes, "linear_bpw": linear_bpw, "export_s": seconds}
 
 
 def llamacpp_logprobs(gguf_runner, windows) -> list[np.ndarray]:
@@ -160,11 +192,10 @@ def run_model(src: Path, text: str, names: list[str], work: Path, llamacpp: bool
     ref = reference_logprobs(src, windows)
     base = score(windows, ref, ref)["ppl"]
     rows = []
-    params = None
+    params = sum(int(np.prod(t.shape)) for t in reference_model(src).parameters())
     for name in names:
         out = work / name
         info = export_candidate(src, out, CANDIDATES[name])
-        params = params or json.loads((out / "edgert.json").read_text())["model"]["parameters"]
         rows.append({"model": src.name, "recipe": name, **info, **score(windows, ref, artifact_logprobs(out, windows, window))})
     if llamacpp:
         from peers import prepare_llamacpp
@@ -173,25 +204,28 @@ def run_model(src: Path, text: str, names: list[str], work: Path, llamacpp: bool
                 r = prepare_llamacpp(src, work / "llamacpp", qtype)
                 got = llamacpp_logprobs(r, windows)
                 rows.append({"model": src.name, "recipe": f"llama.cpp {qtype}", "file_bytes": r.info["bytes"],
-                             "file_bpw": 8 * r.info["bytes"] / params if params else None, "linear_bpw": None,
+                             "weight_bytes": gguf_weight_bytes(work / "llamacpp" / f"llamacpp-{qtype}.gguf"),
+                             "linear_bpw": None,
                              "export_s": r.info.get("quantize_s"), **score(windows, ref, got)})
                 r.close()
             except RuntimeError as e:
                 print(f"llama.cpp {qtype}: {e}", file=sys.stderr)
     for r in rows:
         r["ppl_fp32"], r["ppl_increase"] = base, r["ppl"] / base - 1
+        r["weight_bpw"] = 8 * r["weight_bytes"] / params
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'model':<16} {'recipe':<18} {'ppl':>8} {'Δppl':>7} {'KL':>8} {'top-1':>6} {'linear bpw':>10} {'file bpw':>8} {'file kB':>8} {'export s':>8}"
+    head = (f"{'model':<14} {'recipe':<18} {'ppl':>7} {'Δppl':>7} {'KL':>7} {'top-1':>6} {'linear bpw':>10} "
+            f"{'weight bpw':>10} {'weights kB':>10} {'file kB':>8} {'export s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lb = f"{r['linear_bpw']:.3f}" if r["linear_bpw"] else "—"
-        fb = f"{r['file_bpw']:.2f}" if r["file_bpw"] else "—"
         es = f"{r['export_s']:.1f}" if r["export_s"] is not None else "—"
-        lines.append(f"{r['model'][:16]:<16} {r['recipe']:<18} {r['ppl']:>8.4f} {100 * r['ppl_increase']:>+6.2f}% "
-                     f"{r['kl']:>8.4f} {100 * r['top1']:>5.1f}% {lb:>10} {fb:>8} {r['file_bytes'] / 1e3:>8.1f} {es:>8}")
+        lines.append(f"{r['model'][:14]:<14} {r['recipe']:<18} {r['ppl']:>7.4f} {100 * r['ppl_increase']:>+6.2f}% "
+                     f"{r['kl']:>7.4f} {100 * r['top1']:>5.1f}% {lb:>10} {r['weight_bpw']:>10.2f} "
+                     f"{r['weight_bytes'] / 1e3:>10.1f} {r['file_bytes'] / 1e3:>8.1f} {es:>8}")
     if rows:
         lines.append(f"(fp32 reference ppl {rows[0]['ppl_fp32']:.4f} over {rows[0]['tokens']} scored tokens)")
     return "\n".join(lines)

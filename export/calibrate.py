@@ -1,11 +1,13 @@
 """Input statistics of every linear layer, measured on a short calibration text.
 
 The quantizer minimises each linear's *output* error (see quantize.py), which needs E[x x^T]
-of its input x. They come from a quick first pass: the same decoder is built at int8
-(round to nearest, cheap and close to fp32) with every linear's input made a graph output,
-and onnxruntime runs it over the text. The inputs are kept on disk (one memory-mapped
-[tokens, K] array per input), so memory stays near one tensor; the Gram matrix of a linear is
-formed only when that linear is quantized.
+of its input x. They come from a quick first pass: the same decoder is built at int4 round to
+nearest with every linear's input made a graph output, and onnxruntime runs it over the text,
+a few tokens at a time. int4 rather than int8: half the memory, any onnxruntime (1.22 on ARM
+has no 8-bit kernel), and as good statistics (stories260K held-out ppl over fp32 +3.5% from
+an int4 probe, +4.1% from int8; KL 0.058 vs 0.060: within noise). The inputs go to disk (one raw
+[tokens, K] float32 file per input) and are read back one linear at a time when it is
+quantized, so memory stays near one tensor (plus the probe session while it runs).
 
 What is measured: every linear in the main graph (attention, dense MLP, shared experts,
 lm_head). MoE experts share the layer input, so the router's input stands for every expert's
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgert.model import QMOE_SINCE, int8_kernel_available, ort_version
+from edgert.model import QMOE_SINCE, ort_version
 
 from .graph import Graph, Recipe
 from .quantize import Quantizer, Stats
@@ -33,20 +35,22 @@ class CalibrationError(Exception):
 
 
 class ActivationStats:
-    """Linear name -> Stats, read from the probe arrays on demand."""
+    """Linear name -> Stats over the probe arrays."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], linears: dict[str, str], tokens: int):
-        self.arrays, self.linears, self.tokens = arrays, linears, tokens
-        self._last: tuple[str, Stats] | None = None     # MoE experts ask for one input many times
+    def __init__(self, arrays: dict[str, tuple[Path, int]], linears: dict[str, str], tokens: int):
+        self.stats = {t: Stats(file=path, width=width) for t, (path, width) in arrays.items()}
+        self.linears, self.tokens = linears, tokens
+        self._last: str | None = None
 
     def get(self, name: str) -> Stats | None:
         tensor = self.linears.get(name)
         if tensor is None:
             return None
-        if self._last is None or self._last[0] != tensor:
-            x = self.arrays[tensor]
-            self._last = (tensor, Stats(gram=(x.T @ x / len(x)).astype(np.float32)))
-        return self._last[1]
+        if tensor != self._last:     # linears come one after another: drop the previous factors
+            if self._last is not None:
+                self.stats[self._last].release()
+            self._last = tensor
+        return self.stats[tensor]
 
 
 def calibration_windows(src: Path, text: str, window: int) -> list[list[int]]:
@@ -67,8 +71,7 @@ def collect(model, ckpt, src: Path, text: str, work: Path) -> ActivationStats:
     work.mkdir(parents=True, exist_ok=True)
     g = Graph(work / "probe.onnx.data")
     g.quantizer = Quantizer("rtn")
-    bits = 8 if int8_kernel_available() else 4      # onnxruntime 1.22 on ARM has no 8-bit kernel
-    model.build(g, ckpt, Recipe(bits=bits, embed_bits=bits, method="rtn"), window)
+    model.build(g, ckpt, Recipe(bits=4, embed_bits=4, method="rtn"), window)
     linears = _probe_linears(g)
     tensors = sorted(set(linears.values()))
     for t in tensors:
@@ -81,31 +84,31 @@ def collect(model, ckpt, src: Path, text: str, work: Path) -> ActivationStats:
     sess = ort.InferenceSession(str(work / "probe.onnx"), opts, providers=["CPUExecutionProvider"])
 
     caches = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-    total = sum(len(w) for w in windows)
-    arrays, widths = {}, {}
-    pos = 0
-    for ids in windows:
-        cache = {c.name: np.zeros([window if isinstance(d, str) else d for d in c.shape], np.float32) for c in caches}
-        done = 0
-        while done < len(ids):
-            step = 16 if not widths else max(16, _CHUNK_BYTES // (4 * sum(widths.values())))
-            part = ids[done:done + step]
-            feed = {"input_ids": np.array([part], np.int64), "num_logits": np.array([1], np.int64),
-                    "seqlens_k": np.array([done + len(part) - 1], np.int32),
-                    "total_sequence_length": np.array(done + len(part), np.int32), **cache}
-            names = tensors + [c.name.replace("past_key_values.", "present.") for c in caches]
-            outs = sess.run(names, feed)
-            for t, x in zip(tensors, outs):
-                x = x.reshape(-1, x.shape[-1])
-                if t not in arrays:
-                    widths[t] = x.shape[-1]
-                    arrays[t] = np.lib.format.open_memmap(work / f"x{len(arrays)}.npy", "w+", np.float32,
-                                                          (total, x.shape[-1]))
-                arrays[t][pos:pos + len(x)] = x
-            cache = dict(zip((c.name for c in caches), outs[len(tensors):]))
-            done += len(part)
-            pos += len(part)
-    return ActivationStats(arrays, linears, total)
+    files, widths = {}, {}
+    try:
+        for ids in windows:
+            cache = {c.name: np.zeros([window if isinstance(d, str) else d for d in c.shape], np.float32) for c in caches}
+            done = 0
+            while done < len(ids):
+                step = 16 if not widths else max(16, _CHUNK_BYTES // (4 * sum(widths.values())))
+                part = ids[done:done + step]
+                feed = {"input_ids": np.array([part], np.int64), "num_logits": np.array([1], np.int64),
+                        "seqlens_k": np.array([done + len(part) - 1], np.int32),
+                        "total_sequence_length": np.array(done + len(part), np.int32), **cache}
+                outs = sess.run(tensors + [c.name.replace("past_key_values.", "present.") for c in caches], feed)
+                for t, x in zip(tensors, outs):
+                    if t not in files:      # plain appends: the page cache holds them, not this process
+                        widths[t] = x.shape[-1]
+                        files[t] = open(work / f"x{len(files)}.f32", "wb")
+                    files[t].write(np.ascontiguousarray(x, np.float32).tobytes())
+                cache = dict(zip((c.name for c in caches), outs[len(tensors):]))
+                done += len(part)
+    finally:
+        for f in files.values():
+            f.close()
+    del sess
+    arrays = {t: (Path(f.name), widths[t]) for t, f in files.items()}
+    return ActivationStats(arrays, linears, sum(len(w) for w in windows))
 
 
 def _probe_linears(g: Graph) -> dict[str, str]:

@@ -62,6 +62,9 @@ def _pack4(q: np.ndarray) -> np.ndarray:
 
 
 SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)
+SPAN = 1024             # GPTQ compensates errors within spans of this many input columns
+_GPTQ_CHUNK = 1 << 24   # weights per row chunk in GPTQ: fewer, longer column loops
+DAMP = 0.01             # of the mean input power, added to the Hessian's diagonal (GPTQ's default)
 
 
 def _grid(blk: np.ndarray, bits: int, symmetric: bool, f: float):
@@ -108,46 +111,77 @@ def _search(blk: np.ndarray, bits: int, symmetric: bool, shrink=SHRINK, weight: 
     return best[0], best[1], best[2]
 
 
-@dataclass
 class Stats:
-    """What a calibration text says about one linear's input x [tokens, K]."""
-    gram: np.ndarray          # float32 [K, K]: mean of x x^T over the calibration tokens
+    """What a calibration text says about one linear's input: x [tokens, K], given or read from a
+    raw float32 file when first needed. GPTQ needs H = E[x x^T] only in diagonal spans of SPAN
+    columns (see `_gptq`), so no K x K matrix is ever formed; the factors are kept until
+    release(), since MoE experts share one input."""
+
+    def __init__(self, x: np.ndarray | None = None, file=None, width: int = 0):
+        self._x, self.file, self.width, self._factors = x, file, width, {}
+
+    @property
+    def x(self) -> np.ndarray:
+        if self._x is None:
+            self._x = np.fromfile(self.file, np.float32).reshape(-1, self.width)
+        return self._x
+
+    def release(self) -> None:
+        self._factors = {}
+        if self.file is not None:
+            self._x = None
+
+    def factor(self, lo: int, hi: int):
+        """GPTQ's factor for input columns lo:hi (past K: zero padding up to a whole block)."""
+        key = (lo, hi)
+        if key not in self._factors:
+            k = self.x.shape[1]
+            x = np.asarray(self.x[:, lo:min(hi, k)], np.float64)
+            h = np.eye(hi - lo)                   # padded columns: identity, they stay exact zeros
+            h[:x.shape[1], :x.shape[1]] = x.T @ x / len(x)
+            self._factors[key] = _hessian_factor(h, x.shape[1])
+        return self._factors[key]
 
 
-def _gptq(rows: np.ndarray, gram: np.ndarray, bits: int, block_size: int, kb: int, shrink=SHRINK):
-    """GPTQ (Frantar et al. 2022) on rows [R, kb * block_size] (zero-padded columns get an identity
-    Hessian row so they stay exact zeros). Returns codes [R, kb, bs], scales, zero points [R, kb]."""
-    k = gram.shape[0]
-    kp = kb * block_size
-    h = np.eye(kp, dtype=np.float64)
-    h[:k, :k] = gram
+def _hessian_factor(h: np.ndarray, real: int):
+    """(upper Cholesky factor of H^-1, H's damped diagonal, dead inputs): row j of the factor says
+    how column j's rounding error is spread over the later columns."""
     diag = np.diag(h).copy()
-    dead = diag[:k] <= 0                          # an input that is always 0: its weights do not matter
-    h[np.arange(k)[dead], np.arange(k)[dead]] = 1
-    h[np.diag_indices(kp)] += 0.01 * diag[:k].mean() if k else 0   # damping: a well-conditioned inverse
-    # upper Cholesky factor of H^-1: row j holds how column j's error spreads to later columns
-    u = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
+    dead = diag <= 0                              # an input that is always 0: its weights do not matter
+    h[dead, dead] = 1
+    h[np.diag_indices(len(h))] += DAMP * diag[:real].mean()   # damping: a well-conditioned inverse
+    return np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32), np.diag(h).astype(np.float32), dead
+
+
+def _gptq(rows: np.ndarray, stats: Stats, bits: int, block_size: int, shrink=SHRINK):
+    """GPTQ (Frantar et al. 2022) on rows [R, kb * block_size]: columns are rounded in order, each
+    block's grid chosen (activation-weighted search) when the block is reached, and each column's
+    rounding error is compensated on the columns still to come of its span. Spans of SPAN columns
+    treat H as block-diagonal: the cost grows with K * SPAN instead of K^2 (a 8960-wide down
+    projection would need a 8960^2 inverse otherwise). Returns codes [R, kb, bs], scales, zero points."""
     w = rows.astype(np.float32, copy=True)
-    w[:, :k][:, dead] = 0
-    imp = np.diag(h).astype(np.float32)           # per-column weight for the block's range search
-    n = w.shape[0]
-    codes = np.empty((n, kb, block_size), np.float32)
-    scales = np.empty((n, kb), np.float32)
-    zps = np.empty((n, kb), np.float32)
-    for b in range(kb):
-        lo, hi = b * block_size, (b + 1) * block_size
-        q, s, zp = _search(w[:, lo:hi][:, None, :], bits, False, shrink, imp[lo:hi])
-        s, zp = s[:, 0], zp[:, 0]
-        scales[:, b], zps[:, b] = s, zp
-        err = np.empty((n, block_size), np.float32)
-        for j in range(lo, hi):
-            c = _codes(w[:, j:j + 1], s, zp, bits)[:, 0]
-            codes[:, b, j - lo] = c
-            e = (w[:, j] - (c - zp) * s) / u[j, j]
-            w[:, j + 1:hi] -= e[:, None] * u[j, j + 1:hi][None, :]
-            err[:, j - lo] = e
-        w[:, hi:] -= err @ u[lo:hi, hi:]
-    return codes, scales, zps
+    n, kp = w.shape
+    codes = np.empty((n, kp), np.float32)
+    scales = np.empty((n, kp // block_size), np.float32)
+    zps = np.empty_like(scales)
+    for lo0 in range(0, kp, SPAN):
+        hi0 = min(lo0 + SPAN, kp)
+        u, imp, dead = stats.factor(lo0, hi0)
+        span = w[:, lo0:hi0]                      # a view: updates land in w
+        span[:, dead] = 0
+        for lo in range(0, hi0 - lo0, block_size):
+            hi, b = lo + block_size, (lo0 + lo) // block_size
+            _, s, zp = _search(span[:, lo:hi][:, None, :], bits, False, shrink, imp[lo:hi])
+            s, zp = s[:, 0], zp[:, 0]
+            scales[:, b], zps[:, b] = s, zp
+            err = np.empty((n, block_size), np.float32)
+            for j in range(lo, hi):
+                c = _codes(span[:, j:j + 1], s, zp, bits)[:, 0]
+                codes[:, lo0 + j] = c
+                err[:, j - lo] = e = (span[:, j] - (c - zp) * s) / u[j, j]
+                span[:, j + 1:hi] -= e[:, None] * u[j, j + 1:hi][None, :]
+            span[:, hi:] -= err @ u[lo:hi, hi:]
+    return codes.reshape(n, -1, block_size), scales, zps
 
 
 class Quantizer:
@@ -164,12 +198,13 @@ class Quantizer:
         if self.method == "rtn":
             return quantize(w, bits, block_size, shrink=(1.0,))
         if self.method == "gptq" and stats is not None:
-            return quantize(w, bits, block_size, gram=stats.gram)
+            return quantize(w, bits, block_size, stats=stats)
         return quantize(w, bits, block_size)
 
 
 def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool | None = None, shrink=SHRINK,
-             gram: np.ndarray | None = None) -> Quantized:
+             stats: Stats | None = None) -> Quantized:
+    """W [N, K] -> codes; with `stats` (int4 asymmetric only) by GPTQ, else by the block search."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, not {bits}")
     if block_size < 16 or block_size & (block_size - 1):
@@ -180,11 +215,14 @@ def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool | None =
     packed = np.empty((n, kb, block_size * bits // 8), np.uint8)
     scales = np.empty((n, kb), np.float32)
     zps = None if symmetric else np.empty((n, kb), np.uint8)
-    for r in range(0, n, _ROWS_PER_CHUNK):
-        blk = np.zeros((min(_ROWS_PER_CHUNK, n - r), kb * block_size), np.float32)
+    if stats is not None and (bits != 4 or symmetric):
+        raise ValueError("GPTQ here is for asymmetric int4")
+    chunk = _ROWS_PER_CHUNK if stats is None else max(_ROWS_PER_CHUNK, _GPTQ_CHUNK // (kb * block_size))
+    for r in range(0, n, chunk):
+        blk = np.zeros((min(chunk, n - r), kb * block_size), np.float32)
         blk[:, :k] = w[r : r + blk.shape[0]]
-        if gram is not None:
-            q, s, zp = _gptq(blk, gram, bits, block_size, kb, shrink)
+        if stats is not None:
+            q, s, zp = _gptq(blk, stats, bits, block_size, shrink)
         else:
             q, s, zp = _search(blk.reshape(blk.shape[0], kb, block_size), bits, symmetric, shrink)
         if not symmetric:
