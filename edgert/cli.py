@@ -36,7 +36,7 @@ def export(
     embed_bits: int = typer.Option(8, help="Bits for embeddings and lm_head: 8, 32, or 4 (faster decode, less faithful; ignored with --bits 32)."),
     context: Optional[int] = typer.Option(None, help="Longest context the artifact supports [default: model's, at most 32768]."),
     recipe: str = typer.Option("gptq", help="How int4 weights are chosen: gptq (calibrated, most accurate), search (block clipping search, no calibration) or rtn (plain round-to-nearest)."),
-    calib: Optional[Path] = typer.Option(None, help="Calibration text file for --recipe gptq [default: a built-in text of stories, prose, arithmetic and code]."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration text file for --recipe gptq (default: a built-in text of stories, prose, arithmetic and code)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ):
     """Export a Hugging Face checkpoint to an int4/int8 ONNX artifact."""
