@@ -80,6 +80,8 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     src, out = Path(model_dir), Path(out)
     if recipe not in RECIPES:
         raise ExportError(f"--recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
+    if calib and recipe != "gptq":
+        raise ExportError(f"--calib is for --recipe gptq; --recipe {recipe} uses no calibration")
     calib_text = _calibration_text(calib)
     if bits not in (4, 8, 32):
         raise ExportError(f"--bits must be 4, 8 or 32, not {bits}")

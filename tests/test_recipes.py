@@ -97,6 +97,9 @@ def test_bad_recipe_and_calib_are_one_line_errors(tmp_path):
     assert_one_line_error(edgert("export", BUNDLED_STORIES, "-o", out, "--calib", tmp_path / "empty.txt"), "empty")
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00\x81" * 10)
     assert_one_line_error(edgert("export", BUNDLED_STORIES, "-o", out, "--calib", tmp_path / "bin.txt"), "UTF-8")
+    (tmp_path / "ok.txt").write_text("Once upon a time there was a cat.")
+    assert_one_line_error(edgert("export", BUNDLED_STORIES, "-o", out, "--recipe", "rtn", "--calib", tmp_path / "ok.txt"),
+                          "--calib is for --recipe gptq")
     assert not out.exists()
     r = edgert("export", "--help")
     assert "--recipe" in r.stdout and "--calib" in r.stdout
