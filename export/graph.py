@@ -189,7 +189,7 @@ def linear_operands(g: Graph, w, name: str, bits: int, block_size: int, bias=Non
            g.const(f"{name}.zero_points", q.zero_points.reshape(-1)) if q.zero_points is not None else ""]
     if bias is not None:
         ins += ["", g.const(f"{name}.bias", bias.astype(np.float32))]
-    # the recipe may give a sensitive tensor more precision than asked (Quantizer.finer)
+    # a quantizer may give a sensitive tensor more precision than asked (mixed precision)
     return ("MatMulNBits", ins, dict(K=k, N=n, bits=q.bits, block_size=q.block_size, accuracy_level=4))
 
 

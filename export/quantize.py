@@ -14,6 +14,8 @@ How int4 codes are chosen (the recipe, `Quantizer`):
           so the layer's *output* error is minimised rather than the weight error; each block's
           range is searched on the activation-weighted error first.
 Without statistics (experts' down projections, embeddings) gptq falls back to `search`.
+Measured on stories260K, held-out perplexity over fp32 at block 32: rtn +9.5%, search +7.7%,
+gptq +3.5% (benchmarks/quant_recipes.py, which also has the block-size and int8-down variants).
 """
 from __future__ import annotations
 
