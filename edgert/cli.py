@@ -38,6 +38,8 @@ def export(
     block_size: int = typer.Option(32, help="Quantization block size along the input dimension (16-256, power of two)."),
     embed_bits: int = typer.Option(8, help="Bits for embeddings and lm_head: 8, 32, or 4 (faster decode, less faithful; ignored with --bits 32)."),
     context: Optional[int] = typer.Option(None, help="Longest context the artifact supports [default: model's, at most 32768]."),
+    recipe: str = typer.Option("gptq", help="How int4 weights are chosen: gptq (calibrated, most accurate), search (block clipping search, no calibration) or rtn (plain round-to-nearest)."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration text file for --recipe gptq (default: a built-in text of stories, prose, arithmetic and code)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ):
     """Export a Hugging Face checkpoint to an int4/int8 ONNX artifact."""
@@ -47,7 +49,7 @@ def export(
         fail(f"the exporter needs the [export] extra ({e.name} is missing): pip install 'edgert[export]'")
     try:
         manifest = do_export(model_dir, out, bits=bits, block_size=block_size, context=context, force=force,
-                             embed_bits=embed_bits)
+                             embed_bits=embed_bits, recipe=recipe, calib=calib)
     except ExportError as e:
         fail(str(e))
     except KeyboardInterrupt:

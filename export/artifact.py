@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from .archs import model_for
+from .calibrate import CalibrationError, collect
 from .checkpoint import Checkpoint, CheckpointError
 from .decoder import UnsupportedModel
 from .graph import IR_VERSION, Graph, Recipe
+from .quantize import DEFAULT_RECIPE, RECIPES, Quantizer
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -71,11 +73,18 @@ def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
 
 
 def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | None = None, force: bool = False,
-           embed_bits: int = 8, progress: bool = True, checkpoint=None) -> dict:
+           embed_bits: int = 8, progress: bool = True, recipe: str = DEFAULT_RECIPE, calib=None,
+           checkpoint=None) -> dict:
     """Export a Hugging Face folder to an edgert artifact folder; returns the manifest.
+    recipe: how int4 codes are chosen (quantize.RECIPES); calib: calibration text file for "gptq".
     `checkpoint` replaces the folder's weights (synthetic.py); config and tokenizer still come from the folder."""
     t0 = time.time()
     src, out = Path(model_dir), Path(out)
+    if recipe not in RECIPES:
+        raise ExportError(f"--recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
+    if calib and recipe != "gptq":
+        raise ExportError(f"--calib is for --recipe gptq; --recipe {recipe} uses no calibration")
+    calib_text = _calibration_text(calib)
     if bits not in (4, 8, 32):
         raise ExportError(f"--bits must be 4, 8 or 32, not {bits}")
     if embed_bits not in (4, 8, 32):
@@ -102,8 +111,11 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     tmp.mkdir()
     g = None
     try:
+        recipe = Recipe(bits=bits, block_size=block_size, embed_bits=embed_bits, method=recipe)
+        calibrated = recipe.method == "gptq" and bits != 32 and 4 in (bits, embed_bits)
+        stats = collect(model, ckpt, src, calib_text, tmp / "calibration") if calibrated else None
         g = Graph(tmp / "model.onnx.data")
-        recipe = Recipe(bits=bits, block_size=block_size, embed_bits=embed_bits)
+        g.quantizer = Quantizer(recipe.method, stats)
         tick = _progress(model.n_layers, f"export {ckpt.config.get('model_type')}") if progress else (lambda: None)
         quant = model.build(g, ckpt, recipe, context, tick)
         graphs = {}
@@ -111,6 +123,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
             graphs[name] = "model.onnx" if name == "default" else f"model.{name}.onnx"
             g.save(tmp / graphs[name], producer="edgert", tags=tags)
         g.close()
+        shutil.rmtree(tmp / "calibration", ignore_errors=True)
         for name in TOKENIZER_FILES + ("generation_config.json", "config.json"):
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
@@ -126,7 +139,10 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
             "context_length": context,
             "graphs": graphs,
             "quantization": {**quant, "router": 32, "int4": "asymmetric (zero point per block)",
-                             "int8": "symmetric", "accuracy_level": 4},
+                             "int8": "symmetric", "accuracy_level": 4, "recipe": recipe.method,
+                             **({"calibration": Path(calib).name if calib else "built-in",
+                                 "calibration_tokens": stats.tokens} if stats else {}),
+                             "bits_per_weight": round(8 * sum(f["bytes"] for f in files.values()) / max(total_params, 1), 3)},
             "special_tokens": _special_tokens(src, ckpt),
             "generation": {k: ckpt.generation_config[k] for k in ("do_sample", "temperature", "top_p", "top_k",
                                                                   "repetition_penalty") if k in ckpt.generation_config},
@@ -144,6 +160,8 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
             tmp.rename(out)
     except (CheckpointError, UnsupportedModel) as e:
         raise ExportError(str(e)) from None
+    except CalibrationError as e:
+        raise ExportError(f"calibration: {e}") from None
     except KeyError as e:
         raise ExportError(f"{src}: config.json lacks {e.args[0]!r}, which this {ckpt.config.get('model_type')} model needs") from None
     except OSError as e:
@@ -155,6 +173,19 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     size = sum(f["bytes"] for f in files.values())
     manifest["summary"] = {"bytes": size, "bits_per_weight": 8 * size / max(total_params, 1), "seconds": time.time() - t0}
     return manifest
+
+
+def _calibration_text(path) -> str:
+    """The calibration text (the built-in one when path is None); one line on any problem."""
+    from .calibrate import DEFAULT_CALIB
+    path = Path(path) if path else DEFAULT_CALIB
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"--calib {path}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
+    if not text.strip():
+        raise ExportError(f"--calib {path}: the file is empty")
+    return text
 
 
 def _version() -> str:

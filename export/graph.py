@@ -14,7 +14,7 @@ import numpy as np
 
 from . import onnx_proto as proto
 from .onnx_proto import TensorProto, helper, numpy_helper
-from .quantize import _pack4, quantize
+from .quantize import DEFAULT_RECIPE, Quantizer, _pack4, quantize
 
 IR_VERSION = 10          # onnxruntime 1.22 (Termux) refuses anything newer
 OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
@@ -40,6 +40,7 @@ class Graph:
         self.outputs: list[proto.ValueInfoProto] = []
         self._names: set[str] = set()
         self.int8_in_branches = False   # int8 MatMulNBits inside If bodies: no nibble twin
+        self.quantizer = Quantizer()         # the recipe's method (+ calibration statistics)
 
     def _unique(self, name: str) -> str:
         base, i = name, 1
@@ -120,6 +121,10 @@ class Graph:
             self.op("Identity", [src], name)
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
 
+    def add_output(self, name: str) -> None:
+        """Expose an existing float tensor as a graph output too (calibration probes)."""
+        self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+
     def branch(self, build, name: str) -> proto.GraphProto:
         """A subgraph (for If) holding the nodes and initializers `build()` adds. Weights must live
         in the subgraph that uses them: read from two scopes up, MatMulNBits is not prepacked
@@ -168,6 +173,7 @@ class Recipe:
     bits: int = 4            # attention and MLP / expert projections
     block_size: int = 32
     embed_bits: int = 8      # embeddings and lm_head: small models punish int4 here
+    method: str = DEFAULT_RECIPE   # how int4 codes are chosen (quantize.RECIPES)
 
     def bits_for(self, tensor_class: str) -> int:
         if tensor_class == "router":
@@ -192,12 +198,13 @@ def linear_operands(g: Graph, w, name: str, bits: int, block_size: int, bias=Non
     if bits == 32:
         return ("MatMul", [g.const(f"{name}.weight_t", np.ascontiguousarray(w.T)),
                            g.const(f"{name}.bias", bias) if bias is not None else ""], {})
-    q = quantize(w, bits, block_size)
+    q = g.quantizer(w, bits, block_size, name)
     ins = [g.const(f"{name}.qweight", q.packed), g.const(f"{name}.scales", q.scales),
            g.const(f"{name}.zero_points", q.zero_points.reshape(-1)) if q.zero_points is not None else ""]
     if bias is not None:
         ins += ["", g.const(f"{name}.bias", bias.astype(np.float32))]
-    return ("MatMulNBits", ins, dict(K=k, N=n, bits=bits, block_size=block_size, accuracy_level=4))
+    # a quantizer may give a sensitive tensor more precision than asked (mixed precision)
+    return ("MatMulNBits", ins, dict(K=k, N=n, bits=q.bits, block_size=q.block_size, accuracy_level=4))
 
 
 def apply_linear(g: Graph, x: str, op: str, operands: list, attrs: dict, name: str) -> str:
@@ -325,7 +332,7 @@ def quantized_rows(g: Graph, table, name: str, bits: int, block_size: int, plane
     round-to-nearest int4 reading of the table, half the bytes (`lm_head_candidates`)."""
     if planes:
         return split_int8(g, table, name, block_size)
-    q = quantize(table, bits, block_size)
+    q = g.quantizer(table, bits, block_size, name)
     return (g.const(name + ".qweight", q.packed), g.const(name + ".scales", q.scales),
             g.const(name + ".zero_points", q.zero_points) if q.zero_points is not None else "")
 

@@ -20,7 +20,6 @@ from . import graph as G
 from .decoder import Decoder
 from .graph import Graph
 from .onnx_proto import TensorProto, helper, numpy_helper
-from .quantize import quantize
 
 
 @dataclass(frozen=True)
@@ -109,8 +108,10 @@ class ExpertWeights:
         gate_up, down = [], []
         for gate, up, dn in experts:        # one expert in fp32 at a time
             # QMoE's CPU kernel reads gate/up rows interleaved: g0 u0 g1 u1 ...
-            gate_up.append(quantize(np.stack([gate, up], axis=1).reshape(2 * ffn, hidden), bits, block_size))
-            down.append(quantize(dn, bits, block_size))
+            # the router reads the experts' input: its statistics serve gate/up (see calibrate.py)
+            gate_up.append(g.quantizer(np.stack([gate, up], axis=1).reshape(2 * ffn, hidden), bits, block_size,
+                                       name + ".router"))
+            down.append(g.quantizer(dn, bits, block_size))
         for proj, qs in (("fc1", gate_up), ("fc2", down)):
             rows = qs[0].packed.shape[0]
             self._write(g, f"{proj}.weight", np.stack([q.packed.reshape(rows, -1) for q in qs]))

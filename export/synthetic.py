@@ -281,6 +281,7 @@ def build(shape: str, bits: int = 4, context: int = 256, folder: Path | None = N
         (src / "generation_config.json").write_text(json.dumps(
             {k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None}))
         shutil.copyfile(BUNDLED_MODEL / "tokenizer.json", src / "tokenizer.json")   # any tokenizer: bench needs none
-        export(src, out, bits=bits, force=True, progress=progress, checkpoint=SyntheticCheckpoint(config, seed))
+        # random codes need no calibration pass (the recipe only decides how real weights are rounded)
+        export(src, out, bits=bits, force=True, progress=progress, recipe="rtn", checkpoint=SyntheticCheckpoint(config, seed))
     (out / "synthetic.json").write_text(json.dumps({"shape": shape, "bits": bits, "seed": seed, "key": key}) + "\n")
     return out
