@@ -34,7 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 
-from edgert.evaluate import ArtifactScorer, EvalError, TransformersScorer, sample_text, score_window, split_windows  # noqa: E402
+from edgert.evaluate import ArtifactScorer, EvalError, sample_text, score_window, split_windows  # noqa: E402
+from edgert_export.reference import TransformersScorer  # noqa: E402
 
 LLAMA_QTYPES = ("Q4_0", "Q4_K_M", "Q8_0")
 DEFAULT_INT4 = "edgert int4"
