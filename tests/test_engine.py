@@ -278,3 +278,12 @@ print(json.dumps({"alone": alone, "together": out}))
     prompts = [llm.encode(p.prompt) for p in task.held_out_problems()[:3]]
     res = run_on(OTHER, script, [str(qwen2_int4), prompts])
     assert res["together"] == res["alone"]
+
+
+def test_bench_batch_reports_aggregate_decode(qwen2_int4):
+    r = subprocess.run([sys.executable, "-m", "edgert.cli", "bench", str(qwen2_int4), "--batch", "3", "--repeat", "1",
+                        "--gen-tokens", "8", "--prompt-tokens", "16", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["batch"] == 3 and out["batch_decode_tok_s"] > 0
+    assert out["batch_speedup"] == pytest.approx(out["batch_decode_tok_s"] / out["decode_tok_s"])
