@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgert.limits import read_text_file
+
 from .archs import model_for
 from .calibrate import CalibrationError, collect
 from .checkpoint import Checkpoint, CheckpointError
@@ -179,9 +181,9 @@ def _calibration_text(path) -> str:
     from .calibrate import DEFAULT_CALIB
     path = Path(path) if path else DEFAULT_CALIB
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ExportError(f"--calib {path}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
+        text = read_text_file(path, what=f"--calib {path}")
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     if not text.strip():
         raise ExportError(f"--calib {path}: the file is empty")
     return text
