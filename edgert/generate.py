@@ -62,6 +62,7 @@ class Step:
 @dataclass
 class Stats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0           # prompt tokens whose KV rows were reused, not prefilled
     generated: int = 0
     decode_steps: int = 0
     prefill_s: float = 0.0
@@ -72,7 +73,7 @@ class Stats:
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        return (self.prompt_tokens - self.cached_tokens) / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -84,20 +85,23 @@ PREFILL_CHUNK = 512   # bounds attention scratch memory on long prompts
 
 def generate(model: Model, prompt_ids: list[int], max_tokens: int, sampling: Sampling, stop_ids=(),
              think: tuple[int | None, int | None] = (None, None), think_budget: int | None = None,
-             close_think_ids: list[int] = (), stats: Stats | None = None):
+             close_think_ids: list[int] = (), stats: Stats | None = None, cached: int = 0):
     """Yield Steps. `think` = (<think> id, </think> id); the prompt may already open the reasoning
-    (R1 templates end with "<think>\\n")."""
+    (R1 templates end with "<think>\\n"). `cached`: the model's cache already holds the first `cached`
+    prompt tokens (kept from a previous run): only the rest is prefilled."""
     stats = stats if stats is not None else Stats()
-    stats.prompt_tokens = len(prompt_ids)
+    stats.prompt_tokens, stats.cached_tokens = len(prompt_ids), cached
     think_start, think_end = think
     reasoning = False
     if think_start is not None:
         for t in prompt_ids:
             reasoning = True if t == think_start else False if t == think_end else reasoning
     stops = set(stop_ids)
-    model.reset()
+    if not 0 <= cached < len(prompt_ids) or cached > model.pos:
+        raise ValueError(f"cached={cached}: the cache holds {model.pos} tokens and the prompt {len(prompt_ids)}")
+    model.pos = cached              # rows past pos are never attended to: rewinding is free
     t0 = time.perf_counter()
-    for i in range(0, len(prompt_ids), PREFILL_CHUNK):
+    for i in range(cached, len(prompt_ids), PREFILL_CHUNK):
         logits = model.forward(prompt_ids[i : i + PREFILL_CHUNK])[-1]
     stats.prefill_s = time.perf_counter() - t0
     pending: list[int] = []          # forced tokens still to feed (think budget)

@@ -40,6 +40,7 @@ class LLM:
         self.eos_ids = [i for i in special.get("eos") or [] if i is not None]
         self.think = (special.get("think_start"), special.get("think_end"))
         self.stats = Stats()
+        self._cache_ids: list[int] = []   # the tokens generate() fed, in order: the cache holds the first model.pos
 
     @property
     def context(self) -> int:
@@ -50,8 +51,25 @@ class LLM:
         if raw or not self.chat_template:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        text = render_chat(self.chat_template, messages, add_generation_prompt=True, **self._template_vars)
+        return self.encode_messages(messages)
+
+    def encode_messages(self, messages: list[dict], **template_kwargs) -> list[int]:
+        """A conversation through the chat template (sandboxed) with the generation prompt, as token ids.
+        template_kwargs reach the template (e.g. enable_thinking=False)."""
+        if not self.chat_template:
+            raise ValueError(f"{self.path}: this model has no chat template")
+        text = render_chat(self.chat_template, messages, add_generation_prompt=True,
+                           **{**self._template_vars, **template_kwargs})
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def cached_prefix(self, ids: list[int]) -> int:
+        """How many leading tokens of `ids` the KV cache holds from the last generate() (at most len(ids) - 1:
+        the last prompt token is always fed, for its logits)."""
+        held = self._cache_ids[: self.model.pos]
+        n, limit = 0, min(len(held), len(ids) - 1)
+        while n < limit and held[n] == ids[n]:
+            n += 1
+        return n
 
     def sampling(self, temperature=None, top_p=None, top_k=None, seed=None) -> Sampling:
         """Unset options come from the artifact's generation config, as transformers reads it."""
@@ -66,8 +84,11 @@ class LLM:
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None, raw: bool = False,
-                 ignore_eos: bool = False, think_budget: int | None = None, system: str | None = None) -> Iterator[Token]:
-        """Yield Tokens as they are generated; `self.stats` describes the run (complete once exhausted)."""
+                 ignore_eos: bool = False, think_budget: int | None = None, system: str | None = None,
+                 reuse_cache: bool = False) -> Iterator[Token]:
+        """Yield Tokens as they are generated; `self.stats` describes the run (complete once exhausted).
+        reuse_cache: keep the KV rows of the longest common token prefix with the previous run and prefill
+        only the rest (`self.stats.cached_tokens`); a Conversation (llm.chat()) runs every turn this way."""
         ids = list(prompt) if not isinstance(prompt, str) else self.encode(prompt, raw=raw, system=system)
         if len(ids) >= self.context:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens; the context holds {self.context} "
@@ -75,16 +96,25 @@ class LLM:
         if not ids:
             raise PromptTooLong("the prompt is empty")
         self.stats = Stats()
+        cached = self.cached_prefix(ids) if reuse_cache else 0
+        self.model.pos = cached               # rewind first, so that _cache_ids[:pos] stays true at every moment
+        fed = self._cache_ids = list(ids)     # + each generated token: generate() feeds them in this order
         close = self.tokenizer.encode("\n</think>\n\n", add_special_tokens=False) if self.think[1] is not None else []
         decoder = StreamDecoder(self.tokenizer)
         steps = generate(self.model, ids, max_tokens, self.sampling(temperature, top_p, top_k, seed),
                          stop_ids=() if ignore_eos else self.eos_ids, think=self.think, think_budget=think_budget,
-                         close_think_ids=close, stats=self.stats)
+                         close_think_ids=close, stats=self.stats, cached=cached)
         for step in steps:
+            fed.append(step.id)
             yield Token(step.id, step.reasoning, step.forced, decoder.push(step.id))
         tail = decoder.flush()
         if tail:
             yield Token(-1, False, True, tail)   # text held back for an incomplete character
+
+    def chat(self, system: str | None = None, think_budget: int | None = None, thinking: bool = True):
+        """A multi-turn Conversation whose history stays in this model's KV cache (edgert.conversation)."""
+        from .conversation import Conversation
+        return Conversation(self, system=system, think_budget=think_budget, thinking=thinking)
 
 
 def load(path, context: int | None = None, threads: int | None = None, tokenizer: str = "auto",

@@ -1,0 +1,187 @@
+"""A multi-turn chat whose history lives in the KV cache.
+
+    conv = edgert.load("r1-1.5b-int4").chat(system="Be brief.")
+    for tok in conv.send("What is 7*6?"):
+        print(tok.text, end="", flush=True)
+    conv.stats.cached_tokens, conv.stats.prefilled_tokens
+
+Every turn renders the whole conversation through the chat template and encodes it; the cache
+keeps the longest common token prefix with what it already holds, and only the rest is prefilled.
+That is the reasoning-aware cut by construction: R1/Qwen3 templates drop old reasoning, so the
+kept prefix ends where the template's rendering of the last answer departs from what the model
+generated (right after the assistant header), and everything before it is reused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .llm import LLM, PromptTooLong, Token
+
+FORMAT = "edgert-chat"
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0        # the whole conversation as rendered for this turn
+    cached_tokens: int = 0        # of those, reused from the KV cache
+    generated: int = 0
+    reasoning_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    stop_reason: str | None = None  # "eos", "length", "context", "interrupted"
+    dropped_turns: int = 0        # oldest turns dropped before this one so that it fits the context
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefilled_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+
+def _drop_oldest_turn(history: list[dict]) -> list[dict]:
+    """Without the first message and whatever follows it up to the next user message."""
+    i = 1
+    while i < len(history) and history[i]["role"] != "user":
+        i += 1
+    return history[i:]
+
+
+class Conversation:
+    """Turns of a chat with one model. The model's cache is the conversation's memory: use one
+    Conversation per LLM at a time (another generate() on the same LLM only costs a full prefill)."""
+
+    def __init__(self, llm: LLM, system: str | None = None, think_budget: int | None = None, thinking: bool = True):
+        if not llm.chat_template:
+            raise ValueError(f"{llm.path}: this model has no chat template, which a conversation needs")
+        self.llm = llm
+        self.system = system or None
+        self.think_budget = think_budget   # reasoning tokens per answer before "</think>" is fed (None: no limit)
+        self.thinking = thinking           # False: enable_thinking=False to the template, else the reasoning closed at once
+        self.history: list[dict] = []      # user and assistant messages, oldest first
+        self.stats = TurnStats()           # of the last turn
+
+    @property
+    def messages(self) -> list[dict]:
+        """The conversation, system message first, as OpenAI-style dicts (assistant reasoning in reasoning_content)."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [dict(m) for m in self.history]
+
+    def clear(self) -> None:
+        """Forget the turns (the system message stays; its cached rows are reused by the next turn)."""
+        self.history = []
+        self.stats = TurnStats()
+
+    def prompt_ids(self, history: list[dict]) -> list[int]:
+        """The token ids of a conversation ending with a user message, ready for the answer."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        ids = self.llm.encode_messages(head + history, **({} if self.thinking else {"enable_thinking": False}))
+        start, end = self.llm.think
+        if not self.thinking and start is not None and end is not None:
+            opened = max((i for i, t in enumerate(ids) if t in (start, end)), default=None)
+            if opened is not None and ids[opened] == start:      # the template opened <think> (R1): close it
+                ids += self.llm.tokenizer.encode("\n</think>\n\n", add_special_tokens=False)
+        return ids
+
+    def send(self, text: str, max_tokens: int | None = None, temperature: float | None = None,
+             top_p: float | None = None, top_k: int | None = None, seed: int | None = None) -> Iterator[Token]:
+        """Answer `text`: yields Tokens as llm.generate does (tok.reasoning marks the thinking). The turn is
+        kept once the iterator ends or is closed (an interrupted answer is kept as far as it got).
+        max_tokens: default, up to the end of the context. Raises PromptTooLong (nothing changed) when even
+        the system message and this one do not fit; when the whole conversation does not, the oldest turns
+        are dropped (stats.dropped_turns)."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("the message is empty")
+        user = {"role": "user", "content": text}
+        context = self.llm.context
+        room = min(max_tokens or context // 4, context // 2)    # kept free for the answer when dropping turns
+        history, dropped = list(self.history), 0
+        ids = self.prompt_ids(history + [user])
+        while history and len(ids) + room > context:
+            history = _drop_oldest_turn(history)
+            dropped += 1
+            ids = self.prompt_ids(history + [user])
+        if len(ids) >= context:
+            raise PromptTooLong(f"the message needs {len(ids)} tokens with the system message; the context holds "
+                                f"{context} (raise --context, up to {self.llm.manifest['context_length']})")
+        budget = self.think_budget if self.thinking else 0
+        return self._turn(user, history, ids, dropped, dict(
+            max_tokens=min(max_tokens or context, context - len(ids)), temperature=temperature, top_p=top_p,
+            top_k=top_k, seed=seed, think_budget=budget))
+
+    def _turn(self, user: dict, history: list[dict], ids: list[int], dropped: int, options: dict) -> Iterator[Token]:
+        self.history = history
+        self.stats = stats = TurnStats(prompt_tokens=len(ids), dropped_turns=dropped)
+        before, tokens, finished = self.llm.stats, [], False
+        try:
+            for tok in self.llm.generate(ids, reuse_cache=True, **options):
+                tokens.append(tok)
+                yield tok
+            finished = True
+        finally:
+            s = self.llm.stats
+            if s is not before:                 # generation started
+                stats.cached_tokens = s.cached_tokens
+                stats.prefill_s, stats.decode_s, stats.decode_steps = s.prefill_s, s.decode_s, s.decode_steps
+                stats.generated, stats.reasoning_tokens = s.generated, s.reasoning_tokens
+                stats.stop_reason = s.stop_reason if finished else "interrupted"
+            if tokens:
+                self.history = history + [user, self._assistant(tokens)]
+
+    def _assistant(self, tokens: list[Token]) -> dict:
+        reasoning = "".join(t.text for t in tokens if t.reasoning)
+        answer = "".join(t.text for t in tokens if not t.reasoning)
+        if not reasoning:
+            return {"role": "assistant", "content": answer}
+        for tag in self.llm.think:
+            if tag is not None:
+                reasoning = reasoning.replace(self.llm.tokenizer.decode([tag]), "")
+        return {"role": "assistant", "content": answer.lstrip("\n"), "reasoning_content": reasoning.strip("\n")}
+
+    def save(self, path) -> None:
+        """Write the conversation as JSON ({"format", "messages"}), atomically."""
+        path = Path(path)
+        data = json.dumps({"format": FORMAT, "version": 1, "messages": self.messages}, ensure_ascii=False, indent=1)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(data + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def load(self, path) -> None:
+        """Replace the conversation with one saved by save() (or a JSON list of messages). Raises
+        ValueError with one line, and changes nothing, when the file is unreadable or not a conversation."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: not a saved conversation (not JSON)") from None
+        messages = data.get("messages") if isinstance(data, dict) else data
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                and isinstance(m.get("reasoning_content", ""), str) for m in messages):
+            raise ValueError(f"{path}: not a saved conversation (expected a list of messages with role "
+                             f"system/user/assistant and text content)")
+        if any(m["role"] == "system" for m in messages[1:]):
+            raise ValueError(f"{path}: a system message may only come first")
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        keep = ("role", "content", "reasoning_content")
+        self.system = system
+        self.history = [{k: m[k] for k in keep if k in m} for m in messages[1 if system is not None else 0:]]
+        self.stats = TurnStats()
