@@ -101,7 +101,7 @@ class Conversation:
         kept once the iterator ends or is closed (an interrupted answer is kept as far as it got).
         max_tokens: default, up to the end of the context. Raises PromptTooLong (nothing changed) when even
         the system message and this one do not fit; when the whole conversation does not, the oldest turns
-        are dropped (stats.dropped_turns)."""
+        are dropped (stats.dropped_turns, set at once)."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the message is empty")
         user = {"role": "user", "content": text}
@@ -116,21 +116,24 @@ class Conversation:
         if len(ids) >= context:
             raise PromptTooLong(f"the message needs {len(ids)} tokens with the system message; the context holds "
                                 f"{context} (raise --context, up to {self.llm.manifest['context_length']})")
-        budget = self.think_budget if self.thinking else 0
-        return self._turn(user, history, ids, dropped, dict(
-            max_tokens=min(max_tokens or context, context - len(ids)), temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, think_budget=budget))
-
-    def _turn(self, user: dict, history: list[dict], ids: list[int], dropped: int, options: dict) -> Iterator[Token]:
         self.history = history
-        self.stats = stats = TurnStats(prompt_tokens=len(ids), dropped_turns=dropped)
+        self.stats = TurnStats(prompt_tokens=len(ids), dropped_turns=dropped)
+        budget = self.think_budget if self.thinking else 0
+        return self._turn(user, history, ids, dict(max_tokens=min(max_tokens or context, context - len(ids)),
+                                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                                   think_budget=budget))
+
+    def _turn(self, user: dict, history: list[dict], ids: list[int], options: dict) -> Iterator[Token]:
+        stats = self.stats
         before, tokens, finished = self.llm.stats, [], False
+        stream = self.llm.generate(ids, reuse_cache=True, **options)
         try:
-            for tok in self.llm.generate(ids, reuse_cache=True, **options):
+            for tok in stream:
                 tokens.append(tok)
                 yield tok
             finished = True
         finally:
+            stream.close()
             s = self.llm.stats
             if s is not before:                 # generation started
                 stats.cached_tokens = s.cached_tokens
@@ -154,13 +157,17 @@ class Conversation:
         """Write the conversation as JSON ({"format", "messages"}), atomically."""
         path = Path(path)
         data = json.dumps({"format": FORMAT, "version": 1, "messages": self.messages}, ensure_ascii=False, indent=1)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(data + "\n")
             os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
+        except BaseException as e:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise ValueError(f"{path}: cannot write it ({e.strerror or type(e).__name__})") from None
             raise
 
     def load(self, path) -> None:
