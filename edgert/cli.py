@@ -210,14 +210,17 @@ def chat(
             continue
         interrupted = False
         line = line.strip()
-        if line.startswith("/") and not line.startswith("//"):
-            try:
+        try:
+            if line.startswith("/") and not line.startswith("//"):
                 if not _chat_command(conv, line):
                     break
-            except (ValueError, OSError) as e:
-                typer.echo(f"edgert: {e}", err=True)
-        elif line:
-            _chat_turn(conv, line[1:] if line.startswith("//") else line, writer, sampling)
+            elif line:
+                _chat_turn(conv, line[1:] if line.startswith("//") else line, writer, sampling)
+        except (ValueError, OSError) as e:
+            typer.echo(f"edgert: {e}", err=True)
+        except KeyboardInterrupt:
+            writer.end()
+            typer.echo("\n[stopped]", err=True)
     if tty:
         typer.echo("", err=True)
 

@@ -24,6 +24,7 @@ from .llm import LLM, PromptTooLong, Token
 
 FORMAT = "edgert-chat"
 ROLES = ("system", "user", "assistant")
+MAX_FILE = 64 << 20          # a saved conversation is text for one context: far below this
 
 
 @dataclass
@@ -174,10 +175,15 @@ class Conversation:
         """Replace the conversation with one saved by save() (or a JSON list of messages). Raises
         ValueError with one line, and changes nothing, when the file is unreadable or not a conversation."""
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            with open(path, "rb") as f:
+                raw = f.read(MAX_FILE + 1)
         except OSError as e:
             raise ValueError(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        if len(raw) > MAX_FILE:
+            raise ValueError(f"{path}: not a saved conversation (larger than {MAX_FILE >> 20} MB)")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise ValueError(f"{path}: not a saved conversation (not JSON)") from None
         messages = data.get("messages") if isinstance(data, dict) else data
         if not isinstance(messages, list) or not all(

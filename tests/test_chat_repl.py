@@ -248,6 +248,14 @@ def test_chat_in_a_terminal(artifact, fresh, tmp_path):
     assert chat.p.exitstatus == 0 and "Traceback" not in chat.p.before
 
 
+def test_chat_leaves_on_ctrl_d(artifact):
+    chat = Chat(artifact)
+    chat.p.sendeof()
+    chat.p.expect(pytest.importorskip("pexpect").EOF)
+    chat.p.close()
+    assert chat.p.exitstatus == 0 and "Traceback" not in chat.p.before
+
+
 def test_chat_reads_lines_from_a_pipe(artifact, fresh):
     lines = "\n".join([QUESTIONS[0], "/stats", QUESTIONS[1], "/nonsense"]) + "\n"
     r = subprocess.run([sys.executable, "-m", "edgert.cli", "chat", str(artifact), "--temperature", "0",
