@@ -127,7 +127,7 @@ class Conversation:
     def _turn(self, user: dict, history: list[dict], ids: list[int], options: dict) -> Iterator[Token]:
         stats = self.stats
         before, tokens, finished = self.llm.stats, [], False
-        stream = self.llm.generate(ids, reuse_cache=True, **options)
+        stream = self.llm.generate(ids, **options)   # the engine reuses the rows of the longest prefix it holds
         try:
             for tok in stream:
                 tokens.append(tok)
@@ -137,7 +137,7 @@ class Conversation:
             stream.close()
             s = self.llm.stats
             if s is not before:                 # generation started
-                stats.cached_tokens = s.cached_tokens
+                stats.cached_tokens = s.extra.get("cached_tokens", 0)
                 stats.prefill_s, stats.decode_s, stats.decode_steps = s.prefill_s, s.decode_s, s.decode_steps
                 stats.generated, stats.reasoning_tokens = s.generated, s.reasoning_tokens
                 stats.stop_reason = s.stop_reason if finished else "interrupted"

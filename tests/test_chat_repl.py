@@ -47,8 +47,9 @@ def fresh(artifact):
 
     def run(messages, close_thinking=False):
         ids = prompt(messages, close_thinking)
+        ref.engine.forget()                   # nothing reused: the whole prompt prefilled at once
         toks = list(ref.generate(ids, max_tokens=ref.context - len(ids), temperature=0.0))
-        assert ref.stats.cached_tokens == 0
+        assert ref.stats.extra["cached_tokens"] == 0
         return ids, [t.id for t in toks if t.id >= 0], "".join(t.text for t in toks)
     run.prompt, run.tokenizer, run.eos = prompt, ref.tokenizer, cfg["eos_token"]
     return run
