@@ -73,6 +73,7 @@ class Conversation:
         self.thinking = thinking           # False: enable_thinking=False to the template, else the reasoning closed at once
         self.history: list[dict] = []      # user and assistant messages, oldest first
         self.stats = TurnStats()           # of the last turn
+        self._answering: Iterator[Token] | None = None   # the turn being streamed, closed by the next call
 
     @property
     def messages(self) -> list[dict]:
@@ -80,8 +81,15 @@ class Conversation:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + [dict(m) for m in self.history]
 
+    def _stop_answering(self) -> None:
+        """An answer still being streamed ends here (kept as far as it got) and frees its cache slot."""
+        if self._answering is not None:
+            self._answering.close()
+            self._answering = None
+
     def clear(self) -> None:
         """Forget the turns (the system message stays; its cached rows are reused by the next turn)."""
+        self._stop_answering()
         self.history = []
         self.stats = TurnStats()
 
@@ -105,6 +113,7 @@ class Conversation:
         are dropped (stats.dropped_turns, set at once)."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the message is empty")
+        self._stop_answering()
         user = {"role": "user", "content": text}
         context = self.llm.context
         room = min(max_tokens or context // 4, context // 2)    # kept free for the answer when dropping turns
@@ -120,9 +129,10 @@ class Conversation:
         self.history = history
         self.stats = TurnStats(prompt_tokens=len(ids), dropped_turns=dropped)
         budget = self.think_budget if self.thinking else 0
-        return self._turn(user, history, ids, dict(max_tokens=min(max_tokens or context, context - len(ids)),
+        self._answering = self._turn(user, history, ids, dict(max_tokens=min(max_tokens or context, context - len(ids)),
                                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                                    think_budget=budget))
+        return self._answering
 
     def _turn(self, user: dict, history: list[dict], ids: list[int], options: dict) -> Iterator[Token]:
         stats = self.stats
@@ -195,6 +205,7 @@ class Conversation:
             raise ValueError(f"{path}: a system message may only come first")
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
         keep = ("role", "content", "reasoning_content")
+        self._stop_answering()
         self.system = system
         self.history = [{k: m[k] for k in keep if k in m} for m in messages[1 if system is not None else 0:]]
         self.stats = TurnStats()

@@ -100,6 +100,19 @@ def test_thinking_off_closes_the_reasoning_in_the_prompt(artifact, fresh):
     assert conv.messages[-1] == {"role": "assistant", "content": text}
 
 
+def test_a_new_message_ends_an_answer_left_unfinished(artifact, fresh):
+    import edgert
+    conv = edgert.load(artifact, threads=1).chat()
+    stream = conv.send(QUESTIONS[0], temperature=0)
+    first = [next(stream) for _ in range(3)]
+    got = [t.id for t in conv.send(QUESTIONS[1], temperature=0)]       # the one-slot engine is free again
+    partial = "".join(t.text for t in first)
+    assert conv.history[1] == {"role": "assistant", "content": "", "reasoning_content": partial.strip("\n")}
+    assert conv.stats.cached_tokens > 0
+    _, gen, _ = fresh(conv.messages[:3])
+    assert got == gen
+
+
 def test_full_context_drops_the_oldest_turns(artifact, fresh):
     import edgert
     conv = edgert.load(artifact, threads=1, context=100).chat(system="Be brief.")
