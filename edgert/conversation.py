@@ -62,7 +62,7 @@ def _drop_oldest_turn(history: list[dict]) -> list[dict]:
 
 class Conversation:
     """Turns of a chat with one model. The model's cache is the conversation's memory: use one
-    Conversation per LLM at a time (another generate() on the same LLM only costs a full prefill)."""
+    Conversation per LLM at a time (another generate() on the same LLM only costs a longer prefill)."""
 
     def __init__(self, llm: LLM, system: str | None = None, think_budget: int | None = None, thinking: bool = True):
         if not llm.chat_template:
@@ -128,10 +128,9 @@ class Conversation:
                                 f"{context} (raise --context, up to {self.llm.manifest['context_length']})")
         self.history = history
         self.stats = TurnStats(prompt_tokens=len(ids), dropped_turns=dropped)
-        budget = self.think_budget if self.thinking else 0
-        self._answering = self._turn(user, history, ids, dict(max_tokens=min(max_tokens or context, context - len(ids)),
-                                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                                   think_budget=budget))
+        options = dict(max_tokens=min(max_tokens or context, context - len(ids)), temperature=temperature,
+                       top_p=top_p, top_k=top_k, seed=seed, think_budget=self.think_budget if self.thinking else 0)
+        self._answering = self._turn(user, history, ids, options)
         return self._answering
 
     def _turn(self, user: dict, history: list[dict], ids: list[int], options: dict) -> Iterator[Token]:
