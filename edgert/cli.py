@@ -343,6 +343,8 @@ def bench(
                                                 "and write the JSON there."),
     moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain (default: the fastest this onnxruntime has)."),
     max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+    batch: int = typer.Option(1, min=1, max=64, help="Also measure N sequences decoded together (one forward per step): "
+                              "aggregate tok/s and its ratio to one sequence."),
 ):
     """Measure prefill/decode speed, time to first token, load time, peak memory and the decode
     roofline (memory bandwidth / bytes read per token) on this device."""
@@ -355,7 +357,7 @@ def bench(
         if synthetic:
             artifact = synthetic_artifact(synthetic, bits or 4, bench_context(prompt_tokens, gen_tokens, context))
         result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context, strategy=moe_strategy,
-                          max_memory=max_memory)
+                          max_memory=max_memory, batch=batch)
     except _user_errors() as e:
         fail(str(e))
     result["synthetic"] = synthetic
