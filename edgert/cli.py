@@ -264,8 +264,8 @@ def _chat_turn(conv, text: str, writer: TokenWriter, sampling: dict) -> None:
     sys.stdout.write("\n")
     sys.stdout.flush()
     if conv.stats.stop_reason == "context":
-        typer.echo(f"[the answer reached the end of the {conv.llm.context}-token context; the next turn drops "
-                   f"the oldest turns]", err=True)
+        typer.echo(f"[the answer reached the end of the {conv.llm.context}-token context; the next turns drop "
+                   f"the oldest ones as needed]", err=True)
     elif conv.stats.stop_reason == "length":
         typer.echo("[stopped at --max-tokens]", err=True)
 

@@ -150,6 +150,8 @@ class Conversation:
                 stats.prefill_s, stats.decode_s, stats.decode_steps = s.prefill_s, s.decode_s, s.decode_steps
                 stats.generated, stats.reasoning_tokens = s.generated, s.reasoning_tokens
                 stats.stop_reason = s.stop_reason if finished else "interrupted"
+                if stats.stop_reason == "length" and options["max_tokens"] == self.llm.context - len(ids):
+                    stats.stop_reason = "context"       # the answer filled the context, not a max_tokens it was given
             if tokens:
                 self.history = history + [user, self._assistant(tokens)]
 

@@ -127,6 +127,20 @@ def test_full_context_drops_the_oldest_turns(artifact, fresh):
     assert s.prompt_tokens + 100 // 4 <= 100                              # room was kept for the answer
 
 
+def test_an_answer_that_fills_the_context_stops_there(artifact, fresh):
+    import edgert
+    conv = edgert.load(artifact, threads=1, context=40).chat()
+    got = list(conv.send(QUESTIONS[0], temperature=0))
+    prompt, gen, _ = fresh([{"role": "user", "content": QUESTIONS[0]}])
+    assert len(prompt) + len(gen) > 40                                    # the answer needs more room
+    assert [t.id for t in got] == gen[:40 - len(prompt)] and conv.stats.stop_reason == "context"
+    assert conv.messages[-1]["content"] == "" and conv.messages[-1]["reasoning_content"]   # cut while reasoning
+    got = [t.id for t in conv.send(QUESTIONS[1], temperature=0)]    # fits: the template drops that reasoning
+    prompt, gen, _ = fresh(conv.messages[:3])
+    assert conv.stats.dropped_turns == 0 and conv.stats.prompt_tokens == len(prompt) <= 40 - 40 // 4
+    assert got == gen[:40 - len(prompt)]
+
+
 def test_save_and_load_restore_the_conversation(artifact, fresh, tmp_path):
     import edgert
     llm = edgert.load(artifact, threads=1)
