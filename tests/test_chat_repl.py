@@ -241,7 +241,8 @@ def test_chat_in_a_terminal(artifact, fresh, tmp_path):
     assert "[stopped]" in after and "Traceback" not in after
     s = chat.stats()
     assert s["stop"] == "interrupted" and 1 <= s["generated"] < 5
-    # the program goes on, the interrupted turn kept as far as it got; /save, then /clear and /load restore the conversation: the next answer is the fresh run's
+    # the program goes on, the interrupted turn kept as far as it got; /save, then /clear and /load
+    # restore the conversation: the next answer is the fresh run's
     out = chat.say(f"/save {tmp_path / 'chat.json'}")
     assert "messages saved" in out
     saved = json.loads((tmp_path / "chat.json").read_text())["messages"]
