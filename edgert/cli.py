@@ -107,10 +107,14 @@ def run(
     """Generate text. stdout carries only the generated text; reasoning is dimmed on a terminal."""
     if speculate not in ("off", "ngram"):
         fail(f"--speculate must be ngram or off, not {speculate!r}")
+    from .limits import read_stdin
     if prompt is None:
         if sys.stdin.isatty():
             fail("no prompt: give one as an argument or on stdin")
-        prompt = sys.stdin.read()
+        try:
+            prompt = read_stdin()
+        except ValueError as e:
+            fail(str(e))
     if not prompt.strip():
         fail("the prompt is empty")
     from . import load
@@ -385,8 +389,9 @@ def eval_(
     """Perplexity on a text (BOS once, non-overlapping windows; each window's tokens after the first are
     scored given their prefix in the window) and, with --reference, mean KL(reference || artifact) and top-1 agreement."""
     from .evaluate import EvalError, evaluate
+    from .limits import read_text_file
     try:
-        body = None if text is None else text.read_text(encoding="utf-8")
+        body = None if text is None else read_text_file(text, what=f"--text {text}")
         r = evaluate(artifact, body, reference=reference, window=window, threads=threads, moe_strategy=moe_strategy)
     except UnicodeDecodeError:
         fail(f"{text}: not UTF-8 text")
