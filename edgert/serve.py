@@ -241,7 +241,8 @@ class Scheduler:
 
     def submit(self, work: Work):
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
+            free = max(0, self.engine.slots - len(self.active))
+            if len(self.waiting) >= self.max_queue + free:
                 raise APIError(429, f"the server is busy: {len(self.waiting)} requests are queued; retry shortly",
                                "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
             self.waiting.append(work)
@@ -483,6 +484,7 @@ class Server:
     # -- loading ---------------------------------------------------------------------------------
     def load(self):
         import edgert
+        time.sleep(float(os.environ.get("EDGERT_SERVE_LOAD_DELAY", 0)))   # tests: observe /health while loading
         try:
             kw = dict(self.load_args)
             if "slots" in inspect.signature(edgert.load).parameters:
@@ -520,8 +522,8 @@ class Server:
             raise APIError(408, f"the request body took longer than {BODY_SECONDS} s to arrive", code="timeout") from None
         try:
             data = json.loads(bytes(body))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise bad(f"the body is not valid JSON: {e}", code="invalid_json") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise bad(f"the body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise bad("the body must be a JSON object", code="invalid_json")
         return data
@@ -771,9 +773,7 @@ class Server:
             reasoning, content = "".join(t.reasoning), "".join(t.content)
             lp = _tokens_json(tok, t.logprobs, top or 0, meta["chat"]) if top is not None else None
             if meta["chat"]:
-                message = {"role": "assistant", "content": content}
-                if reasoning:
-                    message["reasoning_content"] = reasoning
+                message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
                 choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": state["finish"][i]})
             else:
                 choices.append({"index": i, "text": content, "logprobs": lp, "finish_reason": state["finish"][i]})
