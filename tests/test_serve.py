@@ -563,7 +563,7 @@ class DevTools:
             os.dup2(b, 4)
         self.proc = subprocess.Popen([binary, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
                                       f"--user-data-dir={profile}", "--window-size=1000,760", "--no-first-run",
-                                      "about:blank"], preexec_fn=fds, pass_fds=(r_cmd, w_out),
+                                      "about:blank"], preexec_fn=fds, pass_fds=(3, 4),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(r_cmd)
         os.close(w_out)
@@ -616,9 +616,9 @@ def test_chat_page_streams_an_answer_with_reasoning_collapsed(server, tmp_path):
             time.sleep(0.1)                                            # the page asked /v1/models
         js("document.getElementById('input').focus()")
         browser.call("Input.insertText", page, text=DEMO.prompt)         # typed, as a person would
-        for kind in ("keyDown", "keyUp"):
-            browser.call("Input.dispatchKeyEvent", page, type=kind, key="Enter", code="Enter",
-                         windowsVirtualKeyCode=13, nativeVirtualKeyCode=13, text="\r" if kind == "keyDown" else None)
+        enter = dict(key="Enter", code="Enter", windowsVirtualKeyCode=13, nativeVirtualKeyCode=13)
+        browser.call("Input.dispatchKeyEvent", page, type="keyDown", text="\r", **enter)
+        browser.call("Input.dispatchKeyEvent", page, type="keyUp", **enter)
         end = time.time() + 30
         state = None
         while time.time() < end:
