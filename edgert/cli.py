@@ -78,8 +78,15 @@ def run(
     moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain [default: fastest for this onnxruntime]."),
     stats: bool = typer.Option(False, "--stats", help="Report active parameters per token and per-layer expert usage."),
     max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+    votes: int = typer.Option(1, min=1, max=64, help="Self-consistency: sample N answers together (one batched forward "
+                              "per step) and print the majority answer; --json lists every vote."),
+    speculate: str = typer.Option("off", help="ngram: greedy decoding verifies tokens drafted from the text so far, "
+                                  "several per forward (identical output); off."),
+    draft_tokens: int = typer.Option(4, min=1, max=16, help="Most drafted tokens verified per forward with --speculate."),
 ):
     """Generate text. stdout carries only the generated text; reasoning is dimmed on a terminal."""
+    if speculate not in ("off", "ngram"):
+        fail(f"--speculate must be ngram or off, not {speculate!r}")
     if prompt is None:
         if sys.stdin.isatty():
             fail("no prompt: give one as an argument or on stdin")
@@ -88,12 +95,17 @@ def run(
         fail("the prompt is empty")
     from . import load
     try:
-        llm = load(artifact, context=context, threads=threads, moe_strategy=moe_strategy, max_memory=max_memory)
+        llm = load(artifact, context=context, threads=threads, moe_strategy=moe_strategy, max_memory=max_memory,
+                   slots=votes)
         if stats:
             llm.model.track_experts()
         ids = llm.encode(prompt, raw=raw, system=system)
+        if votes > 1:
+            return _print_votes(llm, ids, votes, as_json, dict(max_tokens=max_tokens, temperature=temperature,
+                                top_p=top_p, top_k=top_k, seed=seed, think_budget=think_budget))
         stream = llm.generate(ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              seed=seed, ignore_eos=ignore_eos, think_budget=think_budget)
+                              seed=seed, ignore_eos=ignore_eos, think_budget=think_budget,
+                              speculate=draft_tokens if speculate == "ngram" else 0)
         color = sys.stdout.isatty() and not as_json and not os.environ.get("NO_COLOR")
         tokens, text, reasoning = [], [], []
         dimmed = False
@@ -126,6 +138,8 @@ def run(
                "reasoning": think, "answer": answer.lstrip("\n") if think else answer,
                "prefill_tok_s": round(st.prefill_tok_s, 2), "decode_tok_s": round(st.decode_tok_s, 2),
                "stop_reason": st.stop_reason}
+        if speculate != "off":
+            out["speculation"] = {k: st.extra.get(k, 0) for k in ("drafted", "accepted", "verify_steps")}
         if report:
             out["stats"] = report
         typer.echo(json.dumps(out, ensure_ascii=False))
@@ -133,13 +147,27 @@ def run(
         if dimmed:
             sys.stdout.write(RESET)
         sys.stdout.write("\n")
+        spec = (f" | drafted {st.extra.get('drafted', 0)}, accepted {st.extra.get('accepted', 0)}"
+                if speculate != "off" else "")
         typer.echo(f"[{st.prompt_tokens} prompt tokens, {st.prefill_tok_s:.1f} tok/s | {st.generated} generated, "
-                   f"{st.decode_tok_s:.1f} tok/s | stop: {st.stop_reason}]", err=True)
+                   f"{st.decode_tok_s:.1f} tok/s | stop: {st.stop_reason}{spec}]", err=True)
         if st.stop_reason == "context":
             typer.echo(f"edgert: stopped: the {llm.context}-token context is full (prompt + generated); raise --context "
                        f"(this artifact holds up to {llm.manifest['context_length']})", err=True)
         if report:
             typer.echo(format_expert_report(report), err=True)
+
+
+def _print_votes(llm, ids, n: int, as_json: bool, options: dict) -> None:
+    """`run --votes N`: the majority answer on stdout (every vote in --json), a summary on stderr."""
+    result = llm.vote(ids, n, **options)
+    if as_json:
+        typer.echo(json.dumps(result, ensure_ascii=False))
+        return
+    typer.echo(result["text"].split("</think>")[-1].strip() if "</think>" in result["text"] else result["text"])
+    counts = ", ".join(f"{k!r}: {c}" for k, c in sorted(result["counts"].items(), key=lambda kv: -kv[1])) or "none"
+    typer.echo(f"[{n} votes: {counts} -> {result['answer']!r} | {result['generated']} generated, "
+               f"{result['decode_tok_s']:.1f} tok/s together]", err=True)
 
 
 @app.command()
@@ -251,7 +279,7 @@ def demo(
     typer.echo(prompt, err=True)
     run(out, prompt, max_tokens=max_tokens, temperature=0.0, top_p=None, top_k=None, seed=None, raw=False,
         ignore_eos=False, as_json=False, context=None, threads=None, think_budget=None, system=None,
-        moe_strategy=None, stats=False, max_memory=None)
+        moe_strategy=None, stats=False, max_memory=None, votes=1, speculate="off", draft_tokens=4)
 
 
 @app.command()

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .model import Model
 
 
 @dataclass
@@ -79,56 +78,136 @@ class Stats:
         return self.decode_steps / self.decode_s if self.decode_s else 0.0
 
 
-PREFILL_CHUNK = 512   # bounds attention scratch memory on long prompts
+class Decoding:
+    """One sequence's policy, fed the logits the engine returns: sample (or force) the next token,
+    track whether it is reasoning, apply the think budget and the stops. No model inside, so one
+    scheduler can drive many. `think` = (<think> id, </think> id); the prompt may already open the
+    reasoning (R1 templates end with "<think>\\n")."""
+
+    def __init__(self, prompt_ids, max_tokens: int, sampling: Sampling, stop_ids=(),
+                 think: tuple[int | None, int | None] = (None, None), think_budget: int | None = None,
+                 close_think_ids=(), deadline: float | None = None, logprobs: bool = False):
+        self.max_tokens, self.sampling, self.stops = max_tokens, sampling, set(stop_ids)
+        self.think_start, self.think_end = think
+        self.think_budget, self.close_think_ids, self.deadline = think_budget, list(close_think_ids), deadline
+        self.reasoning = False
+        if self.think_start is not None:
+            for t in prompt_ids:
+                self.reasoning = True if t == self.think_start else False if t == self.think_end else self.reasoning
+        self.pending: list[int] = []     # forced tokens still to feed (think budget, deadline)
+        self.spent = 0                   # reasoning tokens generated so far
+        self.generated = self.reasoning_tokens = 0
+        self.stop_reason: str | None = None   # "eos", "length", "context"
+        self.logprobs = [] if logprobs else None   # log p of each sampled token (forced: 0)
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    def close_thinking(self) -> None:
+        """Feed </think> next (unless the reasoning is already closing)."""
+        if self.reasoning and not self.pending:
+            self.pending = list(self.close_think_ids)
+
+    def next(self, logits: np.ndarray) -> Step | None:
+        """The token that follows `logits` (sampled, or forced by a budget), or None at a stop."""
+        if self.done:
+            return None
+        if self.deadline is not None and self.reasoning and time.monotonic() >= self.deadline:
+            self.close_thinking()
+        forced = bool(self.pending)
+        token = self.pending.pop(0) if forced else self.sampling(logits)
+        if token == self.think_start:
+            self.reasoning = True
+        in_reasoning = self.reasoning
+        if token == self.think_end:
+            self.reasoning = False
+        if not forced and token in self.stops:
+            self.stop_reason = "eos"
+            return None
+        self.generated += 1
+        self.reasoning_tokens += in_reasoning
+        if self.logprobs is not None:
+            z = logits.astype(np.float64)
+            self.logprobs.append(0.0 if forced else float(z[token] - z.max() - np.log(np.exp(z - z.max()).sum())))
+        if in_reasoning and self.reasoning and not forced:
+            self.spent += 1
+            if self.think_budget is not None and self.spent >= self.think_budget:
+                self.close_thinking()
+        if self.generated >= self.max_tokens:
+            self.stop_reason = "length"
+        return Step(token, in_reasoning, forced)
 
 
-def generate(model: Model, prompt_ids: list[int], max_tokens: int, sampling: Sampling, stop_ids=(),
+def generate(engine, prompt_ids: list[int], max_tokens: int, sampling: Sampling, stop_ids=(),
              think: tuple[int | None, int | None] = (None, None), think_budget: int | None = None,
-             close_think_ids: list[int] = (), stats: Stats | None = None):
-    """Yield Steps. `think` = (<think> id, </think> id); the prompt may already open the reasoning
-    (R1 templates end with "<think>\\n")."""
+             close_think_ids: list[int] = (), stats: Stats | None = None, speculate: int = 0):
+    """Yield Steps of one sequence: open it on the engine (a Model is wrapped in a one-slot engine),
+    prefill the prompt, then decode one token per step until the Decoding stops.
+    speculate=k: each step also feeds up to k tokens drafted from the text so far (`ngram_draft`)
+    and keeps those the model itself picks: the same tokens as without, fewer forward calls."""
+    from .engine import Engine
+    engine = engine if isinstance(engine, Engine) else Engine(engine)
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(prompt_ids)
-    think_start, think_end = think
-    reasoning = False
-    if think_start is not None:
-        for t in prompt_ids:
-            reasoning = True if t == think_start else False if t == think_end else reasoning
-    stops = set(stop_ids)
-    model.reset()
+    dec = Decoding(prompt_ids, max_tokens, sampling, stop_ids, think, think_budget, close_think_ids)
     t0 = time.perf_counter()
-    for i in range(0, len(prompt_ids), PREFILL_CHUNK):
-        logits = model.forward(prompt_ids[i : i + PREFILL_CHUNK])[-1]
-    stats.prefill_s = time.perf_counter() - t0
-    pending: list[int] = []          # forced tokens still to feed (think budget)
-    spent = 0                        # reasoning tokens generated so far
-    while stats.generated < max_tokens:
-        forced = bool(pending)
-        token = pending.pop(0) if forced else sampling(logits)
-        if token == think_start:
-            reasoning = True
-        in_reasoning = reasoning
-        if token == think_end:
-            reasoning = False
-        if not forced and token in stops:
-            stats.stop_reason = "eos"
-            break
-        stats.generated += 1
-        stats.reasoning_tokens += in_reasoning
-        yield Step(token, in_reasoning, forced)
-        if in_reasoning and reasoning and not forced:
-            spent += 1
-            if think_budget is not None and spent >= think_budget and not pending:
-                pending = list(close_think_ids)
-        if stats.generated >= max_tokens:
-            stats.stop_reason = "length"
-            break
-        if model.pos >= model.context:
-            stats.stop_reason = "context"
-            break
-        t0 = time.perf_counter()
-        logits = model.forward([token])[-1]
-        stats.decode_s += time.perf_counter() - t0   # the consumer's time between steps is not ours
-        stats.decode_steps += 1
-    else:
-        stats.stop_reason = stats.stop_reason or "length"
+    seq = engine.open(prompt_ids)
+    try:
+        logits = engine.step({seq: prompt_ids[seq.cached:]})[seq]
+        stats.prefill_s = time.perf_counter() - t0
+        stats.extra["cached_tokens"] = seq.cached
+        queue: list[tuple[int, np.ndarray]] = []   # drafted tokens already in the cache, with the logits after each
+        while (step := dec.next(logits)) is not None:
+            stats.generated, stats.reasoning_tokens = dec.generated, dec.reasoning_tokens
+            yield step
+            if dec.done:
+                break
+            if queue:
+                expected, after = queue.pop(0)
+                if step.id == expected:      # the model picked the drafted token: its logits are here
+                    logits = after
+                    continue
+                engine.rewind(seq, seq.pos - 1 - len(queue))     # a forced token: drop the rest of the draft
+                queue = []
+            if seq.pos + 1 > engine.context:
+                dec.stop_reason = "context"
+                break
+            t0 = time.perf_counter()
+            room = min(speculate, engine.context - seq.pos - 1) if sampling.temperature <= 0 else 0
+            draft = ngram_draft(seq.ids + [step.id], room) if room > 0 else []
+            if draft:                        # verify: logits after step.id and after each drafted token
+                rows = engine.score(seq, [step.id] + draft)
+                kept = 0
+                while kept < len(draft) and int(np.argmax(rows[kept])) == draft[kept]:
+                    kept += 1
+                engine.rewind(seq, seq.pos - len(draft) + kept)
+                logits, queue = rows[0], [(draft[j], rows[j + 1]) for j in range(kept)]
+                stats.extra["drafted"] = stats.extra.get("drafted", 0) + len(draft)
+                stats.extra["accepted"] = stats.extra.get("accepted", 0) + kept
+                stats.extra["verify_steps"] = stats.extra.get("verify_steps", 0) + 1
+            else:
+                logits, kept = engine.step({seq: [step.id]})[seq], 0
+            stats.decode_s += time.perf_counter() - t0   # the consumer's time between steps is not ours
+            stats.decode_steps += 1 + kept               # tokens whose logits this forward gave
+        stats.stop_reason = dec.stop_reason or "length"
+        stats.generated, stats.reasoning_tokens = dec.generated, dec.reasoning_tokens
+    finally:
+        engine.close(seq)
+
+
+def ngram_draft(ids: list[int], k: int, max_n: int = 3, window: int = 4096) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the text's last n tokens
+    (n = max_n down to 1): reasoning traces repeat numbers and phrases."""
+    if k <= 0 or len(ids) < 2:
+        return []
+    hist = np.asarray(ids[-window:])
+    for n in range(min(max_n, len(hist) - 1), 0, -1):
+        tail = hist[-n:]
+        cand = np.flatnonzero(hist[: len(hist) - n] == tail[0])
+        for start in cand[::-1]:
+            if np.array_equal(hist[start : start + n], tail):
+                follow = hist[start + n : start + n + k]
+                if follow.size:
+                    return follow.tolist()
+    return []

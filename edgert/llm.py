@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .chat import load_chat_template, render_chat
-from .generate import Sampling, Stats, Step, generate
+from .engine import Engine
+from .generate import Decoding, Sampling, Stats, Step, generate
 from .model import ContextFull, Model
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -27,9 +28,11 @@ def _token_text(value) -> str | None:
 
 class LLM:
     def __init__(self, path, context: int | None = None, threads: int | None = None, tokenizer: str = "auto",
-                 moe_strategy: str | None = None, max_memory: int | str | None = None):
+                 moe_strategy: str | None = None, max_memory: int | str | None = None, slots: int = 1):
         self.path = Path(path)
-        self.model = Model(self.path, context=context, threads=threads, strategy=moe_strategy, max_memory=max_memory)
+        self.model = Model(self.path, context=context, threads=threads, strategy=moe_strategy, max_memory=max_memory,
+                           slots=slots)
+        self.engine = Engine(self.model)
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer.from_dir(self.path, backend=tokenizer)
         self.chat_template = load_chat_template(self.path)
@@ -64,35 +67,56 @@ class LLM:
             top_k = gen.get("top_k", 0) if gen.get("do_sample") else 0
         return Sampling(float(temperature), float(top_p), int(top_k or 0), seed)
 
-    def generate(self, prompt: str | list[int], max_tokens: int = 256, temperature: float | None = None,
-                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None, raw: bool = False,
-                 ignore_eos: bool = False, think_budget: int | None = None, system: str | None = None) -> Iterator[Token]:
-        """Yield Tokens as they are generated; `self.stats` describes the run (complete once exhausted)."""
+    def _prompt_ids(self, prompt, raw: bool, system: str | None) -> list[int]:
         ids = list(prompt) if not isinstance(prompt, str) else self.encode(prompt, raw=raw, system=system)
         if len(ids) >= self.context:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens; the context holds {self.context} "
                                 f"(raise --context, up to {self.manifest['context_length']})")
         if not ids:
             raise PromptTooLong("the prompt is empty")
+        return ids
+
+    def close_think_ids(self) -> list[int]:
+        """What a think budget feeds to end the reasoning."""
+        return self.tokenizer.encode("\n</think>\n\n", add_special_tokens=False) if self.think[1] is not None else []
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 256, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None, raw: bool = False,
+                 ignore_eos: bool = False, think_budget: int | None = None, system: str | None = None,
+                 speculate: int = 0) -> Iterator[Token]:
+        """Yield Tokens as they are generated; `self.stats` describes the run (complete once exhausted).
+        speculate=k: greedy decoding verifies up to k tokens drafted from the text so far per forward
+        (the same tokens, fewer weight reads)."""
+        ids = self._prompt_ids(prompt, raw, system)
         self.stats = Stats()
-        close = self.tokenizer.encode("\n</think>\n\n", add_special_tokens=False) if self.think[1] is not None else []
         decoder = StreamDecoder(self.tokenizer)
-        steps = generate(self.model, ids, max_tokens, self.sampling(temperature, top_p, top_k, seed),
+        steps = generate(self.engine, ids, max_tokens, self.sampling(temperature, top_p, top_k, seed),
                          stop_ids=() if ignore_eos else self.eos_ids, think=self.think, think_budget=think_budget,
-                         close_think_ids=close, stats=self.stats)
+                         close_think_ids=self.close_think_ids(), stats=self.stats, speculate=speculate)
         for step in steps:
             yield Token(step.id, step.reasoning, step.forced, decoder.push(step.id))
         tail = decoder.flush()
         if tail:
             yield Token(-1, False, True, tail)   # text held back for an incomplete character
 
+    def vote(self, prompt: str | list[int], n: int, max_tokens: int = 256, temperature: float | None = None,
+             top_p: float | None = None, top_k: int | None = None, seed: int | None = None, raw: bool = False,
+             think_budget: int | None = None, system: str | None = None) -> dict:
+        """Self-consistency (cons@n, as in the DeepSeek-R1 report): n answers sampled together, one
+        batched forward per step, and the majority answer. Ties go to the larger summed log-probability."""
+        from .votes import sample_together
+        ids = self._prompt_ids(prompt, raw, system)
+        sampling = self.sampling(temperature, top_p, top_k, seed)
+        return sample_together(self, ids, n, max_tokens, sampling, think_budget)
+
 
 def load(path, context: int | None = None, threads: int | None = None, tokenizer: str = "auto",
-         moe_strategy: str | None = None, max_memory: int | str | None = None) -> LLM:
-    """moe_strategy: "qmoe" or "plain" for MoE artifacts (default: the fastest this onnxruntime runs).
+         moe_strategy: str | None = None, max_memory: int | str | None = None, slots: int = 1) -> LLM:
+    """slots: sequences held (and decoded together) at once, for llm.engine, vote() and servers.
+    moe_strategy: "qmoe" or "plain" for MoE artifacts (default: the fastest this onnxruntime runs).
     max_memory: memory budget checked before loading, bytes or "2G" (default: what is available; "off": no check)."""
     return LLM(path, context=context, threads=threads, tokenizer=tokenizer, moe_strategy=moe_strategy,
-               max_memory=max_memory)
+               max_memory=max_memory, slots=slots)
 
 
 __all__ = ["LLM", "load", "Token", "PromptTooLong", "ContextFull"]

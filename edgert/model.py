@@ -89,9 +89,10 @@ class RunError(Exception):
 
 class Model:
     def __init__(self, path, context: int | None = None, threads: int | None = None, strategy: str | None = None,
-                 max_memory: int | str | None = None):
+                 max_memory: int | str | None = None, slots: int = 1):
         """threads: default the fast physical cores (edgert.device). max_memory: the memory budget
-        checked before loading, bytes or "2G"; None = what the system has available, "off" = no check."""
+        checked before loading, bytes or "2G"; None = what the system has available, "off" = no check.
+        slots: sequences whose caches are held at once (edgert.engine steps them together)."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         m = self.manifest["model"]
@@ -100,7 +101,7 @@ class Model:
         self.context = context or min(max_ctx, DEFAULT_CONTEXT)
         if not 1 <= self.context <= max_ctx:
             raise ArtifactError(f"--context must be between 1 and {max_ctx} (the context this artifact was exported for), not {self.context}")
-        self.memory_need = check_fit(self.path, self.manifest, self.context, max_memory)
+        self.memory_need = check_fit(self.path, self.manifest, self.context * slots, max_memory)
         self.threads = threads or default_threads()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
@@ -116,32 +117,43 @@ class Model:
         except Exception as e:  # onnxruntime raises its own exception types with long texts
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{self.path}: onnxruntime {ort.__version__} cannot load the model: {first[:300]}") from None
-        shape = (1, m["kv_heads"], self.context, m["head_dim"])
-        self._io = self.session.io_binding()
-        self._io.bind_output("logits")      # output 0; the caches follow
-        self._cache = []
-        for i in range(self.layers):
-            for kind in ("key", "value"):
-                buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
-                self._cache.append(buf)
-                self._io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
-                self._io.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+        # One preallocated buffer per layer and kind, [slots, kv_heads, context, head_dim]: slot b
+        # holds sequence b's rows. A forward over slots [a, b) binds the view buf[a:b] (zero-copy)
+        # as both GroupQueryAttention's past input and its present output, so each step writes
+        # only its new rows in place. np.zeros pages in lazily: unused rows cost no memory.
+        self.slots = slots
+        if slots > 1 and not self.manifest.get("batch"):
+            raise ArtifactError(f"{self.path} was exported before batching (one sequence per forward): "
+                                f"re-export it with this edgert to decode {slots} sequences together")
+        self.cache = [np.zeros((slots, m["kv_heads"], self.context, m["head_dim"]), np.float32)
+                      for _ in range(2 * self.layers)]
+        self._cache_names = [(f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}",
+                              f"present.{i // 2}.{('key', 'value')[i % 2]}") for i in range(2 * self.layers)]
+        self._bindings: dict[tuple[int, int], tuple] = {}
         # MoE artifacts also output the experts each token used (--stats); bound only when tracked.
         self.router_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith("router.")]
-        self._first_router = 1 + 2 * self.layers
         self.expert_counts: np.ndarray | None = None   # [moe layers, experts] once track_experts() is on
-        self.pos = 0            # tokens in the cache
+        self.pos = 0            # tokens in slot 0's cache (the single-sequence API: forward/reset)
+
+    def _binding(self, first: int, last: int):
+        """An IOBinding with the cache rows of slots [first, last) bound as past and present."""
+        if (first, last) not in self._bindings:
+            io = self.session.io_binding()
+            io.bind_output("logits")        # output 0; the caches follow
+            views = [ort.OrtValue.ortvalue_from_numpy(buf[first:last]) for buf in self.cache]
+            for view, (past, present) in zip(views, self._cache_names):
+                io.bind_ortvalue_input(past, view)
+                io.bind_ortvalue_output(present, view)
+            self._bindings[(first, last)] = (io, views)     # the views must outlive the binding
+        return self._bindings[(first, last)][0]
 
     def track_experts(self, on: bool = True) -> None:
         """Count which experts each MoE layer picks from now on (or stop counting)."""
         if on and self.router_outputs:
             self.expert_counts = np.zeros((len(self.router_outputs), self.manifest["model"]["experts"]), np.int64)
-        elif not on and self.expert_counts is not None:
+        elif not on:
             self.expert_counts = None
-            self._io.clear_binding_outputs()      # drop the router outputs, keep logits + cache bound
-            self._io.bind_output("logits")
-            for i, buf in enumerate(self._cache):
-                self._io.bind_ortvalue_output(f"present.{i // 2}.{('key', 'value')[i % 2]}", buf)
+            self._bindings.clear()          # drops the router outputs bound so far
 
     def reset(self) -> None:
         self.pos = 0            # stale rows past pos are never attended to: no need to clear
@@ -156,18 +168,20 @@ class Model:
                                       zip(m.get("moe_layers", []), self.expert_counts)}
         return report
 
-    def forward(self, ids, num_logits: int = 1) -> np.ndarray:
-        """Feed tokens after what the cache holds; returns logits [num_logits, vocab] of the last positions."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        n = ids.shape[1]
-        if self.pos + n > self.context:
-            raise ContextFull(f"{self.pos + n} tokens do not fit the {self.context}-token context")
-        total = self.pos + n
-        io = self._io
-        io.bind_cpu_input("input_ids", ids)
+    def run(self, first: int, ids: np.ndarray, lengths: np.ndarray, num_logits: int = 1) -> np.ndarray:
+        """THE forward: rows of `ids` [B, S] continue the sequences in slots first..first+B-1,
+        which hold `lengths` [B] tokens already; returns logits [B, num_logits, vocab] of each
+        row's last positions. Several rows only ever feed one token each (GroupQueryAttention
+        takes per-row lengths, not per-row token counts)."""
+        b, n = ids.shape
+        total = lengths.astype(np.int64) + n
+        if total.max() > self.context:
+            raise ContextFull(f"{int(total.max())} tokens do not fit the {self.context}-token context")
+        io = self._binding(first, first + b)
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
         io.bind_cpu_input("num_logits", np.array([min(num_logits, n)], np.int64))
-        io.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
-        io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        io.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(total.max(), np.int32))
         io.bind_output("logits")         # its shape changes between prefill and decode: ORT allocates it
         if self.expert_counts is not None:
             for name in self.router_outputs:
@@ -176,9 +190,16 @@ class Model:
             self.session.run_with_iobinding(io)
         except Exception as e:          # onnxruntime's own exception types, multi-line texts
             raise RunError(f"onnxruntime {ort.__version__} failed: {str(e).strip().splitlines()[0][:300]}") from None
-        self.pos = total
         outs = io.get_outputs()
         if self.expert_counts is not None:
             for j in range(len(self.router_outputs)):
-                np.add.at(self.expert_counts[j], outs[self._first_router + j].numpy().ravel(), 1)
-        return outs[0].numpy()[0]
+                np.add.at(self.expert_counts[j], outs[-len(self.router_outputs) + j].numpy().ravel(), 1)
+        return outs[0].numpy()
+
+    def forward(self, ids, num_logits: int = 1) -> np.ndarray:
+        """One sequence in slot 0: feed tokens after what its cache holds; returns logits
+        [num_logits, vocab] of the last positions."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        logits = self.run(0, ids, np.array([self.pos]), num_logits)[0]
+        self.pos += ids.shape[1]
+        return logits

@@ -137,6 +137,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
                       "kv_heads": model.kv_heads, "head_dim": model.padded_head_dim, "vocab": model.vocab,
                       "parameters": total_params, **model.extra_manifest()},
             "context_length": context,
+            "batch": True,          # the graphs take [batch, sequence] ids: several sequences per forward
             "graphs": graphs,
             "quantization": {**quant, "router": 32, "int4": "asymmetric (zero point per block)",
                              "int8": "symmetric", "accuracy_level": 4, "recipe": recipe.method,

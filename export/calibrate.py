@@ -89,7 +89,7 @@ def collect(model, ckpt, src: Path, text: str, work: Path) -> ActivationStats:
     files, widths = {}, {}
     try:
         for ids in windows:
-            cache = {c.name: np.zeros([window if isinstance(d, str) else d for d in c.shape], np.float32) for c in caches}
+            cache = {c.name: np.zeros([1, c.shape[1], window, c.shape[3]], np.float32) for c in caches}
             done = 0
             while done < len(ids):
                 step = 16 if not widths else max(16, _CHUNK_BYTES // (4 * sum(widths.values())))

@@ -110,9 +110,9 @@ class Decoder:
     def build(self, g: Graph, ckpt: Checkpoint, recipe: Recipe, context: int, progress=lambda: None) -> dict:
         """Write the whole decoder into g. Returns the quantization actually used per tensor class."""
         self.recipe, self.ckpt = recipe, ckpt
-        ids = g.input("input_ids", TensorProto.INT64, [1, "sequence"])
+        ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])    # each row: one sequence's new tokens
         num_logits = g.input("num_logits", TensorProto.INT64, [1])
-        io = AttentionIO(g.input("seqlens_k", TensorProto.INT32, [1]),
+        io = AttentionIO(g.input("seqlens_k", TensorProto.INT32, ["batch"]),
                          g.input("total_sequence_length", TensorProto.INT32, []), *G.rope_cache(g, *self.rope_for(context)))
 
         x = self.embed(g, ids)
@@ -134,7 +134,7 @@ class Decoder:
         last = g.op("Slice", [h, g.op("Neg", [num_logits], "logits_start"),
                               g.const("logits_end", np.array([2**62], np.int64)), g.const("seq_axis", np.array([1], np.int64))],
                     "last_positions")
-        g.output(self.lm_head(g, last), "logits", TensorProto.FLOAT, [1, "num_logits", self.vocab])
+        g.output(self.lm_head(g, last), "logits", TensorProto.FLOAT, ["batch", "num_logits", self.vocab])
         split = {"lm_head_int8_candidates": self.lm_head_candidates} if self._split_head() else {}   # int4 planes, see above
         return {"attention": recipe.bits, "mlp": recipe.bits, "embed": recipe.bits_for("embed"),
                 "lm_head": recipe.bits_for("lm_head"), "block_size": recipe.block_size, **split}
@@ -236,13 +236,13 @@ class Decoder:
                         get(pre + "o_proj.bias") if pre + "o_proj.bias" in self.ckpt else None)
 
     def cache_inputs(self, g: Graph, i: int) -> tuple[str, str]:
-        shape = [1, self.kv_heads, "max_sequence", self.padded_head_dim]
+        shape = ["batch", self.kv_heads, "max_sequence", self.padded_head_dim]
         return tuple(g.input(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, shape) for kind in ("key", "value"))
 
     def cache_outputs(self, g: Graph, i: int, key: str, value: str) -> None:
         """The runtime binds these to the same buffers as the inputs: the cache is updated in place."""
         for src, kind in ((key, "key"), (value, "value")):
-            g.output(src, f"present.{i}.{kind}", TensorProto.FLOAT, [1, self.kv_heads, "max_sequence", self.padded_head_dim])
+            g.output(src, f"present.{i}.{kind}", TensorProto.FLOAT, ["batch", self.kv_heads, "max_sequence", self.padded_head_dim])
 
     def ffn(self, g: Graph, i: int, x: str) -> str:
         return swiglu_mlp(g, self.ckpt, x, self.layer_prefix(i) + "mlp.", f"layers.{i}.mlp", self.recipe.bits,

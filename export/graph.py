@@ -249,8 +249,7 @@ def nibble_matmul(g: Graph, x: str, operands: list, attrs: dict, name: str, out:
                          g.const(name + ".nib_a", np.array([0, 0, 2 * padded], np.int64))], name + ".nib_a2")
     y2 = g.ms("MatMulNBits", [a, qweight, scales], name + ".nib_mm", K=2 * padded, N=n, bits=4,
               block_size=2 * bs, accuracy_level=attrs["accuracy_level"])
-    y_lo, y_hi = g.op("Split", [y2, g.const(name + ".nib_split", np.array([1, 1], np.int64))], name + ".nib_halves",
-                      outputs=2, axis=0)
+    y_lo, y_hi = g.op("Split", [y2], name + ".nib_halves", outputs=2, axis=0)         # equal halves: [B, ...] each
     sums = g.op("ReduceSum", [g.op("Reshape", [x, g.const(name + ".nib_blocks", np.array([0, 0, kb, bs], np.int64))],
                                    name + ".nib_xb"), last], name + ".nib_sums", keepdims=0)     # [B, S, kb]
     corr = g.op("Gemm", [g.op("Reshape", [sums, g.const(name + ".nib_2d", np.array([-1, kb], np.int64))], name + ".nib_s2"),
