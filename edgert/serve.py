@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
-import inspect
 import ipaddress
 import json
 import os
@@ -25,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .generate import Sampling, Step
-from .model import ContextFull
+from .generate import Decoding, Step
 from .tokenizer import StreamDecoder
 
 try:
@@ -88,106 +86,6 @@ def field_(body: dict, name: str, kind, default=None, lo=None, hi=None, choices=
     if choices is not None and value not in choices:
         raise bad(f"'{name}' must be one of {', '.join(map(str, choices))}, not {value!r}", name)
     return value
-
-
-# ----------------------------------------------------------------------------------------------
-# the engine: edgert.engine when this runtime has it, else one slot over today's Model
-
-class NoFreeSlot(Exception):
-    pass
-
-
-@dataclass(eq=False)
-class _Seq:
-    ids: list
-    cached: int
-
-
-class _SingleSlot:
-    """The engine contract (open/step/close) over the single-sequence Model: one slot; the rows of
-    the last sequence stay for prefix reuse."""
-
-    def __init__(self, model):
-        self.model, self.context, self.slots = model, model.context, 1
-        self.kept: list = []
-        self.busy = None
-
-    def open(self, prompt_ids):
-        if self.busy is not None:
-            raise NoFreeSlot()
-        n = 0
-        limit = min(len(self.kept), len(prompt_ids) - 1)
-        while n < limit and self.kept[n] == prompt_ids[n]:
-            n += 1
-        self.busy = _Seq(list(prompt_ids[:n]), n)
-        self.kept, self.model.pos = self.busy.ids, n
-        return self.busy
-
-    def step(self, feed: dict) -> dict:
-        (seq, ids), = feed.items()
-        logits = self.model.forward(ids)[-1]
-        seq.ids.extend(ids)
-        return {seq: logits}
-
-    def close(self, seq):
-        self.busy = None
-
-
-def _engine(llm):
-    eng = getattr(llm, "engine", None)
-    return eng if eng is not None else _SingleSlot(llm.model)
-
-
-try:   # the batched engine's policy object when this runtime has it
-    from .generate import Decoding
-except ImportError:
-    class Decoding:
-        """Per-sequence decoding policy (sampling, stop ids, think budget and deadline), no model inside."""
-
-        def __init__(self, prompt_ids, max_tokens, sampling, stop_ids=(), think=(None, None), think_budget=None,
-                     close_think_ids=(), deadline=None):
-            self.max_tokens, self.sampling, self.stops = max_tokens, sampling, set(stop_ids)
-            self.think_start, self.think_end = think
-            self.budget, self.close_ids, self.deadline = think_budget, list(close_think_ids), deadline
-            self.reasoning = False
-            if self.think_start is not None:
-                for t in prompt_ids:
-                    self.reasoning = True if t == self.think_start else False if t == self.think_end else self.reasoning
-            self.pending: list = []
-            self.spent = self.generated = self.reasoning_tokens = 0
-            self.stop_reason = None
-            self._closed = False
-
-        def close_thinking(self):
-            if self.reasoning and not self._closed and not self.pending:
-                self.pending, self._closed = list(self.close_ids), True
-
-        def next(self, logits):
-            if self.stop_reason is not None:
-                return None
-            if self.generated >= self.max_tokens:
-                self.stop_reason = "length"
-                return None
-            if self.reasoning and not self._closed and (
-                    (self.budget is not None and self.spent >= self.budget)
-                    or (self.deadline is not None and time.monotonic() >= self.deadline)):
-                self.close_thinking()
-            forced = bool(self.pending)
-            token = self.pending.pop(0) if forced else self.sampling(logits)
-            if not forced and token in self.stops:
-                self.stop_reason = "eos"
-                return None
-            if token == self.think_start:
-                self.reasoning = True
-            in_reasoning = self.reasoning
-            if token == self.think_end:
-                self.reasoning = False
-            self.generated += 1
-            self.reasoning_tokens += in_reasoning
-            self.spent += in_reasoning and self.reasoning and not forced
-            if self.generated >= self.max_tokens:
-                self.stop_reason = "length"
-            return Step(token, in_reasoning, forced)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,13 +385,10 @@ class Server:
         time.sleep(float(os.environ.get("EDGERT_SERVE_LOAD_DELAY", 0)))   # tests: observe /health while loading
         try:
             kw = dict(self.load_args)
-            if "slots" in inspect.signature(edgert.load).parameters:
-                kw["slots"] = self.parallel
-            llm = edgert.load(self.artifact, **kw)
+            llm = edgert.load(self.artifact, slots=self.parallel, **kw)
             self.close_ids = (llm.tokenizer.encode("\n</think>\n\n", add_special_tokens=False)
                               if llm.think[1] is not None else [])
-            engine = _engine(llm)
-            self.scheduler = Scheduler(engine, self.max_queue)
+            self.scheduler = Scheduler(llm.engine, self.max_queue)
             self.llm = llm
         except Exception as e:
             self.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -669,6 +564,9 @@ class Server:
         deadline = None if o["deadline_ms"] is None else work.arrived + o["deadline_ms"] / 1000
         work.decodings = [Decoding(ids, o["limit"], s, stop_ids=llm.eos_ids, think=llm.think, think_budget=o["budget"],
                                    close_think_ids=self.close_ids, deadline=deadline) for s in o["sampling"]]
+        if o["budget"] == 0:
+            for dec in work.decodings:      # no thinking at all: </think> before the first token
+                dec.close_thinking()
         self.scheduler.submit(work)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         texts = [ChoiceText(llm.tokenizer, llm.think if chat else (), chat, o["stops"]) for _ in range(o["n"])]

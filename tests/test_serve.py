@@ -429,9 +429,10 @@ def test_cancel_stops_generation_within_one_step(art):
     import asyncio
     import edgert
     from edgert.generate import Sampling
-    from edgert.serve import Decoding, Scheduler, Work, _engine
+    from edgert.generate import Decoding
+    from edgert.serve import Scheduler, Work
     llm = edgert.load(art, threads=1)
-    sched = Scheduler(_engine(llm), 4)
+    sched = Scheduler(llm.engine, 4)
     ids = llm.tokenizer.encode("<｜begin▁of▁sentence｜>1", add_special_tokens=False)
 
     async def run():
