@@ -885,7 +885,18 @@ def _is_loopback(host: str) -> bool:
 def serve(artifact, host="127.0.0.1", port=8080, api_key=None, parallel=1, context=None, threads=None,
           max_memory=None, cors_origins=(), max_queue=None, timeout=600.0) -> int:
     """Run the server until interrupted; returns the exit code."""
+    import socket
     import uvicorn
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        print(f"edgert: error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    port = sock.getsockname()[1]
     server = Server(artifact, context=context, threads=threads, parallel=parallel, max_memory=max_memory,
                     api_key=api_key, host=host, cors_origins=cors_origins, max_queue=max_queue, timeout=timeout)
     config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", access_log=False,
@@ -911,7 +922,7 @@ def serve(artifact, host="127.0.0.1", port=8080, api_key=None, parallel=1, conte
               file=sys.stderr, flush=True)
     threading.Thread(target=load, name="edgert-load", daemon=True).start()
     try:
-        http.run()
+        http.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     if server.scheduler:

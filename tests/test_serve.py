@@ -295,7 +295,7 @@ def test_multi_turn_reuses_the_cached_prefix(server, client):
     first = [{"role": "user", "content": PROBLEMS[5].prompt}]
     a = ask(client, PROBLEMS[5])
     second = first + [{"role": "assistant", "content": a.choices[0].message.content,
-                       "reasoning_content": a.choices[0].message.reasoning_content},
+                       "reasoning": a.choices[0].message.reasoning_content},             # either name is accepted
                       {"role": "user", "content": PROBLEMS[6].prompt}]
     b = client.chat.completions.create(model=MODEL(client), messages=second, temperature=0)
     ids1 = httpx.post(server.url + "/tokenize", json={"messages": first}).json()["tokens"]
@@ -645,3 +645,39 @@ def test_chat_page_streams_an_answer_with_reasoning_collapsed(server, tmp_path):
         assert shot.stat().st_size > 5000
     finally:
         browser.close()
+
+
+def test_reasoning_the_model_opens_itself_is_split_too():
+    """Qwen3 style: the prompt does not open <think>, the model writes it; the text per token, as the
+    server splits it, gives the same fields as an R1 prompt does."""
+    from edgert.generate import Step
+    from edgert.serve import ChoiceText
+    from edgert.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(FIXTURE)
+    think = (tok.token_to_id("<think>"), tok.token_to_id("</think>"))
+    ids = tok.encode("<think>\n" + DEMO.target, add_special_tokens=False)
+    for stops in ([], ["zzz"]):
+        text, inside, out = ChoiceText(tok, think, True, stops), False, ["", ""]
+        for t in ids:
+            inside = inside or t == think[0]
+            r, c = text.push(Step(t, inside))
+            inside = inside and t != think[1]
+            out = [out[0] + r, out[1] + c]
+        r, c = text.finish()
+        assert [out[0] + r, out[1] + c] == [DEMO.reasoning.strip(), f"The answer is {DEMO.answer}."]
+        assert text.reasoning_tokens == len(tok.encode("<think>\n" + DEMO.reasoning + "</think>", add_special_tokens=False))
+
+
+def test_bad_artifact_port_in_use_and_failed_load_are_one_line(art, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "edgert.cli", "serve", str(tmp_path / "nope")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"edgert: error: {tmp_path / 'nope'}: no such artifact folder"]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        r = subprocess.run([sys.executable, "-m", "edgert.cli", "serve", str(art), "--port", str(busy.getsockname()[1])],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "cannot listen" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "edgert.cli", "serve", str(art), "--port", "0", "--max-memory", "1K"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "--max-memory" in r.stderr
