@@ -111,9 +111,13 @@ class Work:
         self.cancelled = self.finished = False
         self.ended: set = set()             # choices the HTTP side finished (stop string)
         self.arrived = time.monotonic()
+        self.jobs: list = []
 
     def emit(self, *event):
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:                    # the event loop is gone (shutting down)
+            pass
 
 
 def _top_logprobs(logits: np.ndarray, token: int, k: int):
@@ -169,17 +173,29 @@ class Scheduler:
             if self.engine.slots - len(self.active) < len(work.decodings):
                 return                          # first come, first served: never skip the head
             self.waiting.popleft()
-            for i, dec in enumerate(work.decodings):
-                job = Job(work, i, dec)
-                job.seq = self.engine.open(work.prompt_ids)
-                job.feed = list(work.prompt_ids[job.seq.cached:])
-                self.active.append(job)
-                self.stats["cached_tokens"] += job.seq.cached
-                work.emit("open", i, job.seq.cached)
+            work.jobs = [Job(work, i, dec) for i, dec in enumerate(work.decodings)]
+            self.active += work.jobs            # their slots are reserved now
+            self.stats["prompt_tokens"] += len(work.prompt_ids)
+            self._open(work.jobs[0])            # the other choices copy its rows once it has prefilled
+
+    def _open(self, job: Job):
+        try:
+            job.seq = self.engine.open(job.req.prompt_ids)
+        except Exception as e:                  # fail this request only
+            job.req.emit("error", f"{type(e).__name__}: {e}")
+            for j in [j for j in self.active if j.req is job.req]:
+                self._finish(j, None)
+            return
+        job.feed = list(job.req.prompt_ids[job.seq.cached:])
+        self.stats["cached_tokens"] += job.seq.cached
+        if job.index == 0:
+            job.req.emit("open", 0, job.seq.cached)
 
     def _finish(self, job: Job, reason: str | None):
-        self.active.remove(job)
-        self.engine.close(job.seq)
+        if job in self.active:
+            self.active.remove(job)
+        if job.seq is not None:
+            self.engine.close(job.seq)
         job.req.emit("done", job.index, reason)
 
     def _run(self):
@@ -192,34 +208,28 @@ class Scheduler:
                     return
                 for job in [j for j in self.active if j.req.cancelled or j.index in j.req.ended]:
                     self._finish(job, None)
-                try:
-                    self._admit()
-                except Exception as e:          # a slot could not be opened: fail that request only
-                    work = self.waiting.popleft()
-                    for job in [j for j in self.active if j.req is work]:
-                        self._finish(job, None)
-                    work.emit("error", f"{type(e).__name__}: {e}")
-                    continue
-            if not self.active:
+                self._admit()
+            feed = {job.seq: job.feed[:PREFILL_CHUNK] for job in self.active if job.seq is not None}
+            if not feed:
                 continue
-            feed = {job.seq: job.feed[:PREFILL_CHUNK] for job in self.active}
             t0 = time.monotonic()
             try:
                 logits = self.engine.step(feed)
             except Exception as e:              # ContextFull cannot happen (checked below); anything else ends the step's requests
                 for job in list(self.active):
-                    self._finish(job, None)
                     job.req.emit("error", f"{type(e).__name__}: {e}")
+                    self._finish(job, None)
                 continue
             decoded = 0
             for job in list(self.active):
+                if job.seq not in feed:
+                    continue
                 fed = len(feed[job.seq])
                 del job.feed[:fed]
                 if job.feed:
                     continue                    # still prefilling
                 if not job.prefilled:
                     job.prefilled = True
-                    self.stats["prompt_tokens"] += len(job.req.prompt_ids)
                 else:
                     decoded += 1
                 lg = logits[job.seq]
@@ -236,6 +246,10 @@ class Scheduler:
                     self._finish(job, "context")
                 else:
                     job.feed = [step.id]
+            for job in [j for j in self.active if j.seq is None]:     # more choices: copy the first one's rows
+                first = job.req.jobs[0]
+                if first.prefilled or first not in self.active:
+                    self._open(job)
             now = time.monotonic()
             self.recent.append((now, decoded))
             while self.recent and now - self.recent[0][0] > 60:
@@ -556,7 +570,7 @@ class Server:
         self._ready()
         body = await self._json(request)
         self._check_model(body)
-        ids = self._prompt(body, chat)
+        ids = await asyncio.to_thread(self._prompt, body, chat)     # a long text must not stall the streams
         o = self._options(body, chat, len(ids))
         llm = self.llm
         loop = asyncio.get_running_loop()

@@ -236,8 +236,12 @@ def test_n_choices_decoded_together(server, client):
         r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "n": 3})
         assert r.status_code == 400 and error_of(r)["param"] == "n"
         pytest.skip(f"this runtime decodes {slots} sequence(s) at a time (no batched engine yet): n>1 is refused in one line")
+    before = server.metrics()["edgert_prompt_tokens_cached_total"]
     r = ask(client, DEMO, n=3)
     assert [c.message.content for c in r.choices] == [f"The answer is {DEMO.answer}."] * 3
+    # the prompt is prefilled once: choices 1 and 2 copy all but its last token's rows from choice 0
+    cached = server.metrics()["edgert_prompt_tokens_cached_total"] - before
+    assert cached >= 2 * (r.usage.prompt_tokens - 1), cached
     assert [c.index for c in r.choices] == [0, 1, 2]
     r = client.chat.completions.create(model=MODEL(client), messages=[{"role": "user", "content": DEMO.prompt}], n=3,
                                        temperature=1.5, seed=3, max_tokens=30)
