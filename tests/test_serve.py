@@ -619,6 +619,8 @@ def test_chat_page_streams_an_answer_with_reasoning_collapsed(server, tmp_path):
         end = time.time() + 20
         while time.time() < end and " · context" not in (js("document.getElementById('model').textContent") or ""):
             time.sleep(0.1)                                            # the page asked /v1/models
+        js("window.updates = 0; new MutationObserver(() => window.updates++).observe(document.getElementById('log'), "
+           "{subtree: true, childList: true, characterData: true})")        # counts the page's partial updates
         js("document.getElementById('input').focus()")
         browser.call("Input.insertText", page, text=DEMO.prompt)         # typed, as a person would
         enter = dict(key="Enter", code="Enter", windowsVirtualKeyCode=13, nativeVirtualKeyCode=13)
@@ -647,6 +649,7 @@ def test_chat_page_streams_an_answer_with_reasoning_collapsed(server, tmp_path):
         assert not state["open"] and not state["hidden"]           # there, and collapsed
         assert "TTFT" in state["stats"] and "tok/s" in state["stats"], state["stats"]
         assert shot.stat().st_size > 5000
+        assert js("window.updates") > 20                            # streamed: many partial renders, not one
     finally:
         browser.close()
 
