@@ -619,7 +619,7 @@ def test_chat_page_streams_an_answer_with_reasoning_collapsed(server, tmp_path):
         end = time.time() + 20
         while time.time() < end and " · context" not in (js("document.getElementById('model').textContent") or ""):
             time.sleep(0.1)                                            # the page asked /v1/models
-        js("window.updates = 0; new MutationObserver(() => window.updates++).observe(document.getElementById('log'), "
+        js("window.updates = 0; new MutationObserver(rs => window.updates += rs.length).observe(document.getElementById('log'), "
            "{subtree: true, childList: true, characterData: true})")        # counts the page's partial updates
         js("document.getElementById('input').focus()")
         browser.call("Input.insertText", page, text=DEMO.prompt)         # typed, as a person would
