@@ -123,15 +123,33 @@ def bench_context(prompt_tokens: int, gen_tokens: int, context: int | None) -> i
     return context or max(prompt_tokens + gen_tokens + 1, 256)
 
 
+def batch_decode(model: Model, ids: list[int], steps: int, n: int) -> float:
+    """Aggregate decode tok/s of n sequences stepped together (one forward per step), after one
+    prompt whose rows every sequence shares (copied, as `run --votes` does)."""
+    from .engine import Engine
+    eng = Engine(model)
+    seqs = [eng.open(ids)]
+    logits = eng.step({seqs[0]: ids})
+    seqs += [eng.open(ids) for _ in range(n - 1)]
+    logits.update(eng.step({s: ids[-1:] for s in seqs[1:]}))
+    t0 = time.perf_counter()
+    for _ in range(steps - 1):
+        logits = eng.step({s: [int(np.argmax(logits[s]))] for s in seqs})
+    elapsed = time.perf_counter() - t0
+    for s in seqs:
+        eng.close(s)
+    return n * (steps - 1) / elapsed
+
+
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3, threads: int | None = None,
           context: int | None = None, seed: int = 0, strategy: str | None = None, probe_seconds: float = 1.0,
-          max_memory=None) -> dict:
+          max_memory=None, batch: int = 1) -> dict:
     context = bench_context(prompt_tokens, gen_tokens, context)
     path = Path(path)
     cpu = cpu_info()
     _progress("bench: loading")
     t0 = time.perf_counter()
-    model = Model(path, context=context, threads=threads, strategy=strategy, max_memory=max_memory)
+    model = Model(path, context=context, threads=threads, strategy=strategy, max_memory=max_memory, slots=batch)
     load_s = time.perf_counter() - t0
     special = model.manifest["special_tokens"]
     avoid = {i for i in [special.get("bos"), special.get("pad"), *(special.get("eos") or [])] if i is not None}
@@ -149,6 +167,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3,
             experts = model.expert_report()
             model.track_experts(False)
     runs = runs[1:]
+    together = [batch_decode(model, ids, gen_tokens, batch) for _ in range(repeat)] if batch > 1 else []
     rss = peak_rss_mb()                              # before the probe's buffer
     _progress("bench: memory bandwidth")
     bandwidth = memory_bandwidth(model.threads, probe_seconds)
@@ -167,6 +186,10 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3,
     _spread(result, "prefill_tok_s", [r.prefill_tok_s for r in runs])
     _spread(result, "decode_tok_s", [r.decode_tok_s for r in runs])
     _spread(result, "ttft_s", [r.prefill_s for r in runs])      # prompt in, logits of the first token out
+    if together:
+        result["batch"] = batch
+        _spread(result, "batch_decode_tok_s", together)           # all sequences' tokens per second
+        result["batch_speedup"] = result["batch_decode_tok_s"] / result["decode_tok_s"]
     roofline = bandwidth * 1e9 / per_token
     result.update({
         "ms_per_token": 1000 / result["decode_tok_s"], "load_s": load_s, "peak_rss_mb": rss,
@@ -196,6 +219,8 @@ def table(r: dict) -> str:
             ("prefill", spread("prefill_tok_s", ".1f", "tok/s")),
             ("decode", spread("decode_tok_s", ".1f", "tok/s") + f", {r['ms_per_token']:.1f} ms/token"),
             ("first token", spread("ttft_s", ".3f", "s")),
+            *([(f"decode x{r['batch']}", spread("batch_decode_tok_s", ".1f", "tok/s") +
+                f" together, {r['batch_speedup']:.2f}x one sequence")] if r.get("batch") else []),
             ("roofline", f"{r['roofline_tok_s']:.1f} tok/s = {r['bandwidth_gbs']:.1f} GB/s / "
                          f"{r['bytes_per_token_mb']:.0f} MB per token; decode reaches {r['roofline_pct']:.0f}%"),
             ("load", f"{r['load_s']:.2f} s"), ("peak RSS", f"{r['peak_rss_mb']:.0f} MB"),

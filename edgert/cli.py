@@ -18,6 +18,26 @@ MAX_MEMORY_HELP = ("Memory budget, e.g. 2G or 1500M: refuse before loading when 
                    "do not fit [default: available memory]; off = no check.")
 
 
+class TokenWriter:
+    """Streams Tokens as text, the <think> reasoning dimmed on a colour terminal (edgert run, edgert chat)."""
+
+    def __init__(self, out, color: bool):
+        self.out, self.color, self.dimmed = out, color, False
+
+    def write(self, tok) -> None:
+        if self.color and tok.reasoning != self.dimmed and tok.text:
+            self.out.write(DIM if tok.reasoning else RESET)
+            self.dimmed = tok.reasoning
+        self.out.write(tok.text)
+        self.out.flush()
+
+    def end(self) -> None:
+        if self.dimmed:
+            self.out.write(RESET)
+            self.dimmed = False
+        self.out.flush()
+
+
 def fail(message: str, code: int = 1):
     typer.echo(f"edgert: error: {message}", err=True)
     raise typer.Exit(code)
@@ -87,13 +107,18 @@ def run(
     """Generate text. stdout carries only the generated text; reasoning is dimmed on a terminal."""
     if speculate not in ("off", "ngram"):
         fail(f"--speculate must be ngram or off, not {speculate!r}")
+    from .limits import read_stdin
     if prompt is None:
         if sys.stdin.isatty():
             fail("no prompt: give one as an argument or on stdin")
-        prompt = sys.stdin.read()
+        try:
+            prompt = read_stdin()
+        except ValueError as e:
+            fail(str(e))
     if not prompt.strip():
         fail("the prompt is empty")
     from . import load
+    writer = None
     try:
         llm = load(artifact, context=context, threads=threads, moe_strategy=moe_strategy, max_memory=max_memory,
                    slots=votes)
@@ -106,27 +131,21 @@ def run(
         stream = llm.generate(ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               seed=seed, ignore_eos=ignore_eos, think_budget=think_budget,
                               speculate=draft_tokens if speculate == "ngram" else 0)
-        color = sys.stdout.isatty() and not as_json and not os.environ.get("NO_COLOR")
+        writer = TokenWriter(sys.stdout, sys.stdout.isatty() and not as_json and not os.environ.get("NO_COLOR"))
         tokens, text, reasoning = [], [], []
-        dimmed = False
         for tok in stream:
             if tok.id >= 0:
                 tokens.append(tok.id)
             text.append(tok.text)
             if tok.reasoning:
                 reasoning.append(tok.text)
-            if as_json:
-                continue
-            if color and tok.reasoning != dimmed and tok.text:
-                sys.stdout.write(DIM if tok.reasoning else RESET)
-                dimmed = tok.reasoning
-            sys.stdout.write(tok.text)
-            sys.stdout.flush()
+            if not as_json:
+                writer.write(tok)
     except _user_errors() as e:
         fail(str(e))
     except KeyboardInterrupt:
-        if color:
-            sys.stdout.write(RESET)
+        if writer:
+            writer.end()
         raise typer.Exit(130)
     st = llm.stats
     report = llm.model.expert_report() if stats else None
@@ -144,8 +163,7 @@ def run(
             out["stats"] = report
         typer.echo(json.dumps(out, ensure_ascii=False))
     else:
-        if dimmed:
-            sys.stdout.write(RESET)
+        writer.end()
         sys.stdout.write("\n")
         spec = (f" | drafted {st.extra.get('drafted', 0)}, accepted {st.extra.get('accepted', 0)}"
                 if speculate != "off" else "")
@@ -156,6 +174,147 @@ def run(
                        f"(this artifact holds up to {llm.manifest['context_length']})", err=True)
         if report:
             typer.echo(format_expert_report(report), err=True)
+
+
+CHAT_COMMANDS = ("/clear  /system TEXT  /think on|off|N  /stats  /save FILE  /load FILE  /exit  "
+                 "(start a message with // to send one that begins with /)")
+
+
+@app.command()
+def chat(
+    artifact: Path = typer.Argument(..., help="Artifact folder made by `edgert export` (with a chat template)."),
+    system: Optional[str] = typer.Option(None, help="System message (/system TEXT changes it)."),
+    think_budget: Optional[int] = typer.Option(None, min=0, help="Close the <think> reasoning of each answer after N tokens (/think N)."),
+    max_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens per answer [default: up to the end of the context]."),
+    temperature: Optional[float] = typer.Option(None, min=0.0, help="0 = greedy [default: the model's generation config]."),
+    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Nucleus sampling mass."),
+    top_k: Optional[int] = typer.Option(None, min=0, help="Sample among the k most likely tokens (0 = all)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    context: Optional[int] = typer.Option(None, min=1, help="KV cache size in tokens, the conversation's memory [default: min(model, 4096)]."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: the fast physical cores]."),
+    moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain [default: fastest for this onnxruntime]."),
+    max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+):
+    """Talk with a model in the terminal, turn after turn. The history stays in the KV cache: each turn
+    prefills only its new text. Commands: /clear, /system TEXT, /think on|off|N, /stats, /save FILE,
+    /load FILE, /exit. Ctrl+C stops an answer; Ctrl+D (or Ctrl+C twice at the prompt) leaves. Lines are
+    read from stdin when it is not a terminal."""
+    from . import load
+    try:
+        llm = load(artifact, context=context, threads=threads, moe_strategy=moe_strategy, max_memory=max_memory)
+        conv = llm.chat(system=system, think_budget=think_budget)
+    except _user_errors() as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    tty = sys.stdin.isatty()
+    if tty:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+        typer.echo(f"edgert chat: {artifact}, {llm.context}-token context. {CHAT_COMMANDS}. Ctrl+D leaves.", err=True)
+    writer = TokenWriter(sys.stdout, sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    interrupted = False
+    while True:
+        try:
+            line = input(">>> " if tty else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            if interrupted:
+                break
+            interrupted = True
+            typer.echo("\n(Ctrl+C again or Ctrl+D to leave)", err=True)
+            continue
+        interrupted = False
+        line = line.strip()
+        try:
+            if line.startswith("/") and not line.startswith("//"):
+                if not _chat_command(conv, line):
+                    break
+            elif line:
+                _chat_turn(conv, line[1:] if line.startswith("//") else line, writer, sampling)
+        except (ValueError, OSError) as e:
+            typer.echo(f"edgert: {e}", err=True)
+        except KeyboardInterrupt:
+            writer.end()
+            typer.echo("\n[stopped]", err=True)
+    if tty:
+        typer.echo("", err=True)
+
+
+def _chat_turn(conv, text: str, writer: TokenWriter, sampling: dict) -> None:
+    """One answer, streamed; Ctrl+C stops it (the turn is kept as far as it got)."""
+    stream = None
+    try:
+        stream = conv.send(text, **sampling)
+        if conv.stats.dropped_turns:
+            typer.echo(f"[the context is full: dropped the oldest {conv.stats.dropped_turns} turn(s)]", err=True)
+        for tok in stream:
+            writer.write(tok)
+    except KeyboardInterrupt:
+        if stream is not None:
+            stream.close()
+        writer.end()
+        typer.echo("\n[stopped]", err=True)
+        return
+    except _user_errors() as e:
+        writer.end()
+        typer.echo(f"edgert: {e}", err=True)
+        return
+    writer.end()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if conv.stats.stop_reason == "context":
+        typer.echo(f"[the answer reached the end of the {conv.llm.context}-token context; the next turns drop "
+                   f"the oldest ones as needed]", err=True)
+    elif conv.stats.stop_reason == "length":
+        typer.echo("[stopped at --max-tokens]", err=True)
+
+
+def _chat_command(conv, line: str) -> bool:
+    """Run a /command; False means leave. Bad input raises ValueError (one line)."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/help":
+        typer.echo(CHAT_COMMANDS)
+    elif name == "/clear":
+        conv.clear()
+        typer.echo("[conversation cleared]", err=True)
+    elif name == "/system":
+        conv.system = arg or None
+        typer.echo(f"[system message {'set' if arg else 'removed'}]", err=True)
+    elif name == "/think":
+        if arg in ("on", "off"):
+            conv.thinking, conv.think_budget = arg == "on", None
+        elif arg.isdigit():
+            conv.thinking, conv.think_budget = True, int(arg)
+        else:
+            raise ValueError("/think takes on, off or a token budget N")
+        typer.echo(f"[thinking {'off' if not conv.thinking else f'on, budget {arg} tokens' if arg.isdigit() else 'on'}]",
+                   err=True)
+    elif name == "/stats":
+        s = conv.stats
+        if not s.prompt_tokens:
+            typer.echo("no turn yet")
+        else:
+            typer.echo(f"last turn: prompt {s.prompt_tokens} tokens, {s.cached_tokens} reused from the cache, "
+                       f"{s.prefilled_tokens} prefilled ({s.prefill_tok_s:.1f} tok/s) | {s.generated} generated "
+                       f"({s.reasoning_tokens} reasoning), {s.decode_tok_s:.1f} tok/s | stop: {s.stop_reason}"
+                       + (f" | dropped {s.dropped_turns} old turn(s)" if s.dropped_turns else ""))
+    elif name in ("/save", "/load"):
+        if not arg:
+            raise ValueError(f"{name} needs a file name")
+        path = Path(arg).expanduser()
+        getattr(conv, name[1:])(path)
+        typer.echo(f"[{len(conv.messages)} messages {'saved to' if name == '/save' else 'loaded from'} {path}]", err=True)
+    else:
+        raise ValueError(f"unknown command {name}; the commands are {CHAT_COMMANDS}")
+    return True
 
 
 def _print_votes(llm, ids, n: int, as_json: bool, options: dict) -> None:
@@ -188,6 +347,8 @@ def bench(
                                                 "and write the JSON there."),
     moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain (default: the fastest this onnxruntime has)."),
     max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+    batch: int = typer.Option(1, min=1, max=64, help="Also measure N sequences decoded together (one forward per step): "
+                              "aggregate tok/s and its ratio to one sequence."),
 ):
     """Measure prefill/decode speed, time to first token, load time, peak memory and the decode
     roofline (memory bandwidth / bytes read per token) on this device."""
@@ -200,7 +361,7 @@ def bench(
         if synthetic:
             artifact = synthetic_artifact(synthetic, bits or 4, bench_context(prompt_tokens, gen_tokens, context))
         result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context, strategy=moe_strategy,
-                          max_memory=max_memory)
+                          max_memory=max_memory, batch=batch)
     except _user_errors() as e:
         fail(str(e))
     result["synthetic"] = synthetic
@@ -228,8 +389,9 @@ def eval_(
     """Perplexity on a text (BOS once, non-overlapping windows; each window's tokens after the first are
     scored given their prefix in the window) and, with --reference, mean KL(reference || artifact) and top-1 agreement."""
     from .evaluate import EvalError, evaluate
+    from .limits import read_text_file
     try:
-        body = None if text is None else text.read_text(encoding="utf-8")
+        body = None if text is None else read_text_file(text, what=f"--text {text}")
         r = evaluate(artifact, body, reference=reference, window=window, threads=threads, moe_strategy=moe_strategy)
     except UnicodeDecodeError:
         fail(f"{text}: not UTF-8 text")

@@ -9,6 +9,7 @@ from typing import Iterator
 from .chat import load_chat_template, render_chat
 from .engine import Engine
 from .generate import Decoding, Sampling, Stats, Step, generate
+from .limits import check_prompt_length
 from .model import ContextFull, Model
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -50,10 +51,20 @@ class LLM:
 
     def encode(self, prompt: str, raw: bool = False, system: str | None = None) -> list[int]:
         """Chat template (when the tokenizer has one) unless raw; raw text gets the tokenizer's own specials (BOS)."""
+        check_prompt_length(prompt, self.context)            # before any work on it
         if raw or not self.chat_template:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        text = render_chat(self.chat_template, messages, add_generation_prompt=True, **self._template_vars)
+        return self.encode_messages(messages)
+
+    def encode_messages(self, messages: list[dict], **template_kwargs) -> list[int]:
+        """A conversation through the chat template (sandboxed) with the generation prompt, as token ids.
+        template_kwargs reach the template (e.g. enable_thinking=False)."""
+        if not self.chat_template:
+            raise ValueError(f"{self.path}: this model has no chat template")
+        text = render_chat(self.chat_template, messages, add_generation_prompt=True,
+                           **{**self._template_vars, **template_kwargs})
+        check_prompt_length(text, self.context)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def sampling(self, temperature=None, top_p=None, top_k=None, seed=None) -> Sampling:
@@ -98,6 +109,11 @@ class LLM:
         tail = decoder.flush()
         if tail:
             yield Token(-1, False, True, tail)   # text held back for an incomplete character
+
+    def chat(self, system: str | None = None, think_budget: int | None = None, thinking: bool = True):
+        """A multi-turn Conversation whose history stays in this model's KV cache (edgert.conversation)."""
+        from .conversation import Conversation
+        return Conversation(self, system=system, think_budget=think_budget, thinking=thinking)
 
     def vote(self, prompt: str | list[int], n: int, max_tokens: int = 256, temperature: float | None = None,
              top_p: float | None = None, top_k: int | None = None, seed: int | None = None, raw: bool = False,

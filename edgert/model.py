@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from .artifact import ArtifactError, read_manifest
 from .device import check_fit, default_threads, weights_held_once
+from .limits import check_threads
 
 DEFAULT_CONTEXT = 4096
 QMOE_SINCE = (1, 23)        # first onnxruntime with a CPU QMoE kernel
@@ -102,7 +103,7 @@ class Model:
         if not 1 <= self.context <= max_ctx:
             raise ArtifactError(f"--context must be between 1 and {max_ctx} (the context this artifact was exported for), not {self.context}")
         self.memory_need = check_fit(self.path, self.manifest, self.context * slots, max_memory)
-        self.threads = threads or default_threads()
+        self.threads = check_threads(threads) or default_threads()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1

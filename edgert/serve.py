@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from .generate import Decoding, Step
+from .limits import check_prompt_length
+from .llm import PromptTooLong
 from .tokenizer import StreamDecoder
 
 try:
@@ -489,18 +491,21 @@ class Server:
                     raise bad(f"chat_template_kwargs: {k!r} cannot be set", "chat_template_kwargs")
             if not llm.chat_template:
                 raise bad("this model has no chat template: use /v1/completions", "messages")
-            from .chat import render_chat
             try:
-                text = render_chat(llm.chat_template, messages, add_generation_prompt=True,
-                                   **{**llm._template_vars, **kwargs})
-            except ValueError as e:
+                ids = llm.encode_messages(messages, **kwargs)
+            except PromptTooLong as e:
+                raise bad(str(e), "messages", "context_length_exceeded") from None
+            except ValueError as e:                     # the template failed (syntax, raise_exception, sandbox)
                 raise bad(str(e), "messages") from None
-            ids = llm.tokenizer.encode(text, add_special_tokens=False)
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
                 prompt = prompt[0]
             if isinstance(prompt, str):
+                try:
+                    check_prompt_length(prompt, llm.context)
+                except PromptTooLong as e:
+                    raise bad(str(e), "prompt", "context_length_exceeded") from None
                 ids = llm.tokenizer.encode(prompt, add_special_tokens=True)
             elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 if not all(0 <= t < llm.model.vocab for t in prompt):

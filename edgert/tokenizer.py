@@ -13,10 +13,15 @@ and text. Any other tokenizer.json feature raises ValueError naming it.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import heapq
 import json
 import os
 import re
+import signal
+import threading
+import time
 import unicodedata
 from functools import lru_cache
 from itertools import groupby
@@ -28,6 +33,97 @@ except ImportError:  # pragma: no cover - depends on the device
     _regex = None
 
 __all__ = ["Tokenizer", "StreamDecoder"]
+
+# ---- bounds (README: Security) ------------------------------------------------------------------
+MAX_TOKENIZER_BYTES = 64 << 20          # tokenizer.json
+ENCODE_SECONDS = 4.0                    # one encode() of the python backend: this much
+ENCODE_SECONDS_PER_MB = 20.0            # ... plus this per MB of text
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("edgert_encode_deadline", default=None)
+
+
+class _EncodeTimeout(Exception):
+    pass
+
+
+def _nested_repeat(pattern: str) -> bool:
+    """A quantified group holding another unbounded quantifier ((a+)+, (\\w+\\s?)*, (.*a){20}):
+    the shape that backtracks exponentially in `re` and `regex`. \\p{..} classes are replaced by
+    a plain class first: only the structure matters."""
+    try:
+        import re._parser as sre_parse          # Python >= 3.11
+    except ImportError:                          # pragma: no cover
+        import sre_parse
+    plain = re.sub(r"\\[pP](\{[^}]*\}|.)", r"\\w", pattern)
+    try:
+        tree = sre_parse.parse(plain)
+    except Exception:
+        return False                             # the engine reports its own syntax error
+    repeats = {sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT, getattr(sre_parse, "POSSESSIVE_REPEAT", None)}
+
+    def walk(items, inside: bool) -> bool:
+        for op, av in items:
+            if op in repeats:
+                lo, hi, sub = av
+                many = hi is sre_parse.MAXREPEAT or hi > 1
+                if many and inside:
+                    return True
+                if walk(sub, inside or many):
+                    return True
+            elif op is sre_parse.SUBPATTERN:
+                if walk(av[-1], inside):
+                    return True
+            elif op is sre_parse.BRANCH:
+                if any(walk(b, inside) for b in av[1]):
+                    return True
+            elif op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
+                if walk(av[1], inside):
+                    return True
+        return False
+    return walk(tree, False)
+
+
+@contextlib.contextmanager
+def _time_bound(seconds: float):
+    """Bound one encode. In the main thread (the CLI) a timer signal interrupts the scan (`re`
+    and `regex` both check for signals while matching); elsewhere (a server's threads) `regex`
+    gets the deadline as its timeout (it checks the clock coarsely: it may run ~2x over), and
+    without `regex` only the nested-quantifier refusal at load applies."""
+    token = _DEADLINE.set(time.monotonic() + seconds)
+    timer = (threading.current_thread() is threading.main_thread()
+             and hasattr(signal, "setitimer") and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
+    if timer:
+        def alarm(signum, frame):
+            raise _EncodeTimeout()
+        old = signal.signal(signal.SIGALRM, alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except (_EncodeTimeout, TimeoutError):
+        raise ValueError(f"tokenizing took longer than {seconds:.0f} s: the tokenizer's split pattern backtracks "
+                         f"catastrophically on this text") from None
+    finally:
+        if timer:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        _DEADLINE.reset(token)
+
+
+class _TimedPattern:
+    """A `regex` pattern whose scans stop at the current encode's deadline."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    @staticmethod
+    def _timeout():
+        deadline = _DEADLINE.get()
+        return None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+
+    def finditer(self, s: str):
+        return self.compiled.finditer(s, timeout=self._timeout())
+
+    def sub(self, repl, s: str):
+        return self.compiled.sub(repl, s, timeout=self._timeout())
 
 # Unicode White_Space is what Oniguruma and Rust mean by \s. Python's \s also matches
 # \x1c-\x1f, so it is never used to imitate them.
@@ -127,12 +223,16 @@ class _StdlibPattern:
         return self._pick(s).sub(repl, s)
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=64)
 def _compile_with(pattern: str, engine):
+    if not isinstance(pattern, str) or len(pattern) > 10_000:
+        raise ValueError("a split pattern in tokenizer.json is not a string of at most 10000 characters")
+    if _nested_repeat(pattern):
+        raise ValueError(f"split pattern {pattern[:80]!r} nests quantifiers (it can backtrack catastrophically); refused")
     try:
-        return engine.compile(pattern) if engine is not None else _StdlibPattern(pattern)
-    except (re.error, getattr(engine, "error", re.error)) as e:
-        raise ValueError(f"cannot compile split pattern {pattern!r}: {e}") from None
+        return _TimedPattern(engine.compile(pattern)) if engine is not None else _StdlibPattern(pattern)
+    except (re.error, getattr(engine, "error", re.error), RecursionError, OverflowError) as e:
+        raise ValueError(f"cannot compile split pattern {pattern[:80]!r}: {e}") from None
 
 
 def _compile(pat: dict):
@@ -543,23 +643,52 @@ class _PythonBackend:
         return self.id_to_tok.get(i)
 
 
+@contextlib.contextmanager
+def _rust_errors(what: str):
+    """A `tokenizers` failure as one ValueError line. A Rust panic arrives as pyo3's
+    PanicException, a BaseException; Rust's panic hook also prints it (with a backtrace under
+    RUST_BACKTRACE) to fd 2, which is silenced meanwhile in the main thread (the CLI's)."""
+    quiet = threading.current_thread() is threading.main_thread()
+    if quiet:
+        import sys
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:    # noqa: B036 - pyo3's PanicException derives from BaseException
+        raise ValueError(f"{what}: {_first_line(e)}") from None
+    finally:
+        if quiet:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(null)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
 class _RustBackend:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer as HFTokenizer
-        try:
+        with _rust_errors(f"cannot read {path}"):
             self.tok = HFTokenizer.from_file(str(path))
-        except Exception as e:   # the Rust errors are plain Exceptions
-            raise ValueError(f"cannot read {path}: {e}") from None
         self.tok.no_truncation()   # the python backend never truncates or pads either
         self.tok.no_padding()
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.special_ids = frozenset(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
 
     def encode(self, text: str, add_special_tokens: bool) -> list:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        with _rust_errors("the tokenizer failed"):
+            return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        with _rust_errors("the tokenizer failed"):
+            return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str):
         return self.tok.token_to_id(token)
@@ -590,23 +719,28 @@ class Tokenizer:
                 backend = "tokenizers"
             except ImportError:
                 backend = "python"
-        if backend == "tokenizers":
-            if not file.is_file():
-                raise FileNotFoundError(f"no tokenizer.json at {file}")
-            return cls(_RustBackend(file), "tokenizers")
-        if backend != "python":
+        if backend not in ("tokenizers", "python"):
             raise ValueError(f"unknown tokenizer backend {backend!r} (auto, tokenizers or python)")
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {file}")
+        if file.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise ValueError(f"{file} is larger than {MAX_TOKENIZER_BYTES >> 20} MB; refused")
+        if backend == "tokenizers":
+            return cls(_RustBackend(file), "tokenizers")
         try:
             cfg = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file} is not valid JSON: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{file} is not valid JSON: {_first_line(e)}") from None
         try:
             return cls(_PythonBackend(cfg), "python")
-        except (KeyError, TypeError, AttributeError, IndexError) as e:
-            raise ValueError(f"{file}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
+        except (KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+            raise ValueError(f"{file}: malformed tokenizer.json ({type(e).__name__}: {_first_line(e)})") from None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._impl.encode(text, add_special_tokens)
+        if self.backend != "python":
+            return self._impl.encode(text, add_special_tokens)
+        with _time_bound(ENCODE_SECONDS + ENCODE_SECONDS_PER_MB * len(text) / 1e6):
+            return self._impl.encode(text, add_special_tokens)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._impl.decode(ids, skip_special_tokens)

@@ -16,11 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edgert.limits import read_text_file
+
 from .archs import model_for
 from .calibrate import CalibrationError, collect
 from .checkpoint import Checkpoint, CheckpointError
 from .decoder import UnsupportedModel
 from .graph import IR_VERSION, Graph, Recipe
+from .outdir import OutError, check_out, signals_unwind, writing
 from .quantize import DEFAULT_RECIPE, RECIPES, Quantizer
 
 FORMAT_VERSION = 1
@@ -91,8 +94,10 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         raise ExportError(f"--embed-bits must be 4, 8 or 32, not {embed_bits}")
     if block_size not in (16, 32, 64, 128, 256):
         raise ExportError(f"--block-size must be one of 16, 32, 64, 128, 256, not {block_size}")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
-        raise ExportError(f"{out} already exists and is not empty (use --force to replace it)")
+    try:
+        check_out(out, force, src)           # fail fast; checked again under the lock and before the rename
+    except OutError as e:
+        raise ExportError(str(e)) from None
     try:
         ckpt = Checkpoint(src) if checkpoint is None else checkpoint
         model = model_for(ckpt.config)
@@ -105,60 +110,51 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     if context < 1 or context > model.max_positions:
         raise ExportError(f"--context must be between 1 and the model's {model.max_positions} positions, not {context}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     g = None
     try:
-        recipe = Recipe(bits=bits, block_size=block_size, embed_bits=embed_bits, method=recipe)
-        calibrated = recipe.method == "gptq" and bits != 32 and 4 in (bits, embed_bits)
-        stats = collect(model, ckpt, src, calib_text, tmp / "calibration") if calibrated else None
-        g = Graph(tmp / "model.onnx.data")
-        g.quantizer = Quantizer(recipe.method, stats)
-        tick = _progress(model.n_layers, f"export {ckpt.config.get('model_type')}") if progress else (lambda: None)
-        quant = model.build(g, ckpt, recipe, context, tick)
-        graphs = {}
-        for name, tags in g.variants().items():   # graphs over one data file (see Graph.variants)
-            graphs[name] = "model.onnx" if name == "default" else f"model.{name}.onnx"
-            g.save(tmp / graphs[name], producer="edgert", tags=tags)
-        g.close()
-        shutil.rmtree(tmp / "calibration", ignore_errors=True)
-        for name in TOKENIZER_FILES + ("generation_config.json", "config.json"):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
-        total_params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names)
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                 for name in [*graphs.values(), "model.onnx.data"]}
-        manifest = {
-            "format": "edgert", "format_version": FORMAT_VERSION,
-            "architecture": ckpt.config.get("model_type"),
-            "model": {"layers": model.n_layers, "hidden": model.hidden, "heads": model.heads,
-                      "kv_heads": model.kv_heads, "head_dim": model.padded_head_dim, "vocab": model.vocab,
-                      "parameters": total_params, **model.extra_manifest()},
-            "context_length": context,
-            "batch": True,          # the graphs take [batch, sequence] ids: several sequences per forward
-            "graphs": graphs,
-            "quantization": {**quant, "router": 32, "int4": "asymmetric (zero point per block)",
-                             "int8": "symmetric", "accuracy_level": 4, "recipe": recipe.method,
-                             **({"calibration": Path(calib).name if calib else "built-in",
-                                 "calibration_tokens": stats.tokens} if stats else {}),
-                             "bits_per_weight": round(8 * sum(f["bytes"] for f in files.values()) / max(total_params, 1), 3)},
-            "special_tokens": _special_tokens(src, ckpt),
-            "generation": {k: ckpt.generation_config[k] for k in ("do_sample", "temperature", "top_p", "top_k",
-                                                                  "repetition_penalty") if k in ckpt.generation_config},
-            "files": files,
-            "versions": {"edgert": _version(), "numpy": np.__version__,
-                         "onnx_ir": IR_VERSION, "python": platform.python_version()},
-        }
-        (tmp / "edgert.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        with signals_unwind(), writing(out, force, src) as (tmp, commit):
+            recipe = Recipe(bits=bits, block_size=block_size, embed_bits=embed_bits, method=recipe)
+            calibrated = recipe.method == "gptq" and bits != 32 and 4 in (bits, embed_bits)
+            stats = collect(model, ckpt, src, calib_text, tmp / "calibration") if calibrated else None
+            g = Graph(tmp / "model.onnx.data")
+            g.quantizer = Quantizer(recipe.method, stats)
+            tick = _progress(model.n_layers, f"export {ckpt.config.get('model_type')}") if progress else (lambda: None)
+            quant = model.build(g, ckpt, recipe, context, tick)
+            graphs = {}
+            for name, tags in g.variants().items():   # graphs over one data file (see Graph.variants)
+                graphs[name] = "model.onnx" if name == "default" else f"model.{name}.onnx"
+                g.save(tmp / graphs[name], producer="edgert", tags=tags)
+            g.close()
+            shutil.rmtree(tmp / "calibration", ignore_errors=True)
+            for name in TOKENIZER_FILES + ("generation_config.json", "config.json"):
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / name)
+            total_params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names)
+            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                     for name in [*graphs.values(), "model.onnx.data"]}
+            manifest = {
+                "format": "edgert", "format_version": FORMAT_VERSION,
+                "architecture": ckpt.config.get("model_type"),
+                "model": {"layers": model.n_layers, "hidden": model.hidden, "heads": model.heads,
+                          "kv_heads": model.kv_heads, "head_dim": model.padded_head_dim, "vocab": model.vocab,
+                          "parameters": total_params, **model.extra_manifest()},
+                "context_length": context,
+                "batch": True,          # the graphs take [batch, sequence] ids: several sequences per forward
+                "graphs": graphs,
+                "quantization": {**quant, "router": 32, "int4": "asymmetric (zero point per block)",
+                                 "int8": "symmetric", "accuracy_level": 4, "recipe": recipe.method,
+                                 **({"calibration": Path(calib).name if calib else "built-in",
+                                     "calibration_tokens": stats.tokens} if stats else {}),
+                                 "bits_per_weight": round(8 * sum(f["bytes"] for f in files.values()) / max(total_params, 1), 3)},
+                "special_tokens": _special_tokens(src, ckpt),
+                "generation": {k: ckpt.generation_config[k] for k in ("do_sample", "temperature", "top_p", "top_k",
+                                                                      "repetition_penalty") if k in ckpt.generation_config},
+                "files": files,
+                "versions": {"edgert": _version(), "numpy": np.__version__,
+                             "onnx_ir": IR_VERSION, "python": platform.python_version()},
+            }
+            (tmp / "edgert.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            commit()
     except (CheckpointError, UnsupportedModel) as e:
         raise ExportError(str(e)) from None
     except CalibrationError as e:
@@ -167,10 +163,15 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         raise ExportError(f"{src}: config.json lacks {e.args[0]!r}, which this {ckpt.config.get('model_type')} model needs") from None
     except OSError as e:
         raise ExportError(f"writing {out}: {e.strerror or e}") from None
+    except OutError as e:
+        raise ExportError(str(e)) from None
+    except (ValueError, TypeError, IndexError, ArithmeticError, MemoryError, RecursionError) as e:
+        # a checkpoint that passed validation but still breaks the build: one line, never a traceback
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ExportError(f"{src}: cannot export this checkpoint ({type(e).__name__}: {first})") from None
     finally:
         if g is not None:
             g.close()
-        shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f["bytes"] for f in files.values())
     manifest["summary"] = {"bytes": size, "bits_per_weight": 8 * size / max(total_params, 1), "seconds": time.time() - t0}
     return manifest
@@ -181,9 +182,9 @@ def _calibration_text(path) -> str:
     from .calibrate import DEFAULT_CALIB
     path = Path(path) if path else DEFAULT_CALIB
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ExportError(f"--calib {path}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
+        text = read_text_file(path, what=f"--calib {path}")
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     if not text.strip():
         raise ExportError(f"--calib {path}: the file is empty")
     return text

@@ -343,6 +343,14 @@ _PLANE_CHUNK = 4096      # rows per step: bounds the fp32 temporaries
 def split_int8(g: Graph, table, name: str, block_size: int) -> tuple[str, str, str, str]:
     """Symmetric int8 rows (max |w| of a block -> 119, not 127: 0.09 bit) stored as two int4
     planes, hi = round(code / 16) and the remainder lo: the same bytes as plain int8."""
+    if hasattr(table, "planes"):    # a shape-only weight of a synthetic model (export/synthetic.py): random codes
+        hi, scales, lo = table.planes(block_size)
+    else:
+        hi, scales, lo = _split_rows(table, block_size)
+    return (g.const(name + ".qweight_hi", hi), g.const(name + ".scales", scales), "", g.const(name + ".qweight_lo", lo))
+
+
+def _split_rows(table, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, k = table.shape
     kb = -(-k // block_size)
     hi = np.empty((n, kb, block_size // 2), np.uint8)
@@ -354,9 +362,14 @@ def split_int8(g: Graph, table, name: str, block_size: int) -> tuple[str, str, s
         blk = blk.reshape(blk.shape[0], kb, block_size)
         s = np.abs(blk).max(-1) / PLANE_RANGE
         u = np.rint(blk / np.where(s == 0, 1, s)[..., None]).astype(np.int16) + 136   # code + 8, in [17, 255]
-        hi[r : r + len(u)], lo[r : r + len(u)] = _pack4(u >> 4), _pack4(u & 15)        # code = 16 hi + lo - 8
+        hi[r : r + len(u)], lo[r : r + len(u)] = plane_nibbles(u)
         scales[r : r + len(u)] = s
-    return (g.const(name + ".qweight_hi", hi), g.const(name + ".scales", scales), "", g.const(name + ".qweight_lo", lo))
+    return hi, scales, lo
+
+
+def plane_nibbles(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """code + 8 in [17, 255], [..., block] -> packed (hi, lo) int4 planes: code = 16 hi + lo - 8."""
+    return _pack4(u >> 4), _pack4(u & 15)
 
 
 def gather_quantized_rows(g: Graph, ids: str, qweight: str, scales: str, zero_points: str, bits: int, width: int,

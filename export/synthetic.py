@@ -28,12 +28,13 @@ from edgert.device import RUNTIME_BYTES, WEIGHT_FACTOR, available_memory
 from .archs import model_for
 from .artifact import BUNDLED_MODEL, DEFAULT_MAX_CONTEXT, export
 from .decoder import Decoder
-from .graph import Recipe
+from .graph import PLANE_RANGE, Recipe, plane_nibbles
 from .moe import MoEDecoder
 from .quantize import Quantized, _pack4
 
 STD = 0.02              # the random checkpoints' weight scale
-GENERATOR_VERSION = 1   # bump when the weights or the layout change: cached artifacts are rebuilt
+PLANE_CHUNK = 4096      # rows of split int8 planes generated per step (bounds the temporaries)
+GENERATOR_VERSION = 2   # bump when the weights or the layout change: cached artifacts are rebuilt
 
 
 def _qwen2(**kw) -> dict:
@@ -121,6 +122,23 @@ class SyntheticWeight:
             zp = rng.integers(mid - 1, mid + 1, (n, kb + (kb % 2 if bits == 4 else 0)), dtype=np.uint8, endpoint=True)
             zero_points = _pack4(zp) if bits == 4 else zp
         return Quantized(packed, scales, zero_points, bits, block_size, k)
+
+
+    def planes(self, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """An int8 table stored as two int4 planes (graph.split_int8): (hi, scales, lo) of uniformly
+        random codes in 128 +- PLANE_RANGE, generated a chunk of rows at a time."""
+        n, k = self.shape
+        kb = -(-k // block_size)
+        rng = _rng(self.seed, self.name + ".planes")
+        hi = np.empty((n, kb, block_size // 2), np.uint8)
+        lo = np.empty_like(hi)
+        for r in range(0, n, PLANE_CHUNK):
+            rows = min(PLANE_CHUNK, n - r)
+            u = rng.integers(136 - PLANE_RANGE, 136 + PLANE_RANGE, (rows, kb, block_size), np.int16, endpoint=True)
+            hi[r : r + rows], lo[r : r + rows] = plane_nibbles(u)
+        rms_code = np.sqrt(((2 * PLANE_RANGE + 1) ** 2 - 1) / 12)
+        scales = (STD / rms_code * rng.uniform(0.9, 1.1, (n, kb))).astype(np.float32)
+        return hi, scales, lo
 
 
 def tensor_shapes(m: Decoder) -> dict[str, tuple[int, ...]]:

@@ -345,6 +345,9 @@ def test_errors_have_openai_shape_and_status(server, client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL(client), messages=[{"role": "user", "content": "1+" * 300}])
     assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:              # refused by its length before tokenizing
+        client.chat.completions.create(model=MODEL(client), messages=[{"role": "user", "content": "x" * 3_000_000}])
+    assert err.value.code == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4o", messages=msgs)
     assert err.value.code == "model_not_found"

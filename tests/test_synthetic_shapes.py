@@ -1,0 +1,68 @@
+"""Every built-in synthetic shape's code path at its REAL vocabulary size (the split int8 lm_head
+starts at 16,384 rows, so a 512-token toy never reaches it), with tiny hidden sizes; and the bench
+command itself on a full-size shape, as a user runs it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from edgert.model import Model
+from edgert_export.decoder import Decoder
+from edgert_export.synthetic import SHAPES, build
+
+TINY_DIMS = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def tiny(shape: str) -> dict:
+    """The shape's config with small dimensions and everything else real: vocabulary, tying, type,
+    expert count and top-k, explicit head_dim (scaled to 16), kv heads (GQA or not)."""
+    c = dict(SHAPES[shape], **TINY_DIMS)
+    full = SHAPES[shape]
+    c["num_key_value_heads"] = 4 if full["num_key_value_heads"] == full["num_attention_heads"] else 2
+    if "head_dim" in full:
+        c["head_dim"] = 16
+    return c
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_shape_builds_and_runs_at_its_real_vocabulary(shape, tmp_path):
+    config = tiny(shape)
+    assert config["vocab_size"] >= Decoder.split_head_min_vocab          # all of them take the split-head path
+    art = build(shape, 4, folder=tmp_path, config=config, progress=False)
+    manifest = json.loads((art / "edgert.json").read_text())
+    assert manifest["quantization"]["lm_head_int8_candidates"] == Decoder.lm_head_candidates
+    assert manifest["quantization"]["lm_head"] == 8
+    model = Model(art, context=64)
+    model.track_experts()
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, config["vocab_size"], 24)]
+    logits = model.forward(ids, num_logits=len(ids))
+    assert logits.shape == (len(ids), config["vocab_size"]) and np.isfinite(logits).all()
+    # the random int8 planes give logits of the spread the random weights imply: not zero, not huge
+    assert 0.005 < float(logits.std()) < 5, float(logits.std())
+    step = model.forward([ids[-1]])[-1]
+    assert np.isfinite(step).all()
+    if "num_experts" in config:
+        assert (model.expert_counts > 0).sum() >= config["num_experts"] // 2, model.expert_counts
+
+
+def test_bench_cli_on_a_full_size_synthetic_shape(tmp_path):
+    """The command of the bug report: `edgert bench --synthetic qwen2.5-0.5b --bits 4` (151,936-token
+    tied int8 table stored as split planes), built from scratch and run, in a fresh process."""
+    env = dict(os.environ, EDGERT_SYNTHETIC_DIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "edgert.cli", "bench", "--synthetic", "qwen2.5-0.5b", "--bits", "4",
+           "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1", "--threads", "2", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    result = json.loads(r.stdout)
+    assert result["synthetic"] == "qwen2.5-0.5b"
+    assert result["decode_tok_s"] > 0 and result["prefill_tok_s"] > 0
+    manifest = json.loads((tmp_path / "qwen2.5-0.5b-int4" / "edgert.json").read_text())
+    assert manifest["quantization"]["lm_head_int8_candidates"] == Decoder.lm_head_candidates
+    assert manifest["model"]["parameters"] == 494_032_768
