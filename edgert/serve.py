@@ -40,7 +40,8 @@ except ImportError as e:   # the CLI turns this into one line
 
 MAX_BODY = 4 << 20             # bytes of a request body
 BODY_SECONDS = 30              # to send it
-PING_SECONDS = 10              # SSE comment while a stream has nothing to say (queue, long prefill)
+HEADER_SECONDS = 10            # for a new connection to send its first request's headers (slowloris)
+PING_SECONDS = 10              # an SSE comment after this long without a chunk (queue, long prefill)
 PREFILL_CHUNK = 128            # prompt tokens a sequence feeds per step while others decode
 EFFORT = {"none": 0, "minimal": 0, "low": 256, "medium": 1024, "high": 4096}   # reasoning_effort -> thinking tokens
 ANSWER_ROOM = 16               # tokens kept for the answer when a thinking budget applies (or a quarter of max_tokens)
@@ -918,7 +919,7 @@ def serve(artifact, host="127.0.0.1", port=8080, api_key=None, parallel=1, conte
     port = sock.getsockname()[1]
     server = Server(artifact, context=context, threads=threads, parallel=parallel, max_memory=max_memory,
                     api_key=api_key, host=host, cors_origins=cors_origins, max_queue=max_queue, timeout=timeout)
-    config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", access_log=False,
+    config = uvicorn.Config(server.app, host=host, port=port, http=_protocol(), log_level="warning", access_log=False,
                             lifespan="off", server_header=False, timeout_keep_alive=5,
                             limit_concurrency=64 + 16 * parallel, h11_max_incomplete_event_size=64 * 1024)
     http = uvicorn.Server(config)
@@ -949,6 +950,22 @@ def serve(artifact, host="127.0.0.1", port=8080, api_key=None, parallel=1, conte
     if failed:
         return 1
     return 0 if http.started or not failed else 1
+
+
+def _protocol():
+    """uvicorn's h11 protocol, plus a deadline for a new connection's first headers: idle or
+    trickling connections would otherwise hold their place in the connection limit forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.loop.call_later(HEADER_SECONDS, self._drop_if_silent)
+
+        def _drop_if_silent(self):
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+    return Protocol
 
 
 def _url_host(host: str) -> str:

@@ -365,7 +365,8 @@ def test_errors_have_openai_shape_and_status(server, client):
 
 def test_key_queue_limit_loading_and_cors(art):
     s = Server(art, "--parallel", "1", "--queue", "0", "--cors-origin", "http://app.example",
-               env={"EDGERT_API_KEY": KEY, "EDGERT_SERVE_LOAD_DELAY": "1.5"}, wait=False)
+               env={"EDGERT_API_KEY": KEY, "EDGERT_SERVE_LOAD_DELAY": "1.5"},
+               wait=False)
     try:
         seen = None
         for _ in range(200):                          # 503 while loading (no key needed for /health)
@@ -386,6 +387,7 @@ def test_key_queue_limit_loading_and_cors(art):
         assert r.status_code == 401 and error_of(r)["type"] == "authentication_error"
         good = s.client(KEY)
         assert ask(good, DEMO).choices[0].message.content == f"The answer is {DEMO.answer}."
+
         r = httpx.options(s.url + "/v1/chat/completions", headers={"Origin": "http://app.example",
                                                                    "Access-Control-Request-Method": "POST"})
         assert r.headers.get("access-control-allow-origin") == "http://app.example"
@@ -408,6 +410,32 @@ def test_key_queue_limit_loading_and_cors(art):
         assert ask(good, DEMO).choices[0].message.content == f"The answer is {DEMO.answer}."
     finally:
         s.stop()
+
+
+def test_a_silent_stream_sends_comment_pings(art):
+    """In process: a stream whose request has not produced anything yet (queued, long prefill)
+    sends an SSE comment every ping interval after the role chunk."""
+    import asyncio
+    from edgert.serve import ChoiceText, Server, Work
+    srv = Server(art, threads=1, ping_seconds=0.05)
+    srv.load()
+
+    async def run():
+        work = Work(asyncio.get_running_loop(), [1, 2], [], None)      # never submitted: nothing comes
+        texts = [ChoiceText(srv.llm.tokenizer, srv.llm.think, True, [])]
+        state = {"finish": [None], "cached": 0, "first": None}
+        meta = dict(id="x", created=0, model="m", prompt_tokens=2, chat=True, include_usage=False, logprobs=None)
+        srv.inflight += 1
+        sse = srv._sse(srv._events(work, texts, state), work, texts, state, meta, asyncio.ensure_future(asyncio.sleep(60)))
+        t0 = time.monotonic()
+        out = [await sse.__anext__() for _ in range(3)]
+        await sse.aclose()
+        return out, time.monotonic() - t0, work
+    out, seconds, work = asyncio.run(run())
+    srv.scheduler.close()
+    assert json.loads(out[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+    assert out[1:] == [": ping\n\n", ": ping\n\n"] and 0.09 < seconds < 2
+    assert work.cancelled and srv.inflight == 0                  # closing the stream released the request
 
 
 def test_disconnect_frees_the_slot_and_metrics(server, client):
@@ -547,6 +575,22 @@ def test_hostile_clients_do_not_disturb_others(server, client):
             s.close()
     assert ask(client, DEMO).choices[0].message.content == f"The answer is {DEMO.answer}."
     assert server.proc.poll() is None
+
+
+def test_idle_connections_are_dropped(server):
+    """A connection that never completes its first request's headers is closed after 10 s, so idle
+    floods cannot hold the connection limit."""
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
+    idle[0].sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0")
+    try:
+        t0 = time.time()
+        for s in idle:
+            s.settimeout(20)
+            assert s.recv(100) == b""            # closed by the server
+        assert 9 < time.time() - t0 < 15
+    finally:
+        for s in idle:
+            s.close()
 
 
 # ----------------------------------------------------------------------------------------------
