@@ -533,6 +533,7 @@ class Server:
         top_p = field_(body, "top_p", float, lo=0.0, hi=1.0)
         top_k = field_(body, "top_k", int, lo=0)
         seed = field_(body, "seed", int)
+        seed = None if seed is None else seed % 2**64          # any integer; numpy's generator wants one >= 0
         n = field_(body, "n", int, 1, lo=1, hi=16)
         if n > self.scheduler.engine.slots:
             raise bad(f"n={n} needs {n} slots decoded together; this server has {self.scheduler.engine.slots} "
