@@ -482,7 +482,7 @@ class Server:
             out.append(msg)
         return out
 
-    def _prompt(self, body, chat: bool) -> list[int]:
+    def _prompt(self, body, chat: bool, fit: bool = True) -> list[int]:
         llm = self.llm
         if chat:
             messages = self._messages(body)
@@ -516,7 +516,7 @@ class Server:
                 raise bad("'prompt' must be a string, one string in an array, or an array of token ids", "prompt")
         if not ids:
             raise bad("the prompt is empty", "prompt")
-        if len(ids) >= llm.context:
+        if fit and len(ids) >= llm.context:
             raise bad(f"this model's context holds {llm.context} tokens; the prompt has {len(ids)} "
                       f"(start the server with a larger --context, up to {llm.manifest['context_length']})",
                       "messages" if chat else "prompt", "context_length_exceeded")
@@ -775,12 +775,15 @@ class Server:
             s._ready()
             body = await s._json(request)
             if "messages" in body:
-                ids = s._prompt({"messages": body["messages"], "chat_template_kwargs": body.get("chat_template_kwargs")}, True)
+                ids = await asyncio.to_thread(s._prompt, {"messages": body["messages"],
+                                                          "chat_template_kwargs": body.get("chat_template_kwargs")},
+                                            True, False)
             else:
                 content = field_(body, "content", str)
                 if content is None:
                     raise bad("give 'content' (a string) or 'messages'", "content")
-                ids = s.llm.tokenizer.encode(content, add_special_tokens=field_(body, "add_special", bool, False))
+                special = field_(body, "add_special", bool, False)
+                ids = await asyncio.to_thread(s.llm.tokenizer.encode, content, special)
             return JSONResponse({"tokens": ids, "count": len(ids)})
 
         async def detokenize(request):
@@ -790,7 +793,7 @@ class Server:
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                     and 0 <= t < s.llm.model.vocab for t in ids):
                 raise bad(f"'tokens' must be an array of token ids between 0 and {s.llm.model.vocab - 1}", "tokens")
-            return JSONResponse({"content": s.llm.tokenizer.decode(ids)})
+            return JSONResponse({"content": await asyncio.to_thread(s.llm.tokenizer.decode, ids)})
 
         async def page(request):
             return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={

@@ -197,6 +197,10 @@ def test_usage_counts_tokens(server, client):
     t = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": DEMO.prompt}]}).json()
     assert t["count"] == u.prompt_tokens
     assert httpx.post(server.url + "/detokenize", json={"tokens": t["tokens"]}).json()["content"] == prompt
+    long = httpx.post(server.url + "/tokenize", json={"content": "1+" * 300}).json()      # past the context: counted
+    assert long["count"] == 600
+    r = httpx.post(server.url + "/detokenize", json={"tokens": [10**9]})
+    assert r.status_code == 400 and error_of(r)["param"] == "tokens"
 
 
 def test_stop_strings_max_tokens_and_completions(server, client):
