@@ -32,7 +32,7 @@ from .tokenizer import StreamDecoder
 try:
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 except ImportError as e:   # the CLI turns this into one line
@@ -507,7 +507,7 @@ class Server:
                     check_prompt_length(prompt, llm.context)
                 except PromptTooLong as e:
                     raise bad(str(e), "prompt", "context_length_exceeded") from None
-                ids = llm.tokenizer.encode(prompt, add_special_tokens=True)
+                ids = self._encode(prompt, True, "prompt")
             elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 if not all(0 <= t < llm.model.vocab for t in prompt):
                     raise bad(f"'prompt' token ids must be between 0 and {llm.model.vocab - 1}", "prompt")
@@ -521,6 +521,12 @@ class Server:
                       f"(start the server with a larger --context, up to {llm.manifest['context_length']})",
                       "messages" if chat else "prompt", "context_length_exceeded")
         return ids
+
+    def _encode(self, text: str, special: bool, param: str) -> list[int]:
+        try:
+            return self.llm.tokenizer.encode(text, add_special_tokens=special)
+        except ValueError as e:                         # text the tokenizer refuses (e.g. lone surrogates)
+            raise bad(str(e), param) from None
 
     def _options(self, body, chat: bool, prompt_len: int) -> dict:
         llm = self.llm
@@ -783,7 +789,7 @@ class Server:
                 if content is None:
                     raise bad("give 'content' (a string) or 'messages'", "content")
                 special = field_(body, "add_special", bool, False)
-                ids = await asyncio.to_thread(s.llm.tokenizer.encode, content, special)
+                ids = await asyncio.to_thread(s._encode, content, special, "content")
             return JSONResponse({"tokens": ids, "count": len(ids)})
 
         async def detokenize(request):
@@ -883,7 +889,13 @@ class _Guard:
         except APIError as e:
             await e.response()(scope, receive, counted)
         else:
-            await self.app(scope, receive, counted)
+            try:
+                await self.app(scope, receive, counted)
+            except ClientDisconnect:  # the client left mid-body or mid-stream: nothing to answer
+                pass
+            except Exception as e:    # a bug: the client got a 500 in OpenAI's shape; the log gets one line
+                print(f"edgert: internal error on {scope['method']} {path}: {type(e).__name__}: {e}"[:500],
+                      file=sys.stderr, flush=True)
         finally:
             endpoint = path if path in ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions",
                                         "/v1/completions", "/tokenize", "/detokenize") else "other"

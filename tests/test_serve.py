@@ -92,7 +92,6 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +104,7 @@ def server(art):
     s = Server(art, "--parallel", "4")
     yield s
     s.stop()
+    assert "Traceback" not in s.output() and "internal error" not in s.output(), s.output()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -335,6 +335,7 @@ def test_errors_have_openai_shape_and_status(server, client):
         (json.dumps({"messages": msgs, "thinking_budget_tokens": -1}).encode(), None, "thinking_budget_tokens"),
         (json.dumps({"messages": msgs, "stream": "yes"}).encode(), None, "stream"),
         (b'{"messages": ' * 5000, "invalid_json", None),
+        (b'{"messages": [{"role": "user", "content": "\\ud800 lone surrogate"}]}', None, "messages"),
     ]
     for body, code, param in cases:
         r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=10)
@@ -355,6 +356,8 @@ def test_errors_have_openai_shape_and_status(server, client):
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4o", messages=msgs)
     assert err.value.code == "model_not_found"
+    r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "\\ud800"}')
+    assert r.status_code == 400 and error_of(r)["param"] == "prompt"
     r = httpx.get(server.url + "/v1/nothing")
     assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
     r = httpx.get(url)
