@@ -615,14 +615,16 @@ class Server:
             return Response(status_code=499)
         return JSONResponse(self._body(texts, state, meta))
 
-    def _end(self, work, watcher):
+    def _end(self, work, watcher=None):
         if not work.finished:
             work.finished = work.cancelled = True      # the scheduler frees any slot still held
             self.scheduler.wake()
             self.inflight -= 1
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
     async def _watch_disconnect(self, request, work):
+        """The client went away: end the request (even a stream whose body never started)."""
         try:
             while True:
                 message = await request.receive()
@@ -630,9 +632,7 @@ class Server:
                     break
         except Exception:
             pass
-        if not work.cancelled:
-            work.cancelled = True
-            self.scheduler.wake()
+        self._end(work)
 
     async def _events(self, work: Work, texts: list[ChoiceText], state: dict):
         """Yield (choice, reasoning delta, content delta, finish_reason or None, logprob entries), or None as a ping."""
