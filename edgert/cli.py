@@ -61,6 +61,8 @@ def export(
     recipe: str = typer.Option("gptq", help="How int4 weights are chosen: gptq (calibrated, most accurate), search (block clipping search, no calibration) or rtn (plain round-to-nearest)."),
     calib: Optional[Path] = typer.Option(None, help="Calibration text file for --recipe gptq (default: a built-in text of stories, prose, arithmetic and code)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    kv_cache: Optional[str] = typer.Option(None, help="KV cache precision the graphs read and write: fp16 (half the "
+                                           "memory, the same speed) or fp32 [default: fp16; fp32 with --bits 32]."),
 ):
     """Export a Hugging Face checkpoint to an int4/int8 ONNX artifact."""
     try:
@@ -69,7 +71,7 @@ def export(
         fail(f"the exporter needs the [export] extra ({e.name} is missing): pip install 'edgert[export]'")
     try:
         manifest = do_export(model_dir, out, bits=bits, block_size=block_size, context=context, force=force,
-                             embed_bits=embed_bits, recipe=recipe, calib=calib)
+                             embed_bits=embed_bits, recipe=recipe, calib=calib, kv_cache=kv_cache)
     except ExportError as e:
         fail(str(e))
     except KeyboardInterrupt:

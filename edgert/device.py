@@ -156,7 +156,12 @@ def weight_bytes(manifest: dict) -> int:
 
 def kv_bytes(manifest: dict, context: int) -> int:
     m = manifest["model"]
-    return m["layers"] * 2 * m["kv_heads"] * context * m["head_dim"] * 4     # fp32 keys and values
+    return m["layers"] * 2 * m["kv_heads"] * context * m["head_dim"] * kv_element_bytes(manifest)
+
+
+def kv_element_bytes(manifest: dict) -> int:
+    """Bytes per cached key or value element: 2 for an fp16 cache, 4 for fp32 (older artifacts)."""
+    return 2 if manifest.get("quantization", {}).get("kv_cache") == "fp16" else 4
 
 
 @dataclass

@@ -71,7 +71,9 @@ class Stats:
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        """Tokens computed per second of prefill (rows reused from the cache are not computed)."""
+        done = self.prompt_tokens - self.extra.get("cached_tokens", 0)
+        return done / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tok_s(self) -> float:

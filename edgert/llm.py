@@ -59,7 +59,8 @@ class LLM:
 
     def encode_messages(self, messages: list[dict], **template_kwargs) -> list[int]:
         """A conversation through the chat template (sandboxed) with the generation prompt, as token ids.
-        template_kwargs reach the template (e.g. enable_thinking=False)."""
+        template_kwargs reach the template (e.g. enable_thinking=False). A text that cannot fit the
+        context raises PromptTooLong before it is tokenized."""
         if not self.chat_template:
             raise ValueError(f"{self.path}: this model has no chat template")
         text = render_chat(self.chat_template, messages, add_generation_prompt=True,

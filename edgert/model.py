@@ -126,7 +126,9 @@ class Model:
         if slots > 1 and not self.manifest.get("batch"):
             raise ArtifactError(f"{self.path} was exported before batching (one sequence per forward): "
                                 f"re-export it with this edgert to decode {slots} sequences together")
-        self.cache = [np.zeros((slots, m["kv_heads"], self.context, m["head_dim"]), np.float32)
+        self.kv_cache = self.manifest.get("quantization", {}).get("kv_cache", "fp32")
+        kv_dtype = {"fp32": np.float32, "fp16": np.float16}[self.kv_cache]
+        self.cache = [np.zeros((slots, m["kv_heads"], self.context, m["head_dim"]), kv_dtype)
                       for _ in range(2 * self.layers)]
         self._cache_names = [(f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}",
                               f"present.{i // 2}.{('key', 'value')[i % 2]}") for i in range(2 * self.layers)]

@@ -22,7 +22,7 @@ from .archs import model_for
 from .calibrate import CalibrationError, collect
 from .checkpoint import Checkpoint, CheckpointError
 from .decoder import UnsupportedModel
-from .graph import IR_VERSION, Graph, Recipe
+from .graph import IR_VERSION, KV_TYPES, Graph, Recipe
 from .outdir import OutError, check_out, signals_unwind, writing
 from .quantize import DEFAULT_RECIPE, RECIPES, Quantizer
 
@@ -77,14 +77,19 @@ def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
 
 def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | None = None, force: bool = False,
            embed_bits: int = 8, progress: bool = True, recipe: str = DEFAULT_RECIPE, calib=None,
-           checkpoint=None) -> dict:
+           checkpoint=None, kv_cache: str | None = None) -> dict:
     """Export a Hugging Face folder to an edgert artifact folder; returns the manifest.
     recipe: how int4 codes are chosen (quantize.RECIPES); calib: calibration text file for "gptq".
-    `checkpoint` replaces the folder's weights (synthetic.py); config and tokenizer still come from the folder."""
+    `checkpoint` replaces the folder's weights (synthetic.py); config and tokenizer still come from the folder.
+    kv_cache: the precision of the KV cache the graphs read and write, fp16 or fp32 (default: fp16,
+    fp32 for the unquantized --bits 32 reference)."""
     t0 = time.time()
     src, out = Path(model_dir), Path(out)
     if recipe not in RECIPES:
         raise ExportError(f"--recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
+    kv_cache = kv_cache or ("fp32" if bits == 32 else "fp16")
+    if kv_cache not in KV_TYPES:
+        raise ExportError(f"--kv-cache must be one of {', '.join(KV_TYPES)}, not {kv_cache!r}")
     if calib and recipe != "gptq":
         raise ExportError(f"--calib is for --recipe gptq; --recipe {recipe} uses no calibration")
     calib_text = _calibration_text(calib)
@@ -113,7 +118,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     g = None
     try:
         with signals_unwind(), writing(out, force, src) as (tmp, commit):
-            recipe = Recipe(bits=bits, block_size=block_size, embed_bits=embed_bits, method=recipe)
+            recipe = Recipe(bits=bits, block_size=block_size, embed_bits=embed_bits, method=recipe, kv_cache=kv_cache)
             calibrated = recipe.method == "gptq" and bits != 32 and 4 in (bits, embed_bits)
             stats = collect(model, ckpt, src, calib_text, tmp / "calibration") if calibrated else None
             g = Graph(tmp / "model.onnx.data")

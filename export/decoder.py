@@ -113,7 +113,9 @@ class Decoder:
         ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])    # each row: one sequence's new tokens
         num_logits = g.input("num_logits", TensorProto.INT64, [1])
         io = AttentionIO(g.input("seqlens_k", TensorProto.INT32, ["batch"]),
-                         g.input("total_sequence_length", TensorProto.INT32, []), *G.rope_cache(g, *self.rope_for(context)))
+                         g.input("total_sequence_length", TensorProto.INT32, []),
+                         *G.rope_cache(g, *self.rope_for(context), dtype=G.KV_TYPES[recipe.kv_cache][1]),
+                         half=recipe.kv_cache == "fp16")
 
         x = self.embed(g, ids)
         residual = None
@@ -136,7 +138,7 @@ class Decoder:
                     "last_positions")
         g.output(self.lm_head(g, last), "logits", TensorProto.FLOAT, ["batch", "num_logits", self.vocab])
         split = {"lm_head_int8_candidates": self.lm_head_candidates} if self._split_head() else {}   # int4 planes, see above
-        return {"attention": recipe.bits, "mlp": recipe.bits, "embed": recipe.bits_for("embed"),
+        return {"attention": recipe.bits, "mlp": recipe.bits, "kv_cache": recipe.kv_cache, "embed": recipe.bits_for("embed"),
                 "lm_head": recipe.bits_for("lm_head"), "block_size": recipe.block_size, **split}
 
     def extra_manifest(self) -> dict:
@@ -237,12 +239,14 @@ class Decoder:
 
     def cache_inputs(self, g: Graph, i: int) -> tuple[str, str]:
         shape = ["batch", self.kv_heads, "max_sequence", self.padded_head_dim]
-        return tuple(g.input(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, shape) for kind in ("key", "value"))
+        kv = G.KV_TYPES[self.recipe.kv_cache][0]
+        return tuple(g.input(f"past_key_values.{i}.{kind}", kv, shape) for kind in ("key", "value"))
 
     def cache_outputs(self, g: Graph, i: int, key: str, value: str) -> None:
         """The runtime binds these to the same buffers as the inputs: the cache is updated in place."""
         for src, kind in ((key, "key"), (value, "value")):
-            g.output(src, f"present.{i}.{kind}", TensorProto.FLOAT, ["batch", self.kv_heads, "max_sequence", self.padded_head_dim])
+            g.output(src, f"present.{i}.{kind}", G.KV_TYPES[self.recipe.kv_cache][0],
+                     ["batch", self.kv_heads, "max_sequence", self.padded_head_dim])
 
     def ffn(self, g: Graph, i: int, x: str) -> str:
         return swiglu_mlp(g, self.ckpt, x, self.layer_prefix(i) + "mlp.", f"layers.{i}.mlp", self.recipe.bits,

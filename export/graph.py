@@ -174,6 +174,7 @@ class Recipe:
     block_size: int = 32
     embed_bits: int = 8      # embeddings and lm_head: small models punish int4 here
     method: str = DEFAULT_RECIPE   # how int4 codes are chosen (quantize.RECIPES)
+    kv_cache: str = "fp16"   # keys and values in the cache: fp16 (half the bytes) or fp32
 
     def bits_for(self, tensor_class: str) -> int:
         if tensor_class == "router":
@@ -297,12 +298,12 @@ def swiglu(g: Graph, x: str, gate_up: tuple, down: tuple, ffn: int, name: str) -
     return apply_linear(g, silu_mul(g, gate, up, name + ".act"), *down, name + ".down")
 
 
-def rope_cache(g: Graph, inv_freq: np.ndarray, positions: int, attention_factor=1.0) -> tuple[str, str]:
+def rope_cache(g: Graph, inv_freq: np.ndarray, positions: int, attention_factor=1.0, dtype=np.float32) -> tuple[str, str]:
     """cos/sin tables [positions, rotary_dim/2] for GroupQueryAttention's built-in rotary
-    (attention_factor: yarn's scale, one number or one per frequency)."""
+    (attention_factor: yarn's scale, one number or one per frequency), in the cache's dtype."""
     angles = np.arange(positions, dtype=np.float64)[:, None] * inv_freq[None, :].astype(np.float64)
-    return (g.const("rope.cos", (np.cos(angles) * attention_factor).astype(np.float32)),
-            g.const("rope.sin", (np.sin(angles) * attention_factor).astype(np.float32)))
+    return (g.const("rope.cos", (np.cos(angles) * attention_factor).astype(dtype)),
+            g.const("rope.sin", (np.sin(angles) * attention_factor).astype(dtype)))
 
 
 @dataclass
@@ -312,15 +313,24 @@ class AttentionIO:
     total_len: str       # int32 scalar: the same, plus one (batch max)
     cos: str
     sin: str
+    half: bool = False   # fp16 KV cache: GroupQueryAttention runs in fp16 (its inputs cast), output cast back
+
+
+KV_TYPES = {"fp32": (TensorProto.FLOAT, np.float32), "fp16": (TensorProto.FLOAT16, np.float16)}
 
 
 def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: AttentionIO, heads: int, kv_heads: int,
         scale: float, name: str) -> tuple[str, str, str]:
     """GroupQueryAttention with rotary inside and the KV cache as one preallocated buffer that
     the runtime binds as both past and present (no copy of the cache per step)."""
-    return g.ms("GroupQueryAttention", [q, k, v, past_k, past_v, io.seqlens_k, io.total_len, io.cos, io.sin],
-                name, outputs=3, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
-                scale=float(scale))
+    if io.half:        # the cache is fp16: so is the op (its T binds q, k, v, cache and rotary tables alike)
+        q, k, v = (g.op("Cast", [t], f"{name}.{t_name}16", to=TensorProto.FLOAT16) for t, t_name in ((q, "q"), (k, "k"), (v, "v")))
+    out, pk, pv = g.ms("GroupQueryAttention", [q, k, v, past_k, past_v, io.seqlens_k, io.total_len, io.cos, io.sin],
+                       name, outputs=3, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
+                       scale=float(scale))
+    if io.half:
+        out = g.op("Cast", [out], name + ".out32", to=TensorProto.FLOAT)
+    return out, pk, pv
 
 
 def quantized_rows(g: Graph, table, name: str, bits: int, block_size: int, planes: bool = False) -> tuple:
