@@ -457,6 +457,38 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact folder.")):
     typer.echo(f"{artifact}: ok ({m['architecture']}, {len(m['files'])} files verified)")
 
 
+@app.command()
+def serve(
+    artifact: Path = typer.Argument(..., help="Artifact folder made by `edgert export`."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default; elsewhere, set --api-key)."),
+    port: int = typer.Option(8080, min=0, max=65535, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, envvar="EDGERT_API_KEY", show_envvar=True,
+                                          help="Require `Authorization: Bearer KEY` (all but / and /health)."),
+    parallel: int = typer.Option(1, min=1, max=64, help="Slots: sequences decoded together, one batched step for all."),
+    context: Optional[int] = typer.Option(None, min=1, help="KV cache size in tokens per slot [default: min(model, 4096)]."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: the fast physical cores]."),
+    max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+    cors_origin: Optional[list[str]] = typer.Option(None, help="Allow browser requests from this origin (repeatable) [default: CORS off]."),
+    queue: Optional[int] = typer.Option(None, min=0, help="Requests that may wait for a slot; more get 429 [default: 8 x --parallel]."),
+    timeout: float = typer.Option(600.0, min=1.0, help="Longest time a request may take, seconds (then it ends with finish_reason length)."),
+):
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
+    /tokenize, /detokenize) and a chat page at /. Needs the [serve] extra: pip install 'edgert[serve]'."""
+    from .artifact import ArtifactError, read_manifest
+    try:
+        from .serve import serve as do_serve
+    except ImportError as e:
+        fail(str(e))
+    try:
+        read_manifest(artifact)
+    except ArtifactError as e:
+        fail(str(e))
+    code = do_serve(artifact, host=host, port=port, api_key=api_key, parallel=parallel, context=context,
+                    threads=threads, max_memory=max_memory, cors_origins=cors_origin or (), max_queue=queue,
+                    timeout=timeout)
+    raise typer.Exit(code)
+
+
 def format_expert_report(r: dict) -> str:
     lines = [f"parameters {r['parameters'] / 1e6:.1f}M, active per token {r['active_parameters_per_token'] / 1e6:.1f}M"
              + (f", expert strategy {r['strategy']}" if r["strategy"] != "default" else "")]
