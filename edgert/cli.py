@@ -103,12 +103,18 @@ def run(
     votes: int = typer.Option(1, min=1, max=64, help="Self-consistency: sample N answers together (one batched forward "
                               "per step) and print the majority answer; --json lists every vote."),
     speculate: str = typer.Option("off", help="ngram: greedy decoding verifies tokens drafted from the text so far, "
-                                  "several per forward (identical output); off."),
+                                  "several per forward (the same output); draft: drafted by --draft ART; off."),
     draft_tokens: int = typer.Option(4, min=1, max=16, help="Most drafted tokens verified per forward with --speculate."),
+    draft: Optional[Path] = typer.Option(None, help="Speculate with this smaller artifact (same tokenizer) as the drafter "
+                                         "(implies --speculate; greedy)."),
 ):
     """Generate text. stdout carries only the generated text; reasoning is dimmed on a terminal."""
-    if speculate not in ("off", "ngram"):
-        fail(f"--speculate must be ngram or off, not {speculate!r}")
+    if speculate not in ("off", "ngram", "draft"):
+        fail(f"--speculate must be ngram, draft or off, not {speculate!r}")
+    if draft is not None:
+        speculate = "draft"
+    elif speculate == "draft":
+        fail("--speculate draft needs --draft ART (a smaller model with the same tokenizer)")
     from .limits import read_stdin
     if prompt is None:
         if sys.stdin.isatty():
@@ -126,13 +132,15 @@ def run(
                    slots=votes)
         if stats:
             llm.model.track_experts()
+        if draft is not None:
+            llm.use_draft(draft, max_memory=max_memory)
         ids = llm.encode(prompt, raw=raw, system=system)
         if votes > 1:
             return _print_votes(llm, ids, votes, as_json, dict(max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed, think_budget=think_budget))
         stream = llm.generate(ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               seed=seed, ignore_eos=ignore_eos, think_budget=think_budget,
-                              speculate=draft_tokens if speculate == "ngram" else 0)
+                              speculate=draft_tokens if speculate != "off" else 0)
         writer = TokenWriter(sys.stdout, sys.stdout.isatty() and not as_json and not os.environ.get("NO_COLOR"))
         tokens, text, reasoning = [], [], []
         for tok in stream:
@@ -443,7 +451,7 @@ def demo(
     typer.echo(prompt, err=True)
     run(out, prompt, max_tokens=max_tokens, temperature=0.0, top_p=None, top_k=None, seed=None, raw=False,
         ignore_eos=False, as_json=False, context=None, threads=None, think_budget=None, system=None,
-        moe_strategy=None, stats=False, max_memory=None, votes=1, speculate="off", draft_tokens=4)
+        moe_strategy=None, stats=False, max_memory=None, votes=1, speculate="off", draft_tokens=4, draft=None)
 
 
 @app.command()

@@ -143,11 +143,13 @@ class Decoding:
 
 def generate(engine, prompt_ids: list[int], max_tokens: int, sampling: Sampling, stop_ids=(),
              think: tuple[int | None, int | None] = (None, None), think_budget: int | None = None,
-             close_think_ids: list[int] = (), stats: Stats | None = None, speculate: int = 0):
+             close_think_ids: list[int] = (), stats: Stats | None = None, speculate: int = 0, drafter=None):
     """Yield Steps of one sequence: open it on the engine (a Model is wrapped in a one-slot engine),
     prefill the prompt, then decode one token per step until the Decoding stops.
-    speculate=k: each step also feeds up to k tokens drafted from the text so far (`ngram_draft`)
-    and keeps those the model itself picks: the same tokens as without, fewer forward calls."""
+    speculate=k (greedy only): each step also feeds up to k drafted tokens — `drafter(ids, k)`, by
+    default `ngram_draft` from the text so far, or a `ModelDrafter` — and keeps those the model
+    itself picks: the same tokens as without, fewer forward calls of the model."""
+    drafter = drafter or ngram_draft
     from .engine import Engine
     engine = engine if isinstance(engine, Engine) else Engine(engine)
     stats = stats if stats is not None else Stats()
@@ -177,7 +179,7 @@ def generate(engine, prompt_ids: list[int], max_tokens: int, sampling: Sampling,
                 break
             t0 = time.perf_counter()
             room = min(speculate, engine.context - seq.pos - 1) if sampling.temperature <= 0 else 0
-            draft = ngram_draft(seq.ids + [step.id], room) if room > 0 else []
+            draft = drafter(seq.ids + [step.id], room) if room > 0 else []
             if draft:                        # verify: logits after step.id and after each drafted token
                 rows = engine.score(seq, [step.id] + draft)
                 kept = 0
@@ -213,3 +215,33 @@ def ngram_draft(ids: list[int], k: int, max_n: int = 3, window: int = 4096) -> l
                 if follow.size:
                     return follow.tolist()
     return []
+
+
+class ModelDrafter:
+    """Drafts with a smaller model that shares the tokenizer: k greedy tokens from its own cache,
+    which follows the text by its longest common prefix (so only new tokens are computed)."""
+
+    def __init__(self, model):
+        from .engine import Engine
+        self.engine = Engine(model)
+        self.seq = self.engine.open([])
+
+    def __call__(self, ids: list[int], k: int) -> list[int]:
+        from .engine import common_prefix
+        eng, seq = self.engine, self.seq
+        k = min(k, eng.context - len(ids))
+        if k <= 0:
+            return []
+        n = common_prefix(seq.ids, ids, len(ids) - 1)
+        eng.rewind(seq, n)
+        logits = eng.step({seq: ids[n:]})[seq]
+        out = []
+        while True:
+            out.append(int(np.argmax(logits)))
+            if len(out) == k:
+                return out
+            logits = eng.step({seq: out[-1:]})[seq]
+
+    def close(self):
+        self.engine.close(self.seq)
+

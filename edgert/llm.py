@@ -44,6 +44,19 @@ class LLM:
         self.eos_ids = [i for i in special.get("eos") or [] if i is not None]
         self.think = (special.get("think_start"), special.get("think_end"))
         self.stats = Stats()
+        self.drafter = None          # a ModelDrafter once use_draft() ran
+
+    def use_draft(self, path, threads: int | None = None, max_memory=None) -> None:
+        """Speculate with a smaller model that has the same tokenizer (`run --draft ART`)."""
+        from .artifact import ArtifactError
+        from .generate import ModelDrafter
+        from .artifact import read_manifest
+        if _vocabulary(Path(path)) != _vocabulary(self.path):
+            raise ArtifactError(f"{path}: the draft model's tokenizer differs from {self.path}'s; speculation needs "
+                                f"the same token ids")
+        context = min(self.context, read_manifest(Path(path))["context_length"])     # past it, no drafts
+        draft = Model(Path(path), context=context, threads=threads or self.model.threads, max_memory=max_memory)
+        self.drafter = ModelDrafter(draft)
 
     @property
     def context(self) -> int:
@@ -97,14 +110,15 @@ class LLM:
                  ignore_eos: bool = False, think_budget: int | None = None, system: str | None = None,
                  speculate: int = 0) -> Iterator[Token]:
         """Yield Tokens as they are generated; `self.stats` describes the run (complete once exhausted).
-        speculate=k: greedy decoding verifies up to k tokens drafted from the text so far per forward
-        (the same tokens, fewer weight reads)."""
+        speculate=k: greedy decoding verifies up to k drafted tokens per forward (the same tokens,
+        fewer weight reads): from the text so far, or from the draft model of use_draft()."""
         ids = self._prompt_ids(prompt, raw, system)
         self.stats = Stats()
         decoder = StreamDecoder(self.tokenizer)
         steps = generate(self.engine, ids, max_tokens, self.sampling(temperature, top_p, top_k, seed),
                          stop_ids=() if ignore_eos else self.eos_ids, think=self.think, think_budget=think_budget,
-                         close_think_ids=self.close_think_ids(), stats=self.stats, speculate=speculate)
+                         close_think_ids=self.close_think_ids(), stats=self.stats, speculate=speculate,
+                         drafter=self.drafter)
         for step in steps:
             yield Token(step.id, step.reasoning, step.forced, decoder.push(step.id))
         tail = decoder.flush()
@@ -125,6 +139,16 @@ class LLM:
         ids = self._prompt_ids(prompt, raw, system)
         sampling = self.sampling(temperature, top_p, top_k, seed)
         return sample_together(self, ids, n, max_tokens, sampling, think_budget)
+
+
+def _vocabulary(path: Path):
+    """What token ids mean: the tokenizer.json vocabulary and added tokens."""
+    try:
+        tok = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        return (tok.get("model", {}).get("vocab"),
+                sorted((t.get("id"), t.get("content")) for t in tok.get("added_tokens") or []))
+    except (OSError, ValueError, AttributeError) as e:
+        return f"unreadable: {e}"
 
 
 def load(path, context: int | None = None, threads: int | None = None, tokenizer: str = "auto",
