@@ -162,6 +162,7 @@ def generate(engine, prompt_ids: list[int], max_tokens: int, sampling: Sampling,
         stats.prefill_s = time.perf_counter() - t0
         stats.extra["cached_tokens"] = seq.cached
         queue: list[tuple[int, np.ndarray]] = []   # drafted tokens already in the cache, with the logits after each
+        backoff = rest = 0                  # after drafts the model rejected: plain steps before drafting again
         while (step := dec.next(logits)) is not None:
             stats.generated, stats.reasoning_tokens = dec.generated, dec.reasoning_tokens
             yield step
@@ -179,13 +180,16 @@ def generate(engine, prompt_ids: list[int], max_tokens: int, sampling: Sampling,
                 break
             t0 = time.perf_counter()
             room = min(speculate, engine.context - seq.pos - 1) if sampling.temperature <= 0 else 0
-            draft = drafter(seq.ids + [step.id], room) if room > 0 else []
+            draft = drafter(seq.ids + [step.id], room) if room > 0 and rest == 0 else []
+            rest = max(rest - 1, 0)
             if draft:                        # verify: logits after step.id and after each drafted token
                 rows = engine.score(seq, [step.id] + draft)
                 kept = 0
                 while kept < len(draft) and int(np.argmax(rows[kept])) == draft[kept]:
                     kept += 1
                 engine.rewind(seq, seq.pos - len(draft) + kept)
+                backoff = 0 if kept else min(max(2 * backoff, 1), 16)   # a verify costs more than a step
+                rest = backoff
                 logits, queue = rows[0], [(draft[j], rows[j + 1]) for j in range(kept)]
                 stats.extra["drafted"] = stats.extra.get("drafted", 0) + len(draft)
                 stats.extra["accepted"] = stats.extra.get("accepted", 0) + kept
