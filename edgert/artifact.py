@@ -119,6 +119,8 @@ def check_manifest(manifest, where: str = "edgert.json") -> dict:
     for key, name in graphs.items():
         if not isinstance(name, str) or name not in files or not name.endswith(".onnx") or len(key) > 32:
             bad(f"graphs[{key[:32]!r}]", "an .onnx file listed in files")
+    if "default" not in graphs and "plain" not in graphs:
+        bad("graphs", "an object with a 'default' (or, for MoE, a 'plain') graph")
     q = need_dict(manifest, "quantization", optional=True)
     for key in ("attention", "mlp", "embed", "lm_head", "experts", "router"):
         if key in q and q[key] not in _BITS:
