@@ -15,7 +15,6 @@ import re
 from .checkpoint import CheckpointError
 
 # ---- limits --------------------------------------------------------------------------------------
-MAX_CONFIG_BYTES = 1 << 20
 MAX_HIDDEN = 1 << 16
 MAX_LAYERS = 1024
 MAX_HEADS = 1024

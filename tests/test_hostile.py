@@ -425,6 +425,17 @@ def test_external_data_outside_folder(art, base, tmp_path, where, python):
         assert_one_line(cli(*args, python=python), "not one of the artifact's data files", what=str(args))
 
 
+def test_current_onnxruntime_refuses_outside_locations_itself(art, base):
+    """Newer onnxruntime (1.32 here) refuses an absolute location on its own; edgert keeps its own
+    check for 1.22 (above), which does not."""
+    ort = pytest.importorskip("onnxruntime")
+    if tuple(int(p) for p in ort.__version__.split(".")[:2]) < (1, 23):
+        pytest.skip(f"onnxruntime {ort.__version__} follows outside locations")
+    _relocate(art, str(base / "model.onnx.data"))
+    with pytest.raises(Exception, match="(?i)external|outside|location|path"):
+        ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
 @pytest.mark.parametrize("manifest_says", ["old size", "1 TB"])
 def test_verify_sparse_terabyte(art, manifest_says):
     data = art / "model.onnx.data"
