@@ -34,6 +34,7 @@ MAX_EOS_IDS = 64
 # text files the runtime reads, and their size caps
 TEXT_FILES = {"tokenizer.json": 64 << 20, "tokenizer_config.json": 16 << 20, "chat_template.jinja": 1 << 20,
               "special_tokens_map.json": 1 << 20, "generation_config.json": 1 << 20, "config.json": 1 << 20}
+SPARSE_MIN_BYTES = 64 << 20    # verify refuses a larger file with less than half of it on disk (never hashes holes)
 DATA_SLACK = 1 << 16           # bytes a data file may hold past its last tensor (alignment)
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -244,8 +245,12 @@ def verify(path) -> dict:
     for name, info in manifest["files"].items():
         h = hashlib.sha256()
         with open(confined(path, name), "rb") as f:
-            if os.fstat(f.fileno()).st_size != info["bytes"]:
+            st = os.fstat(f.fileno())
+            if st.st_size != info["bytes"]:
                 raise ArtifactError(f"{path}: {name} changed size while it was verified")
+            if st.st_size > SPARSE_MIN_BYTES and 0 <= st.st_blocks * 512 < st.st_size // 2:
+                raise ArtifactError(f"{path}: {name} is mostly holes (a sparse file of {st.st_size} bytes), not an "
+                                    f"exported file; refused")
             left = info["bytes"]
             while left > 0:
                 chunk = f.read(min(1 << 22, left))

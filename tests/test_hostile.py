@@ -223,6 +223,10 @@ def runtime_cases(base: Path, rng: random.Random, tmp: Path) -> list:
         art, label = new("tokenizer-raw")
         (art / "tokenizer.json").write_text(text)
         cases.append((label, art))
+    for text in (deep_json(), "[1, 2]", json.dumps({"bos_token": [[]], "chat_template": 5})):
+        art, label = new("tokenizer-config")
+        (art / "tokenizer_config.json").write_text(text)
+        cases.append((label, art))
     lines = (base / "chat_template.jinja").read_text().splitlines(keepends=True)
     for _ in range(3):                                     # the real chat template with a hostile part inside
         art, label = new("template")
@@ -737,3 +741,16 @@ def test_hostile_checkpoint(tmp_path, case):
     out = tmp_path / "out"
     assert_one_line(cli("export", src, "-o", out), want)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_verify_never_hashes_holes(art, monkeypatch):
+    """A data file that is mostly holes is refused before hashing, even when everything else agrees."""
+    from edgert import artifact
+    size = 256 << 20
+    os.truncate(art / "model.onnx.data", size)
+    edit_manifest(art, lambda m: m["files"]["model.onnx.data"].__setitem__("bytes", size))
+    monkeypatch.setattr(artifact, "DATA_SLACK", size)          # let it past the tail check
+    t0 = time.monotonic()
+    with pytest.raises(artifact.ArtifactError, match="mostly holes"):
+        artifact.verify(art)
+    assert time.monotonic() - t0 < 2
