@@ -194,6 +194,25 @@ def _check_external(folder: Path, graph: str, files: dict) -> int:
     return ends
 
 
+def read_json(folder, name: str) -> dict:
+    """A JSON object from a file in the artifact ({} when absent): confined, capped (TEXT_FILES), one line on damage."""
+    folder = Path(folder)
+    if not (folder / name).exists() and not (folder / name).is_symlink():
+        return {}
+    path = confined(folder, name)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(TEXT_FILES.get(name, 1 << 20) + 1)
+        if len(data) > TEXT_FILES.get(name, 1 << 20):
+            raise ArtifactError(f"{path}: too large; refused")
+        value = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ArtifactError(f"{path}: not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{path}: not a JSON object")
+    return value
+
+
 def read_manifest(path, graphs: bool = True) -> dict:
     """The artifact's manifest, after every check above (cheap: no hashing).
     graphs=False skips the scan of the graph files (for a quick look at the manifest only)."""

@@ -224,6 +224,8 @@ def validate_tensors(ckpt) -> None:
 
 def validate(ckpt, tensors: bool = True) -> None:
     """Everything above; raises CheckpointError with one line."""
-    validate_config(ckpt.config, ckpt.generation_config, f"{ckpt.dir.name}/config.json")
+    folder = getattr(ckpt, "dir", None)
+    validate_config(ckpt.config, getattr(ckpt, "generation_config", {}),
+                    f"{folder.name}/config.json" if folder is not None else "config.json")
     if tensors:
         validate_tensors(ckpt)
