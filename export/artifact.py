@@ -72,6 +72,9 @@ def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
     vocab = tok.get("model", {}).get("vocab", {})
     for key, text in (("think_start", "<think>"), ("think_end", "</think>")):
         out[key] = lookup.get(text, vocab.get(text) if isinstance(vocab, dict) else None)
+    for key in ("pad", "think_start", "think_end"):      # optional: an id the model cannot emit (pad -1) means none
+        if not (isinstance(out[key], int) and 0 <= out[key] < ckpt.config["vocab_size"]):
+            out[key] = None
     return out
 
 

@@ -149,8 +149,10 @@ def validate_config(config, generation: dict | None = None, where: str = "config
             raise CheckpointError(f"{where}: {key}.factor is missing (yarn rope scaling needs it)")
     for d, name in ((config, where), (generation or {}, "generation_config.json")):
         t = _Checker(name)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for key in ("bos_token_id", "eos_token_id"):
             t.token_ids(d, key, vocab)
+        if d.get("pad_token_id") is not None and not _int(d["pad_token_id"]):     # -1 (none) is common
+            t.fail("pad_token_id", "an integer", d["pad_token_id"])
         if d is generation:
             t.bool(d, "do_sample")
             t.number(d, "temperature", 0, 100)
