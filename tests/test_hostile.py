@@ -5,7 +5,9 @@ behind; nothing outside the artifact is read.
 Every case runs the real CLI in a subprocess. A seeded fuzz pass mutates manifests, graphs, data
 files, tokenizer.json, chat templates, config.json and safetensors headers; then one test per
 case listed in the issue. The runtime cases also run on onnxruntime 1.22 (EDGERT_ORT_PYTHON,
-runtime only and no `tokenizers`, as on Termux) when it is set.
+runtime only and no `tokenizers`, as on Termux) when it is set, and the fuzz pass and the
+confinement cases on the newest onnxruntime installed alone (EDGERT_RUNTIME_PYTHON: onnxruntime,
+numpy, jinja2, typer; .ci/run makes both).
 """
 from __future__ import annotations
 
@@ -31,8 +33,11 @@ from conftest import ROOT
 
 REASONING = ROOT / "export" / "data" / "reasoning-qwen2"
 OLD = os.environ.get("EDGERT_ORT_PYTHON")
+RUNTIME_ONLY = os.environ.get("EDGERT_RUNTIME_PYTHON")
 PYTHONS = [pytest.param(sys.executable, id="current")] + [
     pytest.param(OLD or "", id="ort122", marks=pytest.mark.skipif(not OLD, reason="set EDGERT_ORT_PYTHON (.ci/run does)"))]
+ALL_PYTHONS = PYTHONS + [pytest.param(RUNTIME_ONLY or "", id="runtime-only", marks=pytest.mark.skipif(
+    not RUNTIME_ONLY, reason="set EDGERT_RUNTIME_PYTHON to a Python with only the runtime's dependencies (.ci/run does)"))]
 SECONDS = 10            # CPU time of every case, start-up included (CPU, not wall: the test machine is shared)
 WALL = 60               # wall time after which a case is killed (a hang that does not spin)
 RSS_MB = 600            # the models are < 1 MB: this is onnxruntime + Python + the bound under test
@@ -259,7 +264,7 @@ def run_all(jobs, workers=2):
         return list(pool.map(lambda job: job(), jobs))
 
 
-@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("python", ALL_PYTHONS)
 def test_fuzz_runtime(base, tmp_path, python):
     """Mutated artifacts through `run` and `verify`: failures are one line; nothing may succeed by
     reading outside the folder; nothing is left behind."""
@@ -413,7 +418,7 @@ def _relocate(art: Path, location: str):
     rehash(art, "model.onnx")
 
 
-@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("python", ALL_PYTHONS)
 @pytest.mark.parametrize("where", ["absolute", "dotdot", "symlinked-dir"])
 def test_external_data_outside_folder(art, base, tmp_path, where, python):
     """onnxruntime 1.22.1 loads weights from any location a graph names; edgert checks them itself."""
@@ -488,12 +493,12 @@ def test_chat_template_bound_is_per_render():
     assert all(results[f"ok{i}"] == "<user>hi" for i in range(4))
 
 
-@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("python", ALL_PYTHONS)
 @pytest.mark.parametrize("backend", ["python", "tokenizers"])
 @pytest.mark.parametrize("pattern", ["(a|aa)+$", "(a+)+$"])
 def test_catastrophic_pre_tokenizer(art, backend, pattern, python):
     if backend == "tokenizers" and python != sys.executable:
-        pytest.skip("no tokenizers next to onnxruntime 1.22 (as on Termux)")
+        pytest.skip("no tokenizers in a runtime-only install (as on Termux)")
     pytest.importorskip("tokenizers") if backend == "tokenizers" else None
     tok = json.loads((art / "tokenizer.json").read_text())
     tok["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {"Regex": pattern}
