@@ -7,7 +7,6 @@ speed; the % of it reached says how much a faster kernel could still win on this
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .artifact import bytes_per_weight
+from .artifact import bytes_per_weight, read_json
 from .generate import Sampling, Stats, generate
 from .device import available_memory, kv_element_bytes
 from .model import Model
@@ -174,8 +173,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3,
     bandwidth = memory_bandwidth(model.threads, probe_seconds)
     _progress("")
     m = model.manifest
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = read_json(path, "config.json")
     data_bytes = (path / "model.onnx.data").stat().st_size
     per_token = decode_bytes_per_token(m, config, data_bytes, prompt_tokens + gen_tokens / 2)
     result = {

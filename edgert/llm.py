@@ -1,12 +1,11 @@
 """`edgert.load(path)`: an artifact + its tokenizer + chat template, ready to generate text."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .chat import load_chat_template, render_chat
+from .chat import load_chat_template, render_chat, tokenizer_config
 from .engine import Engine
 from .generate import Decoding, Sampling, Stats, Step, generate
 from .limits import check_prompt_length
@@ -37,8 +36,7 @@ class LLM:
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer.from_dir(self.path, backend=tokenizer)
         self.chat_template = load_chat_template(self.path)
-        cfg_path = self.path / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg = tokenizer_config(self.path)
         self._template_vars = {k: _token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         special = self.manifest["special_tokens"]
         self.eos_ids = [i for i in special.get("eos") or [] if i is not None]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 import sys
@@ -20,11 +19,12 @@ from edgert.limits import read_text_file
 
 from .archs import model_for
 from .calibrate import CalibrationError, collect
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, _read_json
 from .decoder import UnsupportedModel
 from .graph import IR_VERSION, KV_TYPES, Graph, Recipe
 from .outdir import OutError, check_out, signals_unwind, writing
 from .quantize import DEFAULT_RECIPE, RECIPES, Quantizer
+from .validate import validate
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -67,11 +67,14 @@ def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     out = {"bos": gen.get("bos_token_id", cfg.get("bos_token_id")), "eos": eos,
            "pad": gen.get("pad_token_id", cfg.get("pad_token_id"))}
-    tok = json.loads((src / "tokenizer.json").read_text())
-    lookup = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    tok = _read_json(src / "tokenizer.json")
+    lookup = {t["content"]: t["id"] for t in tok.get("added_tokens", []) if isinstance(t, dict)}
     vocab = tok.get("model", {}).get("vocab", {})
     for key, text in (("think_start", "<think>"), ("think_end", "</think>")):
         out[key] = lookup.get(text, vocab.get(text) if isinstance(vocab, dict) else None)
+    for key in ("pad", "think_start", "think_end"):      # optional: an id the model cannot emit (pad -1) means none
+        if not (isinstance(out[key], int) and 0 <= out[key] < ckpt.config["vocab_size"]):
+            out[key] = None
     return out
 
 
@@ -105,6 +108,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         raise ExportError(str(e)) from None
     try:
         ckpt = Checkpoint(src) if checkpoint is None else checkpoint
+        validate(ckpt, tensors=checkpoint is None)     # before any graph, temporary folder or large array
         model = model_for(ckpt.config)
     except (CheckpointError, UnsupportedModel) as e:
         raise ExportError(str(e)) from None
@@ -170,7 +174,9 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         raise ExportError(f"writing {out}: {e.strerror or e}") from None
     except OutError as e:
         raise ExportError(str(e)) from None
-    except (ValueError, TypeError, IndexError, ArithmeticError, MemoryError, RecursionError) as e:
+    except ExportError:
+        raise
+    except Exception as e:
         # a checkpoint that passed validation but still breaks the build: one line, never a traceback
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ExportError(f"{src}: cannot export this checkpoint ({type(e).__name__}: {first})") from None
