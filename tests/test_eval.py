@@ -277,10 +277,6 @@ def test_score_window_sums_in_float64_and_ignores_tokens_the_reference_rules_out
 
 def test_default_int4_stories_within_5_percent_of_fp32(exported, story_text):
     """Issue #5's target on held-out story text (plain round-to-nearest int4 is +10.6% here)."""
-    import inspect
-    from edgert_export import export
-    if "recipe" not in inspect.signature(export).parameters:
-        pytest.skip("the +5% target is for the calibrated int4 default (export recipes), not in this exporter yet")
     fp32 = evaluate(exported(STORIES, 32), story_text)["ppl"]
     int4 = evaluate(exported(STORIES, 4), story_text)["ppl"]
     assert int4 / fp32 - 1 <= 0.05, (int4, fp32)
