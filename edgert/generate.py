@@ -100,7 +100,8 @@ def generate(model: Model, prompt_ids: list[int], max_tokens: int, sampling: Sam
     for i in range(0, len(prompt_ids), PREFILL_CHUNK):
         logits = model.forward(prompt_ids[i : i + PREFILL_CHUNK])[-1]
     stats.prefill_s = time.perf_counter() - t0
-    pending: list[int] = list(close_think_ids) if reasoning and think_budget == 0 else []   # forced tokens still to feed
+    # forced tokens still to feed (think budget); a budget of 0 closes the reasoning at once
+    pending: list[int] = list(close_think_ids) if reasoning and think_budget == 0 else []
     spent = 0                        # reasoning tokens generated so far
     while stats.generated < max_tokens:
         forced = bool(pending)
