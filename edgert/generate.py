@@ -96,7 +96,8 @@ class Decoding:
         if self.think_start is not None:
             for t in prompt_ids:
                 self.reasoning = True if t == self.think_start else False if t == self.think_end else self.reasoning
-        self.pending: list[int] = []     # forced tokens still to feed (think budget, deadline)
+        # forced tokens still to feed (think budget, deadline); a budget of 0 closes the reasoning at once
+        self.pending: list[int] = list(self.close_think_ids) if self.reasoning and think_budget == 0 else []
         self.spent = 0                   # reasoning tokens generated so far
         self.generated = self.reasoning_tokens = 0
         self.stop_reason: str | None = None   # "eos", "length", "context"

@@ -123,7 +123,6 @@ class SyntheticWeight:
             zero_points = _pack4(zp) if bits == 4 else zp
         return Quantized(packed, scales, zero_points, bits, block_size, k)
 
-
     def planes(self, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """An int8 table stored as two int4 planes (graph.split_int8): (hi, scales, lo) of uniformly
         random codes in 128 +- PLANE_RANGE, generated a chunk of rows at a time."""

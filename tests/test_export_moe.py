@@ -115,6 +115,8 @@ def test_expert_usage_is_reported_identically(exported, tmp_path):
     per_expert = 3 * 64 * 32                                 # gate, up, down of hidden 64 x FFN 32
     assert r["parameters"] - r["active_parameters_per_token"] == (16 - 2) * per_expert * 2   # 14 idle experts x 2 layers
     assert all(x["expert_usage"] == r["expert_usage"] for x in reports)
+    if not QMOE:
+        pytest.skip("QMoE needs onnxruntime >= 1.23 (the plain graph was checked)")
 
 
 def test_plain_graph_is_sparse_and_small_per_layer(exported, tmp_path):
