@@ -285,17 +285,20 @@ def head_rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, head_dim: in
     return g.op("Reshape", [y, shape3], name + ".merge_heads")
 
 
-def silu_mul(g: Graph, gate: str, up: str, name: str) -> str:
-    """silu(gate) * up; QuickGelu with alpha 1 is x * sigmoid(x) in one node."""
+def silu_mul(g: Graph, gate: str, up: str, name: str, act: str = "silu") -> str:
+    """act(gate) * up. silu: QuickGelu with alpha 1 is x * sigmoid(x) in one node; gelu_tanh:
+    FastGelu is GELU's tanh approximation (Gemma)."""
+    if act == "gelu_tanh":
+        return g.op("Mul", [g.ms("FastGelu", [gate], name + ".gelu"), up], name)
     return g.op("Mul", [g.ms("QuickGelu", [gate], name + ".silu", alpha=1.0), up], name)
 
 
-def swiglu(g: Graph, x: str, gate_up: tuple, down: tuple, ffn: int, name: str) -> str:
-    """down(silu(gate(x)) * up(x)) from prepared MatMulNBits/MatMul operands (see `linear_operands`)."""
+def swiglu(g: Graph, x: str, gate_up: tuple, down: tuple, ffn: int, name: str, act: str = "silu") -> str:
+    """down(act(gate(x)) * up(x)) from prepared MatMulNBits/MatMul operands (see `linear_operands`)."""
     gu = apply_linear(g, x, *gate_up, name + ".gate_up")
     gate, up = g.op("Split", [gu, g.const(name + ".split", np.array([ffn, ffn], np.int64))], name + ".split",
                     outputs=2, axis=-1)
-    return apply_linear(g, silu_mul(g, gate, up, name + ".act"), *down, name + ".down")
+    return apply_linear(g, silu_mul(g, gate, up, name + ".act", act), *down, name + ".down")
 
 
 def rope_cache(g: Graph, inv_freq: np.ndarray, positions: int, attention_factor=1.0) -> tuple[str, str]:
@@ -316,12 +319,20 @@ class AttentionIO:
 
 
 def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: AttentionIO, heads: int, kv_heads: int,
-        scale: float, name: str) -> tuple[str, str, str]:
+        scale: float, name: str, rotary: bool = True, window: int = 0, softcap: float = 0.0) -> tuple[str, str, str]:
     """GroupQueryAttention with rotary inside and the KV cache as one preallocated buffer that
-    the runtime binds as both past and present (no copy of the cache per step)."""
-    return g.ms("GroupQueryAttention", [q, k, v, past_k, past_v, io.seqlens_k, io.total_len, io.cos, io.sin],
-                name, outputs=3, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
-                scale=float(scale))
+    the runtime binds as both past and present (no copy of the cache per step).
+    rotary=False: a layer without position encoding (SmolLM3's NoPE layers). window: each query
+    sees only its `window` latest keys, itself included (transformers' sliding_window; the CPU
+    kernel's local_window_size means the same, measured in tests/test_export_archs.py). softcap:
+    scores become c * tanh(scores / c)."""
+    extra = {"local_window_size": window} if window else {}
+    if softcap:
+        extra["softcap"] = float(softcap)
+    return g.ms("GroupQueryAttention", [q, k, v, past_k, past_v, io.seqlens_k, io.total_len,
+                                        *((io.cos, io.sin) if rotary else ())],
+                name, outputs=3, num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rotary), rotary_interleaved=0,
+                scale=float(scale), **extra)
 
 
 def quantized_rows(g: Graph, table, name: str, bits: int, block_size: int, planes: bool = False) -> tuple:

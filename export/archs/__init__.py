@@ -17,6 +17,9 @@ ARCHITECTURES = {
     "granitemoe": "granitemoe",
     "deepseek_v2": "deepseek_v2",
     "deepseek_v3": "deepseek_v3",
+    "smollm3": "smollm3",
+    "phi3": "phi3",
+    "gemma3_text": "gemma3",
 }
 
 
