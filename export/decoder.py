@@ -112,7 +112,15 @@ class Decoder:
             ramp = np.clip((np.arange(dim // 2) - lo) / ((hi - lo) or 0.001), 0, 1)
             extrapolate = 1 - ramp
             return inv / factor * (1 - extrapolate) + inv * extrapolate, float(att)
-        raise UnsupportedModel(f"rope scaling type {kind!r} is not supported (default, linear, dynamic, llama3, yarn)")
+        if kind in ("longrope", "su"):
+            # LongRoPE: per-frequency factors, short_factor up to the original length (see archs/phi3.py
+            # for the long ones past it); the attention factor is yarn-like, from the length ratio
+            old = p.get("original_max_position_embeddings") or c["original_max_position_embeddings"]
+            ratio = p.get("factor") or self.max_positions / old
+            att = p.get("attention_factor") or (math.sqrt(1 + math.log(ratio) / math.log(old)) if ratio > 1 else 1.0)
+            return inv / np.asarray(p["short_factor"], np.float64), float(att)
+        raise UnsupportedModel(f"rope scaling type {kind!r} is not supported (default, linear, dynamic, llama3, yarn, "
+                               f"longrope)")
 
     # ---- weights -----------------------------------------------------------------------
     def layer_prefix(self, i: int) -> str:
@@ -161,6 +169,8 @@ class Decoder:
         self.context = context              # for layers that build their own tables (`attention_kind`)
         inv, att = self.rope(params)
         pad = (self.padded_head_dim - self.rotary_dim) // 2
+        if att != 1.0 and self.rotary_dim != self.head_dim:     # the scale belongs to the rotated features only
+            att = np.concatenate([np.full(len(inv), att), np.ones(pad)])
         return np.concatenate([inv, np.zeros(pad)]), context, att
 
     def norm_weight(self, name: str) -> np.ndarray:
@@ -173,6 +183,13 @@ class Decoder:
         types = c.get("layer_types") or []
         sliding = i < len(types) and types[i] == "sliding_attention" and c.get("use_sliding_window", True)
         return int(c["sliding_window"]) if sliding and c.get("sliding_window") else 0
+
+    def shared_io(self, g: Graph, key: str, make) -> AttentionIO:
+        """An AttentionIO that several layers share (other rotary tables), made once per graph."""
+        cache = self.__dict__.setdefault("_shared_io", {})
+        if (g, key) not in cache:
+            cache[(g, key)] = make()
+        return cache[(g, key)]
 
     def attention_kind(self, g: Graph, i: int, io: AttentionIO) -> tuple[AttentionIO, dict]:
         """Layer i's rotary tables and GroupQueryAttention options (`graph.gqa`'s rotary/window/softcap)."""

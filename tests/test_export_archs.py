@@ -17,6 +17,14 @@ CONFIGS = {
     "smollm3": ("smollm3", dict(num_hidden_layers=4, tie_word_embeddings=True, pad_token_id=0)),
     # + sliding window 8 on the NoPE layers (use_sliding_window)
     "smollm3-window": ("smollm3", dict(num_hidden_layers=4, use_sliding_window=True, sliding_window=8, pad_token_id=0)),
+    # Phi-4-mini's layout: rotary over 0.75 of each head, LongRoPE switching at 32 positions (< LONG, and
+    # crossed while decoding from SHORT)
+    "phi3-longrope-partial": ("phi3", dict(partial_rotary_factor=0.75, original_max_position_embeddings=32,
+                                           pad_token_id=0, rope_scaling=dict(
+                                               rope_type="longrope", short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                               long_factor=[1.0, 1.5, 3.0, 5.0, 8.0, 12.0]))),
+    # Phi-3-mini's: full rotary, multi-head, a sliding window over every layer
+    "phi3-window": ("phi3", dict(num_key_value_heads=4, sliding_window=8, pad_token_id=0)),
 }
 
 
@@ -36,12 +44,37 @@ def test_fp32_matches_transformers(case, exported):
         err = np.abs(model.forward(prompt, num_logits=len(prompt)) - want).max()
         print(f"\n{name} fp32, {len(prompt)} tokens: max |logit error| {err:.2e}")
         assert err < 1e-3
-    # decode one token at a time against the cache (past the window), then a chunk on top of a cache
-    assert runtime_greedy(model, SHORT, 40) == hf_greedy(ref, SHORT, 40)
+    # decode one token at a time against the cache (past the window and the LongRoPE switch), then a
+    # chunk on top of a cache
+    assert runtime_greedy(model, SHORT, 40) == hf_greedy_cached(ref, SHORT, 40)
+    if not name.startswith("phi3-longrope"):
+        assert runtime_greedy(model, SHORT, 40) == hf_greedy(ref, SHORT, 40)
     model.reset()
     model.forward(LONG[:21])
-    want = hf_logits(ref, LONG)
-    assert np.abs(model.forward(LONG[21:], num_logits=len(LONG) - 21) - want[21:]).max() < 1e-3
+    assert np.abs(model.forward(LONG[21:], num_logits=len(LONG) - 21) - hf_chunk_logits(ref, LONG, 21)).max() < 1e-3
+
+
+def hf_greedy_cached(ref, ids: list[int], n: int) -> list[int]:
+    """Greedy decoding one token at a time on transformers' cache. (Its generate() differs for Phi-3
+    LongRoPE: when the sequence first passes the switch length it drops the cache and re-encodes
+    everything with the long factors; edgert, like a forward pass with a cache, keeps the keys.)"""
+    import torch
+    out = []
+    with torch.no_grad():
+        r = ref(torch.tensor([ids]), use_cache=True)
+        for _ in range(n):
+            out.append(int(r.logits[0, -1].argmax()))
+            r = ref(torch.tensor([[out[-1]]]), past_key_values=r.past_key_values, use_cache=True)
+    return out
+
+
+def hf_chunk_logits(ref, ids: list[int], split: int) -> np.ndarray:
+    """transformers' logits of ids[split:] on top of its cache of ids[:split] (LongRoPE keeps the
+    short rotation of the cached keys when the chunk passes the switch, as edgert does)."""
+    import torch
+    with torch.no_grad():
+        past = ref(torch.tensor([ids[:split]]), use_cache=True).past_key_values
+        return ref(torch.tensor([ids[split:]]), past_key_values=past, use_cache=True).logits[0].numpy()
 
 
 @pytest.mark.parametrize("bits", [8, 4])
