@@ -184,15 +184,15 @@ class Decoder:
         sliding = i < len(types) and types[i] == "sliding_attention" and c.get("use_sliding_window", True)
         return int(c["sliding_window"]) if sliding and c.get("sliding_window") else 0
 
-    def shared_io(self, g: Graph, key: str, make) -> AttentionIO:
-        """An AttentionIO that several layers share (other rotary tables), made once per graph."""
-        cache = self.__dict__.setdefault("_shared_io", {})
+    def shared(self, g: Graph, key: str, make):
+        """Something several layers share (other rotary tables, a window mask), made once per graph."""
+        cache = self.__dict__.setdefault("_shared", {})
         if (g, key) not in cache:
             cache[(g, key)] = make()
         return cache[(g, key)]
 
     def attention_kind(self, g: Graph, i: int, io: AttentionIO) -> tuple[AttentionIO, dict]:
-        """Layer i's rotary tables and GroupQueryAttention options (`graph.gqa`'s rotary/window/softcap)."""
+        """Layer i's rotary tables and attention options: `graph.gqa`'s keywords, plus window."""
         w = self.window(i)
         return io, ({"window": w} if w else {})
 
@@ -303,6 +303,9 @@ class Decoder:
             k = G.rms_norm(g, k, get(pre + "k_norm.weight"), self.eps, name + ".k_norm")
         past_k, past_v = self.cache_inputs(g, i)
         layer_io, options = self.attention_kind(g, i, io)
+        window = options.pop("window", 0)
+        if window:      # one mask for every layer with this window
+            options["bias"] = self.shared(g, f"window{window}", lambda: G.window_bias(g, q, io, window, f"window{window}"))
         out, present_k, present_v = G.gqa(g, q, k, v, past_k, past_v, layer_io, self.heads, self.kv_heads, self.attn_scale,
                                           name, **options)
         self.cache_outputs(g, i, present_k, present_v)

@@ -319,20 +319,34 @@ class AttentionIO:
 
 
 def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: AttentionIO, heads: int, kv_heads: int,
-        scale: float, name: str, rotary: bool = True, window: int = 0, softcap: float = 0.0) -> tuple[str, str, str]:
+        scale: float, name: str, rotary: bool = True, bias: str = "") -> tuple[str, str, str]:
     """GroupQueryAttention with rotary inside and the KV cache as one preallocated buffer that
     the runtime binds as both past and present (no copy of the cache per step).
-    rotary=False: a layer without position encoding (SmolLM3's NoPE layers). window: each query
-    sees only its `window` latest keys, itself included (transformers' sliding_window; the CPU
-    kernel's local_window_size means the same, measured in tests/test_export_archs.py). softcap:
-    scores become c * tanh(scores / c)."""
-    extra = {"local_window_size": window} if window else {}
-    if softcap:
-        extra["softcap"] = float(softcap)
+    rotary=False: a layer without position encoding (SmolLM3's NoPE layers); bias: an additive
+    attention mask [1, 1, S, T] (`window_bias`)."""
     return g.ms("GroupQueryAttention", [q, k, v, past_k, past_v, io.seqlens_k, io.total_len,
-                                        *((io.cos, io.sin) if rotary else ())],
+                                        *((io.cos, io.sin) if rotary else ("", "")), *(("", bias) if bias else ())],
                 name, outputs=3, num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rotary), rotary_interleaved=0,
-                scale=float(scale), **extra)
+                scale=float(scale))
+
+
+def window_bias(g: Graph, q: str, io: AttentionIO, window: int, name: str) -> str:
+    """A sliding window as GroupQueryAttention's attention_bias [1, 1, S, T]: 0 where key t is one
+    of the `window` latest positions up to query s (itself included, transformers' sliding_window),
+    -inf before. (The kernel's own local_window_size keeps window+1 keys on onnxruntime 1.22 and
+    window keys on 1.32; the mask means the same on both. The QK product spans all T keys either way.)"""
+    i64 = TensorProto.INT64
+    total = g.op("Cast", [io.total_len], name + ".total", to=i64)
+    seq = g.op("Squeeze", [g.op("Shape", [q], name + ".s", start=1, end=2)], name + ".seq")
+    one, zero = g.const(name + ".one", np.array(1, np.int64)), g.const(name + ".zero", np.array(0, np.int64))
+    queries = g.op("Range", [g.op("Sub", [total, seq], name + ".first"), total, one], name + ".queries")       # [S]
+    keys = g.op("Range", [zero, total, one], name + ".keys")                                                  # [T]
+    oldest = g.op("Unsqueeze", [g.op("Sub", [queries, g.const(name + ".w", np.array(window, np.int64))], name + ".edge"),
+                                g.const(name + ".ax", np.array([1], np.int64))], name + ".edge_col")         # [S, 1]
+    inside = g.op("Greater", [keys, oldest], name + ".inside")                                               # [S, T]
+    mask = g.op("Where", [inside, g.const(name + ".open", np.array(0, np.float32)),
+                          g.const(name + ".shut", np.array(-np.inf, np.float32))], name + ".mask")
+    return g.op("Unsqueeze", [mask, g.const(name + ".ax01", np.array([0, 1], np.int64))], name)
 
 
 def quantized_rows(g: Graph, table, name: str, bits: int, block_size: int, planes: bool = False) -> tuple:

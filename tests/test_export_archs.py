@@ -25,13 +25,31 @@ CONFIGS = {
                                                long_factor=[1.0, 1.5, 3.0, 5.0, 8.0, 12.0]))),
     # Phi-3-mini's: full rotary, multi-head, a sliding window over every layer
     "phi3-window": ("phi3", dict(num_key_value_heads=4, sliding_window=8, pad_token_id=0)),
+    # Gemma 3 1B's layout in small: local layers (window 8, theta 10k) and a global one (theta 1M, linear
+    # scaling), head_dim 32 != hidden / heads, one KV head, tied embeddings, final logit soft-capping
+    "gemma3": ("gemma3_text", dict(num_hidden_layers=3, head_dim=32, num_key_value_heads=1, sliding_window=8,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                   query_pre_attn_scalar=24, final_logit_softcapping=5.0, tie_word_embeddings=True,
+                                   rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1e6),
+                                                    "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
+    # the hub's older config keys: rope_theta + rope_local_base_freq, sliding_window_pattern
+    "gemma3-hub-config": ("gemma3_text", dict(num_hidden_layers=2, head_dim=16, sliding_window=8, pad_token_id=0,
+                                              sliding_window_pattern=2, rope_theta=5e5, rope_local_base_freq=2e4)),
 }
+
+
+def gemma_norms(model):
+    """Gemma multiplies by (1 + w): centre the random norm weights on 0, as trained ones are."""
+    if model.config.model_type.startswith("gemma"):
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.sub_(1.0)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def case(request, tmp_path_factory):
     model_type, overrides = CONFIGS[request.param]
-    src = make_checkpoint(tmp_path_factory.mktemp(request.param), model_type, **overrides)
+    src = make_checkpoint(tmp_path_factory.mktemp(request.param), model_type, tweak=gemma_norms, **overrides)
     return request.param, src, hf_model(src)
 
 

@@ -37,7 +37,7 @@ class Model(Decoder):
     def attention_kind(self, g, i, io):
         io, options = super().attention_kind(g, i, io)
         if self.longrope and self.context > self.switch:
-            io = self.shared_io(g, "longrope", lambda: self._switched(g, io))
+            io = self.shared(g, "longrope", lambda: self._switched(g, io))
         return io, options
 
     def _switched(self, g, short: AttentionIO) -> AttentionIO:
