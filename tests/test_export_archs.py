@@ -3,11 +3,14 @@
 LongRoPE's switch length; int8/int4 within the bounds of test_export_dense.py."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from conftest import hf_greedy, hf_logits, hf_model, make_checkpoint, runtime_greedy
 from edgert.model import Model
+from test_onnxruntime_versions import OTHER, same_choices
 
 SHORT = [1, 403, 407, 261, 378, 290, 300, 11, 57, 490, 5, 77, 12]
 LONG = [1, *np.random.default_rng(7).integers(3, 512, 59).tolist()]      # 60 tokens: past every window below
@@ -46,10 +49,23 @@ def gemma_norms(model):
                 p.sub_(1.0)
 
 
+def hub_style(path):
+    """Rewrite a Gemma 3 config.json as the hub's files have it (transformers 5 writes rope_parameters
+    per layer type and layer_types; the hub has rope_theta, rope_local_base_freq and a pattern)."""
+    c = json.loads(path.read_text())
+    rope = c.pop("rope_parameters")
+    c.pop("layer_types")
+    c.update(rope_theta=rope["full_attention"]["rope_theta"], rope_local_base_freq=rope["sliding_attention"]["rope_theta"],
+             sliding_window_pattern=2)
+    path.write_text(json.dumps(c))
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def case(request, tmp_path_factory):
     model_type, overrides = CONFIGS[request.param]
     src = make_checkpoint(tmp_path_factory.mktemp(request.param), model_type, tweak=gemma_norms, **overrides)
+    if request.param.endswith("hub-config"):
+        hub_style(src / "config.json")
     return request.param, src, hf_model(src)
 
 
@@ -105,3 +121,14 @@ def test_quantized_exports_stay_close(case, exported, bits):
     print(f"\n{name} int{bits}: relative logit error {rel:.3f}, top-1 agreement {agree:.2f}")
     assert rel < (0.05 if bits == 8 else 0.35), rel
     assert agree >= (0.9 if bits == 8 else 0.5), agree
+
+
+@pytest.mark.skipif(not OTHER, reason="set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
+def test_old_onnxruntime_gives_identical_tokens(tmp_path, exported):
+    """Every family on onnxruntime 1.22 (Termux) from the 60-token prompt: past the sliding windows and
+    the LongRoPE switch; fp32 identical, int4 the same choices but at near-ties."""
+    cases = [(make_checkpoint(tmp_path / name, CONFIGS[name][0], tweak=gemma_norms, **CONFIGS[name][1]), bits)
+             for name in ("smollm3-window", "phi3-longrope-partial", "gemma3") for bits in (32, 4)]
+    old, _ = same_choices(OTHER, [(str(exported(src, bits)), LONG) for src, bits in cases],
+                          exact=[bits == 32 for _, bits in cases])
+    assert old["version"].startswith("1.22"), old["version"]

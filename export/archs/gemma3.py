@@ -27,6 +27,9 @@ class Model(Decoder):
         self.embedding_multiplier = math.sqrt(self.hidden)
         self.attn_scale = c.get("query_pre_attn_scalar", self.head_dim) ** -0.5
         self.final_softcap = c.get("final_logit_softcapping") or 0.0
+        pattern = c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6     # the hub's older key
+        self.layer_types = c.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                                    for i in range(self.n_layers)]
         p = c.get("rope_parameters") or {}
         if "full_attention" in p:        # transformers >= 5 writes one set per layer type
             self.global_rope, self.local_rope = p["full_attention"], p.get("sliding_attention") or {}
@@ -36,6 +39,9 @@ class Model(Decoder):
 
     def rope(self, params=None):
         return super().rope(self.global_rope if params is None else params)
+
+    def window(self, i):
+        return self.config["sliding_window"] if self.layer_types[i] == "sliding_attention" else 0
 
     def norm_weight(self, name):
         return super().norm_weight(name) + 1.0
