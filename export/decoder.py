@@ -24,6 +24,7 @@ class Decoder:
     model_type = "llama"
     qk_norm: str | None = None          # "head": RMSNorm per head (Qwen3); "full": over all heads (OLMoE)
     mlp_act = "silu"                    # the gate's activation: "silu" or "gelu_tanh" (Gemma)
+    rope_interleaved = False            # rotary pairs (2j, 2j+1) instead of (j, j + D/2) (ERNIE 4.5)
     norm_names = ("input_layernorm", "post_attention_layernorm")   # the norms before attention and before the FFN
     # An int8 lm_head over a large vocabulary is stored as two int4 planes and read as int4 for all
     # logits, then at int8 for this many best candidates per position (`graph.candidate_logits`):
@@ -207,12 +208,15 @@ class Decoder:
     def _rotary_first(self, w: np.ndarray) -> np.ndarray:
         """q/k rows of each head [r_a r_b | p_a p_b] -> [r_a p_a | r_b p_b] under partial rotary, so
         GroupQueryAttention's rotate-half pairs (j, j + D/2) are the model's (j, j + rotary_dim/2)
-        and the pass-through features get angle 0 (q.k is unchanged)."""
+        and the pass-through features get angle 0; interleaved pairs (2j, 2j+1) are gathered the
+        same way (q.k is unchanged by a permutation of both)."""
         hd, r = self.head_dim, self.rotary_dim
-        if r == hd:
+        if r == hd and not self.rope_interleaved:
             return w
         p = hd - r
-        order = np.concatenate([np.arange(r // 2), r + np.arange(p // 2), np.arange(r // 2, r), r + np.arange(p // 2, p)])
+        first, second = (np.arange(0, r, 2), np.arange(1, r, 2)) if self.rope_interleaved else (np.arange(r // 2),
+                                                                                                np.arange(r // 2, r))
+        order = np.concatenate([first, r + np.arange(p // 2), second, r + np.arange(p // 2, p)])
         heads = w.shape[0] // hd
         return w[(np.arange(heads)[:, None] * hd + order[None]).reshape(-1)]
 

@@ -35,6 +35,7 @@ class Routing:
     group_score: str = "max"     # V2: best expert of the group; V3: "top2" = sum of its two best
     masked: float = 0.0          # what a masked-out expert scores (V2 0, V3 -inf)
     bias: tuple | None = None    # V3 e_score_correction_bias: shifts the choice, not the weights
+    norm_min: float = 0.0        # renormalise by max(sum, norm_min) (ERNIE 4.5's moe_norm_min)
 
     @property
     def simple(self) -> bool:
@@ -58,8 +59,9 @@ def route(g: Graph, logits: str, r: Routing, name: str) -> tuple[str, str]:
         weights = g.op("TopK", [scores, k], name + ".topk_w", outputs=2, axis=-1)[0]
     if r.renormalize:
         total = g.op("ReduceSum", [weights, _i64(g, name + ".ax", [-1])], name + ".total", keepdims=1)
-        weights = g.op("Div", [weights, g.op("Add", [total, g.const(name + ".tiny", np.array(1e-20, np.float32))],
-                                                  name + ".total_eps")], name + ".renorm")
+        floor = g.const(name + ".tiny", np.array(r.norm_min or 1e-20, np.float32))
+        weights = g.op("Div", [weights, g.op("Max" if r.norm_min else "Add", [total, floor], name + ".total_eps")],
+                       name + ".renorm")
     if r.scale != 1.0:
         weights = g.op("Mul", [weights, g.const(name + ".scale", np.array(r.scale, np.float32))], name + ".scaled")
     return weights, ids
@@ -258,7 +260,8 @@ def moe_block(g: Graph, x: str, router: np.ndarray, experts, r: Routing, hidden:
         y_plain = sorted_experts(g, x2, weights, ids, ew, r, name + ".plain", group)
         out = g.op("Reshape", [y_plain, shape], name + ".out")
         g.op("Identity", [ids], name + ".experts", out=stats_output)
-    if ew.qmoe_ok:
+    # QMoE renormalises by the plain sum; a softmax's top-k sum is at least k/E, so a smaller floor never acts
+    if ew.qmoe_ok and (not r.norm_min or r.scoring == "softmax" and r.norm_min <= r.top_k / r.experts):
         with g.only("qmoe"):
             g.op("Reshape", [qmoe(g, x2, logits, ew, r, name + ".qmoe"), shape], name + ".out_q", out=out)
             choice = logits if r.simple else choice_scores(g, logits, r, name + ".stats")[1]

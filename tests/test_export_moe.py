@@ -42,7 +42,16 @@ CONFIGS = {
                                         num_key_value_heads=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)),
     # expert FFN 48 is not a multiple of the 32-wide block: QMoE cannot take it, the plain path can
     "mixtral-odd-ffn": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
+    # interleaved rotary, softmax routing with a choice bias, renormalised by max(sum, 1e-12), a shared
+    # expert, a dense first layer
+    "ernie4_5_moe": ("ernie4_5_moe", dict(num_hidden_layers=3, moe_num_experts=8, moe_k=2, moe_intermediate_size=32,
+                                          moe_num_shared_experts=1, moe_layer_start_index=1, pad_token_id=0)),
+    # + a renormalisation floor that acts (0.6 > top-2 of 8 at times: no QMoE graph), MoE on every 2nd layer only
+    "ernie4_5_moe-floor": ("ernie4_5_moe", dict(num_hidden_layers=4, moe_num_experts=8, moe_k=2, moe_intermediate_size=32,
+                                                moe_num_shared_experts=0, moe_layer_start_index=0, moe_layer_interval=2,
+                                                moe_norm_min=0.6, pad_token_id=0, tie_word_embeddings=True)),
 }
+NO_QMOE = {"mixtral-odd-ffn", "ernie4_5_moe-floor"}
 
 
 def random_choice_bias(model):
@@ -84,7 +93,7 @@ def test_strategies_agree_and_quantized_top1(case, exported, bits):
     top1 = (got.argmax(-1) == want.argmax(-1)).mean()
     print(f"\n{name} int{bits}: top-1 agreement with transformers fp32 {top1:.3f}")
     assert top1 >= (0.7 if bits == 8 else 0.4)          # a layout or routing bug gives ~1/vocab
-    if name == "mixtral-odd-ffn":
+    if name in NO_QMOE:
         assert "qmoe" not in graphs
         return
     # bits 4: the int8 lm_head also gets a nibble twin of the plain graph (tests/test_int8_nibbles.py)
