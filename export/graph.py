@@ -319,15 +319,17 @@ class AttentionIO:
 
 
 def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: AttentionIO, heads: int, kv_heads: int,
-        scale: float, name: str, rotary: bool = True, bias: str = "") -> tuple[str, str, str]:
+        scale: float, name: str, rotary: bool = True, bias: str = "", sink: str = "") -> tuple[str, str, str]:
     """GroupQueryAttention with rotary inside and the KV cache as one preallocated buffer that
     the runtime binds as both past and present (no copy of the cache per step).
     rotary=False: a layer without position encoding (SmolLM3's NoPE layers); bias: an additive
-    attention mask [1, 1, S, T] (`window_bias`)."""
-    return g.ms("GroupQueryAttention", [q, k, v, past_k, past_v, io.seqlens_k, io.total_len,
-                                        *((io.cos, io.sin) if rotary else ("", "")), *(("", bias) if bias else ())],
-                name, outputs=3, num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rotary), rotary_interleaved=0,
-                scale=float(scale))
+    attention mask [1, 1, S, T] (`window_bias`); sink: one logit per head [H] that joins every
+    softmax and is dropped after it (gpt-oss; the head_sink input exists from onnxruntime 1.23)."""
+    ins = [q, k, v, past_k, past_v, io.seqlens_k, io.total_len, *((io.cos, io.sin) if rotary else ("", "")), "", bias, sink]
+    while not ins[-1]:
+        ins.pop()
+    return g.ms("GroupQueryAttention", ins, name, outputs=3, num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rotary),
+                rotary_interleaved=0, scale=float(scale))
 
 
 def window_bias(g: Graph, q: str, io: AttentionIO, window: int, name: str) -> str:

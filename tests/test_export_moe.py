@@ -50,16 +50,26 @@ CONFIGS = {
     "ernie4_5_moe-floor": ("ernie4_5_moe", dict(num_hidden_layers=4, moe_num_experts=8, moe_k=2, moe_intermediate_size=32,
                                                 moe_num_shared_experts=0, moe_layer_start_index=0, moe_layer_interval=2,
                                                 moe_norm_min=0.6, pad_token_id=0, tie_word_embeddings=True)),
+    # attention sinks, sliding window 8 and full attention alternating, q/k/v/o biases, yarn (not truncated),
+    # router bias + softmax over the top-k logits, expert biases, interleaved gate/up, clamped SwiGLU
+    "gpt_oss": ("gpt_oss", dict(num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                                head_dim=16, sliding_window=8, pad_token_id=0,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                                  beta_fast=32.0, beta_slow=1.0, truncate=False))),
 }
 NO_QMOE = {"mixtral-odd-ffn", "ernie4_5_moe-floor"}
 
 
 def random_choice_bias(model):
-    """V3's e_score_correction_bias starts at zero; make it matter."""
+    """V3's e_score_correction_bias starts at zero, gpt-oss's sinks near it; make them matter."""
     import torch
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             buf.copy_(0.3 * torch.randn_like(buf))
+    for name, p in model.named_parameters():
+        if name.endswith("sinks"):
+            p.copy_(torch.randn_like(p))
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
