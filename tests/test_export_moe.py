@@ -151,3 +151,55 @@ def test_plain_graph_is_sparse_and_small_per_layer(exported, tmp_path):
     qmoe = onnx.load(str(art / "model.qmoe.onnx"), load_external_data=False)
     node = [n for n in qmoe.graph.node if n.op_type == "QMoE"][0]
     assert {a.name: a.i for a in node.attribute if a.name in ("k", "expert_weight_bits")} == {"k": 2, "expert_weight_bits": 4}
+
+
+FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def to_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [..., K] -> MXFP4 as gpt-oss checkpoints store it: blocks [..., K/32, 16] uint8 (two 4-bit
+    floats per byte, low nibble first) and scales [..., K/32] uint8 (power-of-two exponent + 127)."""
+    groups = w.reshape(*w.shape[:-1], -1, 32)
+    exp = np.ceil(np.log2(np.maximum(np.abs(groups).max(-1), 1e-30) / 6.0)).astype(np.int32)
+    codes = np.abs(groups[..., None] / np.ldexp(1.0, exp)[..., None, None] - FP4).argmin(-1).astype(np.uint8)
+    # (C order: safetensors writes the buffer as it lies)
+    return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4)), np.ascontiguousarray(exp + 127, np.uint8)
+
+
+def test_mxfp4_checkpoint_is_decoded_exactly(tmp_path, exported):
+    """gpt-oss's hub layout: experts as MXFP4 blocks + scales. A checkpoint whose experts are MXFP4 values
+    exported from both layouts gives the same logits, which match transformers fp32 and transformers'
+    own MXFP4 loader, so the 4-bit floats, nibble order, exponents and the [out, in] layout are decoded
+    as the format defines them."""
+    import shutil
+
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from edgert_export.archs.gpt_oss import mxfp4
+
+    def mxfp4_values(model):
+        random_choice_bias(model)
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):       # [E, in, out]
+                w = p.detach().numpy().transpose(0, 2, 1)
+                back = np.stack([mxfp4(*to_mxfp4(w[e])) for e in range(len(w))])
+                p.copy_(torch.from_numpy(back.transpose(0, 2, 1).copy()))
+    name, overrides = CONFIGS["gpt_oss"]
+    plain = make_checkpoint(tmp_path / "plain", name, tweak=mxfp4_values, **overrides)
+    packed = tmp_path / "mxfp4"
+    shutil.copytree(plain, packed)
+    tensors = load_file(plain / "model.safetensors")
+    for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = to_mxfp4(tensors.pop(key).transpose(0, 2, 1))
+        tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
+    save_file(tensors, packed / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((plain / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (packed / "config.json").write_text(json.dumps(config))
+    want = hf_logits(hf_model(plain), PROMPT)
+    got = Model(exported(packed, 32)).forward(PROMPT, num_logits=len(PROMPT))
+    assert np.abs(got - Model(exported(plain, 32)).forward(PROMPT, num_logits=len(PROMPT))).max() < 1e-5
+    assert np.abs(got - want).max() < 1e-3
+    # transformers' own MXFP4 reader (it dequantizes on CPU) agrees that these are the same weights
+    assert np.abs(hf_logits(hf_model(packed), PROMPT) - want).max() < 1e-3
