@@ -4,12 +4,15 @@ LongRoPE's switch length; int8/int4 within the bounds of test_export_dense.py.""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import hf_greedy, hf_logits, hf_model, make_checkpoint, runtime_greedy
+from conftest import ROOT, hf_greedy, hf_logits, hf_model, make_checkpoint, runtime_greedy
 from edgert.model import Model
+from test_export_moe import CONFIGS as MOE_CONFIGS
 from test_onnxruntime_versions import OTHER, same_choices
 
 SHORT = [1, 403, 407, 261, 378, 290, 300, 11, 57, 490, 5, 77, 12]
@@ -127,8 +130,22 @@ def test_quantized_exports_stay_close(case, exported, bits):
 def test_old_onnxruntime_gives_identical_tokens(tmp_path, exported):
     """Every family on onnxruntime 1.22 (Termux) from the 60-token prompt: past the sliding windows and
     the LongRoPE switch; fp32 identical, int4 the same choices but at near-ties."""
-    cases = [(make_checkpoint(tmp_path / name, CONFIGS[name][0], tweak=gemma_norms, **CONFIGS[name][1]), bits)
-             for name in ("smollm3-window", "phi3-longrope-partial", "gemma3") for bits in (32, 4)]
+    configs = {**CONFIGS, "ernie4_5_moe": MOE_CONFIGS["ernie4_5_moe"]}      # its plain expert graph there
+    cases = [(make_checkpoint(tmp_path / name, configs[name][0], tweak=gemma_norms, **configs[name][1]), bits)
+             for name in ("smollm3-window", "phi3-longrope-partial", "gemma3", "ernie4_5_moe") for bits in (32, 4)]
     old, _ = same_choices(OTHER, [(str(exported(src, bits)), LONG) for src, bits in cases],
                           exact=[bits == 32 for _, bits in cases])
     assert old["version"].startswith("1.22"), old["version"]
+    assert old["strategies"][-1] == "plain"
+
+
+@pytest.mark.skipif(not OTHER, reason="set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
+def test_old_onnxruntime_refuses_gpt_oss_in_one_line(tmp_path, exported):
+    """gpt-oss's attention sinks need GroupQueryAttention's head_sink (onnxruntime 1.23): 1.22 says so."""
+    name, overrides = MOE_CONFIGS["gpt_oss"]
+    art = exported(make_checkpoint(tmp_path / "gpt_oss", name, **overrides), 4)
+    r = subprocess.run([OTHER, "-c", "from edgert.cli import main; main()", "run", str(art), "--raw", "hello"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "edgert: error: this gpt_oss artifact needs onnxruntime >= 1.23 (this is 1.22.1): pip install -U onnxruntime"]
