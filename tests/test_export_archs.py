@@ -149,3 +149,23 @@ def test_old_onnxruntime_refuses_gpt_oss_in_one_line(tmp_path, exported):
     assert r.returncode != 0 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
         "edgert: error: this gpt_oss artifact needs onnxruntime >= 1.23 (this is 1.22.1): pip install -U onnxruntime"]
+
+
+@pytest.mark.parametrize("shape,case,params", [("phi-4-mini", "phi3-longrope-partial", 3_836_021_760),
+                                               ("gemma-3-1b", "gemma3", 999_885_952)])
+def test_synthetic_bench_shapes(tmp_path, shape, case, params):
+    """`edgert bench --synthetic` shapes: the real parameter count, the tensor names and shapes of a
+    transformers checkpoint of the family, and a small build of the shape runs."""
+    from edgert_export.checkpoint import Checkpoint
+    from edgert_export.synthetic import SHAPES, SyntheticCheckpoint, build
+    full = SyntheticCheckpoint(SHAPES[shape])
+    assert sum(int(np.prod(full.shape(n))) for n in full.names) == params
+    real = Checkpoint(make_checkpoint(tmp_path / "hf", CONFIGS[case][0], tweak=gemma_norms, **CONFIGS[case][1]))
+    fake = SyntheticCheckpoint(real.config)
+    assert {n: real.shape(n) for n in real.names} == {n: fake.shape(n) for n in fake.names}
+    small = dict(SHAPES[shape], num_hidden_layers=2, hidden_size=128, intermediate_size=256, vocab_size=512,
+                 num_attention_heads=4, num_key_value_heads=2)
+    if "rope_scaling" in small:      # 12 factors for rotary over 0.75 of a 32-wide head
+        small["rope_scaling"] = dict(small["rope_scaling"], short_factor=[1.0] * 12, long_factor=[1.0] * 12)
+    logits = Model(build(shape, 4, folder=tmp_path, config=small, progress=False)).forward([1, 2, 3])
+    assert logits.shape == (1, 512) and np.isfinite(logits).all()

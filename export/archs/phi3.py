@@ -28,7 +28,7 @@ class Model(Decoder):
     def qkv_weights(self, i):
         w = self.ckpt.get(self.layer_prefix(i) + "self_attn.qkv_proj.weight")
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return np.split(w, [q, q + kv]), None
+        return [w[:q], w[q : q + kv], w[q + kv :]], None
 
     def window(self, i):
         w = self.config.get("sliding_window") or 0
