@@ -203,3 +203,14 @@ def test_mxfp4_checkpoint_is_decoded_exactly(tmp_path, exported):
     assert np.abs(got - want).max() < 1e-3
     # transformers' own MXFP4 reader (it dequantizes on CPU) agrees that these are the same weights
     assert np.abs(hf_logits(hf_model(packed), PROMPT) - want).max() < 1e-3
+    # --bits 8 (32-wide blocks) stores MXFP4 values exactly: int8 code 128 + 2c, scale 2^(s - 128)
+    art = exported(packed, 8)
+    graph = onnx.load(str(art / "model.qmoe.onnx"))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    for i, proj, key in ((0, "fc1", "gate_up_proj"), (2, "fc2", "down_proj")):
+        codes, scales = weights[f"layers.{i}.moe.{proj}.weight"], weights[f"layers.{i}.moe.{proj}.scales"]
+        stored = (codes.astype(np.float32) - 128).reshape(*scales.shape, -1) * scales[..., None]
+        blocks, exps = (tensors[f"model.layers.{i}.mlp.experts.{key}_{k}"] for k in ("blocks", "scales"))
+        assert np.array_equal(stored.reshape(len(blocks), blocks.shape[1], -1),
+                              np.stack([mxfp4(blocks[e], exps[e]) for e in range(len(blocks))]))
+    assert Model(art).forward(PROMPT, num_logits=len(PROMPT)).shape == want.shape
