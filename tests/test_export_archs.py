@@ -38,6 +38,12 @@ CONFIGS = {
                                    query_pre_attn_scalar=24, final_logit_softcapping=5.0, tie_word_embeddings=True,
                                    rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1e6),
                                                     "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
+    # Gemma 3 4B+'s multimodal checkpoint (an image tower beside the text model, its own weight names), untied
+    "gemma3-multimodal": ("gemma3", dict(tie_word_embeddings=False, mm_tokens_per_image=4, text_config=dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=512, max_position_embeddings=256, sliding_window=8, rms_norm_eps=1e-6, pad_token_id=0,
+        layer_types=["sliding_attention", "full_attention"], bos_token_id=1, eos_token_id=2), vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14))),
     # the hub's older config keys: rope_theta + rope_local_base_freq, sliding_window_pattern
     "gemma3-hub-config": ("gemma3_text", dict(num_hidden_layers=2, head_dim=16, sliding_window=8, pad_token_id=0,
                                               sliding_window_pattern=2, rope_theta=5e5, rope_local_base_freq=2e4)),

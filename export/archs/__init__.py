@@ -20,6 +20,7 @@ ARCHITECTURES = {
     "smollm3": "smollm3",
     "phi3": "phi3",
     "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
     "ernie4_5_moe": "ernie4_5_moe",
     "gpt_oss": "gpt_oss",
 }

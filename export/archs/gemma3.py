@@ -1,4 +1,5 @@
-"""Gemma 3 text (1B, 270M; `gemma3_text`): RMSNorm scaled by (1 + w), four norms per layer (the
+"""Gemma 3 text (1B, 270M: `gemma3_text`; 4B, 12B, 27B: the text model of the multimodal `gemma3`
+checkpoint, whose image tower is left out): RMSNorm scaled by (1 + w), four norms per layer (the
 attention and FFN outputs are normed before the residual add), embeddings scaled by
 sqrt(hidden), per-head q/k norm, attention scaled by query_pre_attn_scalar, GELU-tanh gate,
 sliding-window local layers with their own rope theta between global layers (5:1), optional
@@ -10,6 +11,37 @@ from ..decoder import Decoder, UnsupportedModel
 from ..graph import AttentionIO
 
 
+# Gemma3TextConfig's defaults: the multimodal checkpoints' text_config leaves some of them out
+TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+                     rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096)
+
+
+class TextWeights:
+    """A multimodal Gemma 3 checkpoint seen as its text model's (`model.*`, `lm_head.weight`)."""
+
+    def __init__(self, ckpt):
+        self.ckpt, self.config = ckpt, ckpt.config
+        hub = "language_model.model.embed_tokens.weight" in ckpt      # the hub's names; transformers 5 writes the others
+        self.prefix, self.head = ("language_model.model.", "language_model.lm_head.weight") if hub else (
+            "model.language_model.", "lm_head.weight")
+
+    def _name(self, name: str) -> str:
+        return self.head if name == "lm_head.weight" else self.prefix + name.removeprefix("model.")
+
+    def __contains__(self, name):
+        return self._name(name) in self.ckpt
+
+    def get(self, name):
+        return self.ckpt.get(self._name(name))
+
+    def rows(self, name):
+        return self.ckpt.rows(self._name(name))
+
+    def shape(self, name):
+        return self.ckpt.shape(self._name(name))
+
+
 class Model(Decoder):
     model_type = "gemma3_text"
     qk_norm = "head"
@@ -17,6 +49,8 @@ class Model(Decoder):
     norm_names = ("input_layernorm", "pre_feedforward_layernorm")
 
     def __init__(self, config: dict):
+        if "text_config" in config:         # the multimodal checkpoint: its text model, tied as the whole model is
+            config = {**TEXT_DEFAULTS, **config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", True)}
         super().__init__(config)
         c = config
         act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
@@ -36,6 +70,9 @@ class Model(Decoder):
         else:                            # the hub's configs: rope_theta (+ rope_scaling) and rope_local_base_freq
             self.global_rope = {**(c.get("rope_scaling") or {}), "rope_theta": c.get("rope_theta", 1e6)}
             self.local_rope = {"rope_type": "default", "rope_theta": c.get("rope_local_base_freq", 10000.0)}
+
+    def build(self, g, ckpt, recipe, context, progress=lambda: None):
+        return super().build(g, TextWeights(ckpt) if "text_config" in ckpt.config else ckpt, recipe, context, progress)
 
     def rope(self, params=None):
         return super().rope(self.global_rope if params is None else params)
