@@ -64,7 +64,8 @@ class Decoder:
         self.partial_rotary = (c.get("rope_parameters") or {}).get("partial_rotary_factor",
                                                                     c.get("partial_rotary_factor", 1.0)) or 1.0
         if self.rotary_dim % 2 or (self.head_dim - self.rotary_dim) % 2:
-            raise UnsupportedModel(f"partial rotary over {self.rotary_dim} of {self.head_dim} head features is not supported")
+            raise UnsupportedModel(f"partial rotary over {self.rotary_dim} of {self.head_dim} head features "
+                                   f"is not supported")
         if self.qk_norm and self.rotary_dim != self.head_dim:
             raise UnsupportedModel("q/k norm with partial rotary embeddings is not supported")
 
@@ -141,7 +142,8 @@ class Decoder:
         for i in range(self.n_layers):
             pre = self.layer_prefix(i)
             if residual is None:
-                h, residual = G.rms_norm(g, x, self.norm_weight(pre + self.norm_names[0]), self.eps, f"layers.{i}.input_norm"), x
+                h, residual = G.rms_norm(g, x, self.norm_weight(pre + self.norm_names[0]), self.eps,
+                                     f"layers.{i}.input_norm"), x
             else:
                 h, residual = G.add_rms_norm(g, x, residual, self.norm_weight(pre + self.norm_names[0]), self.eps,
                                              f"layers.{i}.input_norm")
@@ -289,9 +291,10 @@ class Decoder:
         get = self.ckpt.get
         # q, k, v as one fused projection: one kernel launch instead of three.
         pad = self._pad_heads
+        def layout(parts):      # q and k rows in rotary order (partial/interleaved rotary), each head padded
+            return np.concatenate([pad(self._rotary_first(t) if j < 2 else t, 0) for j, t in enumerate(parts)])
         ws, bs = self.qkv_weights(i)
-        w = np.concatenate([pad(self._rotary_first(t) if j < 2 else t, 0) for j, t in enumerate(ws)])
-        bias = None if bs is None else np.concatenate([pad(self._rotary_first(t) if j < 2 else t, 0) for j, t in enumerate(bs)])
+        w, bias = layout(ws), None if bs is None else layout(bs)
         del ws
         qkv = G.linear(g, x, w, name + ".qkv", self.recipe.bits, self.recipe.block_size, bias)
         del w

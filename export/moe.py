@@ -55,10 +55,9 @@ def glu(g: Graph, gate: str, up: str, act: GLU, name: str) -> str:
     if act == GLU():
         return G.silu_mul(g, gate, up, name)
     if act.limit:
-        lim = act.limit
-        gate = g.op("Clip", [gate, "", g.const(name + ".lim", np.array(lim, np.float32))], name + ".gate_clip")
-        up = g.op("Clip", [up, g.const(name + ".nlim", np.array(-lim, np.float32)), g.const(name + ".plim", np.array(lim, np.float32))],
-                  name + ".up_clip")
+        lim, neg = (g.const(name + n, np.array(v, np.float32)) for n, v in ((".lim", act.limit), (".nlim", -act.limit)))
+        gate = g.op("Clip", [gate, "", lim], name + ".gate_clip")
+        up = g.op("Clip", [up, neg, lim], name + ".up_clip")
     if act.beta:
         up = g.op("Add", [up, g.const(name + ".beta", np.array(act.beta, np.float32))], name + ".up_beta")
     return g.op("Mul", [g.ms("QuickGelu", [gate], name + ".gate_act", alpha=float(act.alpha)), up], name)
