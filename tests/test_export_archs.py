@@ -158,7 +158,8 @@ def test_old_onnxruntime_refuses_gpt_oss_in_one_line(tmp_path, exported):
 
 
 @pytest.mark.parametrize("shape,case,params", [("phi-4-mini", "phi3-longrope-partial", 3_836_021_760),
-                                               ("gemma-3-1b", "gemma3", 999_885_952)])
+                                               ("gemma-3-1b", "gemma3", 999_885_952),
+                                               ("gpt-oss-20b", "gpt_oss", 20_914_757_184)])
 def test_synthetic_bench_shapes(tmp_path, shape, case, params):
     """`edgert bench --synthetic` shapes: the real parameter count, the tensor names and shapes of a
     transformers checkpoint of the family, and a small build of the shape runs."""
@@ -166,11 +167,12 @@ def test_synthetic_bench_shapes(tmp_path, shape, case, params):
     from edgert_export.synthetic import SHAPES, SyntheticCheckpoint, build
     full = SyntheticCheckpoint(SHAPES[shape])
     assert sum(int(np.prod(full.shape(n))) for n in full.names) == params
-    real = Checkpoint(make_checkpoint(tmp_path / "hf", CONFIGS[case][0], tweak=gemma_norms, **CONFIGS[case][1]))
+    model_type, overrides = {**CONFIGS, **MOE_CONFIGS}[case]
+    real = Checkpoint(make_checkpoint(tmp_path / "hf", model_type, tweak=gemma_norms, **overrides))
     fake = SyntheticCheckpoint(real.config)
     assert {n: real.shape(n) for n in real.names} == {n: fake.shape(n) for n in fake.names}
     small = dict(SHAPES[shape], num_hidden_layers=2, hidden_size=128, intermediate_size=256, vocab_size=512,
-                 num_attention_heads=4, num_key_value_heads=2)
+                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
     if "rope_scaling" in small:      # 12 factors for rotary over 0.75 of a 32-wide head
         small["rope_scaling"] = dict(small["rope_scaling"], short_factor=[1.0] * 12, long_factor=[1.0] * 12)
     logits = Model(build(shape, 4, folder=tmp_path, config=small, progress=False)).forward([1, 2, 3])

@@ -95,8 +95,7 @@ class Model(MoEDecoder):
                     *(rows(f"{pre}{proj}_{k}")[e : e + 1][0].astype(np.uint8) for k in ("blocks", "scales")))
                     for proj in ("gate_up_proj", "down_proj"))
             else:           # stored as [in, out]
-                gate_up = rows(pre + "gate_up_proj")[e : e + 1][0].T
-                down = np.ascontiguousarray(rows(pre + "down_proj")[e : e + 1][0].T)
+                gate_up, down = rows(pre + "gate_up_proj")[e : e + 1][0].T, rows(pre + "down_proj")[e : e + 1][0].T
             bias = rows(pre + "gate_up_proj_bias")[e : e + 1][0]
             yield gate_up[0::2], gate_up[1::2], down, bias[0::2], bias[1::2], rows(pre + "down_proj_bias")[e : e + 1][0]
 
