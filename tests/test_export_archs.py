@@ -31,6 +31,8 @@ CONFIGS = {
                                                long_factor=[1.0, 1.5, 3.0, 5.0, 8.0, 12.0]))),
     # Phi-3-mini's: full rotary, multi-head, a sliding window over every layer
     "phi3-window": ("phi3", dict(num_key_value_heads=4, sliding_window=8, pad_token_id=0)),
+    # ERNIE-4.5-0.3B: interleaved rotary pairs, explicit head_dim, tied
+    "ernie4_5": ("ernie4_5", dict(head_dim=32, tie_word_embeddings=True, pad_token_id=0)),
     # Gemma 3 1B's layout in small: local layers (window 8, theta 10k) and a global one (theta 1M, linear
     # scaling), head_dim 32 != hidden / heads, one KV head, tied embeddings, final logit soft-capping
     "gemma3": ("gemma3_text", dict(num_hidden_layers=3, head_dim=32, num_key_value_heads=1, sliding_window=8,

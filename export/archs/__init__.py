@@ -21,6 +21,7 @@ ARCHITECTURES = {
     "phi3": "phi3",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
+    "ernie4_5": "ernie4_5",
     "ernie4_5_moe": "ernie4_5_moe",
     "gpt_oss": "gpt_oss",
 }
