@@ -199,6 +199,8 @@ def test_mxfp4_checkpoint_is_decoded_exactly(tmp_path, exported):
     (packed / "config.json").write_text(json.dumps(config))
     want = hf_logits(hf_model(plain), PROMPT)
     got = Model(exported(packed, 32)).forward(PROMPT, num_logits=len(PROMPT))
+    counts = [json.loads((exported(src, 32) / "edgert.json").read_text())["model"]["parameters"] for src in (plain, packed)]
+    assert counts[0] == counts[1] == sum(p.numel() for p in hf_model(plain).parameters())
     assert np.abs(got - Model(exported(plain, 32)).forward(PROMPT, num_logits=len(PROMPT))).max() < 1e-5
     assert np.abs(got - want).max() < 1e-3
     # transformers' own MXFP4 reader (it dequantizes on CPU) agrees that these are the same weights

@@ -100,4 +100,7 @@ class Model(MoEDecoder):
             yield gate_up[0::2], gate_up[1::2], down, bias[0::2], bias[1::2], rows(pre + "down_proj_bias")[e : e + 1][0]
 
     def extra_manifest(self):
-        return {**super().extra_manifest(), "min_onnxruntime": MIN_ONNXRUNTIME}
+        # parameters, not stored elements: an MXFP4 byte holds two, the exponents are not parameters
+        n = sum(int(np.prod(self.ckpt.shape(x))) * (2 if x.endswith("_blocks") else 0 if x.endswith("_scales") else 1)
+                for x in self.ckpt.names)
+        return {**super().extra_manifest(), "parameters": n, "min_onnxruntime": MIN_ONNXRUNTIME}
