@@ -80,6 +80,14 @@ def choose_graph(graphs: dict, strategy: str | None, needs_int8: bool = False) -
     return ranked[0] if ranked else "plain"
 
 
+def check_onnxruntime(manifest: dict) -> None:
+    """An artifact whose graph needs a newer onnxruntime (gpt-oss's attention sinks: 1.23) is refused in one line."""
+    need = manifest.get("model", {}).get("min_onnxruntime")
+    if need and ort_version() < tuple(int(p) for p in need.split(".")[:2]):
+        raise ArtifactError(f"this {manifest.get('architecture')} artifact needs onnxruntime >= {need} "
+                            f"(this is {ort.__version__}): pip install -U onnxruntime")
+
+
 class ContextFull(Exception):
     pass
 
@@ -96,6 +104,7 @@ class Model:
         slots: sequences whose caches are held at once (edgert.engine steps them together)."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        check_onnxruntime(self.manifest)
         m = self.manifest["model"]
         self.vocab, self.layers = m["vocab"], m["layers"]
         max_ctx = self.manifest["context_length"]
