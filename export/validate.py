@@ -190,16 +190,29 @@ def expected_shapes(config: dict) -> dict:
 _EXPERT = re.compile(r"(?:mlp|block_sparse_moe)\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 
 
+# a multimodal checkpoint's text model (Gemma 3): its names as a text-only checkpoint's
+_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
+
+
+def _text_name(name: str) -> str:
+    for prefix, plain in _TEXT_PREFIXES:
+        if name.startswith(prefix):
+            return plain + name[len(prefix):]
+    return name
+
+
 def validate_tensors(ckpt) -> None:
     """Dtypes and shapes of the tensors the decoder reads by name, against config.json."""
     cfg = ckpt.config
     vocab, hidden, layers = cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"]
     shapes = expected_shapes(cfg)
     seen_layers = set()
-    for name in ckpt.names:
-        dtype, shape = ckpt.dtype(name), tuple(ckpt.shape(name))
+    names = {_text_name(n): n for n in ckpt.names}
+    for name, stored in names.items():
+        dtype, shape = ckpt.dtype(stored), tuple(ckpt.shape(stored))
         if (name.endswith(".weight") or name.endswith(".bias")) and dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{ckpt.dir.name}: tensor {name} has dtype {dtype}; weights must be "
+            raise CheckpointError(f"{ckpt.dir.name}: tensor {stored} has dtype {dtype}; weights must be "
                                   f"{', '.join(FLOAT_DTYPES)}")
         want = None
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -214,9 +227,9 @@ def validate_tensors(ckpt) -> None:
                 e = _EXPERT.search(rest)
                 want = shapes.get(e.group(1)) if e else shapes.get(rest)
         if want is not None and shape != want:
-            raise CheckpointError(f"{ckpt.dir.name}: tensor {name} has shape {list(shape)}, config.json implies "
+            raise CheckpointError(f"{ckpt.dir.name}: tensor {stored} has shape {list(shape)}, config.json implies "
                                   f"{list(want)}")
-    if "model.embed_tokens.weight" not in ckpt.names:
+    if "model.embed_tokens.weight" not in names:
         raise CheckpointError(f"{ckpt.dir.name}: tensor model.embed_tokens.weight is missing from the checkpoint")
     missing = sorted(set(range(layers)) - seen_layers)
     if missing:

@@ -248,10 +248,8 @@ def test_votes_beat_one_sample_at_high_temperature(qwen2_int4):
     assert majority >= single and majority >= 20
 
 
-def test_batched_decode_on_onnxruntime_122(qwen2_int4):
-    from test_onnxruntime_versions import OTHER, run_on
-    if not OTHER:
-        pytest.skip("set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
+def test_batched_decode_on_onnxruntime_122(qwen2_int4, old_ort_python):
+    from test_onnxruntime_versions import run_on
     script = """
 import json, sys
 import numpy as np, edgert
@@ -276,7 +274,7 @@ print(json.dumps({"alone": alone, "together": out}))
     import edgert
     llm = edgert.load(qwen2_int4, context=128)
     prompts = [llm.encode(p.prompt) for p in task.held_out_problems()[:3]]
-    res = run_on(OTHER, script, [str(qwen2_int4), prompts])
+    res = run_on(old_ort_python, script, [str(qwen2_int4), prompts])
     assert res["together"] == res["alone"]
 
 

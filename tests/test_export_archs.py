@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, hf_greedy, hf_logits, hf_model, make_checkpoint, runtime_greedy
 from edgert.model import Model
 from test_export_moe import CONFIGS as MOE_CONFIGS
-from test_onnxruntime_versions import OTHER, same_choices
+from test_onnxruntime_versions import same_choices
 
 SHORT = [1, 403, 407, 261, 378, 290, 300, 11, 57, 490, 5, 77, 12]
 LONG = [1, *np.random.default_rng(7).integers(3, 512, 59).tolist()]      # 60 tokens: past every window below
@@ -134,25 +134,23 @@ def test_quantized_exports_stay_close(case, exported, bits):
     assert agree >= (0.9 if bits == 8 else 0.5), agree
 
 
-@pytest.mark.skipif(not OTHER, reason="set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
-def test_old_onnxruntime_gives_identical_tokens(tmp_path, exported):
+def test_old_onnxruntime_gives_identical_tokens(tmp_path, exported, old_ort_python):
     """Every family on onnxruntime 1.22 (Termux) from the 60-token prompt: past the sliding windows and
     the LongRoPE switch; fp32 identical, int4 the same choices but at near-ties."""
     configs = {**CONFIGS, "ernie4_5_moe": MOE_CONFIGS["ernie4_5_moe"]}      # its plain expert graph there
     cases = [(make_checkpoint(tmp_path / name, configs[name][0], tweak=gemma_norms, **configs[name][1]), bits)
              for name in ("smollm3-window", "phi3-longrope-partial", "gemma3", "ernie4_5_moe") for bits in (32, 4)]
-    old, _ = same_choices(OTHER, [(str(exported(src, bits)), LONG) for src, bits in cases],
+    old, _ = same_choices(old_ort_python, [(str(exported(src, bits)), LONG) for src, bits in cases],
                           exact=[bits == 32 for _, bits in cases])
     assert old["version"].startswith("1.22"), old["version"]
     assert old["strategies"][-1] == "plain"
 
 
-@pytest.mark.skipif(not OTHER, reason="set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
-def test_old_onnxruntime_refuses_gpt_oss_in_one_line(tmp_path, exported):
+def test_old_onnxruntime_refuses_gpt_oss_in_one_line(tmp_path, exported, old_ort_python):
     """gpt-oss's attention sinks need GroupQueryAttention's head_sink (onnxruntime 1.23): 1.22 says so."""
     name, overrides = MOE_CONFIGS["gpt_oss"]
     art = exported(make_checkpoint(tmp_path / "gpt_oss", name, **overrides), 4)
-    r = subprocess.run([OTHER, "-c", "from edgert.cli import main; main()", "run", str(art), "--raw", "hello"],
+    r = subprocess.run([old_ort_python, "-c", "from edgert.cli import main; main()", "run", str(art), "--raw", "hello"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode != 0 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
@@ -174,7 +172,10 @@ def test_synthetic_bench_shapes(tmp_path, shape, case, params):
     fake = SyntheticCheckpoint(real.config)
     assert {n: real.shape(n) for n in real.names} == {n: fake.shape(n) for n in fake.names}
     small = dict(SHAPES[shape], num_hidden_layers=2, hidden_size=128, intermediate_size=256, vocab_size=512,
-                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+                 num_attention_heads=4, num_key_value_heads=2,   # token ids inside the small vocabulary (export checks them)
+                 bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    if "num_local_experts" in small:
+        small["num_local_experts"] = 4
     if "rope_scaling" in small:      # 12 factors for rotary over 0.75 of a 32-wide head
         small["rope_scaling"] = dict(small["rope_scaling"], short_factor=[1.0] * 12, long_factor=[1.0] * 12)
     logits = Model(build(shape, 4, folder=tmp_path, config=small, progress=False)).forward([1, 2, 3])

@@ -8,7 +8,6 @@ import math
 
 from .. import graph as G
 from ..decoder import Decoder, UnsupportedModel
-from ..graph import AttentionIO
 
 
 # Gemma3TextConfig's defaults: the multimodal checkpoints' text_config leaves some of them out
