@@ -759,3 +759,27 @@ def test_verify_never_hashes_holes(art, monkeypatch):
     with pytest.raises(artifact.ArtifactError, match="mostly holes"):
         artifact.verify(art)
     assert time.monotonic() - t0 < 2
+
+
+def test_lock_without_flock(tmp_path, monkeypatch):
+    """Storage without flock (some Android mounts): the lock file is created exclusively with the
+    owner's pid; a live owner blocks a second export, a dead one's file is taken over."""
+    import errno
+    import fcntl
+    from edgert_export.outdir import OutError, _Lock
+
+    def no_flock(*a):
+        raise OSError(errno.ENOSYS, "flock not supported")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    out = tmp_path / "out"
+    first = _Lock(out)
+    first.acquire()
+    with pytest.raises(OutError, match="another export is writing"):
+        _Lock(out).acquire()
+    first.release()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / ".out.lock").write_text(f"{dead_pid()}\n")
+    taken = _Lock(out)
+    taken.acquire()
+    assert (tmp_path / ".out.lock").read_text().strip() == str(os.getpid())
+    taken.release()
