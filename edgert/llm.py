@@ -1,13 +1,14 @@
 """`edgert.load(path)`: an artifact + its tokenizer + chat template, ready to generate text."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from .chat import load_chat_template, render_chat, tokenizer_config
 from .engine import Engine
-from .generate import Decoding, Sampling, Stats, Step, generate
+from .generate import Sampling, Stats, Step, generate
 from .limits import check_prompt_length
 from .model import ContextFull, Model
 from .tokenizer import StreamDecoder, Tokenizer

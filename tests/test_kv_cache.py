@@ -8,7 +8,6 @@ import json
 import sys
 
 import numpy as np
-import pytest
 
 from conftest import BUNDLED_STORIES, ROOT, hf_logits, hf_model, make_checkpoint
 
