@@ -71,7 +71,8 @@ class Model(MoEDecoder):
     router_name = "router.weight"
 
     def __init__(self, config: dict):
-        super().__init__(config)
+        k = config.get("num_experts_per_tok") or config.get("experts_per_token")     # (the hub's config has both names)
+        super().__init__({**config, "num_experts_per_tok": k} if k else config)
         self.qkv_bias = True
         self.routing = Routing(self.routing.experts, self.routing.top_k, renormalize=True)
         self.glu = GLU(config.get("swiglu_alpha", 1.702), 1.0, config.get("swiglu_limit", 7.0))
