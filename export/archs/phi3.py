@@ -6,7 +6,9 @@ forward pass once the sequence (cache + new tokens) is longer than
 original_max_position_embeddings, the short set otherwise, and keys already cached keep the
 rotation they were stored with. The graph does the same at run time: both tables are stored
 and `Where(total_sequence_length > original, long, short)` picks one per step (when the
-exported context never passes the switch, only the short table is stored).
+exported context never passes the switch, only the short table is stored). Not matched:
+transformers' generate() re-encoding the whole sequence once it passes the switch, and a long
+prompt prefilled in chunks (earlier chunks keep the short rotation); see README.
 """
 import numpy as np
 
