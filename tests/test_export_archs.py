@@ -83,6 +83,7 @@ def case(request, tmp_path_factory):
 def test_fp32_matches_transformers(case, exported):
     name, src, ref = case
     model = Model(exported(src, 32))
+    assert model.manifest["model"].get("longrope_switch") == (32 if name == "phi3-longrope-partial" else None)
     for prompt in (SHORT, LONG):
         model.reset()
         want = hf_logits(ref, prompt)

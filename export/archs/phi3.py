@@ -49,6 +49,10 @@ class Model(Decoder):
         return AttentionIO(short.seqlens_k, short.total_len, g.op("Where", [past, long_cos, short.cos], "rope.cos_now"),
                            g.op("Where", [past, long_sin, short.sin], "rope.sin_now"))
 
+    def extra_manifest(self):
+        # the length past which the long factors apply (for a runtime that re-encodes there, as generate() does)
+        return {"longrope_switch": self.switch} if self.longrope and self.context > self.switch else {}
+
     def ffn(self, g, i, x):
         return swiglu_mlp(g, self.ckpt, x, self.layer_prefix(i) + "mlp.", f"layers.{i}.mlp", self.recipe.bits,
                           self.recipe.block_size, names=("gate_up_proj", None, "down_proj"))
