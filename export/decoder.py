@@ -26,6 +26,7 @@ class Decoder:
     mlp_act = "silu"                    # the gate's activation: "silu" or "gelu_tanh" (Gemma)
     rope_interleaved = False            # rotary pairs (2j, 2j+1) instead of (j, j + D/2) (ERNIE 4.5)
     norm_names = ("input_layernorm", "post_attention_layernorm")   # the norms before attention and before the FFN
+    min_onnxruntime: str | None = None  # the oldest onnxruntime that runs the graph (manifest; gpt-oss: sinks)
     # An int8 lm_head over a large vocabulary is stored as two int4 planes and read as int4 for all
     # logits, then at int8 for this many best candidates per position (`graph.candidate_logits`):
     # decode reads 0.625 instead of 1.125 bytes per lm_head weight. Below split_head_min_vocab

@@ -332,6 +332,11 @@ def build(shape: str, bits: int = 4, context: int = 256, folder: Path | None = N
     longest = min(config.get("max_position_embeddings", 4096), DEFAULT_MAX_CONTEXT)   # what export gives it
     if context > longest:
         raise SyntheticError(f"--context must be at most {longest} for {shape} (the context its artifact is exported for)")
+    need = model_for(config).min_onnxruntime
+    if need:        # refused before gigabytes are written, not when the bench loads them
+        from edgert.model import ort, ort_version
+        if ort_version() < tuple(int(p) for p in need.split(".")):
+            raise SyntheticError(f"{shape} needs onnxruntime >= {need} (this is {ort.__version__})")
     out = Path(folder or cache_dir()) / f"{shape}-int{bits}"
     key = _key(config, bits, seed)
     cached = all((out / f).is_file() for f in ("synthetic.json", "edgert.json", "model.onnx.data")) \

@@ -83,6 +83,7 @@ def case(request, tmp_path_factory):
 def test_fp32_matches_transformers(case, exported):
     name, src, ref = case
     model = Model(exported(src, 32))
+    assert model.manifest["model"].get("longrope_switch") == (32 if name == "phi3-longrope-partial" else None)
     for prompt in (SHORT, LONG):
         model.reset()
         want = hf_logits(ref, prompt)
@@ -180,3 +181,12 @@ def test_synthetic_bench_shapes(tmp_path, shape, case, params):
         small["rope_scaling"] = dict(small["rope_scaling"], short_factor=[1.0] * 12, long_factor=[1.0] * 12)
     logits = Model(build(shape, 4, folder=tmp_path, config=small, progress=False)).forward([1, 2, 3])
     assert logits.shape == (1, 512) and np.isfinite(logits).all()
+
+
+def test_synthetic_gpt_oss_refused_before_building_on_old_onnxruntime(tmp_path, monkeypatch):
+    import edgert.model
+    from edgert_export.synthetic import SyntheticError, build
+    monkeypatch.setattr(edgert.model, "ort_version", lambda: (1, 22))
+    with pytest.raises(SyntheticError, match=r"^gpt-oss-20b needs onnxruntime >= 1\.23 \(this is "):
+        build("gpt-oss-20b", 4, folder=tmp_path)
+    assert not list(tmp_path.iterdir())

@@ -11,7 +11,6 @@ import numpy as np
 from ..moe import GLU, MoEDecoder, Routing
 from ..quantize import Quantized, quantize
 
-MIN_ONNXRUNTIME = "1.23"       # GroupQueryAttention's head_sink input
 FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 
 
@@ -69,9 +68,11 @@ class ExactInt8:
 class Model(MoEDecoder):
     model_type = "gpt_oss"
     router_name = "router.weight"
+    min_onnxruntime = "1.23"        # GroupQueryAttention's head_sink input
 
     def __init__(self, config: dict):
-        super().__init__(config)
+        k = config.get("num_experts_per_tok") or config.get("experts_per_token")     # (the hub's config has both names)
+        super().__init__({**config, "num_experts_per_tok": k} if k else config)
         self.qkv_bias = True
         self.routing = Routing(self.routing.experts, self.routing.top_k, renormalize=True)
         self.glu = GLU(config.get("swiglu_alpha", 1.702), 1.0, config.get("swiglu_limit", 7.0))
@@ -103,4 +104,4 @@ class Model(MoEDecoder):
         # parameters, not stored elements: an MXFP4 byte holds two, the exponents are not parameters
         n = sum(int(np.prod(self.ckpt.shape(x))) * (2 if x.endswith("_blocks") else 0 if x.endswith("_scales") else 1)
                 for x in self.ckpt.names)
-        return {**super().extra_manifest(), "parameters": n, "min_onnxruntime": MIN_ONNXRUNTIME}
+        return {**super().extra_manifest(), "parameters": n, "min_onnxruntime": self.min_onnxruntime}

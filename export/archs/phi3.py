@@ -6,7 +6,9 @@ forward pass once the sequence (cache + new tokens) is longer than
 original_max_position_embeddings, the short set otherwise, and keys already cached keep the
 rotation they were stored with. The graph does the same at run time: both tables are stored
 and `Where(total_sequence_length > original, long, short)` picks one per step (when the
-exported context never passes the switch, only the short table is stored).
+exported context never passes the switch, only the short table is stored). Not matched:
+transformers' generate() re-encoding the whole sequence once it passes the switch, and a long
+prompt prefilled in chunks (earlier chunks keep the short rotation); see README.
 """
 import numpy as np
 
@@ -47,6 +49,10 @@ class Model(Decoder):
         past = g.op("Greater", [short.total_len, g.const("rope.switch", np.array(self.switch, np.int32))], "rope.long")
         return short.with_rope(g.op("Where", [past, long_cos, short.cos], "rope.cos_now"),
                                g.op("Where", [past, long_sin, short.sin], "rope.sin_now"))
+
+    def extra_manifest(self):
+        # the length past which the long factors apply (for a runtime that re-encodes there, as generate() does)
+        return {"longrope_switch": self.switch} if self.longrope and self.context > self.switch else {}
 
     def ffn(self, g, i, x):
         return swiglu_mlp(g, self.ckpt, x, self.layer_prefix(i) + "mlp.", f"layers.{i}.mlp", self.recipe.bits,
