@@ -52,7 +52,8 @@ def _user_errors():
 
 @app.command()
 def export(
-    model_dir: Path = typer.Argument(..., help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json)."),
+    model_dir: str = typer.Argument(..., help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json), "
+                                    "or a hub repo id ORG/NAME (downloaded, or from the local cache when offline)."),
     out: Path = typer.Option(..., "-o", "--out", help="Artifact folder to write (atomically)."),
     bits: int = typer.Option(4, help="Weight bits for attention and MLP/expert projections: 4, 8, or 32 (fp32 reference)."),
     block_size: int = typer.Option(32, help="Quantization block size along the input dimension (16-256, power of two)."),
@@ -64,6 +65,7 @@ def export(
                                "folder, never the source)."),
     kv_cache: Optional[str] = typer.Option(None, help="KV cache precision the graphs read and write: fp16 (half the "
                                            "memory, the same speed) or fp32 [default: fp16; fp32 with --bits 32]."),
+    revision: Optional[str] = typer.Option(None, help="With a hub repo id: the branch, tag or commit [default: main]."),
 ):
     """Export a Hugging Face checkpoint to an int4/int8 ONNX artifact."""
     try:
@@ -72,7 +74,7 @@ def export(
         fail(f"the exporter needs the [export] extra ({e.name} is missing): pip install 'edgert[export]'")
     try:
         manifest = do_export(model_dir, out, bits=bits, block_size=block_size, context=context, force=force,
-                             embed_bits=embed_bits, recipe=recipe, calib=calib, kv_cache=kv_cache)
+                             embed_bits=embed_bits, recipe=recipe, calib=calib, kv_cache=kv_cache, revision=revision)
     except ExportError as e:
         fail(str(e))
     except KeyboardInterrupt:

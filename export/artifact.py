@@ -22,6 +22,7 @@ from .calibrate import CalibrationError, collect
 from .checkpoint import Checkpoint, CheckpointError, _read_json
 from .decoder import UnsupportedModel
 from .graph import IR_VERSION, KV_TYPES, Graph, Recipe
+from .hub import HubError, looks_like_repo_id, resolve
 from .outdir import OutError, check_out, signals_unwind, writing
 from .quantize import DEFAULT_RECIPE, RECIPES, Quantizer
 from .validate import validate
@@ -80,8 +81,9 @@ def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
 
 def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | None = None, force: bool = False,
            embed_bits: int = 8, progress: bool = True, recipe: str = DEFAULT_RECIPE, calib=None,
-           checkpoint=None, kv_cache: str | None = None) -> dict:
-    """Export a Hugging Face folder to an edgert artifact folder; returns the manifest.
+           checkpoint=None, kv_cache: str | None = None, revision: str | None = None) -> dict:
+    """Export a Hugging Face folder (or a hub repo id ORG/NAME, at `revision`: see hub.py) to an
+    edgert artifact folder; returns the manifest.
     recipe: how int4 codes are chosen (quantize.RECIPES); calib: calibration text file for "gptq".
     `checkpoint` replaces the folder's weights (synthetic.py); config and tokenizer still come from the folder.
     kv_cache: the precision of the KV cache the graphs read and write, fp16 or fp32 (default: fp16,
@@ -102,6 +104,13 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         raise ExportError(f"--embed-bits must be 4, 8 or 32, not {embed_bits}")
     if block_size not in (16, 32, 64, 128, 256):
         raise ExportError(f"--block-size must be one of 16, 32, 64, 128, 256, not {block_size}")
+    if checkpoint is None and looks_like_repo_id(model_dir):
+        try:
+            src = resolve(str(model_dir), revision)
+        except HubError as e:
+            raise ExportError(str(e)) from None
+    elif revision:
+        raise ExportError(f"--revision is for Hugging Face repo ids; {model_dir} is a folder")
     try:
         check_out(out, force, src)           # fail fast; checked again under the lock and before the rename
     except OutError as e:
