@@ -158,8 +158,6 @@ def test_long_prompt_through_generate_matches_transformers(tmp_path, exported):
     assert one_shot[0] == got[0]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15: SIGTERM during export leaves a .OUT.partial-PID folder "
-                                        "(SIGINT is handled); cleanup lands on another branch")
 def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
     out = tmp_path / "art"
     p = subprocess.Popen([sys.executable, "-m", "edgert.cli", "export", str(MOE), "-o", str(out)],
