@@ -21,6 +21,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -54,11 +55,26 @@ class Result:
     cpu: float
 
 
+# `python -m edgert.cli ARGS` that records its own peak RSS (VmHWM) at exit. wait4's ru_maxrss cannot
+# be used: Linux starts a child's maxrss at the RSS its parent had when it forked (pytest's, with
+# torch loaded: ~1 GB in a full run), whatever the child itself uses after exec.
+_RUN_RECORDING_HWM = (
+    "import atexit, os, runpy, sys\n"
+    "def _hwm(path=os.environ.pop('EDGERT_TEST_HWM')):\n"
+    "    with open('/proc/self/status') as f, open(path, 'w') as out:\n"
+    "        out.write(next(line for line in f if line.startswith('VmHWM:')))\n"
+    "atexit.register(_hwm)\n"
+    "sys.argv[0] = 'edgert'\n"
+    "runpy.run_module('edgert.cli', run_name='__main__')\n")
+
+
 def cli(*args, python=sys.executable, stdin=None, env=None, cwd=None, timeout=WALL) -> Result:
-    """The real CLI in a subprocess; peak RSS and CPU time from the kernel (wait4), wall time."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", **(env or {})}
+    """The real CLI in a subprocess; its peak RSS (VmHWM at exit), CPU time from the kernel (wait4), wall time."""
+    hwm = tempfile.NamedTemporaryFile(prefix="edgert-hwm-", delete=False)
+    hwm.close()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", "EDGERT_TEST_HWM": hwm.name, **(env or {})}
     t0 = time.monotonic()
-    p = subprocess.Popen([python, "-m", "edgert.cli", *map(str, args)], stdin=stdin if stdin is not None else
+    p = subprocess.Popen([python, "-c", _RUN_RECORDING_HWM, *map(str, args)], stdin=stdin if stdin is not None else
                          subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
     killer = threading.Timer(timeout, p.kill)
     killer.start()
@@ -72,8 +88,14 @@ def cli(*args, python=sys.executable, stdin=None, env=None, cwd=None, timeout=WA
         r.join()
     killer.cancel()
     p.returncode = os.waitstatus_to_exitcode(status)
+    try:                # a process killed before its exit handlers ran has no record: the kernel's figure then
+        rss_mb = int(open(hwm.name).read().split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        rss_mb = usage.ru_maxrss / 1024
+    finally:
+        os.unlink(hwm.name)
     return Result(p.returncode, out[0].decode(errors="replace"), err[0].decode(errors="replace"),
-                  time.monotonic() - t0, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)
+                  time.monotonic() - t0, rss_mb, usage.ru_utime + usage.ru_stime)
 
 
 def assert_bounded(r: Result, what: str = ""):
