@@ -27,6 +27,11 @@ def tiny(shape: str) -> dict:
     c["num_key_value_heads"] = 4 if full["num_key_value_heads"] == full["num_attention_heads"] else 2
     if "head_dim" in full:
         c["head_dim"] = 16
+    scaling = full.get("rope_scaling") or {}
+    if "short_factor" in scaling:       # LongRoPE: one factor per rotated pair of the smaller head
+        hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        pairs = int(hd * c.get("partial_rotary_factor", 1.0)) // 2
+        c["rope_scaling"] = dict(scaling, short_factor=[1.0] * pairs, long_factor=[1.0] * pairs)
     return c
 
 
