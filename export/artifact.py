@@ -137,7 +137,8 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
                 "architecture": ckpt.config.get("model_type"),
                 "model": {"layers": model.n_layers, "hidden": model.hidden, "heads": model.heads,
                           "kv_heads": model.kv_heads, "head_dim": model.padded_head_dim, "vocab": model.vocab,
-                          "parameters": total_params, **model.extra_manifest()},
+                          "parameters": total_params, **model.extra_manifest(),
+                          **model.layer_manifest()},
                 "context_length": context,
                 "batch": True,          # the graphs take [batch, sequence] ids: several sequences per forward
                 "graphs": graphs,

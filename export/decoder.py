@@ -29,6 +29,9 @@ class Decoder:
     # rows the head is too small a share of a step to pay for TopK; 0 candidates = off.
     lm_head_candidates = 64
     split_head_min_vocab = 16384
+    # weight names that differ between families (LFM2 says operator_norm / ffn_norm / out_proj ...)
+    norm_names = ("input_layernorm", "post_attention_layernorm", "model.norm")
+    o_proj, qk_norm_names = "o_proj", ("q_norm", "k_norm")
 
     def __init__(self, config: dict):
         c = self.config = config
@@ -58,6 +61,30 @@ class Decoder:
             raise UnsupportedModel(f"hidden_act {act!r} is not supported (only silu)")
         if c.get("partial_rotary_factor", 1.0) != 1.0:
             raise UnsupportedModel("partial rotary embeddings are not supported")
+        self.states: list[dict] = []       # recurrent state tensors (hybrid models), see `state`
+
+    # ---- hybrid models: which layers attend, and the recurrent state of the others ----------
+    def is_attention(self, i: int) -> bool:
+        return True
+
+    def layer_manifest(self) -> dict:
+        """For hybrid models: the layers with a KV cache and the state tensors the runtime holds."""
+        if not self.states:
+            return {}
+        return {"attention_layers": [i for i in range(self.n_layers) if self.is_attention(i)], "state": self.states}
+
+    def state(self, g: Graph, i: int, name: str, shape: list[int]) -> str:
+        """A recurrent state of layer i: graph input past_state.{i}.{name} [batch, *shape]; the
+        layer must give its new value to `state_out`. The runtime holds one per slot (zeros at first)."""
+        self.states.append({"layer": i, "name": name, "shape": list(shape), "dtype": "float32"})
+        return g.input(f"past_state.{i}.{name}", TensorProto.FLOAT, ["batch", *shape])
+
+    def state_out(self, g: Graph, src: str, i: int, name: str, shape: list[int]) -> None:
+        g.output(src, f"present_state.{i}.{name}", TensorProto.FLOAT, ["batch", *shape])
+
+    def norm_weight(self, key: str) -> np.ndarray:
+        """An RMSNorm's weight as SimplifiedLayerNormalization multiplies (Qwen3.5 stores w for 1 + w)."""
+        return self.ckpt.get(key)
 
     # ---- rotary ------------------------------------------------------------------------
     def rope(self) -> tuple[np.ndarray, float]:
@@ -110,6 +137,7 @@ class Decoder:
     def build(self, g: Graph, ckpt: Checkpoint, recipe: Recipe, context: int, progress=lambda: None) -> dict:
         """Write the whole decoder into g. Returns the quantization actually used per tensor class."""
         self.recipe, self.ckpt = recipe, ckpt
+        self.states = []
         ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])    # each row: one sequence's new tokens
         num_logits = g.input("num_logits", TensorProto.INT64, [1])
         io = AttentionIO(g.input("seqlens_k", TensorProto.INT32, ["batch"]),
@@ -117,19 +145,21 @@ class Decoder:
 
         x = self.embed(g, ids)
         residual = None
+        pre_norm, post_norm, final_norm = self.norm_names
         for i in range(self.n_layers):
-            pre = self.layer_prefix(i)
+            pre, nw = self.layer_prefix(i), self.norm_weight
             if residual is None:
-                h, residual = G.rms_norm(g, x, ckpt.get(pre + "input_layernorm.weight"), self.eps, f"layers.{i}.input_norm"), x
+                h, residual = G.rms_norm(g, x, nw(pre + pre_norm + ".weight"), self.eps, f"layers.{i}.input_norm"), x
             else:
-                h, residual = G.add_rms_norm(g, x, residual, ckpt.get(pre + "input_layernorm.weight"), self.eps,
+                h, residual = G.add_rms_norm(g, x, residual, nw(pre + pre_norm + ".weight"), self.eps,
                                              f"layers.{i}.input_norm")
-            x = self.scale_residual(g, self.attention(g, i, h, io), f"layers.{i}.attn")
-            h, residual = G.add_rms_norm(g, x, residual, ckpt.get(pre + "post_attention_layernorm.weight"), self.eps,
+            mix = self.attention(g, i, h, io) if self.is_attention(i) else self.recurrent(g, i, h)
+            x = self.scale_residual(g, mix, f"layers.{i}.attn")
+            h, residual = G.add_rms_norm(g, x, residual, nw(pre + post_norm + ".weight"), self.eps,
                                          f"layers.{i}.post_attention_norm")
             x = self.scale_residual(g, self.ffn(g, i, h), f"layers.{i}.ffn")
             progress()
-        h, _ = G.add_rms_norm(g, x, residual, ckpt.get("model.norm.weight"), self.eps, "final_norm")
+        h, _ = G.add_rms_norm(g, x, residual, self.norm_weight(final_norm + ".weight"), self.eps, "final_norm")
         # Only the last num_logits positions reach lm_head: prefill pays for one row, not S.
         last = g.op("Slice", [h, g.op("Neg", [num_logits], "logits_start"),
                               g.const("logits_end", np.array([2**62], np.int64)), g.const("seq_axis", np.array([1], np.int64))],
@@ -138,6 +168,10 @@ class Decoder:
         split = {"lm_head_int8_candidates": self.lm_head_candidates} if self._split_head() else {}   # int4 planes, see above
         return {"attention": recipe.bits, "mlp": recipe.bits, "embed": recipe.bits_for("embed"),
                 "lm_head": recipe.bits_for("lm_head"), "block_size": recipe.block_size, **split}
+
+    def recurrent(self, g: Graph, i: int, x: str) -> str:
+        """The token mixer of a layer that does not attend (hybrid models): reads and writes its state."""
+        raise NotImplementedError
 
     def extra_manifest(self) -> dict:
         """Architecture facts the runtime reports (MoE modules add their expert counts)."""
@@ -223,17 +257,19 @@ class Decoder:
         q_dim, kv_dim = self.heads * hd, self.kv_heads * hd
         q, k, v = g.op("Split", [qkv, g.const(name + ".split", np.array([q_dim, kv_dim, kv_dim], np.int64))],
                        name + ".split", outputs=3, axis=-1)
+        qn, kn = self.qk_norm_names
         if self.qk_norm == "head":
-            q = G.head_rms_norm(g, q, get(pre + "q_norm.weight"), self.eps, self.head_dim, name + ".q_norm")
-            k = G.head_rms_norm(g, k, get(pre + "k_norm.weight"), self.eps, self.head_dim, name + ".k_norm")
+            q = G.head_rms_norm(g, q, self.norm_weight(pre + qn + ".weight"), self.eps, self.head_dim, name + ".q_norm")
+            k = G.head_rms_norm(g, k, self.norm_weight(pre + kn + ".weight"), self.eps, self.head_dim, name + ".k_norm")
         elif self.qk_norm == "full":
             q = G.rms_norm(g, q, get(pre + "q_norm.weight"), self.eps, name + ".q_norm")
             k = G.rms_norm(g, k, get(pre + "k_norm.weight"), self.eps, name + ".k_norm")
         past_k, past_v = self.cache_inputs(g, i)
         out, present_k, present_v = G.gqa(g, q, k, v, past_k, past_v, io, self.heads, self.kv_heads, self.attn_scale, name)
         self.cache_outputs(g, i, present_k, present_v)
-        return G.linear(g, out, pad(get(pre + "o_proj.weight"), 1), name + ".o_proj", self.recipe.bits, self.recipe.block_size,
-                        get(pre + "o_proj.bias") if pre + "o_proj.bias" in self.ckpt else None)
+        o = pre + self.o_proj
+        return G.linear(g, out, pad(get(o + ".weight"), 1), name + ".o_proj", self.recipe.bits, self.recipe.block_size,
+                        get(o + ".bias") if o + ".bias" in self.ckpt else None)
 
     def cache_inputs(self, g: Graph, i: int) -> tuple[str, str]:
         shape = ["batch", self.kv_heads, "max_sequence", self.padded_head_dim]

@@ -444,3 +444,26 @@ def candidate_logits(g: Graph, h: str, table: tuple, vocab: int, hidden: int, bl
     exact = g.op("Squeeze", [g.op("MatMul", [rows, g.op("Unsqueeze", [h, last], name + ".h_col")], name + ".exact_col"), last],
                  name + ".exact")
     return g.op("ScatterElements", [coarse, best, exact], name, axis=-1)
+
+
+# ---- recurrent blocks (hybrid models), standard ops only: any onnxruntime ----------------------
+
+def causal_conv(g: Graph, x: str, state: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> tuple[str, str]:
+    """Depthwise causal conv1d over the sequence, continuing from `state` (the previous K-1 inputs):
+    x [B, S, C], state [B, K-1, C], weight [C, K] -> (y [B, S, C], new state [B, K-1, C]).
+    Concat + one Mul/Add per tap + Slice: y[t] = sum_j w[:, j] * padded[t + j]."""
+    k = weight.shape[1]
+    axis = g.const(name + ".axis", np.array([1], np.int64))
+    padded = g.op("Concat", [state, x], name + ".padded", axis=1)                       # [B, K-1+S, C]
+    y = None
+    for j in range(k):
+        tap = g.op("Slice", [padded, g.const(f"{name}.s{j}", np.array([j], np.int64)),
+                             g.const(f"{name}.e{j}", np.array([j - (k - 1) if j < k - 1 else 2**62], np.int64)), axis],
+                   f"{name}.tap{j}")
+        term = g.op("Mul", [tap, g.const(f"{name}.w{j}", np.ascontiguousarray(weight[:, j], np.float32))], f"{name}.term{j}")
+        y = term if y is None else g.op("Add", [y, term], f"{name}.acc{j}")
+    if bias is not None:
+        y = g.op("Add", [y, g.const(name + ".bias", bias.astype(np.float32))], name + ".biased")
+    new_state = g.op("Slice", [padded, g.const(name + ".last", np.array([-(k - 1)], np.int64)),
+                               g.const(name + ".end", np.array([2**62], np.int64)), axis], name + ".state")
+    return y, new_state

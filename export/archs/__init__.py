@@ -17,6 +17,7 @@ ARCHITECTURES = {
     "granitemoe": "granitemoe",
     "deepseek_v2": "deepseek_v2",
     "deepseek_v3": "deepseek_v3",
+    "lfm2": "lfm2",
 }
 
 
