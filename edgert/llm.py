@@ -94,16 +94,18 @@ class LLM:
     def generate(self, prompt: str | list[int], max_tokens: int = 256, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None, raw: bool = False,
                  ignore_eos: bool = False, think_budget: int | None = None, system: str | None = None,
-                 speculate: int = 0) -> Iterator[Token]:
+                 speculate: int = 0, keep_state_at=()) -> Iterator[Token]:
         """Yield Tokens as they are generated; `self.stats` describes the run (complete once exhausted).
         speculate=k: greedy decoding verifies up to k tokens drafted from the text so far per forward
-        (the same tokens, fewer weight reads)."""
+        (the same tokens, fewer weight reads; plain decoding for recurrent models). keep_state_at: prompt
+        positions where a recurrent model snapshots its state for a later prompt to resume from."""
         ids = self._prompt_ids(prompt, raw, system)
         self.stats = Stats()
         decoder = StreamDecoder(self.tokenizer)
         steps = generate(self.engine, ids, max_tokens, self.sampling(temperature, top_p, top_k, seed),
                          stop_ids=() if ignore_eos else self.eos_ids, think=self.think, think_budget=think_budget,
-                         close_think_ids=self.close_think_ids(), stats=self.stats, speculate=speculate)
+                         close_think_ids=self.close_think_ids(), stats=self.stats, speculate=speculate,
+                         marks=keep_state_at)
         for step in steps:
             yield Token(step.id, step.reasoning, step.forced, decoder.push(step.id))
         tail = decoder.flush()

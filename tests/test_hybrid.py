@@ -1,0 +1,190 @@
+"""Hybrid recurrent models (LFM2's short convolutions, Qwen3.5's Gated DeltaNet) against transformers
+fp32, and their recurrent state in the runtime: carried across forward calls, per slot in a batch,
+reset for a new sequence, snapshot at turn boundaries for prefix reuse, never cut back blindly."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, hf_greedy, hf_logits, hf_model, make_checkpoint, runtime_greedy
+from edgert.model import Model
+
+QWEN2_FIXTURE = ROOT / "export" / "data" / "reasoning-qwen2"     # its tokenizer + R1 chat template (512 tokens)
+RNG = np.random.default_rng(7)
+PROMPTS = {1: [1], 7: [1, 403, 407, 261, 378, 290, 300], 300: [1] + RNG.integers(3, 512, 299).tolist()}
+
+CONFIGS = {
+    # conv, attention, conv, conv: a conv layer first (its state starts the stack) and last
+    "lfm2": ("lfm2", dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "conv"], head_dim=16,
+                          tie_word_embeddings=True, norm_eps=1e-5, max_position_embeddings=512)),
+}
+
+
+def checkpoint(out, name):
+    model_type, overrides = CONFIGS[name]
+    src = make_checkpoint(out, model_type, **overrides)
+    for f in ("tokenizer.json", "tokenizer_config.json"):      # a chat template with <think> (same 512-token size)
+        shutil.copyfile(QWEN2_FIXTURE / f, src / f)
+    return src
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def case(request, tmp_path_factory):
+    src = checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+    return src, hf_model(src)
+
+
+@pytest.mark.parametrize("length", sorted(PROMPTS))
+def test_fp32_logits_and_greedy_match_transformers(case, exported, length):
+    src, ref = case
+    model = Model(exported(src, 32), context=512, threads=1)
+    prompt = PROMPTS[length]
+    want = hf_logits(ref, prompt)
+    got = model.forward(prompt, num_logits=length)
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-3
+    assert runtime_greedy(model, prompt, 12) == hf_greedy(ref, prompt, 12)
+
+
+def test_state_carried_across_forward_calls(case, exported):
+    """The prompt fed in pieces (a chunk, single tokens, a chunk) gives the logits of one pass."""
+    src, ref = case
+    model = Model(exported(src, 32), context=512, threads=1)
+    prompt = PROMPTS[300][:40]
+    want = hf_logits(ref, prompt)
+    cuts = [0, 9, 10, 11, 25, 40]
+    got = np.concatenate([model.forward(prompt[a:b], num_logits=b - a) for a, b in zip(cuts, cuts[1:])])
+    assert np.abs(got - want).max() < 1e-3
+    model.reset()                                   # a new sequence starts from a zero state
+    assert np.abs(model.forward(prompt[:9], num_logits=9) - want[:9]).max() < 1e-3
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_exports_stay_close(case, exported, bits):
+    src, ref = case
+    prompt = PROMPTS[300][:64]
+    got = Model(exported(src, bits), context=512, threads=1).forward(prompt, num_logits=len(prompt))
+    want = hf_logits(ref, prompt)
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel < (0.05 if bits == 8 else 0.35), rel
+    if bits == 8:
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def test_manifest_lists_the_state(case, exported):
+    from edgert.artifact import read_manifest
+    src, ref = case
+    m = read_manifest(exported(src, 32))["model"]
+    kinds = ref.config.layer_types
+    assert m["attention_layers"] == [i for i, k in enumerate(kinds) if k == "full_attention"]
+    assert m["state"] and all(s["dtype"] == "float32" and s["layer"] not in m["attention_layers"] for s in m["state"])
+
+
+def test_batch_of_different_lengths_equals_each_alone(case, exported):
+    """Staggered sequences stepped together (idle slots inside the span fed dummy tokens) give the
+    tokens each gives alone: every row's state is its own, and an idle row's is left untouched."""
+    import edgert
+    from test_engine import greedy_together
+    src, _ = case
+    llm = edgert.load(exported(src, 32), context=512, slots=4, threads=1)
+    prompts = [PROMPTS[7], PROMPTS[300][:23], PROMPTS[1], PROMPTS[300][100:111]]
+    together = greedy_together(llm, prompts, 10)
+    llm.engine.forget()
+    assert together == [greedy(llm, p, 10) for p in prompts]
+
+
+def test_rewind_needs_a_snapshot_and_speculation_falls_back(case, exported):
+    import edgert
+    from edgert.engine import StateRewind
+    src, _ = case
+    llm = edgert.load(exported(src, 32), context=512, threads=1)
+    eng = llm.engine
+    assert eng.recurrent
+    prompt = PROMPTS[300][:30]
+    seq = eng.open(prompt)
+    eng.step({seq: prompt})
+    eng.step({seq: [5]})
+    eng.step({seq: [6]})
+    with pytest.raises(StateRewind, match="cannot be cut back to position 31"):
+        eng.rewind(seq, 31)
+    assert seq.pos == 32
+    eng.rewind(seq, 30)                         # the end of the prompt: a snapshot is kept there
+    assert np.abs(eng.step({seq: [5]})[seq] - eng_fresh_logits(llm, prompt + [5])).max() < 1e-4
+    eng.close(seq)
+    plain, spec = greedy(llm, prompt, 12), greedy(llm, prompt, 12, speculate=4)
+    assert spec == plain and "drafted" not in llm.stats.extra
+
+
+def greedy(llm, ids, n, **kw):
+    return [t.id for t in llm.generate(ids, max_tokens=n, temperature=0, ignore_eos=True, **kw) if t.id >= 0]
+
+
+def eng_fresh_logits(llm, ids):
+    m = llm.model
+    fresh = Model(m.path, context=m.context, threads=1)
+    return fresh.forward(ids)[-1]
+
+
+def test_prefix_reuse_only_at_snapshots(case, exported):
+    """A new prompt sharing a prefix resumes at the longest snapshot inside it, with fresh logits."""
+    import edgert
+    src, _ = case
+    llm = edgert.load(exported(src, 32), context=512, threads=1)
+    eng = llm.engine
+    a = PROMPTS[300][:50]
+    seq = eng.open(a)
+    eng.step({seq: a})
+    for t in (7, 8, 9):
+        eng.step({seq: [t]})
+    eng.close(seq)
+    b = a + [7, 8, 11, 12]                         # shares 52 tokens; the snapshot is at 50
+    seq = eng.open(b)
+    assert seq.cached == 50
+    got = eng.step({seq: b[seq.cached:]})[seq]
+    assert np.abs(got - eng_fresh_logits(llm, b)).max() < 1e-4
+    eng.step({seq: [13]})
+    eng.close(seq)
+    c = b + [13, 20]                               # continues what the slot holds: resumes at its live end
+    seq = eng.open(c)
+    assert seq.cached == 55
+    assert np.abs(eng.step({seq: c[seq.cached:]})[seq] - eng_fresh_logits(llm, c)).max() < 1e-4
+    eng.close(seq)
+    seq = eng.open(a + [1, 2])                     # back to the first snapshot (50), kept through all this
+    assert seq.cached == 50
+
+
+
+def test_two_turn_chat_reuses_the_turn_boundary(case, exported):
+    """llm.chat(): turn 2 resumes from the state kept where the template's rendering of turn 1 departs
+    from what was generated, and answers as a fresh run of the whole conversation."""
+    import edgert
+    src, _ = case
+    art = exported(src, 32)
+    llm = edgert.load(art, context=512, threads=1)
+    conv = llm.chat()
+    list(conv.send("What is 3+4?", temperature=0, max_tokens=12))
+    first = llm.encode_messages(conv.messages[:1])
+    got = [t.id for t in conv.send("And 5*6?", temperature=0, max_tokens=12) if t.id >= 0]
+    fresh = edgert.load(art, context=512, threads=1)
+    ids = fresh.encode_messages(conv.messages[:-1])
+    assert len(ids) == conv.stats.prompt_tokens
+    # R1's template renders the answer without its reasoning: the prompts share only up to the
+    # assistant header, before the end of turn 1's prompt, where the state was kept
+    shared = next(i for i, (x, y) in enumerate(zip(first, ids)) if x != y)
+    assert 5 < shared < len(first) and conv.stats.cached_tokens == shared
+    want = [t.id for t in fresh.generate(ids, max_tokens=12, temperature=0) if t.id >= 0]
+    assert got[:len(want)] == want
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("EDGERT_ORT_PYTHON"),
+                    reason="set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
+def test_old_onnxruntime_gives_identical_tokens(case, exported):
+    """The standard-op recurrent graphs on onnxruntime 1.22 (Termux): fp32 identical greedy steps,
+    quantized ones identical but at near-ties (teacher-forced along the newest release's path)."""
+    import os
+    from test_onnxruntime_versions import same_choices
+    src, _ = case
+    jobs = [(str(exported(src, bits)), PROMPTS[7]) for bits in (32, 4)]
+    old, _ = same_choices(os.environ["EDGERT_ORT_PYTHON"], jobs, exact=[True, False])
+    assert old["version"].startswith("1.22"), old["version"]
