@@ -467,3 +467,41 @@ def causal_conv(g: Graph, x: str, state: str, weight: np.ndarray, bias: np.ndarr
     new_state = g.op("Slice", [padded, g.const(name + ".last", np.array([-(k - 1)], np.int64)),
                                g.const(name + ".end", np.array([2**62], np.int64)), axis], name + ".state")
     return y, new_state
+
+
+def l2_normalize(g: Graph, x: str, eps: float, name: str) -> str:
+    """x / sqrt(sum(x^2) + eps) over the last axis (the FLA l2norm Gated DeltaNet uses)."""
+    ss = g.op("ReduceSum", [g.op("Mul", [x, x], name + ".sq"), g.const(name + ".axis", np.array([-1], np.int64))],
+              name + ".ss", keepdims=1)
+    return g.op("Div", [x, g.op("Sqrt", [g.op("Add", [ss, g.const(name + ".eps", np.array(eps, np.float32))], name + ".sse")],
+                                name + ".norm")], name)
+
+
+def gated_delta_rule(g: Graph, q: str, k: str, v: str, decay: str, beta: str, state: str, heads: int, dk: int, dv: int,
+                     name: str) -> tuple[str, str]:
+    """The gated delta rule over a sequence, as an ONNX Scan over tokens (standard ops, any onnxruntime):
+    q, k [B, S, H, dk] (normalised, q scaled), v [B, S, H, dv], decay = exp(g) and beta [B, S, H],
+    state [B, H, dk, dv]. Per token, per head:
+        S <- decay * S;  S <- S + k (beta (v - k S))^T;  o = q S
+    Returns (o [B, S, H, dv], the final state). Each step is four small MatMuls per head batch."""
+    def shaped(x, dims, label):
+        return g.op("Reshape", [x, g.const(f"{name}.{label}_shape", np.array([0, 0, *dims], np.int64))], f"{name}.{label}")
+    ins = [shaped(q, [heads, 1, dk], "q_row"), shaped(k, [heads, 1, dk], "k_row"), shaped(k, [heads, dk, 1], "k_col"),
+           shaped(v, [heads, 1, dv], "v_row"), shaped(decay, [heads, 1, 1], "decay"), shaped(beta, [heads, 1, 1], "beta")]
+    n = name.replace(".", "_")
+    s0, q_t, kr, kc, v_t, d_t, b_t = (f"{n}_{x}" for x in ("s0", "q", "kr", "kc", "v", "d", "b"))
+    node = helper.make_node
+    body = [node("Mul", [s0, d_t], [f"{n}_s1"]),                               # decayed state [B, H, dk, dv]
+            node("MatMul", [kr, f"{n}_s1"], [f"{n}_mem"]),                     # k S        [B, H, 1, dv]
+            node("Sub", [v_t, f"{n}_mem"], [f"{n}_err"]),
+            node("Mul", [f"{n}_err", b_t], [f"{n}_delta"]),
+            node("MatMul", [kc, f"{n}_delta"], [f"{n}_outer"]),                # k delta^T  [B, H, dk, dv]
+            node("Add", [f"{n}_s1", f"{n}_outer"], [f"{n}_s2"]),
+            node("MatMul", [q_t, f"{n}_s2"], [f"{n}_o"])]                      # q S        [B, H, 1, dv]
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(body, name + ".step", [helper.make_tensor_value_info(x, f, None) for x in
+                                                     (s0, q_t, kr, kc, v_t, d_t, b_t)],
+                              [helper.make_tensor_value_info(f"{n}_s2", f, None), helper.make_tensor_value_info(f"{n}_o", f, None)])
+    final, out = g.op("Scan", [state, *ins], name + ".scan", outputs=2, body=graph, num_scan_inputs=6,
+                      scan_input_axes=[1] * 6, scan_output_axes=[1])                # out [B, S, H, 1, dv]
+    return shaped(out, [heads, dv], "out"), final

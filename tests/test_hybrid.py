@@ -19,6 +19,9 @@ CONFIGS = {
     # conv, attention, conv, conv: a conv layer first (its state starts the stack) and last
     "lfm2": ("lfm2", dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "conv"], head_dim=16,
                           tie_word_embeddings=True, norm_eps=1e-5, max_position_embeddings=512)),
+    # three Gated DeltaNet layers, then attention; 2 key heads serve 4 value heads; rotary on 8 of 32 dims
+    "qwen3_5": ("qwen3_5_text", dict(num_hidden_layers=4, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                                     linear_key_head_dim=16, linear_value_head_dim=16, max_position_embeddings=512)),
 }
 
 

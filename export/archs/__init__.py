@@ -18,6 +18,8 @@ ARCHITECTURES = {
     "deepseek_v2": "deepseek_v2",
     "deepseek_v3": "deepseek_v3",
     "lfm2": "lfm2",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_text": "qwen3_5",
 }
 
 
