@@ -102,7 +102,7 @@ class Model:
         self.context = context or min(max_ctx, DEFAULT_CONTEXT)
         if not 1 <= self.context <= max_ctx:
             raise ArtifactError(f"--context must be between 1 and {max_ctx} (the context this artifact was exported for), not {self.context}")
-        self.memory_need = check_fit(self.path, self.manifest, self.context * slots, max_memory)
+        self.memory_need = check_fit(self.path, self.manifest, self.context * slots, max_memory, sequences=slots)
         self.threads = check_threads(threads) or default_threads()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
