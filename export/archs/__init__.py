@@ -20,6 +20,9 @@ ARCHITECTURES = {
     "lfm2": "lfm2",
     "qwen3_5": "qwen3_5",
     "qwen3_5_text": "qwen3_5",
+    "lfm2_moe": "lfm2_moe",
+    "qwen3_5_moe": "qwen3_5_moe",
+    "qwen3_5_moe_text": "qwen3_5_moe",
 }
 
 
