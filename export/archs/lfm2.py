@@ -32,6 +32,11 @@ class Model(Decoder):
         if self.conv_kernel < 2:
             raise UnsupportedModel(f"conv_L_cache {self.conv_kernel} is not supported (at least 2)")
         self.tied = bool(c.get("tie_word_embeddings", c.get("tie_embedding", True)))
+        ffn = int(c.get("block_ff_dim", c.get("intermediate_size") or 0))      # (the export reads the weights' shapes;
+        if c.get("block_auto_adjust_ff_dim", True):                              #  synthetic shapes need the rule)
+            ffn = int(float(c.get("block_ffn_dim_multiplier") or 1.0) * int(2 * ffn / 3))
+            ffn = c.get("block_multiple_of", 256) * -(-ffn // c.get("block_multiple_of", 256))
+        self.ffn_dim = ffn
 
     def is_attention(self, i: int) -> bool:
         return self.layer_types[i] == "full_attention"

@@ -99,10 +99,14 @@ class Model(Decoder):
         pre, name = self.layer_prefix(i) + "self_attn.", f"layers.{i}.attn"
         get, hd = self.ckpt.get, self.head_dim
         order = self._rotary_order()
-        qg = get(pre + "q_proj.weight").reshape(self.heads, 2, hd, -1)
-        q_w, gate_w = qg[:, 0][:, order].reshape(self.heads * hd, -1), qg[:, 1].reshape(self.heads * hd, -1)
-        k_w = get(pre + "k_proj.weight").reshape(self.kv_heads, hd, -1)[:, order].reshape(self.kv_heads * hd, -1)
-        w = np.concatenate([q_w, k_w, get(pre + "v_proj.weight"), gate_w])
+        qg = get(pre + "q_proj.weight")
+        if isinstance(qg, np.ndarray):
+            qg = qg.reshape(self.heads, 2, hd, -1)
+            q_w, gate_w = qg[:, 0][:, order].reshape(self.heads * hd, -1), qg[:, 1].reshape(self.heads * hd, -1)
+            k_w = get(pre + "k_proj.weight").reshape(self.kv_heads, hd, -1)[:, order].reshape(self.kv_heads * hd, -1)
+            w = np.concatenate([q_w, k_w, get(pre + "v_proj.weight"), gate_w])
+        else:       # a shape-only weight of a synthetic model (export/synthetic.py): the same rows, random codes
+            w = np.concatenate([qg, get(pre + "k_proj.weight"), get(pre + "v_proj.weight")])
         if pre + "q_proj.bias" in self.ckpt:
             raise UnsupportedModel("qwen3_5 attention with bias is not supported")
         proj = G.linear(g, x, w, name + ".qkvg", self.recipe.bits, self.recipe.block_size)
