@@ -129,7 +129,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
             for name in TOKENIZER_FILES + ("generation_config.json", "config.json"):
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
-            total_params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names)
+            total_params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names if model.counts(n))
             files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                      for name in [*graphs.values(), "model.onnx.data"]}
             manifest = {

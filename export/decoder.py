@@ -82,6 +82,10 @@ class Decoder:
     def state_out(self, g: Graph, src: str, i: int, name: str, shape: list[int]) -> None:
         g.output(src, f"present_state.{i}.{name}", TensorProto.FLOAT, ["batch", *shape])
 
+    def counts(self, name: str) -> bool:
+        """Whether a checkpoint tensor is a parameter of the model exported (not of a vision tower, say)."""
+        return True
+
     def norm_weight(self, key: str) -> np.ndarray:
         """An RMSNorm's weight as SimplifiedLayerNormalization multiplies (Qwen3.5 stores w for 1 + w)."""
         return self.ckpt.get(key)

@@ -278,3 +278,29 @@ def test_moe_old_onnxruntime_gives_identical_tokens(moe_case, exported):
     jobs = [(str(exported(src, bits)), PROMPTS[7]) for bits in (32, 4)]
     old, _ = same_choices(os.environ["EDGERT_ORT_PYTHON"], jobs, exact=[True, False])
     assert old["version"].startswith("1.22") and set(old["strategies"]) == {"plain"}
+
+
+def test_qwen3_5_multimodal_layout_exports_its_text_model(case, exported, tmp_path):
+    """Qwen3.5 as published: model_type qwen3_5 with the text settings under text_config, weights under
+    model.language_model. beside a vision tower and an MTP head: the same artifact as the text model's."""
+    import json
+    from safetensors.numpy import load_file, save_file
+    src, _ = case
+    if json.loads((src / "config.json").read_text())["model_type"] != "qwen3_5_text":
+        pytest.skip("Qwen3.5 only")
+    weights = {k.replace("model.", "model.language_model.", 1): v for k, v in load_file(src / "model.safetensors").items()}
+    weights["model.visual.patch_embed.proj.weight"] = np.ones((4, 3), np.float32)
+    weights["mtp.fc.weight"] = np.ones((4, 4), np.float32)
+    nested = tmp_path / "nested"
+    shutil.copytree(src, nested)
+    save_file(weights, nested / "model.safetensors")
+    text = json.loads((src / "config.json").read_text())
+    (nested / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"],
+                                                    "tie_word_embeddings": text["tie_word_embeddings"],
+                                                    "text_config": text, "vision_config": {"depth": 1}}))
+    prompt = PROMPTS[7]
+    want = Model(exported(src, 32), context=512, threads=1).forward(prompt, num_logits=len(prompt))
+    got = Model(exported(nested, 32), context=512, threads=1).forward(prompt, num_logits=len(prompt))
+    assert np.array_equal(got, want)
+    from edgert.artifact import read_manifest
+    assert read_manifest(exported(nested, 32))["model"]["parameters"] == read_manifest(exported(src, 32))["model"]["parameters"]

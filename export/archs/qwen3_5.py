@@ -74,6 +74,9 @@ class Model(Decoder):
             ckpt = LanguageModel(ckpt)
         return super().build(g, ckpt, recipe, context, progress)
 
+    def counts(self, name):
+        return not name.startswith(("model.visual.", "mtp."))       # the vision tower, the multi-token-prediction head
+
     def is_attention(self, i):
         return self.layer_types[i] == "full_attention"
 
