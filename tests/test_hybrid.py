@@ -304,3 +304,21 @@ def test_qwen3_5_multimodal_layout_exports_its_text_model(case, exported, tmp_pa
     assert np.array_equal(got, want)
     from edgert.artifact import read_manifest
     assert read_manifest(exported(nested, 32))["model"]["parameters"] == read_manifest(exported(src, 32))["model"]["parameters"]
+
+
+def test_votes_share_the_prompt_state(case, exported):
+    """--votes: the prompt is computed once; the other slots resume from the state kept one token
+    before its end (copied), so greedy votes all equal one greedy run."""
+    import edgert
+    src, _ = case
+    llm = edgert.load(exported(src, 32), context=512, slots=3, threads=1)
+    prompt = PROMPTS[300][:40]
+    calls = []
+    run = llm.model.run
+    llm.model.run = lambda first, ids, *a, **k: calls.append(ids.shape) or run(first, ids, *a, **k)
+    result = llm.vote(prompt, 3, max_tokens=8, temperature=0)
+    assert calls[:3] == [(1, 39), (1, 1), (2, 1)]       # prefill to the mark, its last token, the two others' last token
+    llm.model.run = run
+    llm.engine.forget()
+    alone = greedy(llm, prompt, 8)
+    assert all(v["tokens"] == alone for v in result["votes"])
