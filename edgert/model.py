@@ -140,7 +140,8 @@ class Model:
 
     def _binding(self, first: int, last: int):
         """An IOBinding with the cache rows of slots [first, last) bound as past and present."""
-        if (first, last) not in self._bindings:
+        key = (first, last, self._parity)        # recurrent state: which of its two buffers is the input now
+        if key not in self._bindings:
             io = self.session.io_binding()
             io.bind_output("logits")        # output 0; the caches follow
             views = [ort.OrtValue.ortvalue_from_numpy(buf[first:last]) for buf in self.cache]
@@ -148,8 +149,8 @@ class Model:
                 io.bind_ortvalue_input(past, view)
                 io.bind_ortvalue_output(present, view)
             views += self._bind_state(io, first, last)
-            self._bindings[(first, last)] = (io, views)     # the views must outlive the binding
-        return self._bindings[(first, last)][0]
+            self._bindings[key] = (io, views)     # the views must outlive the binding
+        return self._bindings[key][0]
 
     def track_experts(self, on: bool = True) -> None:
         """Count which experts each MoE layer picks from now on (or stop counting)."""
@@ -215,9 +216,11 @@ class Model:
     # Each state tensor (edgert.json "state": layer, name, shape per sequence) is held as
     # [slots, *shape], zeros for a new sequence. A forward binds the rows of its slots as the
     # input past_state.{layer}.{name} and the same rows of a second buffer as the output
-    # present_state.{layer}.{name}; afterwards the rows that stepped are copied back (a row that
-    # only fed a dummy token keeps its state). The copy is the state's size, far below a step's reads.
+    # present_state.{layer}.{name}. When every slot stepped, the two buffers swap roles (nothing is
+    # copied: always so with one slot); otherwise the rows that stepped are copied back (a row that
+    # only fed a dummy token keeps its state), the state's size, far below a step's reads.
     def _init_state(self, specs: list[dict]) -> None:
+        self._parity = 0
         shapes = [(self.slots, *spec["shape"]) for spec in specs]
         self.state = [np.zeros(shape, np.float32) for shape in shapes]
         self._state_next = [np.zeros(shape, np.float32) for shape in shapes]
@@ -239,6 +242,12 @@ class Model:
         return views
 
     def _commit_state(self, first: int, rows: int, stepped) -> None:
+        if not self.state:
+            return
+        if first == 0 and rows == self.slots and (stepped is None or len(stepped) == rows):
+            self.state, self._state_next = self._state_next, self.state
+            self._parity ^= 1
+            return
         for cur, nxt in zip(self.state, self._state_next):
             if stepped is None:
                 cur[first:first + rows] = nxt[first:first + rows]
