@@ -159,10 +159,10 @@ class Model(Decoder):
         # decay = exp(-exp(A_log) * softplus(a + dt_bias))
         a_exp = np.exp(get(pre + "A_log").astype(np.float64))
         sp = g.op("Softplus", [g.op("Add", [a, g.const(name + ".dt_bias", get(pre + "dt_bias"))], name + ".a_dt")], name + ".softplus")
-        decay = g.op("Exp", [g.op("Mul", [sp, g.const(name + ".neg_a", (-a_exp).astype(np.float32))], name + ".log_decay")],
-                     name + ".decay")
+        log_decay = g.op("Mul", [sp, g.const(name + ".neg_a", (-a_exp).astype(np.float32))], name + ".log_decay")
         sshape = [hv, dk, dv]
-        o, final = G.gated_delta_rule(g, q, k, v, decay, beta, self.state(g, i, "recurrent", sshape), hv, dk, dv, name + ".rule")
+        o, final = G.gated_delta_rule(g, q, k, v, log_decay, beta, self.state(g, i, "recurrent", sshape), hv, dk, dv,
+                                      name + ".rule")
         self.state_out(g, final, i, "recurrent", sshape)
         o = G.rms_norm(g, o, get(pre + "norm.weight"), self.eps, name + ".norm")                  # [B, S, hv, dv]
         o = g.op("Mul", [o, g.ms("QuickGelu", [heads(z, hv, dv, "z")], name + ".z_silu", alpha=1.0)], name + ".gated")
