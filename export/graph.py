@@ -483,13 +483,15 @@ DELTA_CHUNK = 64         # tokens per chunk of the chunked delta rule (prefill)
 
 def gated_delta_rule(g: Graph, q: str, k: str, v: str, log_decay: str, beta: str, state: str, heads: int, dk: int,
                      dv: int, name: str) -> tuple[str, str]:
-    """The gated delta rule (shapes as in `delta_rule_tokens`; log_decay = g <= 0, the state decays by
-    exp(g) per token): one token (decode) steps the recurrence directly; longer feeds (prefill) take
-    the chunked form. An If on the sequence length picks; both are standard ops."""
+    """The gated delta rule over a feed: q, k [B, S, H, dk] (L2-normalised, q scaled), v [B, S, H, dv],
+    log_decay = g <= 0 and beta [B, S, H], state [B, H, dk, dv]. Per token, per head:
+        S <- exp(g) S;  S <- S + k (beta (v - k S))^T;  o = q S
+    Returns (o [B, S, H, dv], the final state). One token (decode) steps it directly; longer feeds
+    (prefill) take the chunked form. An If on the sequence length picks; both are standard ops."""
     seq = g.op("Gather", [g.op("Shape", [q], name + ".shape"), g.const(name + ".axis1", np.array(1, np.int64))], name + ".seq")
     one = g.op("Equal", [seq, g.const(name + ".one", np.array(1, np.int64))], name + ".is_step")
     decay = g.op("Exp", [log_decay], name + ".decay")
-    step = g.branch(lambda: list(delta_rule_tokens(g, q, k, v, decay, beta, state, heads, dk, dv, name + ".step")),
+    step = g.branch(lambda: list(delta_rule_step(g, q, k, v, decay, beta, state, heads, dk, dv, name + ".step")),
                     name + ".step_branch")
     chunked = g.branch(lambda: list(delta_rule_chunked(g, q, k, v, log_decay, beta, state, heads, dk, dv, name + ".chunk")),
                        name + ".chunk_branch")
@@ -578,31 +580,15 @@ def delta_rule_chunked(g: Graph, q: str, k: str, v: str, log_decay: str, beta: s
     return out, final
 
 
-def delta_rule_tokens(g: Graph, q: str, k: str, v: str, decay: str, beta: str, state: str, heads: int, dk: int, dv: int,
-                      name: str) -> tuple[str, str]:
-    """The gated delta rule over a sequence, as an ONNX Scan over tokens (standard ops, any onnxruntime):
-    q, k [B, S, H, dk] (normalised, q scaled), v [B, S, H, dv], decay = exp(g) and beta [B, S, H],
-    state [B, H, dk, dv]. Per token, per head:
-        S <- decay * S;  S <- S + k (beta (v - k S))^T;  o = q S
-    Returns (o [B, S, H, dv], the final state). Each step is four small MatMuls per head batch."""
-    def shaped(x, dims, label):
-        return g.op("Reshape", [x, g.const(f"{name}.{label}_shape", np.array([0, 0, *dims], np.int64))], f"{name}.{label}")
-    ins = [shaped(q, [heads, 1, dk], "q_row"), shaped(k, [heads, 1, dk], "k_row"), shaped(k, [heads, dk, 1], "k_col"),
-           shaped(v, [heads, 1, dv], "v_row"), shaped(decay, [heads, 1, 1], "decay"), shaped(beta, [heads, 1, 1], "beta")]
-    n = name.replace(".", "_")
-    s0, q_t, kr, kc, v_t, d_t, b_t = (f"{n}_{x}" for x in ("s0", "q", "kr", "kc", "v", "d", "b"))
-    node = helper.make_node
-    body = [node("Mul", [s0, d_t], [f"{n}_s1"]),                               # decayed state [B, H, dk, dv]
-            node("MatMul", [kr, f"{n}_s1"], [f"{n}_mem"]),                     # k S        [B, H, 1, dv]
-            node("Sub", [v_t, f"{n}_mem"], [f"{n}_err"]),
-            node("Mul", [f"{n}_err", b_t], [f"{n}_delta"]),
-            node("MatMul", [kc, f"{n}_delta"], [f"{n}_outer"]),                # k delta^T  [B, H, dk, dv]
-            node("Add", [f"{n}_s1", f"{n}_outer"], [f"{n}_s2"]),
-            node("MatMul", [q_t, f"{n}_s2"], [f"{n}_o"])]                      # q S        [B, H, 1, dv]
-    f = TensorProto.FLOAT
-    graph = helper.make_graph(body, name + ".step", [helper.make_tensor_value_info(x, f, None) for x in
-                                                     (s0, q_t, kr, kc, v_t, d_t, b_t)],
-                              [helper.make_tensor_value_info(f"{n}_s2", f, None), helper.make_tensor_value_info(f"{n}_o", f, None)])
-    final, out = g.op("Scan", [state, *ins], name + ".scan", outputs=2, body=graph, num_scan_inputs=6,
-                      scan_input_axes=[1] * 6, scan_output_axes=[1])                # out [B, S, H, 1, dv]
-    return shaped(out, [heads, dv], "out"), final
+def delta_rule_step(g: Graph, q: str, k: str, v: str, decay: str, beta: str, state: str, heads: int, dk: int, dv: int,
+                    name: str) -> tuple[str, str]:
+    """One token of the gated delta rule (decode), straight ops on [B, H, ., .] views: no loop."""
+    def view(x, dims, label):       # [B, 1, H, ...] -> [B, H, *dims] (the same order of elements)
+        return g.op("Reshape", [x, g.const(f"{name}.{label}_shape", np.array([0, heads, *dims], np.int64))], f"{name}.{label}")
+    q_row, k_row, k_col = view(q, [1, dk], "q_row"), view(k, [1, dk], "k_row"), view(k, [dk, 1], "k_col")
+    v_row, d, b = view(v, [1, dv], "v_row"), view(decay, [1, 1], "decay"), view(beta, [1, 1], "beta")
+    s1 = g.op("Mul", [state, d], name + ".decayed")                                              # [B, H, dk, dv]
+    delta = g.op("Mul", [g.op("Sub", [v_row, g.op("MatMul", [k_row, s1], name + ".mem")], name + ".err"), b], name + ".delta")
+    s2 = g.op("Add", [s1, g.op("MatMul", [k_col, delta], name + ".outer")], name + ".state")
+    o = g.op("MatMul", [q_row, s2], name + ".o")                                                 # [B, H, 1, dv]
+    return g.op("Reshape", [o, g.const(name + ".o_shape", np.array([0, 1, heads, dv], np.int64))], name + ".out"), s2
