@@ -7,7 +7,6 @@ speed; the % of it reached says how much a faster kernel could still win on this
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -20,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .artifact import bytes_per_weight
+from .artifact import bytes_per_weight, read_json
 from .generate import Sampling, Stats, generate
-from .device import available_memory, kv_bytes, state_bytes
+from .device import available_memory, kv_bytes, kv_element_bytes, state_bytes
 from .model import Model
 
 # ---- the device ----------------------------------------------------------------------------
@@ -97,7 +96,8 @@ def decode_bytes_per_token(manifest: dict, config: dict, data_bytes: int, positi
     shared = bool(config.get("tie_word_embeddings")) and q["embed"] == q["lm_head"] != 32
     unread = 0 if shared else embed * (1 - 1 / vocab)
     unread += m.get("idle_expert_parameters", 0) * bytes_per_weight(q["mlp"], bs)
-    unread += 2 * 4 * (manifest["context_length"] - 1) * hd // 2
+    el = kv_element_bytes(manifest)                    # the rotary tables share the cache's dtype
+    unread += 2 * el * (manifest["context_length"] - 1) * hd // 2
     kv = kv_bytes(manifest, 1) * position
     state = 4 * state_bytes(manifest)       # hybrid models: the step reads and writes the state, the copy back again
     return data_bytes - unread + kv + state
@@ -174,15 +174,14 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3,
     bandwidth = memory_bandwidth(model.threads, probe_seconds)
     _progress("")
     m = model.manifest
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = read_json(path, "config.json")
     data_bytes = (path / "model.onnx.data").stat().st_size
     per_token = decode_bytes_per_token(m, config, data_bytes, prompt_tokens + gen_tokens / 2)
     result = {
         "artifact": str(path), "architecture": m["architecture"], "parameters": m["model"]["parameters"],
         "active_parameters_per_token": experts["active_parameters_per_token"], "quantization": m["quantization"],
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "threads": model.threads, "repeat": repeat,
-        "strategy": model.strategy,
+        "strategy": model.strategy, "kv_cache": model.kv_cache,
     }
     _spread(result, "prefill_tok_s", [r.prefill_tok_s for r in runs])
     _spread(result, "decode_tok_s", [r.decode_tok_s for r in runs])
@@ -214,7 +213,7 @@ def table(r: dict) -> str:
         return f"{r[key]:{fmt}} {unit} (min {r[key + '_min']:{fmt}}, max {r[key + '_max']:{fmt}})"
     rows = [("artifact", r.get("synthetic") and f"synthetic {r['synthetic']} ({r['artifact']})" or r["artifact"]),
             ("architecture", arch),
-            ("size", f"{r['model_mb']:.0f} MB, {r['bits_per_weight']:.2f} bits per weight"),
+            ("size", f"{r['model_mb']:.0f} MB, {r['bits_per_weight']:.2f} bits per weight, {r.get('kv_cache', 'fp32')} KV cache"),
             ("prompt / generated", f"{r['prompt_tokens']} / {r['gen_tokens']} tokens, {r['threads']} threads, "
                                    f"median of {r['repeat']}"),
             ("prefill", spread("prefill_tok_s", ".1f", "tok/s")),

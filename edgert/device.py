@@ -157,7 +157,12 @@ def weight_bytes(manifest: dict) -> int:
 def kv_bytes(manifest: dict, context: int) -> int:
     m = manifest["model"]
     layers = len(m["attention_layers"]) if "attention_layers" in m else m["layers"]    # hybrid models: attention layers only
-    return layers * 2 * m["kv_heads"] * context * m["head_dim"] * 4     # fp32 keys and values
+    return layers * 2 * m["kv_heads"] * context * m["head_dim"] * kv_element_bytes(manifest)
+
+
+def kv_element_bytes(manifest: dict) -> int:
+    """Bytes per cached key or value element: 2 for an fp16 cache, 4 for fp32 (older artifacts)."""
+    return 2 if manifest.get("quantization", {}).get("kv_cache") == "fp16" else 4
 
 
 # Hybrid models hold their recurrent state per sequence: the live copy, the buffer a step writes,

@@ -73,7 +73,7 @@ class Engine:
         if not free:
             raise NoFreeSlot(f"all {self.slots} slots are busy")
         limit = max(len(prompt_ids) - 1, 0)
-        shared = {s: self._resumable(s, _common(self._held[s], prompt_ids, limit)) for s in range(self.slots)}
+        shared = {s: self._resumable(s, common_prefix(self._held[s], prompt_ids, limit)) for s in range(self.slots)}
         slot = max(free, key=lambda s: (shared[s], -len(self._held[s])))     # best reuse, else the emptiest
         source = max(range(self.slots), key=lambda s: shared[s])
         n = shared[slot]
@@ -224,9 +224,9 @@ class Engine:
             snaps[n] = self._snaps[source][n]
 
 
-def _common(a: list[int], b: list[int], limit: int) -> int:
+def common_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
     """Length of the common prefix of a and b, at most limit."""
-    n = min(len(a), len(b), limit)
+    n = min(len(a), len(b), len(a) if limit is None else limit)
     if n == 0:
         return 0
     x, y = np.asarray(a[:n]), np.asarray(b[:n])

@@ -80,6 +80,14 @@ def choose_graph(graphs: dict, strategy: str | None, needs_int8: bool = False) -
     return ranked[0] if ranked else "plain"
 
 
+def check_onnxruntime(manifest: dict) -> None:
+    """An artifact whose graph needs a newer onnxruntime (gpt-oss's attention sinks: 1.23) is refused in one line."""
+    need = manifest.get("model", {}).get("min_onnxruntime")
+    if need and ort_version() < tuple(int(p) for p in need.split(".")[:2]):
+        raise ArtifactError(f"this {manifest.get('architecture')} artifact needs onnxruntime >= {need} "
+                            f"(this is {ort.__version__}): pip install -U onnxruntime")
+
+
 class ContextFull(Exception):
     pass
 
@@ -96,6 +104,7 @@ class Model:
         slots: sequences whose caches are held at once (edgert.engine steps them together)."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        check_onnxruntime(self.manifest)
         m = self.manifest["model"]
         self.vocab, self.layers = m["vocab"], m["layers"]
         max_ctx = self.manifest["context_length"]
@@ -126,8 +135,10 @@ class Model:
         if slots > 1 and not self.manifest.get("batch"):
             raise ArtifactError(f"{self.path} was exported before batching (one sequence per forward): "
                                 f"re-export it with this edgert to decode {slots} sequences together")
+        self.kv_cache = self.manifest.get("quantization", {}).get("kv_cache", "fp32")
+        kv_dtype = {"fp32": np.float32, "fp16": np.float16}[self.kv_cache]
         kv_layers = m.get("attention_layers", range(self.layers))      # hybrid models: only these attend
-        self.cache = [np.zeros((slots, m["kv_heads"], self.context, m["head_dim"]), np.float32)
+        self.cache = [np.zeros((slots, m["kv_heads"], self.context, m["head_dim"]), kv_dtype)
                       for _ in range(2 * len(kv_layers))]
         self._cache_names = [(f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}")
                              for layer in kv_layers for kind in ("key", "value")]

@@ -72,7 +72,7 @@ def collect(model, ckpt, src: Path, text: str, work: Path) -> ActivationStats:
     work.mkdir(parents=True, exist_ok=True)
     g = Graph(work / "probe.onnx.data")
     g.quantizer = Quantizer("rtn")
-    model.build(g, ckpt, Recipe(bits=4, embed_bits=4, method="rtn"), window)
+    model.build(g, ckpt, Recipe(bits=4, embed_bits=4, method="rtn", kv_cache="fp32"), window)
     linears = _probe_linears(g)
     tensors = sorted(set(linears.values()))
     for t in tensors:

@@ -175,6 +175,7 @@ class Recipe:
     block_size: int = 32
     embed_bits: int = 8      # embeddings and lm_head: small models punish int4 here
     method: str = DEFAULT_RECIPE   # how int4 codes are chosen (quantize.RECIPES)
+    kv_cache: str = "fp16"   # keys and values in the cache: fp16 (half the bytes) or fp32
 
     def bits_for(self, tensor_class: str) -> int:
         if tensor_class == "router":
@@ -285,25 +286,28 @@ def head_rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, head_dim: in
     return g.op("Reshape", [y, shape3], name + ".merge_heads")
 
 
-def silu_mul(g: Graph, gate: str, up: str, name: str) -> str:
-    """silu(gate) * up; QuickGelu with alpha 1 is x * sigmoid(x) in one node."""
+def silu_mul(g: Graph, gate: str, up: str, name: str, act: str = "silu") -> str:
+    """act(gate) * up. silu: QuickGelu with alpha 1 is x * sigmoid(x) in one node; gelu_tanh:
+    FastGelu is GELU's tanh approximation (Gemma)."""
+    if act == "gelu_tanh":
+        return g.op("Mul", [g.ms("FastGelu", [gate], name + ".gelu"), up], name)
     return g.op("Mul", [g.ms("QuickGelu", [gate], name + ".silu", alpha=1.0), up], name)
 
 
-def swiglu(g: Graph, x: str, gate_up: tuple, down: tuple, ffn: int, name: str) -> str:
-    """down(silu(gate(x)) * up(x)) from prepared MatMulNBits/MatMul operands (see `linear_operands`)."""
+def swiglu(g: Graph, x: str, gate_up: tuple, down: tuple, ffn: int, name: str, act: str = "silu") -> str:
+    """down(act(gate(x)) * up(x)) from prepared MatMulNBits/MatMul operands (see `linear_operands`)."""
     gu = apply_linear(g, x, *gate_up, name + ".gate_up")
     gate, up = g.op("Split", [gu, g.const(name + ".split", np.array([ffn, ffn], np.int64))], name + ".split",
                     outputs=2, axis=-1)
-    return apply_linear(g, silu_mul(g, gate, up, name + ".act"), *down, name + ".down")
+    return apply_linear(g, silu_mul(g, gate, up, name + ".act", act), *down, name + ".down")
 
 
-def rope_cache(g: Graph, inv_freq: np.ndarray, positions: int, attention_factor=1.0) -> tuple[str, str]:
+def rope_cache(g: Graph, inv_freq: np.ndarray, positions: int, attention_factor=1.0, dtype=np.float32) -> tuple[str, str]:
     """cos/sin tables [positions, rotary_dim/2] for GroupQueryAttention's built-in rotary
-    (attention_factor: yarn's scale, one number or one per frequency)."""
+    (attention_factor: yarn's scale, one number or one per frequency), in the cache's dtype."""
     angles = np.arange(positions, dtype=np.float64)[:, None] * inv_freq[None, :].astype(np.float64)
-    return (g.const("rope.cos", (np.cos(angles) * attention_factor).astype(np.float32)),
-            g.const("rope.sin", (np.sin(angles) * attention_factor).astype(np.float32)))
+    return (g.const("rope.cos", (np.cos(angles) * attention_factor).astype(dtype)),
+            g.const("rope.sin", (np.sin(angles) * attention_factor).astype(dtype)))
 
 
 @dataclass
@@ -313,15 +317,64 @@ class AttentionIO:
     total_len: str       # int32 scalar: the same, plus one (batch max)
     cos: str
     sin: str
+    half: bool = False   # fp16 KV cache: GroupQueryAttention runs in fp16 (its inputs cast), output cast back
+
+    @property
+    def dtype(self):
+        """What the rotary tables are stored as: the cache's precision."""
+        return np.float16 if self.half else np.float32
+
+    def with_rope(self, cos: str, sin: str) -> "AttentionIO":
+        return AttentionIO(self.seqlens_k, self.total_len, cos, sin, self.half)
+
+
+KV_TYPES = {"fp32": (TensorProto.FLOAT, np.float32), "fp16": (TensorProto.FLOAT16, np.float16)}
 
 
 def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: AttentionIO, heads: int, kv_heads: int,
-        scale: float, name: str) -> tuple[str, str, str]:
+        scale: float, name: str, rotary: bool = True, bias: str = "", sink: str = "") -> tuple[str, str, str]:
     """GroupQueryAttention with rotary inside and the KV cache as one preallocated buffer that
-    the runtime binds as both past and present (no copy of the cache per step)."""
-    return g.ms("GroupQueryAttention", [q, k, v, past_k, past_v, io.seqlens_k, io.total_len, io.cos, io.sin],
-                name, outputs=3, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
-                scale=float(scale))
+    the runtime binds as both past and present (no copy of the cache per step).
+    rotary=False: a layer without position encoding (SmolLM3's NoPE layers); bias: an additive
+    attention mask [B, 1, S, T] (`window_bias`); sink: one logit per head [H] that joins every
+    softmax and is dropped after it (gpt-oss; the head_sink input exists from onnxruntime 1.23).
+    An fp16 cache makes the op fp16 (its T binds q, k, v, cache, rotary tables, bias and sinks
+    alike): its float inputs are cast, its output cast back."""
+    if io.half:
+        q, k, v, bias, sink = (g.op("Cast", [t], f"{name}.{label}16", to=TensorProto.FLOAT16) if t else t
+                               for t, label in ((q, "q"), (k, "k"), (v, "v"), (bias, "bias"), (sink, "sink")))
+    ins = [q, k, v, past_k, past_v, io.seqlens_k, io.total_len, *((io.cos, io.sin) if rotary else ("", "")), "", bias, sink]
+    while not ins[-1]:
+        ins.pop()
+    out, pk, pv = g.ms("GroupQueryAttention", ins, name, outputs=3, num_heads=heads, kv_num_heads=kv_heads,
+                       do_rotary=int(rotary), rotary_interleaved=0, scale=float(scale))
+    if io.half:
+        out = g.op("Cast", [out], name + ".out32", to=TensorProto.FLOAT)
+    return out, pk, pv
+
+
+def window_bias(g: Graph, q: str, io: AttentionIO, window: int, name: str) -> str:
+    """A sliding window as GroupQueryAttention's attention_bias [B, 1, S, T]: 0 where key t is one
+    of the `window` latest positions up to query s (itself included, transformers' sliding_window),
+    -inf before, per row from its own length (rows of a batch differ). (The kernel's own
+    local_window_size keeps window+1 keys on onnxruntime 1.22 and window keys on 1.32; the mask
+    means the same on both. The QK product spans all T keys either way.)"""
+    i64 = TensorProto.INT64
+    total = g.op("Cast", [io.total_len], name + ".total", to=i64)
+    rows = g.op("Add", [g.op("Cast", [io.seqlens_k], name + ".lens", to=i64),
+                        g.const(name + ".one1", np.array(1, np.int64))], name + ".row_total")                   # [B]
+    seq = g.op("Squeeze", [g.op("Shape", [q], name + ".s", start=1, end=2)], name + ".seq")
+    one, zero = g.const(name + ".one", np.array(1, np.int64)), g.const(name + ".zero", np.array(0, np.int64))
+    col = g.const(name + ".col", np.array([1], np.int64))
+    first = g.op("Unsqueeze", [g.op("Sub", [rows, seq], name + ".first"), col], name + ".first_col")         # [B, 1]
+    queries = g.op("Add", [first, g.op("Range", [zero, seq, one], name + ".steps")], name + ".queries")      # [B, S]
+    keys = g.op("Range", [zero, total, one], name + ".keys")                                                  # [T]
+    oldest = g.op("Unsqueeze", [g.op("Sub", [queries, g.const(name + ".w", np.array(window, np.int64))], name + ".edge"),
+                                g.const(name + ".ax", np.array([2], np.int64))], name + ".edge_col")         # [B, S, 1]
+    inside = g.op("Greater", [keys, oldest], name + ".inside")                                               # [B, S, T]
+    mask = g.op("Where", [inside, g.const(name + ".open", np.array(0, np.float32)),
+                          g.const(name + ".shut", np.array(-np.inf, np.float32))], name + ".mask")
+    return g.op("Unsqueeze", [mask, col], name)                                                               # [B, 1, S, T]
 
 
 def quantized_rows(g: Graph, table, name: str, bits: int, block_size: int, planes: bool = False) -> tuple:

@@ -13,7 +13,7 @@ from ..decoder import Decoder, UnsupportedModel, swiglu_mlp
 class Model(Decoder):
     model_type = "lfm2"
     qk_norm = "head"
-    norm_names = ("operator_norm", "ffn_norm", "model.embedding_norm")
+    norm_names, final_norm = ("operator_norm", "ffn_norm"), "model.embedding_norm"
     o_proj, qk_norm_names = "out_proj", ("q_layernorm", "k_layernorm")
 
     def __init__(self, config: dict):

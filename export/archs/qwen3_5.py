@@ -60,7 +60,8 @@ class Model(Decoder):
         if len(types) != n or set(types) - {"full_attention", "linear_attention"}:
             raise UnsupportedModel(f"layer_types must list 'linear_attention' or 'full_attention' for each of the {n} layers")
         self.layer_types = types
-        self.rotary_dim = int(self.head_dim * self.rotary_fraction)
+        self.partial_rotary = self.rotary_fraction    # (after the base check, which refuses q/k norm with it:
+                                                      #  this attention permutes q/k itself, see _rotary_order)
         if self.rotary_dim % 2 or self.padded_head_dim != self.head_dim:
             raise UnsupportedModel(f"head_dim {self.head_dim} with rotary dim {self.rotary_dim} is not supported")
         self.lin_hk, self.lin_hv = c["linear_num_key_heads"], c["linear_num_value_heads"]
@@ -80,18 +81,10 @@ class Model(Decoder):
     def is_attention(self, i):
         return self.layer_types[i] == "full_attention"
 
-    def norm_weight(self, key):
-        return 1.0 + self.ckpt.get(key)
+    def norm_weight(self, name):
+        return 1.0 + self.ckpt.get(name + ".weight")
 
     # ---- attention: output gate, partial rotary ------------------------------------------------
-    def rope_for(self, context):
-        inv, att = self.rope()          # over head_dim; recomputed for the rotary part
-        p = self.config.get("rope_parameters") or {}
-        base = p.get("rope_theta", self.config.get("rope_theta", 10000.0))
-        r = self.rotary_dim
-        inv = 1.0 / base ** (np.arange(0, r, 2, dtype=np.float64) / r)
-        return np.concatenate([inv, np.zeros((self.head_dim - r) // 2)]), context, att
-
     def _rotary_order(self) -> np.ndarray:
         """Channel order within a head that puts rotary pair (i, i + r/2) at (i, i + hd/2)."""
         hd, r = self.head_dim, self.rotary_dim
@@ -116,8 +109,8 @@ class Model(Decoder):
         q_dim, kv_dim = self.heads * hd, self.kv_heads * hd
         q, k, v, gate = g.op("Split", [proj, g.const(name + ".split", np.array([q_dim, kv_dim, kv_dim, q_dim], np.int64))],
                              name + ".split", outputs=4, axis=-1)
-        q = G.head_rms_norm(g, q, self.norm_weight(pre + "q_norm.weight")[order], self.eps, hd, name + ".q_norm")
-        k = G.head_rms_norm(g, k, self.norm_weight(pre + "k_norm.weight")[order], self.eps, hd, name + ".k_norm")
+        q = G.head_rms_norm(g, q, self.norm_weight(pre + "q_norm")[order], self.eps, hd, name + ".q_norm")
+        k = G.head_rms_norm(g, k, self.norm_weight(pre + "k_norm")[order], self.eps, hd, name + ".k_norm")
         past_k, past_v = self.cache_inputs(g, i)
         out, present_k, present_v = G.gqa(g, q, k, v, past_k, past_v, io, self.heads, self.kv_heads, self.attn_scale, name)
         self.cache_outputs(g, i, present_k, present_v)
