@@ -189,6 +189,8 @@ class Scheduler:
             for j in [j for j in self.active if j.req is job.req]:
                 self._finish(j, None)
             return
+        if job.index == 0 and len(job.req.decodings) > 1:     # a recurrent model keeps its state there for the others
+            self.engine.mark(job.seq, [len(job.req.prompt_ids) - 1])
         job.feed = list(job.req.prompt_ids[job.seq.cached:])
         self.stats["cached_tokens"] += job.seq.cached
         if job.index == 0:
