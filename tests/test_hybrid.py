@@ -325,3 +325,36 @@ def test_votes_share_the_prompt_state(case, exported):
     llm.engine.forget()
     alone = greedy(llm, prompt, 8)
     assert all(v["tokens"] == alone for v in result["votes"])
+
+
+def norm(text: str) -> str:
+    """Generated text as the server splits it (reasoning apart, an incomplete last character held back)."""
+    return text.replace("<think>", "").replace("</think>", "").replace("\ufffd", "").strip()
+
+
+def test_serve_choices_and_turns(case, exported):
+    """`edgert serve` (a real server process, the openai client): n greedy choices share the prompt's
+    state and equal one greedy run; a second turn of the conversation answers as a fresh run does."""
+    import edgert
+    from test_serve import Server
+    src, _ = case
+    art = exported(src, 32)
+    llm = edgert.load(art, context=512, threads=1)
+    server = Server(art, "--parallel", "3", "--context", "512")
+    try:
+        client = server.client()
+        messages = [{"role": "user", "content": "What is 3+4?"}]
+        r = client.chat.completions.create(model="art", messages=messages, n=3, temperature=0, max_tokens=8)
+        want = llm.tokenizer.decode(greedy(llm, llm.encode_messages(messages), 8))
+        texts = {(c.message.reasoning_content or "") + (c.message.content or "") for c in r.choices}
+        assert len(r.choices) == 3 and len(texts) == 1
+        messages += [{"role": "assistant", "content": r.choices[0].message.content or "x"},
+                     {"role": "user", "content": "And 5*6?"}]
+        r2 = client.chat.completions.create(model="art", messages=messages, temperature=0, max_tokens=8)
+        llm.engine.forget()
+        want2 = llm.tokenizer.decode(greedy(llm, llm.encode_messages(messages), 8))
+        got2 = (r2.choices[0].message.reasoning_content or "") + (r2.choices[0].message.content or "")
+        assert norm(got2) == norm(want2) and norm(texts.pop()) == norm(want)
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output(), server.output()[-3000:]
