@@ -276,7 +276,3 @@ class Model:
     def restore(self, slot: int, snap: list[np.ndarray]) -> None:
         for cur, saved in zip(self.state, snap):
             cur[slot] = saved
-
-    def state_bytes(self) -> int:
-        """Bytes of recurrent state per sequence."""
-        return sum(cur[0].nbytes for cur in self.state)

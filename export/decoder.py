@@ -36,6 +36,7 @@ class Decoder:
     # weight names that differ between families (LFM2 says operator_norm / ffn_norm / out_proj ...)
     final_norm = "model.norm"
     o_proj, qk_norm_names = "o_proj", ("q_norm", "k_norm")
+    states: list[dict] = []             # recurrent state tensors of hybrid models, set by build() (see `state`)
 
     def __init__(self, config: dict):
         c = self.config = config
@@ -77,7 +78,6 @@ class Decoder:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary)
 
-
     # ---- hybrid models: which layers attend, and the recurrent state of the others ----------
     def is_attention(self, i: int) -> bool:
         return True
@@ -100,7 +100,6 @@ class Decoder:
     def counts(self, name: str) -> bool:
         """Whether a checkpoint tensor is a parameter of the model exported (not of a vision tower, say)."""
         return True
-
 
     # ---- rotary ------------------------------------------------------------------------
     def rope(self, params: dict | None = None) -> tuple[np.ndarray, float]:
