@@ -145,7 +145,7 @@ class Conversation:
         stats = self.stats
         before, tokens, finished = self.llm.stats, [], False
         stream = self.llm.generate(ids, **options,   # the engine reuses the rows of the longest prefix it holds
-                                   keep_state_at=self._turn_boundary(history + [user], ids))
+                                   keep_state_at=self.llm.turn_boundary(history + [user], ids, self.prompt_ids))
         try:
             for tok in stream:
                 tokens.append(tok)
@@ -163,16 +163,6 @@ class Conversation:
                     stats.stop_reason = "context"       # the answer filled the context, not a max_tokens it was given
             if tokens:
                 self.history = history + [user, self._assistant(tokens)]
-
-    def _turn_boundary(self, history: list[dict], ids: list[int]) -> tuple[int, ...]:
-        """Recurrent models: where the next turn's prompt will depart from this one (the template
-        renders an answer differently from how it was generated, e.g. without its reasoning), so
-        the state is kept there; KV-only models reuse any prefix and need nothing."""
-        if not self.llm.engine.recurrent:
-            return ()
-        after = self.prompt_ids(history + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}])
-        n = next((i for i, (a, b) in enumerate(zip(ids, after)) if a != b), min(len(ids), len(after)))
-        return (n,)
 
     def _assistant(self, tokens: list[Token]) -> dict:
         reasoning = "".join(t.text for t in tokens if t.reasoning)

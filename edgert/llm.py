@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .chat import load_chat_template, render_chat, tokenizer_config
-from .engine import Engine
+from .engine import Engine, common_prefix
 from .generate import Sampling, Stats, Step, generate
 from .limits import check_prompt_length
 from .model import ContextFull, Model
@@ -79,6 +79,20 @@ class LLM:
                            **{**self._template_vars, **template_kwargs})
         check_prompt_length(text, self.context)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def turn_boundary(self, messages: list[dict], ids: list[int], render=None, **template_kwargs) -> tuple[int, ...]:
+        """Recurrent models: where the next turn's prompt will depart from `ids`, the rendering of
+        `messages` (the template renders an answer unlike how it was generated, e.g. without its
+        reasoning), so the engine keeps the state there (generate's keep_state_at); KV-only models
+        reuse any prefix and need nothing. render: messages -> ids (default: encode_messages)."""
+        if not self.engine.recurrent:
+            return ()
+        render = render or (lambda m: self.encode_messages(m, **template_kwargs))
+        try:
+            after = render(messages + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}])
+        except (PromptTooLong, ValueError):
+            return ()
+        return (common_prefix(ids, after),)
 
     def sampling(self, temperature=None, top_p=None, top_k=None, seed=None) -> Sampling:
         """Unset options come from the artifact's generation config, as transformers reads it."""

@@ -334,7 +334,8 @@ def norm(text: str) -> str:
 
 def test_serve_choices_and_turns(case, exported):
     """`edgert serve` (a real server process, the openai client): n greedy choices share the prompt's
-    state and equal one greedy run; a second turn of the conversation answers as a fresh run does."""
+    state and equal one greedy run; a second turn of the conversation resumes at the turn boundary
+    the first kept and answers as a fresh run does."""
     import edgert
     from test_serve import Server
     src, _ = case
@@ -351,6 +352,9 @@ def test_serve_choices_and_turns(case, exported):
         messages += [{"role": "assistant", "content": r.choices[0].message.content or "x"},
                      {"role": "user", "content": "And 5*6?"}]
         r2 = client.chat.completions.create(model="art", messages=messages, temperature=0, max_tokens=8)
+        from edgert.engine import common_prefix
+        shared = common_prefix(llm.encode_messages(messages[:1]), llm.encode_messages(messages))
+        assert r2.usage.prompt_tokens_details.cached_tokens == shared > 5      # resumed at the turn boundary it kept
         llm.engine.forget()
         want2 = llm.tokenizer.decode(greedy(llm, llm.encode_messages(messages), 8))
         got2 = (r2.choices[0].message.reasoning_content or "") + (r2.choices[0].message.content or "")
