@@ -102,6 +102,20 @@ def check_manifest(manifest, where: str = "edgert.json") -> dict:
         moe = m.get("moe_layers", [])
         if not isinstance(moe, list) or len(moe) > layers or not all(_int(i) and 0 <= i < layers for i in moe):
             bad("model.moe_layers", f"a list of layer numbers below {layers}")
+    attn = m.get("attention_layers", [])
+    if not isinstance(attn, list) or len(attn) > layers or not all(_int(i) and 0 <= i < layers for i in attn):
+        bad("model.attention_layers", f"a list of layer numbers below {layers}")
+    state = m.get("state", [])
+    if not isinstance(state, list) or len(state) > 4 * layers:
+        bad("model.state", "a list of state tensors")
+    for j, spec in enumerate(state):
+        ok = (isinstance(spec, dict) and _int(spec.get("layer")) and 0 <= spec["layer"] < layers
+              and isinstance(spec.get("name"), str) and _PLAIN_NAME.fullmatch(spec["name"]) and spec.get("dtype") == "float32"
+              and isinstance(spec.get("shape"), list) and 0 < len(spec["shape"]) <= 4
+              and all(_int(d) and 1 <= d <= MAX_HIDDEN for d in spec["shape"])
+              and math.prod(spec["shape"]) <= 1 << 28)
+        if not ok:
+            bad(f"model.state[{j}]", "{layer, name, shape (1-4 sizes), dtype float32}")
     need_int(manifest, "context_length", 1, MAX_CONTEXT)
     files = need_dict(manifest, "files")
     if not files or len(files) > MAX_FILES:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .artifact import bytes_per_weight, read_json
 from .generate import Sampling, Stats, generate
-from .device import available_memory, kv_element_bytes
+from .device import available_memory, kv_bytes, kv_element_bytes, state_bytes
 from .model import Model
 
 # ---- the device ----------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def memory_bandwidth(threads: int, seconds: float = 1.0, size: int = 512 * 2**20
 def decode_bytes_per_token(manifest: dict, config: dict, data_bytes: int, position: float) -> float:
     """Bytes one decode step reads: the data file minus what a single token does not touch (the
     embedding table but one row, unless a tied lm_head reads all of it; the idle experts; the
-    rotary tables but one row), plus the KV cache up to `position`."""
+    rotary tables but one row), plus the KV cache up to `position` and a hybrid model's recurrent state."""
     m, q = manifest["model"], manifest["quantization"]
     bs, hidden, vocab, hd = q.get("block_size", 32), m["hidden"], m["vocab"], m["head_dim"]
     embed = vocab * hidden * bytes_per_weight(q["embed"], bs)
@@ -98,8 +98,9 @@ def decode_bytes_per_token(manifest: dict, config: dict, data_bytes: int, positi
     unread += m.get("idle_expert_parameters", 0) * bytes_per_weight(q["mlp"], bs)
     el = kv_element_bytes(manifest)                    # the rotary tables share the cache's dtype
     unread += 2 * el * (manifest["context_length"] - 1) * hd // 2
-    kv = 2 * el * m["layers"] * m["kv_heads"] * hd * position
-    return data_bytes - unread + kv
+    kv = kv_bytes(manifest, 1) * position
+    state = 4 * state_bytes(manifest)       # hybrid models: the step reads and writes the state, the copy back again
+    return data_bytes - unread + kv + state
 
 
 # ---- the measurement -------------------------------------------------------------------------

@@ -144,7 +144,8 @@ class Conversation:
     def _turn(self, user: dict, history: list[dict], ids: list[int], options: dict) -> Iterator[Token]:
         stats = self.stats
         before, tokens, finished = self.llm.stats, [], False
-        stream = self.llm.generate(ids, **options)   # the engine reuses the rows of the longest prefix it holds
+        stream = self.llm.generate(ids, **options,   # the engine reuses the rows of the longest prefix it holds
+                                   keep_state_at=self.llm.turn_boundary(history + [user], ids, self.prompt_ids))
         try:
             for tok in stream:
                 tokens.append(tok)

@@ -144,12 +144,15 @@ class Decoding:
 
 def generate(engine, prompt_ids: list[int], max_tokens: int, sampling: Sampling, stop_ids=(),
              think: tuple[int | None, int | None] = (None, None), think_budget: int | None = None,
-             close_think_ids: list[int] = (), stats: Stats | None = None, speculate: int = 0, drafter=None):
+             close_think_ids: list[int] = (), stats: Stats | None = None, speculate: int = 0, drafter=None,
+             marks=()):
     """Yield Steps of one sequence: open it on the engine (a Model is wrapped in a one-slot engine),
     prefill the prompt, then decode one token per step until the Decoding stops.
     speculate=k (greedy only): each step also feeds up to k drafted tokens — `drafter(ids, k)`, by
     default `ngram_draft` from the text so far, or a `ModelDrafter` — and keeps those the model
-    itself picks: the same tokens as without, fewer forward calls of the model."""
+    itself picks: the same tokens as without, fewer forward calls of the model. Models with a
+    recurrent state cannot cut a rejected draft back, so they decode plainly.
+    marks: prompt positions where a recurrent model keeps its state (the next turn resumes there)."""
     drafter = drafter or ngram_draft
     from .engine import Engine
     engine = engine if isinstance(engine, Engine) else Engine(engine)
@@ -158,6 +161,7 @@ def generate(engine, prompt_ids: list[int], max_tokens: int, sampling: Sampling,
     dec = Decoding(prompt_ids, max_tokens, sampling, stop_ids, think, think_budget, close_think_ids)
     t0 = time.perf_counter()
     seq = engine.open(prompt_ids)
+    engine.mark(seq, marks)
     try:
         logits = engine.step({seq: prompt_ids[seq.cached:]})[seq]
         stats.prefill_s = time.perf_counter() - t0
@@ -180,7 +184,7 @@ def generate(engine, prompt_ids: list[int], max_tokens: int, sampling: Sampling,
                 dec.stop_reason = "context"
                 break
             t0 = time.perf_counter()
-            room = min(speculate, engine.context - seq.pos - 1) if sampling.temperature <= 0 else 0
+            room = min(speculate, engine.context - seq.pos - 1) if sampling.temperature <= 0 and not engine.recurrent else 0
             draft = drafter(seq.ids + [step.id], room) if room > 0 and rest == 0 else []
             rest = max(rest - 1, 0)
             if draft:                        # verify: logits after step.id and after each drafted token

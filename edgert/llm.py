@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .chat import load_chat_template, render_chat, tokenizer_config
-from .engine import Engine
+from .engine import Engine, common_prefix
 from .generate import Sampling, Stats, Step, generate
 from .limits import check_prompt_length
 from .model import ContextFull, Model
@@ -80,6 +80,20 @@ class LLM:
         check_prompt_length(text, self.context)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def turn_boundary(self, messages: list[dict], ids: list[int], render=None, **template_kwargs) -> tuple[int, ...]:
+        """Recurrent models: where the next turn's prompt will depart from `ids`, the rendering of
+        `messages` (the template renders an answer unlike how it was generated, e.g. without its
+        reasoning), so the engine keeps the state there (generate's keep_state_at); KV-only models
+        reuse any prefix and need nothing. render: messages -> ids (default: encode_messages)."""
+        if not self.engine.recurrent:
+            return ()
+        render = render or (lambda m: self.encode_messages(m, **template_kwargs))
+        try:
+            after = render(messages + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}])
+        except (PromptTooLong, ValueError):
+            return ()
+        return (common_prefix(ids, after),)
+
     def sampling(self, temperature=None, top_p=None, top_k=None, seed=None) -> Sampling:
         """Unset options come from the artifact's generation config, as transformers reads it."""
         gen = self.manifest.get("generation", {})
@@ -107,17 +121,19 @@ class LLM:
     def generate(self, prompt: str | list[int], max_tokens: int = 256, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None, raw: bool = False,
                  ignore_eos: bool = False, think_budget: int | None = None, system: str | None = None,
-                 speculate: int = 0) -> Iterator[Token]:
+                 speculate: int = 0, keep_state_at=()) -> Iterator[Token]:
         """Yield Tokens as they are generated; `self.stats` describes the run (complete once exhausted).
         speculate=k: greedy decoding verifies up to k drafted tokens per forward (the same tokens,
-        fewer weight reads): from the text so far, or from the draft model of use_draft()."""
+        fewer weight reads): from the text so far, or from the draft model of use_draft(); plain decoding
+        for recurrent models. keep_state_at: prompt positions where a recurrent model snapshots its
+        state for a later prompt to resume from."""
         ids = self._prompt_ids(prompt, raw, system)
         self.stats = Stats()
         decoder = StreamDecoder(self.tokenizer)
         steps = generate(self.engine, ids, max_tokens, self.sampling(temperature, top_p, top_k, seed),
                          stop_ids=() if ignore_eos else self.eos_ids, think=self.think, think_budget=think_budget,
                          close_think_ids=self.close_think_ids(), stats=self.stats, speculate=speculate,
-                         drafter=self.drafter)
+                         drafter=self.drafter, marks=keep_state_at)
         for step in steps:
             yield Token(step.id, step.reasoning, step.forced, decoder.push(step.id))
         tail = decoder.flush()

@@ -111,6 +111,7 @@ class Work:
     def __init__(self, loop, prompt_ids, decodings, logprobs: int | None):
         self.loop, self.events = loop, asyncio.Queue()
         self.prompt_ids, self.decodings, self.logprobs = prompt_ids, decodings, logprobs
+        self.marks: tuple = ()              # recurrent models: turn boundaries to keep the state at
         self.cancelled = self.finished = False
         self.ended: set = set()             # choices the HTTP side finished (stop string)
         self.arrived = time.monotonic()
@@ -189,6 +190,9 @@ class Scheduler:
             for j in [j for j in self.active if j.req is job.req]:
                 self._finish(j, None)
             return
+        self.engine.mark(job.seq, job.req.marks)
+        if job.index == 0 and len(job.req.decodings) > 1:     # a recurrent model keeps its state there for the others
+            self.engine.mark(job.seq, [len(job.req.prompt_ids) - 1])
         job.feed = list(job.req.prompt_ids[job.seq.cached:])
         self.stats["cached_tokens"] += job.seq.cached
         if job.index == 0:
@@ -588,6 +592,9 @@ class Server:
         llm = self.llm
         loop = asyncio.get_running_loop()
         work = Work(loop, ids, [], o["logprobs"])
+        if chat and llm.engine.recurrent:       # where the next turn will depart from this prompt
+            kwargs = body.get("chat_template_kwargs") or {}
+            work.marks = await asyncio.to_thread(llm.turn_boundary, self._messages(body), ids, **kwargs)
         deadline = None if o["deadline_ms"] is None else work.arrived + o["deadline_ms"] / 1000
         work.decodings = [Decoding(ids, o["limit"], s, stop_ids=llm.eos_ids, think=llm.think, think_budget=o["budget"],
                                    close_think_ids=self.close_ids, deadline=deadline) for s in o["sampling"]]

@@ -25,7 +25,7 @@ from .graph import IR_VERSION, KV_TYPES, Graph, Recipe
 from .hub import HubError, looks_like_repo_id, resolve
 from .outdir import OutError, check_out, signals_unwind, writing
 from .quantize import DEFAULT_RECIPE, RECIPES, Quantizer
-from .validate import validate
+from .validate import text_config, validate
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -63,7 +63,7 @@ def _sha256(path: Path) -> str:
 
 def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
     """bos / eos ids (generation_config first, as transformers does) and the reasoning markers."""
-    cfg, gen = ckpt.config, ckpt.generation_config
+    cfg, gen = text_config(ckpt.config), ckpt.generation_config
     eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     out = {"bos": gen.get("bos_token_id", cfg.get("bos_token_id")), "eos": eos,
@@ -74,7 +74,7 @@ def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
     for key, text in (("think_start", "<think>"), ("think_end", "</think>")):
         out[key] = lookup.get(text, vocab.get(text) if isinstance(vocab, dict) else None)
     for key in ("pad", "think_start", "think_end"):      # optional: an id the model cannot emit (pad -1) means none
-        if not (isinstance(out[key], int) and 0 <= out[key] < ckpt.config["vocab_size"]):
+        if not (isinstance(out[key], int) and 0 <= out[key] < cfg["vocab_size"]):
             out[key] = None
     return out
 
@@ -147,7 +147,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
             for name in TOKENIZER_FILES + ("generation_config.json", "config.json"):
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
-            total_params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names)
+            total_params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names if model.counts(n))
             files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                      for name in [*graphs.values(), "model.onnx.data"]}
             manifest = {
@@ -155,7 +155,8 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
                 "architecture": ckpt.config.get("model_type"),
                 "model": {"layers": model.n_layers, "hidden": model.hidden, "heads": model.heads,
                           "kv_heads": model.kv_heads, "head_dim": model.padded_head_dim, "vocab": model.vocab,
-                          "parameters": total_params, **model.extra_manifest()},
+                          "parameters": total_params, **model.extra_manifest(),
+                          **model.layer_manifest()},
                 "context_length": context,
                 "batch": True,          # the graphs take [batch, sequence] ids: several sequences per forward
                 "graphs": graphs,

@@ -86,10 +86,12 @@ def collect(model, ckpt, src: Path, text: str, work: Path) -> ActivationStats:
     sess = ort.InferenceSession(str(work / "probe.onnx"), opts, providers=["CPUExecutionProvider"])
 
     caches = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    states = [i for i in sess.get_inputs() if i.name.startswith("past_state.")]      # hybrid models
     files, widths = {}, {}
     try:
         for ids in windows:
             cache = {c.name: np.zeros([1, c.shape[1], window, c.shape[3]], np.float32) for c in caches}
+            cache.update({c.name: np.zeros([1, *c.shape[1:]], np.float32) for c in states})
             done = 0
             while done < len(ids):
                 step = 16 if not widths else max(16, _CHUNK_BYTES // (4 * sum(widths.values())))
@@ -97,13 +99,15 @@ def collect(model, ckpt, src: Path, text: str, work: Path) -> ActivationStats:
                 feed = {"input_ids": np.array([part], np.int64), "num_logits": np.array([1], np.int64),
                         "seqlens_k": np.array([done + len(part) - 1], np.int32),
                         "total_sequence_length": np.array(done + len(part), np.int32), **cache}
-                outs = sess.run(tensors + [c.name.replace("past_key_values.", "present.") for c in caches], feed)
+                carried = caches + states
+                outs = sess.run(tensors + [c.name.replace("past_key_values.", "present.").replace("past_", "present_")
+                                           for c in carried], feed)
                 for t, x in zip(tensors, outs):
                     if t not in files:      # plain appends: the page cache holds them, not this process
                         widths[t] = x.shape[-1]
                         files[t] = open(work / f"x{len(files)}.f32", "wb")
                     files[t].write(np.ascontiguousarray(x, np.float32).tobytes())
-                cache = dict(zip((c.name for c in caches), outs[len(tensors):]))
+                cache = dict(zip((c.name for c in carried), outs[len(tensors):]))
                 done += len(part)
     finally:
         for f in files.values():

@@ -33,6 +33,10 @@ class Decoder:
     # rows the head is too small a share of a step to pay for TopK; 0 candidates = off.
     lm_head_candidates = 64
     split_head_min_vocab = 16384
+    # weight names that differ between families (LFM2 says operator_norm / ffn_norm / out_proj ...)
+    final_norm = "model.norm"
+    o_proj, qk_norm_names = "o_proj", ("q_norm", "k_norm")
+    states: list[dict] = []             # recurrent state tensors of hybrid models, set by build() (see `state`)
 
     def __init__(self, config: dict):
         c = self.config = config
@@ -73,6 +77,29 @@ class Decoder:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary)
+
+    # ---- hybrid models: which layers attend, and the recurrent state of the others ----------
+    def is_attention(self, i: int) -> bool:
+        return True
+
+    def layer_manifest(self) -> dict:
+        """For hybrid models: the layers with a KV cache and the state tensors the runtime holds."""
+        if not self.states:
+            return {}
+        return {"attention_layers": [i for i in range(self.n_layers) if self.is_attention(i)], "state": self.states}
+
+    def state(self, g: Graph, i: int, name: str, shape: list[int]) -> str:
+        """A recurrent state of layer i: graph input past_state.{i}.{name} [batch, *shape]; the
+        layer must give its new value to `state_out`. The runtime holds one per slot (zeros at first)."""
+        self.states.append({"layer": i, "name": name, "shape": list(shape), "dtype": "float32"})
+        return g.input(f"past_state.{i}.{name}", TensorProto.FLOAT, ["batch", *shape])
+
+    def state_out(self, g: Graph, src: str, i: int, name: str, shape: list[int]) -> None:
+        g.output(src, f"present_state.{i}.{name}", TensorProto.FLOAT, ["batch", *shape])
+
+    def counts(self, name: str) -> bool:
+        """Whether a checkpoint tensor is a parameter of the model exported (not of a vision tower, say)."""
+        return True
 
     # ---- rotary ------------------------------------------------------------------------
     def rope(self, params: dict | None = None) -> tuple[np.ndarray, float]:
@@ -133,6 +160,7 @@ class Decoder:
     def build(self, g: Graph, ckpt: Checkpoint, recipe: Recipe, context: int, progress=lambda: None) -> dict:
         """Write the whole decoder into g. Returns the quantization actually used per tensor class."""
         self.recipe, self.ckpt = recipe, ckpt
+        self.states = []
         ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])    # each row: one sequence's new tokens
         num_logits = g.input("num_logits", TensorProto.INT64, [1])
         io = AttentionIO(g.input("seqlens_k", TensorProto.INT32, ["batch"]),
@@ -150,12 +178,13 @@ class Decoder:
             else:
                 h, residual = G.add_rms_norm(g, x, residual, self.norm_weight(pre + self.norm_names[0]), self.eps,
                                              f"layers.{i}.input_norm")
-            x = self.scale_residual(g, self.attention(g, i, h, io), f"layers.{i}.attn")
+            mix = self.attention(g, i, h, io) if self.is_attention(i) else self.recurrent(g, i, h)
+            x = self.scale_residual(g, mix, f"layers.{i}.attn")
             h, residual = G.add_rms_norm(g, x, residual, self.norm_weight(pre + self.norm_names[1]), self.eps,
                                          f"layers.{i}.post_attention_norm")
             x = self.scale_residual(g, self.ffn(g, i, h), f"layers.{i}.ffn")
             progress()
-        h, _ = G.add_rms_norm(g, x, residual, self.norm_weight("model.norm"), self.eps, "final_norm")
+        h, _ = G.add_rms_norm(g, x, residual, self.norm_weight(self.final_norm), self.eps, "final_norm")
         # Only the last num_logits positions reach lm_head: prefill pays for one row, not S.
         last = g.op("Slice", [h, g.op("Neg", [num_logits], "logits_start"),
                               g.const("logits_end", np.array([2**62], np.int64)), g.const("seq_axis", np.array([1], np.int64))],
@@ -164,6 +193,10 @@ class Decoder:
         split = {"lm_head_int8_candidates": self.lm_head_candidates} if self._split_head() else {}   # int4 planes, see above
         return {"attention": recipe.bits, "mlp": recipe.bits, "kv_cache": recipe.kv_cache, "embed": recipe.bits_for("embed"),
                 "lm_head": recipe.bits_for("lm_head"), "block_size": recipe.block_size, **split}
+
+    def recurrent(self, g: Graph, i: int, x: str) -> str:
+        """The token mixer of a layer that does not attend (hybrid models): reads and writes its state."""
+        raise NotImplementedError
 
     def extra_manifest(self) -> dict:
         """Architecture facts the runtime reports (MoE modules add their expert counts)."""
@@ -305,9 +338,10 @@ class Decoder:
         q_dim, kv_dim = self.heads * hd, self.kv_heads * hd
         q, k, v = g.op("Split", [qkv, g.const(name + ".split", np.array([q_dim, kv_dim, kv_dim], np.int64))],
                        name + ".split", outputs=3, axis=-1)
+        qn, kn = self.qk_norm_names
         if self.qk_norm == "head":
-            q = G.head_rms_norm(g, q, self.norm_weight(pre + "q_norm"), self.eps, self.head_dim, name + ".q_norm")
-            k = G.head_rms_norm(g, k, self.norm_weight(pre + "k_norm"), self.eps, self.head_dim, name + ".k_norm")
+            q = G.head_rms_norm(g, q, self.norm_weight(pre + qn), self.eps, self.head_dim, name + ".q_norm")
+            k = G.head_rms_norm(g, k, self.norm_weight(pre + kn), self.eps, self.head_dim, name + ".k_norm")
         elif self.qk_norm == "full":
             q = G.rms_norm(g, q, get(pre + "q_norm.weight"), self.eps, name + ".q_norm")
             k = G.rms_norm(g, k, get(pre + "k_norm.weight"), self.eps, name + ".k_norm")
@@ -319,8 +353,9 @@ class Decoder:
         out, present_k, present_v = G.gqa(g, q, k, v, past_k, past_v, layer_io, self.heads, self.kv_heads, self.attn_scale,
                                           name, **options)
         self.cache_outputs(g, i, present_k, present_v)
-        return G.linear(g, out, pad(get(pre + "o_proj.weight"), 1), name + ".o_proj", self.recipe.bits, self.recipe.block_size,
-                        get(pre + "o_proj.bias") if pre + "o_proj.bias" in self.ckpt else None)
+        o = pre + self.o_proj
+        return G.linear(g, out, pad(get(o + ".weight"), 1), name + ".o_proj", self.recipe.bits, self.recipe.block_size,
+                        get(o + ".bias") if o + ".bias" in self.ckpt else None)
 
     def cache_inputs(self, g: Graph, i: int) -> tuple[str, str]:
         shape = ["batch", self.kv_heads, "max_sequence", self.padded_head_dim]

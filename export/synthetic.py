@@ -86,7 +86,22 @@ SHAPES = {
                         rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=True, swiglu_limit=7.0,
                         bos_token_id=199998, eos_token_id=200002),
 }
-SUPPORTED = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "phi3", "gemma3_text", "gpt_oss")
+# Hybrid recurrent shapes (numbers from the published config.json files; parameter counts check out:
+# LFM2.5-1.2B 1.17B, its FFN block_ff_dim 12288 auto-adjusted to 8192; Qwen3.5-0.8B's text model)
+SHAPES["lfm2.5-1.2b"] = dict(model_type="lfm2", hidden_size=2048, intermediate_size=12288, block_auto_adjust_ff_dim=True,
+                             block_ffn_dim_multiplier=1.0, block_multiple_of=256, num_hidden_layers=16,
+                             num_attention_heads=32, num_key_value_heads=8, full_attn_idxs=[2, 5, 8, 10, 12, 14],
+                             conv_L_cache=3, norm_eps=1e-5, vocab_size=65536, max_position_embeddings=128000,
+                             rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=7)
+SHAPES["qwen3.5-0.8b"] = dict(model_type="qwen3_5_text", hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
+                              num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+                              linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+                              linear_conv_kernel_dim=4, full_attention_interval=4, vocab_size=248320,
+                              max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                              rope_parameters=dict(rope_type="default", rope_theta=10000000, partial_rotary_factor=0.25),
+                              hidden_act="silu", eos_token_id=248044)
+SUPPORTED = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "phi3", "gemma3_text", "gpt_oss",
+             "lfm2", "qwen3_5")
 
 
 class SyntheticError(Exception):
@@ -177,6 +192,8 @@ def tensor_shapes(m: Decoder) -> dict[str, tuple[int, ...]]:
     """Every tensor of the Hugging Face checkpoint of model m, by the architecture's own names."""
     if m.model_type not in SUPPORTED:
         raise SyntheticError(f"synthetic weights for {m.model_type} are not supported ({', '.join(SUPPORTED)})")
+    if m.model_type in ("lfm2", "qwen3_5"):
+        return _hybrid_shapes(m)
     h, q, kv = m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim
     out = {"model.embed_tokens.weight": (m.vocab, h)}
     for i in range(m.n_layers):
@@ -213,6 +230,37 @@ def tensor_shapes(m: Decoder) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _hybrid_shapes(m: Decoder) -> dict[str, tuple[int, ...]]:
+    """LFM2 (short conv + GQA) and Qwen3.5 (Gated DeltaNet + gated GQA), by their checkpoints' names."""
+    h, hd, q, kv = m.hidden, m.head_dim, m.heads * m.head_dim, m.kv_heads * m.head_dim
+    lfm = m.model_type == "lfm2"
+    pre_norm, post_norm = m.norm_names
+    out = {"model.embed_tokens.weight": (m.vocab, h), m.final_norm + ".weight": (h,)}
+    for i in range(m.n_layers):
+        p = m.layer_prefix(i)
+        out[p + pre_norm + ".weight"] = out[p + post_norm + ".weight"] = (h,)
+        if m.is_attention(i):
+            a = p + "self_attn."
+            out.update({a + "q_proj.weight": (q if lfm else 2 * q, h), a + "k_proj.weight": (kv, h), a + "v_proj.weight": (kv, h),
+                        a + m.o_proj + ".weight": (h, q)})
+            out.update({a + n + ".weight": (hd,) for n in m.qk_norm_names})
+        elif lfm:
+            c = p + "conv."
+            out.update({c + "in_proj.weight": (3 * h, h), c + "conv.weight": (h, 1, m.conv_kernel), c + "out_proj.weight": (h, h)})
+        else:
+            d = p + "linear_attn."
+            key, value, hv = m.lin_hk * m.lin_dk, m.lin_hv * m.lin_dv, m.lin_hv
+            out.update({d + "in_proj_qkv.weight": (2 * key + value, h), d + "in_proj_z.weight": (value, h),
+                        d + "in_proj_b.weight": (hv, h), d + "in_proj_a.weight": (hv, h),
+                        d + "conv1d.weight": (2 * key + value, 1, m.conv_kernel), d + "dt_bias": (hv,), d + "A_log": (hv,),
+                        d + "norm.weight": (m.lin_dv,), d + "out_proj.weight": (h, value)})
+        out.update(_swiglu_shapes(p + "feed_forward.", m.ffn_dim, h, ("w1", "w3", "w2")) if lfm else
+                   _swiglu_shapes(p + "mlp.", m.ffn_dim, h))
+    if not m.tied:
+        out["lm_head.weight"] = (m.vocab, h)
+    return out
+
+
 def _swiglu_shapes(pre: str, ffn: int, h: int, names=("gate_proj", "up_proj", "down_proj")) -> dict:
     return {f"{pre}{names[0]}.weight": (ffn, h), f"{pre}{names[1]}.weight": (ffn, h), f"{pre}{names[2]}.weight": (h, ffn)}
 
@@ -235,7 +283,8 @@ def _ffn_shapes(m: Decoder, i: int) -> dict:
 def _is_matrix(m: Decoder, name: str, shape) -> bool:
     """Weights the exporter quantizes (routers and the [1, H] shared-expert gate stay fp32)."""
     router = isinstance(m, MoEDecoder) and name.endswith("." + m.router_name)
-    return len(shape) in (2, 3) and min(shape) > 1 and not router and not name.endswith("_bias")
+    gates = name.endswith(("in_proj_a.weight", "in_proj_b.weight"))      # Gated DeltaNet's fp32 decay/beta projections
+    return len(shape) in (2, 3) and min(shape) > 1 and not router and not name.endswith("_bias") and not gates
 
 
 class SyntheticCheckpoint:
@@ -292,7 +341,8 @@ def weight_bytes(config: dict, recipe: Recipe) -> int:
 
 def kv_cache_bytes(config: dict, context: int) -> int:
     m = model_for(config)
-    return 2 * 4 * m.n_layers * m.kv_heads * m.padded_head_dim * context
+    attention = sum(m.is_attention(i) for i in range(m.n_layers))      # hybrid models: their attention layers only
+    return 2 * 4 * attention * m.kv_heads * m.padded_head_dim * context
 
 
 def check_fits(shape: str, need_memory: int, need_disk: int, folder: Path, available: int | None = None) -> None:

@@ -170,8 +170,9 @@ def expected_shapes(config: dict) -> dict:
     kv = config.get("num_key_value_heads") or heads
     hd = config.get("head_dim") or hidden // heads
     shapes = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,)}
+    q_rows = heads * hd * (2 if str(config.get("model_type", "")).startswith("qwen3_5") else 1)  # Qwen3.5: + output gate
     if not str(config.get("model_type", "")).startswith("deepseek"):     # MLA names its own projections
-        shapes.update({"self_attn.q_proj.weight": (heads * hd, hidden), "self_attn.k_proj.weight": (kv * hd, hidden),
+        shapes.update({"self_attn.q_proj.weight": (q_rows, hidden), "self_attn.k_proj.weight": (kv * hd, hidden),
                        "self_attn.v_proj.weight": (kv * hd, hidden), "self_attn.o_proj.weight": (hidden, heads * hd),
                        "self_attn.q_proj.bias": (heads * hd,), "self_attn.k_proj.bias": (kv * hd,),
                        "self_attn.v_proj.bias": (kv * hd,)})
@@ -204,7 +205,7 @@ def _text_name(name: str) -> str:
 
 def validate_tensors(ckpt) -> None:
     """Dtypes and shapes of the tensors the decoder reads by name, against config.json."""
-    cfg = ckpt.config
+    cfg = text_config(ckpt.config)
     vocab, hidden, layers = cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"]
     shapes = expected_shapes(cfg)
     seen_layers = set()
@@ -237,10 +238,16 @@ def validate_tensors(ckpt) -> None:
                               f"for layer {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
+def text_config(config: dict) -> dict:
+    """A multimodal checkpoint's text-model settings (Qwen3.5 keeps them under text_config)."""
+    text = config.get("text_config") if isinstance(config, dict) else None
+    return {**config, **text} if isinstance(text, dict) and "hidden_size" not in config else config
+
+
 def validate(ckpt, tensors: bool = True) -> None:
     """Everything above; raises CheckpointError with one line."""
     folder = getattr(ckpt, "dir", None)
-    validate_config(ckpt.config, getattr(ckpt, "generation_config", {}),
+    validate_config(text_config(ckpt.config), getattr(ckpt, "generation_config", {}),
                     f"{folder.name}/config.json" if folder is not None else "config.json")
     if tensors:
         validate_tensors(ckpt)

@@ -127,6 +127,24 @@ MUTANTS = [
     Mutant("synthetic: planes densified (the bench --synthetic crash)", "export/graph.py",
            'if hasattr(table, "planes"):', "if False:",
            ("tests/test_synthetic_shapes.py", "-k", "every_shape")),
+    # hybrid recurrent models (tests/test_hybrid.py)
+    Mutant("hybrid: the recurrent state never advances", "edgert/model.py",
+           "self.state, self._state_next = self._state_next, self.state", "pass",
+           ("tests/test_hybrid.py", "-k", "carried and lfm2")),
+    Mutant("hybrid: an idle batch row's state overwritten", "edgert/model.py",
+           "if first == 0 and rows == self.slots and (stepped is None or len(stepped) == rows):",
+           "if True:",
+           ("tests/test_hybrid.py", "-k", "batch and lfm2")),
+    Mutant("hybrid: prefix reused without a kept state", "edgert/engine.py",
+           "return max([p for p in [*self._snaps[slot], held] if p <= n] + [0])", "return n",
+           ("tests/test_hybrid.py", "-k", "prefix_reuse and lfm2")),
+    Mutant("hybrid: the short convolution's kernel reversed", "export/graph.py",
+           'np.ascontiguousarray(weight[:, j], np.float32))', 'np.ascontiguousarray(weight[:, k - 1 - j], np.float32))',
+           ("tests/test_hybrid.py", "-k", "fp32 and lfm2-7")),
+    Mutant("hybrid: the delta-rule chunk decay off by a token", "export/graph.py",
+           'k_dec = g.op("Mul", [kc, col(g.op("Exp", [g.op("Sub", [cum_last, cum], name + ".to_end")]',
+           'k_dec = g.op("Mul", [kc, col(g.op("Exp", [g.op("Sub", [cum_last, g.op("Sub", [cum, gc], name + ".off")], name + ".to_end")]',
+           ("tests/test_hybrid.py", "-k", "fp32 and qwen3_5-300")),
 ]
 
 
