@@ -2,7 +2,7 @@
 
     python benchmarks/long_reasoning.py --work bench-out [--shape qwen2.5-0.5b] [--threads 2]
         [--positions 128,512,1024,2048,4096,8192] [--mean-tokens 4096] [--repeat 1]
-        [--json benchmarks/long_reasoning.json] [--plot benchmarks/long_reasoning.png]
+        [--skip llama.cpp] [--json benchmarks/long_reasoning.json] [--plot benchmarks/long_reasoning.png]
 
 Runners (prepared and cached by suite.py's machinery): edgert int4 (its default fp16 KV cache),
 edgert int4 with an fp32 cache, onnxruntime-genai int4, llama.cpp Q4_0 with its default f16
@@ -27,11 +27,13 @@ import suite  # noqa: E402
 STEPS = 32
 
 
-def prepare(shape: str, work: Path) -> list[suite.Prepared]:
+def prepare(shape: str, work: Path, skip: list[str]) -> list[suite.Prepared]:
     src = suite.checkpoint(shape, work)
     out = []
 
     def add(label, fn):
+        if any(s and s.lower() in label.lower() for s in skip):
+            return
         try:
             p = fn()
             p.name = label
@@ -130,12 +132,13 @@ def main(argv=None) -> int:
     ap.add_argument("--positions", default="128,512,1024,2048,4096,8192")
     ap.add_argument("--mean-tokens", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--skip", default="", help="comma-separated substrings of runner names to leave out")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     a = ap.parse_args(argv)
     positions = [int(p) for p in a.positions.split(",")]
     a.work.mkdir(parents=True, exist_ok=True)
-    runners = prepare(a.shape, a.work.resolve())
+    runners = prepare(a.shape, a.work.resolve(), a.skip.split(","))
     res = measure(runners, positions, a.mean_tokens, a.repeat, a.threads)
     refused = {p.name: p.refused for p in runners if p.refused}
     print(table(res, positions, "edgert int4 (fp16 KV)"))

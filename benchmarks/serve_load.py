@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -56,6 +55,13 @@ def stream_chat(url: str, model: str, messages: list, max_tokens: int) -> dict:
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
+    try:
+        return _stream(url, body, t0)
+    except httpx.HTTPError as e:              # a server that drops the stream: an error row, not a crash
+        return {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+
+
+def _stream(url: str, body: dict, t0: float) -> dict:
     first, tokens, deltas, text = None, None, 0, ""
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
         if r.status_code != 200:
