@@ -186,22 +186,157 @@ def _gptq(rows: np.ndarray, stats: Stats, bits: int, block_size: int, shrink=SHR
     return codes.reshape(n, -1, block_size), scales, zps
 
 
+# ---- GPTQ on every core -------------------------------------------------------------------------
+# Rows are independent in GPTQ (each row's error is spread over that row's later columns; the
+# input statistics are shared), so a linear's rows are cut into one part per core and quantized
+# in forked workers that share the weights and the precomputed factors copy-on-write. The bytes
+# are the same for any number of workers. EDGERT_EXPORT_WORKERS sets the count (1: serial).
+_PARALLEL_MIN = 1 << 20          # weights below which forking costs more than it saves
+_JOB = None                      # (w, k, kb, block size, stats, bits, shrink), inherited by the workers
+
+
+def workers() -> int:
+    import os
+    env = os.environ.get("EDGERT_EXPORT_WORKERS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _gptq_chunk(w, r0: int, r1: int, k: int, kb: int, block_size: int, stats, bits: int, shrink):
+    blk = np.zeros((r1 - r0, kb * block_size), np.float32)
+    blk[:, :k] = w[r0:r1]
+    return _gptq(blk, stats, bits, block_size, shrink)
+
+
+def _gptq_job(rows: tuple[int, int]):
+    w, k, kb, block_size, stats, bits, shrink = _JOB
+    q, s, zp = _gptq_chunk(w, rows[0], rows[1], k, kb, block_size, stats, bits, shrink)
+    return q.astype(np.uint8), s, zp.astype(np.uint8)
+
+
+def _gptq_parallel(w, k: int, kb: int, block_size: int, stats, bits: int, shrink):
+    """(rows per part, [(codes, scales, zero points)] per part) computed by forked workers, or None
+    (serial) for small linears, one core, or where fork is unavailable."""
+    import multiprocessing as mp
+    global _JOB
+    n = w.shape[0]
+    count = min(workers(), n // 64)
+    if count < 2 or n * k < _PARALLEL_MIN or "fork" not in mp.get_all_start_methods():
+        return None
+    kp = kb * block_size
+    for lo in range(0, kp, SPAN):            # computed once here, inherited by every worker
+        stats.factor(lo, min(lo + SPAN, kp))
+    step = -(-n // count)
+    _JOB = (w, k, kb, block_size, stats, bits, shrink)
+    try:
+        with mp.get_context("fork").Pool(count) as pool:
+            return step, pool.map(_gptq_job, [(r, min(r + step, n)) for r in range(0, n, step)])
+    finally:
+        _JOB = None
+
+
 class Quantizer:
     """How weights become int4/int8 codes: the recipe's method and, when calibrated, the
-    statistics of each linear's input, looked up by the linear's name."""
+    statistics of each linear's input, looked up by the linear's name. `plan` (name -> (bits,
+    block size), from `plan_budget`) overrides the asked precision of the linears it names;
+    `chosen` records what every named tensor got (the manifest's per-tensor table)."""
 
-    def __init__(self, method: str = "search", stats=None):
+    def __init__(self, method: str = "search", stats=None, plan: dict | None = None):
         if method not in RECIPES:
             raise ValueError(f"unknown recipe {method!r} (one of: {', '.join(RECIPES)})")
-        self.method, self.stats = method, stats
+        self.method, self.stats, self.plan = method, stats, plan or {}
+        self.chosen: dict[str, dict] = {}
+        self.weights: dict[str, int] = {}
 
     def __call__(self, w: np.ndarray, bits: int, block_size: int, name: str | None = None) -> Quantized:
+        bits, block_size = self.plan.get(name, (bits, block_size))
         stats = self.stats.get(name) if self.stats is not None and name and bits == 4 else None
         if self.method == "rtn":
-            return quantize(w, bits, block_size, shrink=(1.0,))
-        if self.method == "gptq" and stats is not None:
-            return quantize(w, bits, block_size, stats=stats)
-        return quantize(w, bits, block_size)
+            q = quantize(w, bits, block_size, shrink=(1.0,))
+        elif self.method == "gptq" and stats is not None:
+            q = quantize(w, bits, block_size, stats=stats)
+        else:
+            q = quantize(w, bits, block_size)
+        if name:
+            self.chosen[name] = {"bits": q.bits, "block_size": q.block_size, "bytes": q.nbytes}
+            self.weights[name] = q.packed.shape[0] * q.k
+        return q
+
+
+# ---- mixed precision under a byte budget ------------------------------------------------------
+
+# The layouts a linear may get under --bits-per-weight, cheapest first per bit width:
+# int4 asymmetric (4 bits + a 32-bit scale and a 4-bit zero point per block) and int8 symmetric.
+LAYOUTS = ((4, 128), (4, 64), (4, 32), (4, 16), (8, 64))
+_SURVEY_ROWS = 256       # rows per linear whose rounding error is measured (the rest scale with it)
+SKIP = ("embed_tokens", "lm_head")   # tables: at --embed-bits, outside the budget
+
+
+def layout_bytes(n: int, k: int, bits: int, block_size: int) -> int:
+    """Every stored byte of W [n, k] in this layout: codes (K padded to whole blocks), fp32 scales,
+    and for int4 the zero points (two per byte, a row's count rounded up to whole bytes)."""
+    kb = -(-k // block_size)
+    return n * kb * block_size * bits // 8 + 4 * n * kb + (n * -(-kb // 2) if bits == 4 else 0)
+
+
+class Survey:
+    """A quantizer for the calibration probe that also measures, for every named linear, the
+    rounding error of each layout in LAYOUTS per input column (on a sample of rows). Weighted by
+    the mean square of each input (`plan_budget`) that is the layout's expected output error."""
+
+    def __init__(self, inner):
+        self.inner, self.linears = inner, {}
+
+    def __call__(self, w, bits, block_size, name=None):
+        if name and name not in SKIP and not hasattr(w, "quantized") and name not in self.linears:
+            n, k = w.shape
+            rows = np.asarray(w[np.linspace(0, n - 1, min(n, _SURVEY_ROWS)).astype(int)], np.float32)
+            errs = []
+            for b, bs in LAYOUTS:
+                d = quantize(rows, b, bs, shrink=(1.0,)).dequantize() - rows
+                errs.append((d * d).sum(0) * (n / len(rows)))
+            self.linears[name] = (n, k, np.stack(errs))
+        return self.inner(w, bits, block_size, name)
+
+
+def plan_budget(survey: Survey, power: dict, bits_per_weight: float) -> dict:
+    """name -> (bits, block size) for every surveyed linear such that their bytes (`layout_bytes`)
+    stay within bits_per_weight / 8 per weight, spending on the largest error drop per byte first.
+    power: name -> mean square of each input column (None: all 1). Raises ValueError when even
+    the cheapest layout does not fit."""
+    names = sorted(survey.linears)
+    weights = sum(survey.linears[t][0] * survey.linears[t][1] for t in names)
+    budget = int(bits_per_weight * weights // 8)
+    cost, err = {}, {}
+    for t in names:
+        n, k, e = survey.linears[t]
+        pw = power.get(t)
+        cost[t] = [layout_bytes(n, k, b, bs) for b, bs in LAYOUTS]
+        err[t] = [float(x @ pw) if pw is not None else float(x.sum()) for x in e]
+    pick = {t: min(range(len(LAYOUTS)), key=lambda i: (cost[t][i], err[t][i])) for t in names}
+    spent = sum(cost[t][pick[t]] for t in names)
+    if spent > budget:
+        raise ValueError(f"--bits-per-weight {bits_per_weight:g} is below the smallest layout of these linears "
+                         f"({8 * spent / weights:.3f})")
+    while True:
+        best = None
+        for t in names:
+            c0, e0 = cost[t][pick[t]], err[t][pick[t]]
+            for i, (c, e) in enumerate(zip(cost[t], err[t])):
+                if c > c0 and e < e0 and spent + c - c0 <= budget:
+                    gain = (e0 - e) / (c - c0)
+                    if best is None or gain > best[0]:
+                        best = (gain, t, i)
+        if best is None:
+            break
+        _, t, i = best
+        spent += cost[t][i] - cost[t][pick[t]]
+        pick[t] = i
+    return {t: LAYOUTS[pick[t]] for t in names}
 
 
 def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool | None = None, shrink=SHRINK,
@@ -222,18 +357,24 @@ def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool | None =
     if stats is not None and (bits != 4 or symmetric):
         raise ValueError("GPTQ here is for asymmetric int4")
     chunk = _ROWS_PER_CHUNK if stats is None else max(_ROWS_PER_CHUNK, _GPTQ_CHUNK // (kb * block_size))
-    for r in range(0, n, chunk):
-        blk = np.zeros((min(chunk, n - r), kb * block_size), np.float32)
-        blk[:, :k] = w[r : r + blk.shape[0]]
-        if stats is not None:
-            q, s, zp = _gptq(blk, stats, bits, block_size, shrink)
+    parts = _gptq_parallel(w, k, kb, block_size, stats, bits, shrink) if stats is not None else None
+    if parts is not None:
+        chunk, parts = parts
+    for i, r in enumerate(range(0, n, chunk)):
+        if parts is not None:
+            q, s, zp = parts[i]
+        elif stats is not None:
+            q, s, zp = _gptq_chunk(w, r, min(r + chunk, n), k, kb, block_size, stats, bits, shrink)
         else:
+            blk = np.zeros((min(chunk, n - r), kb * block_size), np.float32)
+            blk[:, :k] = w[r : r + blk.shape[0]]
             q, s, zp = _search(blk.reshape(blk.shape[0], kb, block_size), bits, symmetric, shrink)
+        rows = slice(r, r + q.shape[0])
         if not symmetric:
-            zps[r : r + blk.shape[0]] = zp.astype(np.uint8)
+            zps[rows] = zp.astype(np.uint8)
         q = q.astype(np.uint8)
-        packed[r : r + blk.shape[0]] = _pack4(q) if bits == 4 else q
-        scales[r : r + blk.shape[0]] = s
+        packed[rows] = _pack4(q) if bits == 4 else q
+        scales[rows] = s
     if zps is not None and bits == 4:
         if kb % 2:
             zps = np.concatenate([zps, np.zeros((n, 1), np.uint8)], axis=1)

@@ -18,7 +18,7 @@ from conftest import ROOT, hf_logits, hf_model, stories_dir
 from edgert.model import Model
 
 WINDOWS, WINDOW = 4, 512
-HELDOUT = ROOT / "benchmarks" / "data" / "heldout_stories.txt"
+HELDOUT = ROOT / "edgert" / "data" / "stories.txt"     # the one held-out story text (`edgert eval`'s default)
 
 
 def _log_softmax(x):
