@@ -56,14 +56,14 @@ CANDIDATES = {
     "gptq-b32-file": dict(bits=4, calib=USER_FILE),
     "gptq-b64": dict(bits=4, block_size=64),
     "gptq-b128": dict(bits=4, block_size=128),
-    "gptq-bpw4.25": dict(bits=4, bits_per_weight=4.25),
+    "gptq-bpw4.3": dict(bits=4, bits_per_weight=4.3),
     "gptq-bpw4.5": dict(bits=4, bits_per_weight=4.5),
     "gptq-bpw4.75": dict(bits=4, bits_per_weight=4.75),
     "gptq-bpw5.0": dict(bits=4, bits_per_weight=5.0),
 }
 CALIB_SET = ["gptq-b32-builtin", "gptq-b32-self", "gptq-b32-file"]
 FRONTIER_SET = ["fp32", "int8", "rtn-b32", "default", "gptq-b32-builtin", "gptq-b32-self", "gptq-b64", "gptq-b128",
-                "gptq-bpw4.25", "gptq-bpw4.5", "gptq-bpw4.75", "gptq-bpw5.0"]
+                "gptq-bpw4.3", "gptq-bpw4.5", "gptq-bpw4.75", "gptq-bpw5.0"]
 
 
 # ---- what is scored -------------------------------------------------------------------------
@@ -163,13 +163,20 @@ def edgert_bytes(art: Path) -> tuple[int, int]:
     """(bytes of every weight matrix's stored tensors, of the projections' MatMulNBits tensors):
     codes + scales + zero points; the tied table once; biases, norms and rotary tables left out."""
     import onnx
-    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
-    sizes = {}
-    for t in m.graph.initializer:
-        ext = {e.key: e.value for e in t.external_data}
-        sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data) or t.ByteSize()
+    graphs = json.loads((art / "edgert.json").read_text())["graphs"]
+    name = graphs.get("plain", graphs.get("default", next(iter(graphs.values()))))   # experts as MatMulNBits
+    m = onnx.load(str(art / name), load_external_data=False)
+    sizes, nodes, todo = {}, [], [m.graph]
+    while todo:                          # the graph and its If branches
+        g = todo.pop()
+        for t in g.initializer:
+            ext = {e.key: e.value for e in t.external_data}
+            sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data) or t.ByteSize()
+        for n in g.node:
+            nodes.append(n)
+            todo += [a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
     every, linear = set(), set()
-    for n in m.graph.node:
+    for n in nodes:
         head = n.name.startswith(("n:lm_head", "n:embed"))
         if n.op_type == "MatMulNBits":
             names = [i for k, i in enumerate(n.input) if i and k in (1, 2, 3, 6)]
@@ -327,6 +334,7 @@ def main(argv=None):
     ap.add_argument("--plot", type=Path, help="write the frontier plot (PNG) here")
     ap.add_argument("--work", type=Path, help="where artifacts go [default: a temporary folder]")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--rows", type=Path, nargs="+", default=[], help="also tabulate and plot the rows of earlier --json files")
     args = ap.parse_args(argv)
     if args.frontier:
         args.models = args.models or [ANCHOR]
@@ -340,7 +348,9 @@ def main(argv=None):
     if unknown:
         sys.exit(f"quant_recipes: unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(CANDIDATES)}")
     text = args.text.read_text(encoding="utf-8")
-    rows = []
+    rows = [r for f in args.rows for r in json.loads(f.read_text())]
+    if args.rows and not args.models and not args.frontier:
+        models = []
     with tempfile.TemporaryDirectory() as tmp:
         for src in models:
             if not (src / "config.json").is_file():

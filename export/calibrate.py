@@ -167,6 +167,7 @@ SELF_TOKENS = 2048       # sampled tokens (about what the built-in text gives)
 SELF_ROWS = 16           # sequences sampled together: one batched forward per step
 SELF_LENGTH = 256        # a sequence starts again from its prompt after this many tokens
 SELF_SEED = 0
+SELF_TEMPERATURE = 1.0
 # What a user might ask, for models with a chat template: the model writes the answers (and their
 # reasoning) itself. Short and varied; none of it is scored anywhere.
 CHAT_PROMPTS = (
@@ -240,7 +241,7 @@ def sample_self(model, ckpt, src: Path, work: Path, tokens: int | None = None, r
             for r in range(rows):
                 if queue[r]:                      # still inside its prompt
                     continue
-                p = np.exp(logits[r] - logits[r].max())
+                p = np.exp((logits[r] - logits[r].max()) / SELF_TEMPERATURE)
                 tok = int(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right"))
                 tok = min(tok, len(p) - 1)
                 if sampled[r] and int(ids[r, 0]) in eos or pos[r] >= length:
