@@ -228,3 +228,22 @@ def test_gptq_workers_give_the_same_bytes(monkeypatch):
         got[n] = quantize(w, 4, 32, stats=Stats(x))
     for field in ("packed", "scales", "zero_points"):
         assert np.array_equal(getattr(got["1"], field), getattr(got["2"], field))
+
+
+def test_anchor_fixture_is_fair_to_k_quants():
+    """The quantization anchor (fixtures/make_anchor.py): every matrix row a multiple of 256 wide, so
+    llama.cpp's k-quants apply unchanged; small enough to commit; its recorded held-out perplexity
+    is transformers fp32's on the one held-out story text."""
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "fixtures"))
+    import make_anchor
+    src = ROOT / "export" / "data" / "anchor256"
+    config = json.loads((src / "config.json").read_text())
+    record = json.loads((src / "fixture.json").read_text())
+    widths = (config["hidden_size"], config["num_attention_heads"] * config["head_dim"], config["intermediate_size"])
+    assert all(w % 256 == 0 for w in widths)
+    assert sum(f.stat().st_size for f in src.iterdir()) <= 10 << 20
+    from conftest import hf_model
+    ppl, n = make_anchor.heldout_ppl(hf_model(src), config["max_position_embeddings"])
+    assert n == record["heldout_tokens"] and abs(ppl / record["heldout_ppl_fp32"] - 1) < 1e-3
