@@ -296,30 +296,34 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Perplexity increase against matrix bytes per weight, one panel per model."""
+    """Perplexity increase and KL against matrix bytes per weight, one column per model."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
-    for ax, m in zip(axes[0], models):
-        for family, marker, color in (("edgert", "o", "tab:blue"), ("llama.cpp", "s", "tab:orange")):
-            pts = [r for r in rows if r["model"] == m and r["recipe"].startswith("llama.cpp") == (family == "llama.cpp")
-                   and r["recipe"] != "fp32"]
-            pts.sort(key=lambda r: r["matrix_bpw"])
-            ax.scatter([r["matrix_bpw"] for r in pts], [100 * r["ppl_increase"] for r in pts], marker=marker, color=color,
-                       label=family)
-            for r in pts:
-                ax.annotate(r["recipe"].replace("llama.cpp ", ""), (r["matrix_bpw"], 100 * r["ppl_increase"]),
-                            textcoords="offset points", xytext=(4, 3), fontsize=7)
-        ax.set_xlabel("bytes of weight matrices per weight (x8 = bits; scales and zero points included)")
-        ax.set_ylabel("perplexity increase over fp32 (%)")
-        ax.set_yscale("symlog", linthresh=1)
-        ax.set_title(f"{m}: held-out perplexity vs size")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+    fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 8.5), squeeze=False)
+    for col, m in enumerate(models):
+        for row, (key, scale, label) in enumerate((("ppl_increase", 100, "perplexity increase over fp32 (%)"),
+                                                   ("kl", 1, "KL(fp32 || quantized), nats per token"))):
+            ax = axes[row][col]
+            for family, marker, color in (("edgert", "o", "tab:blue"), ("llama.cpp", "s", "tab:orange")):
+                pts = sorted((r for r in rows if r["model"] == m and r["recipe"] not in ("fp32", "llama.cpp F32")
+                              and r["recipe"].startswith("llama.cpp") == (family == "llama.cpp") and r["matrix_bpw"] < 10),
+                             key=lambda r: r["matrix_bpw"])
+                ax.scatter([r["matrix_bpw"] for r in pts], [scale * r[key] for r in pts], marker=marker, color=color,
+                           label=family)
+                for r in pts:
+                    ax.annotate(r["recipe"].replace("llama.cpp ", ""), (r["matrix_bpw"], scale * r[key]),
+                                textcoords="offset points", xytext=(4, 3), fontsize=7)
+            ax.set_xlabel("bits per weight of the weight matrices (scales and zero points included)")
+            ax.set_ylabel(label)
+            if key == "kl":
+                ax.set_yscale("log")
+            ax.set_title(f"{m}: held-out text")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main(argv=None):
