@@ -59,7 +59,7 @@ def export(
     embed_bits: int = typer.Option(8, help="Bits for embeddings and lm_head: 8, 32, or 4 (faster decode, less faithful; ignored with --bits 32)."),
     context: Optional[int] = typer.Option(None, help="Longest context the artifact supports [default: model's, at most 32768]."),
     recipe: str = typer.Option("gptq", help="How int4 weights are chosen: gptq (calibrated, most accurate), search (block clipping search, no calibration) or rtn (plain round-to-nearest)."),
-    calib: Optional[Path] = typer.Option(None, help="Calibration for --recipe gptq: 'self' (text the model samples itself, seeded), 'built-in' (stories, prose, arithmetic and code) or a UTF-8 text file [default: built-in]."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration for --recipe gptq: 'self' (text the model samples itself, seeded), 'built-in' (stories, prose, arithmetic and code) or a UTF-8 text file [default: self]."),
     bits_per_weight: Optional[float] = typer.Option(None, help="Byte budget for the attention/MLP projections in bits per weight (e.g. 4.5; scales and zero points count): mixed int4 block sizes and int8 by measured sensitivity, recorded per tensor in edgert.json."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ):

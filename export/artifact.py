@@ -29,7 +29,7 @@ from .quantize import DEFAULT_RECIPE, RECIPES, Quantizer, Survey, plan_budget
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 DEFAULT_MAX_CONTEXT = 32768
-DEFAULT_CALIBRATION = "built-in"   # --calib when none is given ("self" measured no better: README)
+DEFAULT_CALIBRATION = "self"   # --calib when none is given (measured: README, "Quantization")
 BUNDLED_MODEL = Path(__file__).parent / "data" / "stories260K"   # for `edgert demo` and tests   # rotary tables cost 2 x context x head_dim/2 floats
 
 

@@ -55,25 +55,24 @@ def test_dead_inputs_and_padding():
 
 
 def test_export_is_deterministic_and_recorded(tmp_path):
-    """Self-calibration (the model's own text, sampled seeded) gives the same bytes twice, and so
-    does the default (the built-in text); each gives other weights than the other and than a
-    user's file, and the manifest names each."""
+    """The default calibration, the model's own text sampled seeded, gives the same bytes twice;
+    the built-in text (twice: the same bytes too) and a user's file give other weights, and the
+    manifest names each."""
     from edgert_export import export
     from edgert_export.artifact import DEFAULT_CALIBRATION
     from edgert_export.calibrate import SELF_SEED, SELF_TOKENS
-    runs = [export(BUNDLED_STORIES, tmp_path / f"s{i}", progress=False, calib="self") for i in range(2)]
+    runs = [export(BUNDLED_STORIES, tmp_path / f"s{i}", progress=False) for i in range(2)]
     assert runs[0]["files"]["model.onnx.data"]["sha256"] == runs[1]["files"]["model.onnx.data"]["sha256"]
     assert runs[0]["files"]["model.onnx"]["sha256"] == runs[1]["files"]["model.onnx"]["sha256"]
     q = runs[0]["quantization"]
-    assert q["recipe"] == "gptq" and q["calibration"] == "self"
+    assert q["recipe"] == "gptq" and q["calibration"] == DEFAULT_CALIBRATION == "self"
     assert q["calibration_tokens"] >= SELF_TOKENS and q["calibration_seed"] == SELF_SEED
     assert 5 < q["bits_per_weight"] < 12
-    default = [export(BUNDLED_STORIES, tmp_path / f"d{i}", progress=False) for i in range(2)]
-    assert default[0]["files"]["model.onnx.data"]["sha256"] == default[1]["files"]["model.onnx.data"]["sha256"]
-    d = default[0]["quantization"]
-    assert d["calibration"] == DEFAULT_CALIBRATION == "built-in" and d["calibration_tokens"] > 1000
-    assert "calibration_seed" not in d
-    assert default[0]["files"]["model.onnx.data"]["sha256"] != runs[0]["files"]["model.onnx.data"]["sha256"]
+    built_in = [export(BUNDLED_STORIES, tmp_path / f"b{i}", progress=False, calib="built-in") for i in range(2)]
+    assert built_in[0]["files"]["model.onnx.data"]["sha256"] == built_in[1]["files"]["model.onnx.data"]["sha256"]
+    b = built_in[0]["quantization"]
+    assert b["calibration"] == "built-in" and b["calibration_tokens"] > 1000 and "calibration_seed" not in b
+    assert built_in[0]["files"]["model.onnx.data"]["sha256"] != runs[0]["files"]["model.onnx.data"]["sha256"]
     rtn = export(BUNDLED_STORIES, tmp_path / "rtn", progress=False, recipe="rtn")["quantization"]
     assert rtn["recipe"] == "rtn" and "calibration" not in rtn
     # another calibration text gives other weights, and the manifest names it
@@ -82,7 +81,7 @@ def test_export_is_deterministic_and_recorded(tmp_path):
     other = export(BUNDLED_STORIES, tmp_path / "other", progress=False, calib=calib)
     assert other["quantization"]["calibration"] == "my-calib.txt"
     assert other["files"]["model.onnx.data"]["sha256"] not in {r["files"]["model.onnx.data"]["sha256"]
-                                                               for r in (runs[0], default[0])}
+                                                               for r in (runs[0], built_in[0])}
     # fp32 and int8 exports do not run the calibration pass at all
     assert "calibration" not in export(BUNDLED_STORIES, tmp_path / "i8", bits=8, progress=False)["quantization"]
 
