@@ -155,7 +155,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
                 if not surveyed or not surveyed.linears:
                     raise ExportError("--bits-per-weight: this model has no linears to budget")
                 try:
-                    plan = plan_budget(surveyed, {t: stats.power(t) for t in surveyed.linears}, bits_per_weight)
+                    plan = plan_budget(surveyed, stats, bits_per_weight)
                 except ValueError as e:
                     raise ExportError(str(e)) from None
             g = Graph(tmp / "model.onnx.data")

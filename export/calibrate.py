@@ -54,17 +54,6 @@ class ActivationStats:
             self._last = tensor
         return self.stats[tensor]
 
-    def power(self, name: str) -> np.ndarray | None:
-        """Mean square of each input column of linear `name` (a diagonal of E[x x^T])."""
-        tensor = self.linears.get(name)
-        if tensor is None:
-            return None
-        st = self.stats[tensor]
-        if not hasattr(st, "power"):
-            x = np.fromfile(st.file, np.float32).reshape(-1, st.width) if st.file is not None else st.x
-            st.power = (x.astype(np.float64) ** 2).mean(0)
-        return st.power
-
 
 def calibration_windows(src: Path, text: str, window: int) -> list[list[int]]:
     """The text tokenized once (with the tokenizer's BOS), cut into consecutive windows."""

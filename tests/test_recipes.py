@@ -150,23 +150,24 @@ def test_bad_recipe_and_calib_are_one_line_errors(tmp_path):
 
 def test_plan_budget_spends_exactly_what_it_is_given():
     """The plan's bytes (every code, scale and zero point, padding included) never pass the budget,
-    leave less than the cheapest remaining upgrade unspent, and more budget never costs accuracy."""
-    from edgert_export.quantize import LAYOUTS, Survey, layout_bytes, plan_budget, quantize
+    and more budget never costs accuracy (the output error each layout leaves after GPTQ)."""
+    from edgert_export.quantize import LAYOUTS, Survey, layout_bytes, layout_errors, plan_budget, quantize
     rng = np.random.default_rng(3)
     survey = Survey(lambda w, bits, block_size, name=None: None)
     shapes = {"a": (96, 256), "b": (64, 200), "c": (128, 512), "d": (40, 96)}
-    power = {}
+    stats = {}
     for i, (name, (n, k)) in enumerate(shapes.items()):
-        w = rng.normal(0, 0.02 * (i + 1), size=(n, k)).astype(np.float32)
-        survey(w, 4, 32, name)
-        power[name] = np.exp(rng.normal(0, 1, size=k))
+        survey(rng.normal(0, 0.02 * (i + 1), size=(n, k)).astype(np.float32), 4, 32, name)
+        stats[name] = Stats(correlated_inputs(512, k, seed=i))
+    errors = {t: layout_errors(survey.linears[t][2], survey.linears[t][0], stats[t]) for t in shapes}
+    assert all(e[LAYOUTS.index((4, 16))] < e[LAYOUTS.index((4, 128))] and e[-1] < e[0] for e in errors.values())
     weights = sum(n * k for n, k in shapes.values())
     last = None
     for bpw in (4.6, 5.0, 5.5, 6.5, 8.9):
-        plan = plan_budget(survey, power, bpw)
+        plan = plan_budget(survey, stats, bpw)
         spent = sum(layout_bytes(*shapes[t], *plan[t]) for t in plan)
         assert spent <= bpw * weights / 8
-        err = sum(float(survey.linears[t][2][LAYOUTS.index(plan[t])] @ power[t]) for t in plan)
+        err = sum(errors[t][LAYOUTS.index(plan[t])] for t in plan)
         assert last is None or err <= last
         last = err
     # layout_bytes is what quantize() stores
@@ -174,7 +175,7 @@ def test_plan_budget_spends_exactly_what_it_is_given():
     for bits, bs in LAYOUTS:
         assert quantize(w, bits, bs).nbytes == layout_bytes(24, 200, bits, bs)
     with pytest.raises(ValueError, match="below the smallest layout"):
-        plan_budget(survey, power, 4.2)
+        plan_budget(survey, stats, 4.2)
 
 
 def test_bits_per_weight_budget_in_the_artifact(tmp_path):
