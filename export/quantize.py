@@ -186,24 +186,20 @@ def _gptq(rows: np.ndarray, stats: Stats, bits: int, block_size: int, shrink=SHR
     return codes.reshape(n, -1, block_size), scales, zps
 
 
-# ---- GPTQ on every core -------------------------------------------------------------------------
+# ---- GPTQ in parallel parts (opt-in) ---------------------------------------------------------------
 # Rows are independent in GPTQ (each row's error is spread over that row's later columns; the
-# input statistics are shared), so a linear's rows are cut into one part per core and quantized
-# in forked workers that share the weights and the precomputed factors copy-on-write. The bytes
-# are the same for any number of workers. EDGERT_EXPORT_WORKERS sets the count (1: serial).
-_PARALLEL_MIN = 1 << 20          # weights below which forking costs more than it saves
-_JOB = None                      # (w, k, kb, block size, stats, bits, shrink), inherited by the workers
+# input statistics are shared), so a linear's rows can be cut into parts quantized in threads; the
+# bytes are the same for any number of parts. EDGERT_EXPORT_WORKERS=N turns it on. Not the
+# default: GPTQ's column loop is many small numpy calls, so threads mostly wait for the GIL (no
+# gain measured on the shared box), and forked workers hung on the 1.5B export (a child forked
+# while BLAS/onnxruntime threads exist can inherit a lock held); a spawned pool is the way left.
+_PARALLEL_MIN = 1 << 20          # weights below which splitting costs more than it saves
 
 
 def workers() -> int:
     import os
     env = os.environ.get("EDGERT_EXPORT_WORKERS")
-    if env and env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return int(env) if env and env.isdigit() and int(env) > 0 else 1
 
 
 def _gptq_chunk(w, r0: int, r1: int, k: int, kb: int, block_size: int, stats, bits: int, shrink):
@@ -212,31 +208,22 @@ def _gptq_chunk(w, r0: int, r1: int, k: int, kb: int, block_size: int, stats, bi
     return _gptq(blk, stats, bits, block_size, shrink)
 
 
-def _gptq_job(rows: tuple[int, int]):
-    w, k, kb, block_size, stats, bits, shrink = _JOB
-    q, s, zp = _gptq_chunk(w, rows[0], rows[1], k, kb, block_size, stats, bits, shrink)
-    return q.astype(np.uint8), s, zp.astype(np.uint8)
-
-
 def _gptq_parallel(w, k: int, kb: int, block_size: int, stats, bits: int, shrink):
-    """(rows per part, [(codes, scales, zero points)] per part) computed by forked workers, or None
-    (serial) for small linears, one core, or where fork is unavailable."""
-    import multiprocessing as mp
-    global _JOB
+    """(rows per part, [(codes, scales, zero points)] per part) computed by one thread per core, or
+    None (serial) for small linears or one core."""
+    from concurrent.futures import ThreadPoolExecutor
     n = w.shape[0]
     count = min(workers(), n // 64)
-    if count < 2 or n * k < _PARALLEL_MIN or "fork" not in mp.get_all_start_methods():
+    if count < 2 or n * k < _PARALLEL_MIN:
         return None
     kp = kb * block_size
-    for lo in range(0, kp, SPAN):            # computed once here, inherited by every worker
+    for lo in range(0, kp, SPAN):            # the shared factors, computed once before the threads start
         stats.factor(lo, min(lo + SPAN, kp))
     step = -(-n // count)
-    _JOB = (w, k, kb, block_size, stats, bits, shrink)
-    try:
-        with mp.get_context("fork").Pool(count) as pool:
-            return step, pool.map(_gptq_job, [(r, min(r + step, n)) for r in range(0, n, step)])
-    finally:
-        _JOB = None
+    with ThreadPoolExecutor(count) as pool:
+        parts = pool.map(lambda r: _gptq_chunk(w, r, min(r + step, n), k, kb, block_size, stats, bits, shrink),
+                         range(0, n, step))
+        return step, list(parts)
 
 
 class Quantizer:

@@ -216,7 +216,7 @@ def test_bits_per_weight_budget_in_the_artifact(tmp_path):
 
 
 def test_gptq_workers_give_the_same_bytes(monkeypatch):
-    """GPTQ's rows split over forked workers: the same codes as one process."""
+    """GPTQ's rows split over threads: the same codes as one part."""
     from edgert_export import quantize as qz
     monkeypatch.setattr(qz, "_PARALLEL_MIN", 1)
     rng = np.random.default_rng(4)
