@@ -223,27 +223,12 @@ def export_candidate(src: Path, out: Path, spec: dict) -> dict:
             "calibration": q.get("calibration"), "types": ""}
 
 
-def llamacpp_logprobs(runner, windows) -> list[np.ndarray]:
-    """Logits at every position of each window through llama.cpp's batch API."""
-    lc = runner.lc
-    out = []
-    for w in windows:
-        w = _ids(w)
-        ctx = runner._context(len(w), 1)
-        batch = lc.llama_batch_init(len(w), 0, 1)
-        try:
-            batch.n_tokens = len(w)
-            for i, t in enumerate(w):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, i, 1
-                batch.seq_id[i][0], batch.logits[i] = 0, True
-            if lc.llama_decode(ctx, batch) != 0:
-                raise RuntimeError("llama_decode failed")
-            rows = [np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(runner.n_vocab,)).copy()
-                    for i in range(len(w) - 1)]
-        finally:
-            lc.llama_batch_free(batch)
-        out.append(log_softmax(np.stack(rows)))
-    return out
+def llamacpp_logprobs(gguf: Path, windows) -> list[np.ndarray]:
+    """Logits at every position of each window from llama-cpp-python (quality.py's scorer:
+    Llama(logits_all=True), n_ctx = n_batch = the longest window, one thread)."""
+    from quality import LlamaCppScorer
+    scorer = LlamaCppScorer(gguf, max(len(_ids(w)) for w in windows), 1)
+    return [log_softmax(scorer.logits(_ids(w))[:-1]) for w in windows]
 
 
 def run_model(src: Path, text: str, names: list[str], work: Path, llamacpp: bool) -> list[dict]:
@@ -263,7 +248,7 @@ def run_model(src: Path, text: str, names: list[str], work: Path, llamacpp: bool
         for qtype in LLAMA_TYPES:
             try:
                 r = peers.prepare_llamacpp(src, work / "llamacpp", qtype, outtype="f32")
-                got = llamacpp_logprobs(r, windows)
+                got = llamacpp_logprobs(r.gguf, windows)
                 every, linear, types = gguf_bytes(r.gguf)
                 rows.append({"model": src.name, "recipe": f"llama.cpp {qtype}", "file_bytes": r.info["bytes"],
                              "matrix_bytes": every, "linear_bytes": linear, "export_s": r.info.get("quantize_s"),
