@@ -265,8 +265,8 @@ def run_model(src: Path, text: str, names: list[str], work: Path, llamacpp: bool
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"| model | recipe | ppl | Δppl | KL | top-1 | matrix bpw | linear bpw | file kB | export s | types |\n"
-            f"|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| model | recipe | ppl | Δppl | KL | top-1 | matrix bpw | linear bpw | file kB | export s | types |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         es = f"{r['export_s']:.1f}" if r["export_s"] is not None else "—"

@@ -19,7 +19,7 @@ import numpy as np
 from edgert.limits import read_text_file
 
 from .archs import model_for
-from .calibrate import SELF_SEED, SELF_TOKENS, CalibrationError, collect, sample_self
+from .calibrate import SELF_SEED, CalibrationError, collect, sample_self
 from .checkpoint import Checkpoint, CheckpointError
 from .decoder import UnsupportedModel
 from .graph import IR_VERSION, Graph, Recipe
