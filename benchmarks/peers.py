@@ -279,6 +279,12 @@ class LlamaCppRunner(Runner):
             cp.n_seq_max = 1
             cp.n_threads = threads
             cp.n_threads_batch = threads
+            if self.info.get("kv") == "q8_0":        # a quantized V cache needs flash attention
+                cp.type_k = cp.type_v = 8            # GGML_TYPE_Q8_0
+                if hasattr(cp, "flash_attn_type"):
+                    cp.flash_attn_type = 1           # LLAMA_FLASH_ATTN_TYPE_ENABLED
+                else:
+                    cp.flash_attn = True
             self.ctx = lc.llama_init_from_model(self.model, cp)
             if not self.ctx:
                 raise RuntimeError(f"{self.name}: llama_init_from_model failed")

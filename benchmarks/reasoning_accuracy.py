@@ -2,6 +2,7 @@
 
     python benchmarks/reasoning_accuracy.py [--fixtures reasoning-qwen2,reasoning-qwen3moe]
                                             [--bits 32,8,4] [--work DIR] [--json out.json]
+                                            [--kv-cache fp16|fp32] [--votes 5 --temperature 1.0]
 
 Each fixture (export/data/reasoning-*) is exported at every --bits (other options default)
 and answers the 200 held-out problems of fixtures/reasoning_task.py: greedy, chat template
@@ -56,7 +57,22 @@ def score(texts, problems, ref_texts) -> dict:
             "answers": answers}
 
 
-def run(fixtures, bits_list, work: Path, max_tokens: int, threads: int | None, n: int) -> list[dict]:
+def votes_accuracy(artifact: Path, problems, votes: int, temperature: float, max_tokens: int,
+                   threads: int | None) -> dict:
+    """Self-consistency through `run --votes`' engine path: accuracy of the first sample alone and
+    of the majority of `votes` samples drawn together (seeded per problem)."""
+    import edgert
+    llm = edgert.load(artifact, threads=threads, slots=votes)
+    single = majority = 0
+    for i, p in enumerate(problems):
+        r = llm.vote(p.prompt, votes, max_tokens=max_tokens, temperature=temperature, seed=i)
+        single += task.extract_answer(r["votes"][0]["text"]) == p.answer
+        majority += r["answer"] == str(p.answer)
+    return {"single": single / len(problems), "majority": majority / len(problems)}
+
+
+def run(fixtures, bits_list, work: Path, max_tokens: int, threads: int | None, n: int,
+        kv_cache: str | None = None, votes: int = 0, temperature: float = 1.0) -> list[dict]:
     from edgert_export import export
     problems = task.held_out_problems()[:n]
     rows = []
@@ -67,22 +83,30 @@ def run(fixtures, bits_list, work: Path, max_tokens: int, threads: int | None, n
         for bits in bits_list:
             out = work / f"{name}-{bits}bit"
             t0 = time.time()
-            export(src, out, bits=bits, force=True, progress=False)
+            export(src, out, bits=bits, force=True, progress=False, kv_cache=kv_cache)
             export_s = time.time() - t0
             texts, tok_s = edgert_texts(out, problems, max_tokens, threads)
             rows.append({"fixture": name, "precision": f"edgert int{bits}" if bits < 32 else "edgert fp32",
                          **score(texts, problems, ref_texts), "export_seconds": round(export_s, 1),
                          "decode_tok_s": round(tok_s, 1)})
             print(f"  {name} {bits}-bit: {rows[-1]['accuracy']:.3f}", file=sys.stderr, flush=True)
+            if votes > 1:
+                rows[-1]["votes"] = {"n": votes, "temperature": temperature,
+                                     **votes_accuracy(out, problems, votes, temperature, max_tokens, threads)}
+                print(f"  {name} {bits}-bit, T={temperature}: one sample {rows[-1]['votes']['single']:.3f}, "
+                      f"majority of {votes} {rows[-1]['votes']['majority']:.3f}", file=sys.stderr, flush=True)
     return rows
 
 
 def table(rows, n: int) -> str:
-    lines = [f"| fixture | precision | accuracy ({n} held-out) | answer = fp32 | text = fp32 | decode tok/s |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| fixture | precision | accuracy ({n} held-out) | answer = fp32 | text = fp32 | decode tok/s | votes |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
+        v = r.get("votes")
+        votes = (f"T={v['temperature']}: one {100 * v['single']:.1f}% -> majority of {v['n']} {100 * v['majority']:.1f}%"
+                 if v else "")
         lines.append(f"| {r['fixture']} | {r['precision']} | {100 * r['accuracy']:.1f}% | {r['same_answer_as_fp32']}/{n} "
-                     f"| {r['same_text_as_fp32']}/{n} | {r.get('decode_tok_s', '')} |")
+                     f"| {r['same_text_as_fp32']}/{n} | {r.get('decode_tok_s', '')} | {votes} |")
     return "\n".join(lines)
 
 
@@ -94,6 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=96, help="generous: a 4-step answer takes ~45 tokens")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--problems", type=int, default=task.HELD_OUT_SIZE, help="the first N held-out problems")
+    ap.add_argument("--kv-cache", choices=["fp16", "fp32"], default=None, help="the exports' KV cache [default: export's]")
+    ap.add_argument("--votes", type=int, default=0, help="also self-consistency: one sample vs the majority of N (batched)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --votes")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     fixtures = [Path(f) if "/" in f else ROOT / "export" / "data" / f for f in args.fixtures.split(",") if f]
@@ -105,7 +132,8 @@ def main(argv=None) -> int:
     except ValueError:
         ap.error(f"--bits takes a comma-separated list of 4, 8, 32, not {args.bits!r}")
     with tempfile.TemporaryDirectory() as tmp:
-        rows = run(fixtures, bits_list, args.work or Path(tmp), args.max_tokens, args.threads, args.problems)
+        rows = run(fixtures, bits_list, args.work or Path(tmp), args.max_tokens, args.threads, args.problems,
+                   args.kv_cache, args.votes, args.temperature)
     print(table(rows, args.problems))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

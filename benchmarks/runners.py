@@ -30,8 +30,10 @@ class EdgertRunner(peers.Runner):
     def measure(self, prompt_ids, n_decode, threads=2):
         import numpy as np
         from edgert.model import Model
-        if self.model is None:
-            self.model = Model(self.artifact, context=1024, threads=threads, strategy=self.strategy)
+        need = max(1024, len(prompt_ids) + n_decode + 1)
+        if self.model is None or self.model.context < need:
+            self.model = None
+            self.model = Model(self.artifact, context=need, threads=threads, strategy=self.strategy)
         m = self.model
         m.reset()
         t0 = time.perf_counter()
@@ -52,7 +54,7 @@ def make_runner(kind: str, path: Path, name: str, options: dict) -> peers.Runner
     if kind == "genai":
         return peers.GenaiRunner(path, name, {})
     if kind == "llamacpp":
-        return peers.LlamaCppRunner(path, name, {})
+        return peers.LlamaCppRunner(path, name, {"kv": options.get("kv")})
     if kind in ("transformers", "optimum"):
         import hf_peers
         cls = hf_peers.TransformersRunner if kind == "transformers" else hf_peers.OptimumRunner

@@ -69,17 +69,19 @@ def checkpoint(shape: str, work: Path) -> Path:
     return path
 
 
-def export_edgert(src: Path, out: Path, bits: int = 4, embed_bits: int = 8, block_size: int = 32) -> tuple[Path, float]:
+def export_edgert(src: Path, out: Path, bits: int = 4, embed_bits: int = 8, block_size: int = 32,
+                  kv_cache: str | None = None) -> tuple[Path, float]:
     """Export once (cached); returns the artifact and the export's wall time."""
     from edgert_export import export as do_export
     # cached per exporter source, options and checkpoint: a changed exporter exports again
     sources = sorted((ROOT / "export").rglob("*.py"))
-    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + repr((bits, embed_bits, block_size)).encode()
+    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + repr((bits, embed_bits, block_size, kv_cache)).encode()
                            + (src / "config.json").read_bytes()).hexdigest()
     if not (out / "edgert.json").is_file() or not (out / "export_stamp").is_file() \
             or (out / "export_stamp").read_text() != stamp:
         t0 = time.time()
-        do_export(src, out, bits=bits, force=True, progress=False, embed_bits=embed_bits, block_size=block_size)
+        do_export(src, out, bits=bits, force=True, progress=False, embed_bits=embed_bits, block_size=block_size,
+                  kv_cache=kv_cache)
         (out / "export_seconds").write_text(str(time.time() - t0))
         (out / "export_stamp").write_text(stamp)
     return out, float((out / "export_seconds").read_text()) if (out / "export_seconds").is_file() else 0.0

@@ -34,6 +34,7 @@ MAX_EOS_IDS = 64
 # text files the runtime reads, and their size caps
 TEXT_FILES = {"tokenizer.json": 64 << 20, "tokenizer_config.json": 16 << 20, "chat_template.jinja": 1 << 20,
               "special_tokens_map.json": 1 << 20, "generation_config.json": 1 << 20, "config.json": 1 << 20}
+SPARSE_MIN_BYTES = 64 << 20    # verify refuses a larger file with less than half of it on disk (never hashes holes)
 DATA_SLACK = 1 << 16           # bytes a data file may hold past its last tensor (alignment)
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -101,6 +102,20 @@ def check_manifest(manifest, where: str = "edgert.json") -> dict:
         moe = m.get("moe_layers", [])
         if not isinstance(moe, list) or len(moe) > layers or not all(_int(i) and 0 <= i < layers for i in moe):
             bad("model.moe_layers", f"a list of layer numbers below {layers}")
+    attn = m.get("attention_layers", [])
+    if not isinstance(attn, list) or len(attn) > layers or not all(_int(i) and 0 <= i < layers for i in attn):
+        bad("model.attention_layers", f"a list of layer numbers below {layers}")
+    state = m.get("state", [])
+    if not isinstance(state, list) or len(state) > 4 * layers:
+        bad("model.state", "a list of state tensors")
+    for j, spec in enumerate(state):
+        ok = (isinstance(spec, dict) and _int(spec.get("layer")) and 0 <= spec["layer"] < layers
+              and isinstance(spec.get("name"), str) and _PLAIN_NAME.fullmatch(spec["name"]) and spec.get("dtype") == "float32"
+              and isinstance(spec.get("shape"), list) and 0 < len(spec["shape"]) <= 4
+              and all(_int(d) and 1 <= d <= MAX_HIDDEN for d in spec["shape"])
+              and math.prod(spec["shape"]) <= 1 << 28)
+        if not ok:
+            bad(f"model.state[{j}]", "{layer, name, shape (1-4 sizes), dtype float32}")
     need_int(manifest, "context_length", 1, MAX_CONTEXT)
     files = need_dict(manifest, "files")
     if not files or len(files) > MAX_FILES:
@@ -119,6 +134,8 @@ def check_manifest(manifest, where: str = "edgert.json") -> dict:
     for key, name in graphs.items():
         if not isinstance(name, str) or name not in files or not name.endswith(".onnx") or len(key) > 32:
             bad(f"graphs[{key[:32]!r}]", "an .onnx file listed in files")
+    if "default" not in graphs and "plain" not in graphs:
+        bad("graphs", "an object with a 'default' (or, for MoE, a 'plain') graph")
     q = need_dict(manifest, "quantization", optional=True)
     for key in ("attention", "mlp", "embed", "lm_head", "experts", "router"):
         if key in q and q[key] not in _BITS:
@@ -191,6 +208,25 @@ def _check_external(folder: Path, graph: str, files: dict) -> int:
     return ends
 
 
+def read_json(folder, name: str) -> dict:
+    """A JSON object from a file in the artifact ({} when absent): confined, capped (TEXT_FILES), one line on damage."""
+    folder = Path(folder)
+    if not (folder / name).exists() and not (folder / name).is_symlink():
+        return {}
+    path = confined(folder, name)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(TEXT_FILES.get(name, 1 << 20) + 1)
+        if len(data) > TEXT_FILES.get(name, 1 << 20):
+            raise ArtifactError(f"{path}: too large; refused")
+        value = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ArtifactError(f"{path}: not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{path}: not a JSON object")
+    return value
+
+
 def read_manifest(path, graphs: bool = True) -> dict:
     """The artifact's manifest, after every check above (cheap: no hashing).
     graphs=False skips the scan of the graph files (for a quick look at the manifest only)."""
@@ -242,8 +278,12 @@ def verify(path) -> dict:
     for name, info in manifest["files"].items():
         h = hashlib.sha256()
         with open(confined(path, name), "rb") as f:
-            if os.fstat(f.fileno()).st_size != info["bytes"]:
+            st = os.fstat(f.fileno())
+            if st.st_size != info["bytes"]:
                 raise ArtifactError(f"{path}: {name} changed size while it was verified")
+            if st.st_size > SPARSE_MIN_BYTES and 0 <= st.st_blocks * 512 < st.st_size // 2:
+                raise ArtifactError(f"{path}: {name} is mostly holes (a sparse file of {st.st_size} bytes), not an "
+                                    f"exported file; refused")
             left = info["bytes"]
             while left > 0:
                 chunk = f.read(min(1 << 22, left))

@@ -7,7 +7,6 @@ speed; the % of it reached says how much a faster kernel could still win on this
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -20,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .artifact import bytes_per_weight
+from .artifact import bytes_per_weight, read_json
 from .generate import Sampling, Stats, generate
-from .device import available_memory
+from .device import available_memory, kv_bytes, kv_element_bytes, state_bytes
 from .model import Model
 
 # ---- the device ----------------------------------------------------------------------------
@@ -90,16 +89,18 @@ def memory_bandwidth(threads: int, seconds: float = 1.0, size: int = 512 * 2**20
 def decode_bytes_per_token(manifest: dict, config: dict, data_bytes: int, position: float) -> float:
     """Bytes one decode step reads: the data file minus what a single token does not touch (the
     embedding table but one row, unless a tied lm_head reads all of it; the idle experts; the
-    rotary tables but one row), plus the KV cache up to `position`."""
+    rotary tables but one row), plus the KV cache up to `position` and a hybrid model's recurrent state."""
     m, q = manifest["model"], manifest["quantization"]
     bs, hidden, vocab, hd = q.get("block_size", 32), m["hidden"], m["vocab"], m["head_dim"]
     embed = vocab * hidden * bytes_per_weight(q["embed"], bs)
     shared = bool(config.get("tie_word_embeddings")) and q["embed"] == q["lm_head"] != 32
     unread = 0 if shared else embed * (1 - 1 / vocab)
     unread += m.get("idle_expert_parameters", 0) * bytes_per_weight(q["mlp"], bs)
-    unread += 2 * 4 * (manifest["context_length"] - 1) * hd // 2
-    kv = 2 * 4 * m["layers"] * m["kv_heads"] * hd * position
-    return data_bytes - unread + kv
+    el = kv_element_bytes(manifest)                    # the rotary tables share the cache's dtype
+    unread += 2 * el * (manifest["context_length"] - 1) * hd // 2
+    kv = kv_bytes(manifest, 1) * position
+    state = 4 * state_bytes(manifest)       # hybrid models: the step reads and writes the state, the copy back again
+    return data_bytes - unread + kv + state
 
 
 # ---- the measurement -------------------------------------------------------------------------
@@ -173,15 +174,14 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3,
     bandwidth = memory_bandwidth(model.threads, probe_seconds)
     _progress("")
     m = model.manifest
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = read_json(path, "config.json")
     data_bytes = (path / "model.onnx.data").stat().st_size
     per_token = decode_bytes_per_token(m, config, data_bytes, prompt_tokens + gen_tokens / 2)
     result = {
         "artifact": str(path), "architecture": m["architecture"], "parameters": m["model"]["parameters"],
         "active_parameters_per_token": experts["active_parameters_per_token"], "quantization": m["quantization"],
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "threads": model.threads, "repeat": repeat,
-        "strategy": model.strategy,
+        "strategy": model.strategy, "kv_cache": model.kv_cache,
     }
     _spread(result, "prefill_tok_s", [r.prefill_tok_s for r in runs])
     _spread(result, "decode_tok_s", [r.decode_tok_s for r in runs])
@@ -213,7 +213,7 @@ def table(r: dict) -> str:
         return f"{r[key]:{fmt}} {unit} (min {r[key + '_min']:{fmt}}, max {r[key + '_max']:{fmt}})"
     rows = [("artifact", r.get("synthetic") and f"synthetic {r['synthetic']} ({r['artifact']})" or r["artifact"]),
             ("architecture", arch),
-            ("size", f"{r['model_mb']:.0f} MB, {r['bits_per_weight']:.2f} bits per weight"),
+            ("size", f"{r['model_mb']:.0f} MB, {r['bits_per_weight']:.2f} bits per weight, {r.get('kv_cache', 'fp32')} KV cache"),
             ("prompt / generated", f"{r['prompt_tokens']} / {r['gen_tokens']} tokens, {r['threads']} threads, "
                                    f"median of {r['repeat']}"),
             ("prefill", spread("prefill_tok_s", ".1f", "tok/s")),

@@ -21,7 +21,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["load_chat_template", "render_chat", "TemplateLimits"]
+__all__ = ["load_chat_template", "render_chat", "tokenizer_config", "TemplateLimits"]
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,25 @@ def load_chat_template(model_dir) -> str | None:
     jinja_file = model_dir / "chat_template.jinja"
     if jinja_file.is_file():
         return _read_capped(jinja_file, LIMITS.source_chars * 4)
-    config_file = model_dir / "tokenizer_config.json"
-    if not config_file.is_file():
-        return None
-    try:
-        config = json.loads(_read_capped(config_file, 16 << 20))
-    except (json.JSONDecodeError, RecursionError):
-        raise ValueError(f"{config_file}: not valid JSON") from None
-    template = config.get("chat_template") if isinstance(config, dict) else None
+    template = tokenizer_config(model_dir).get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     return template if isinstance(template, str) else None
+
+
+def tokenizer_config(model_dir) -> dict:
+    """tokenizer_config.json as a dict ({} when absent); ValueError (one line) when it is not one."""
+    config_file = Path(model_dir) / "tokenizer_config.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        config = json.loads(_read_capped(config_file, 16 << 20))
+    except (json.JSONDecodeError, RecursionError):
+        raise ValueError(f"{config_file}: not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: not a JSON object")
+    return config
 
 
 def _read_capped(path: Path, limit: int) -> str:

@@ -52,7 +52,8 @@ def _user_errors():
 
 @app.command()
 def export(
-    model_dir: Path = typer.Argument(..., help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json)."),
+    model_dir: str = typer.Argument(..., help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json), "
+                                    "or a hub repo id ORG/NAME (downloaded, or from the local cache when offline)."),
     out: Path = typer.Option(..., "-o", "--out", help="Artifact folder to write (atomically)."),
     bits: int = typer.Option(4, help="Weight bits for attention and MLP/expert projections: 4, 8, or 32 (fp32 reference)."),
     block_size: int = typer.Option(32, help="Quantization block size along the input dimension (16-256, power of two)."),
@@ -61,7 +62,11 @@ def export(
     recipe: str = typer.Option("gptq", help="How int4 weights are chosen: gptq (calibrated, most accurate), search (block clipping search, no calibration) or rtn (plain round-to-nearest)."),
     calib: Optional[Path] = typer.Option(None, help="Calibration for --recipe gptq: 'self' (text the model samples itself, seeded), 'built-in' (stories, prose, arithmetic and code) or a UTF-8 text file [default: self]."),
     bits_per_weight: Optional[float] = typer.Option(None, help="Byte budget for the attention/MLP projections in bits per weight (e.g. 4.5; scales and zero points count): mixed int4 block sizes and int8 by measured sensitivity, recorded per tensor in edgert.json."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is an edgert artifact (never another non-empty "
+                               "folder, never the source)."),
+    kv_cache: Optional[str] = typer.Option(None, help="KV cache precision the graphs read and write: fp16 (half the "
+                                           "memory, the same speed) or fp32 [default: fp16; fp32 with --bits 32]."),
+    revision: Optional[str] = typer.Option(None, help="With a hub repo id: the branch, tag or commit [default: main]."),
 ):
     """Export a Hugging Face checkpoint to an int4/int8 ONNX artifact."""
     try:
@@ -70,7 +75,8 @@ def export(
         fail(f"the exporter needs the [export] extra ({e.name} is missing): pip install 'edgert[export]'")
     try:
         manifest = do_export(model_dir, out, bits=bits, block_size=block_size, context=context, force=force,
-                             embed_bits=embed_bits, recipe=recipe, calib=calib, bits_per_weight=bits_per_weight)
+                             embed_bits=embed_bits, recipe=recipe, calib=calib, kv_cache=kv_cache, revision=revision,
+                             bits_per_weight=bits_per_weight)
     except ExportError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -102,12 +108,18 @@ def run(
     votes: int = typer.Option(1, min=1, max=64, help="Self-consistency: sample N answers together (one batched forward "
                               "per step) and print the majority answer; --json lists every vote."),
     speculate: str = typer.Option("off", help="ngram: greedy decoding verifies tokens drafted from the text so far, "
-                                  "several per forward (identical output); off."),
+                                  "several per forward (the same output); draft: drafted by --draft ART; off."),
     draft_tokens: int = typer.Option(4, min=1, max=16, help="Most drafted tokens verified per forward with --speculate."),
+    draft: Optional[Path] = typer.Option(None, help="Speculate with this smaller artifact (same tokenizer) as the drafter "
+                                         "(implies --speculate; greedy)."),
 ):
     """Generate text. stdout carries only the generated text; reasoning is dimmed on a terminal."""
-    if speculate not in ("off", "ngram"):
-        fail(f"--speculate must be ngram or off, not {speculate!r}")
+    if speculate not in ("off", "ngram", "draft"):
+        fail(f"--speculate must be ngram, draft or off, not {speculate!r}")
+    if draft is not None:
+        speculate = "draft"
+    elif speculate == "draft":
+        fail("--speculate draft needs --draft ART (a smaller model with the same tokenizer)")
     from .limits import read_stdin
     if prompt is None:
         if sys.stdin.isatty():
@@ -125,13 +137,15 @@ def run(
                    slots=votes)
         if stats:
             llm.model.track_experts()
+        if draft is not None:
+            llm.use_draft(draft, max_memory=max_memory)
         ids = llm.encode(prompt, raw=raw, system=system)
         if votes > 1:
             return _print_votes(llm, ids, votes, as_json, dict(max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed, think_budget=think_budget))
         stream = llm.generate(ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               seed=seed, ignore_eos=ignore_eos, think_budget=think_budget,
-                              speculate=draft_tokens if speculate == "ngram" else 0)
+                              speculate=draft_tokens if speculate != "off" else 0)
         writer = TokenWriter(sys.stdout, sys.stdout.isatty() and not as_json and not os.environ.get("NO_COLOR"))
         tokens, text, reasoning = [], [], []
         for tok in stream:
@@ -335,7 +349,8 @@ def bench(
     artifact: Optional[Path] = typer.Argument(None, help="Artifact folder (or use --synthetic)."),
     synthetic: Optional[str] = typer.Option(None, help="Bench a built-in shape with random weights instead, built here "
                                             "without a download and cached (EDGERT_SYNTHETIC_DIR): qwen2.5-0.5b, "
-                                            "r1-distill-qwen-1.5b, r1-distill-qwen-7b, qwen3-0.6b, olmoe-1b-7b."),
+                                            "r1-distill-qwen-1.5b, r1-distill-qwen-7b, qwen3-0.6b, olmoe-1b-7b, phi-4-mini, "
+                                            "gemma-3-1b, gpt-oss-20b, lfm2.5-1.2b, qwen3.5-0.8b."),
     bits: Optional[int] = typer.Option(None, help="With --synthetic: weight bits, 4 or 8 (default 4; embeddings/lm_head "
                                                   "int8, block 32, as export does)."),
     prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (synthetic tokens)."),
@@ -448,7 +463,7 @@ def demo(
     typer.echo(prompt, err=True)
     run(out, prompt, max_tokens=max_tokens, temperature=0.0, top_p=None, top_k=None, seed=None, raw=False,
         ignore_eos=False, as_json=False, context=None, threads=None, think_budget=None, system=None,
-        moe_strategy=None, stats=False, max_memory=None, votes=1, speculate="off", draft_tokens=4)
+        moe_strategy=None, stats=False, max_memory=None, votes=1, speculate="off", draft_tokens=4, draft=None)
 
 
 @app.command()
@@ -460,6 +475,38 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact folder.")):
     except ArtifactError as e:
         fail(str(e))
     typer.echo(f"{artifact}: ok ({m['architecture']}, {len(m['files'])} files verified)")
+
+
+@app.command()
+def serve(
+    artifact: Path = typer.Argument(..., help="Artifact folder made by `edgert export`."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default; elsewhere, set --api-key)."),
+    port: int = typer.Option(8080, min=0, max=65535, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, envvar="EDGERT_API_KEY", show_envvar=True,
+                                          help="Require `Authorization: Bearer KEY` (all but / and /health)."),
+    parallel: int = typer.Option(1, min=1, max=64, help="Slots: sequences decoded together, one batched step for all."),
+    context: Optional[int] = typer.Option(None, min=1, help="KV cache size in tokens per slot [default: min(model, 4096)]."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: the fast physical cores]."),
+    max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
+    cors_origin: Optional[list[str]] = typer.Option(None, help="Allow browser requests from this origin (repeatable) [default: CORS off]."),
+    queue: Optional[int] = typer.Option(None, min=0, help="Requests that may wait for a slot; more get 429 [default: 8 x --parallel]."),
+    timeout: float = typer.Option(600.0, min=1.0, help="Longest time a request may take, seconds (then it ends with finish_reason length)."),
+):
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
+    /tokenize, /detokenize) and a chat page at /. Needs the [serve] extra: pip install 'edgert[serve]'."""
+    from .artifact import ArtifactError, read_manifest
+    try:
+        from .serve import serve as do_serve
+    except ImportError as e:
+        fail(str(e))
+    try:
+        read_manifest(artifact)
+    except ArtifactError as e:
+        fail(str(e))
+    code = do_serve(artifact, host=host, port=port, api_key=api_key, parallel=parallel, context=context,
+                    threads=threads, max_memory=max_memory, cors_origins=cors_origin or (), max_queue=queue,
+                    timeout=timeout)
+    raise typer.Exit(code)
 
 
 def format_expert_report(r: dict) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .limits import check_prompt_length
 from .llm import LLM, PromptTooLong, Token
 
 FORMAT = "edgert-chat"
@@ -113,16 +114,23 @@ class Conversation:
         are dropped (stats.dropped_turns, set at once)."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the message is empty")
+        context = self.llm.context
+        check_prompt_length(text, context)             # before any work on it
         self._stop_answering()
         user = {"role": "user", "content": text}
-        context = self.llm.context
         room = min(max_tokens or context // 4, context // 2)    # kept free for the answer when dropping turns
         history, dropped = list(self.history), 0
-        ids = self.prompt_ids(history + [user])
-        while history and len(ids) + room > context:
+        while True:
+            try:
+                ids = self.prompt_ids(history + [user])
+            except PromptTooLong:           # far too long to tokenize: as good as too many tokens
+                if not history:
+                    raise
+                ids = None
+            if not history or (ids is not None and len(ids) + room <= context):
+                break
             history = _drop_oldest_turn(history)
             dropped += 1
-            ids = self.prompt_ids(history + [user])
         if len(ids) >= context:
             raise PromptTooLong(f"the message needs {len(ids)} tokens with the system message; the context holds "
                                 f"{context} (raise --context, up to {self.llm.manifest['context_length']})")
@@ -136,7 +144,8 @@ class Conversation:
     def _turn(self, user: dict, history: list[dict], ids: list[int], options: dict) -> Iterator[Token]:
         stats = self.stats
         before, tokens, finished = self.llm.stats, [], False
-        stream = self.llm.generate(ids, **options)   # the engine reuses the rows of the longest prefix it holds
+        stream = self.llm.generate(ids, **options,   # the engine reuses the rows of the longest prefix it holds
+                                   keep_state_at=self.llm.turn_boundary(history + [user], ids, self.prompt_ids))
         try:
             for tok in stream:
                 tokens.append(tok)

@@ -156,7 +156,23 @@ def weight_bytes(manifest: dict) -> int:
 
 def kv_bytes(manifest: dict, context: int) -> int:
     m = manifest["model"]
-    return m["layers"] * 2 * m["kv_heads"] * context * m["head_dim"] * 4     # fp32 keys and values
+    layers = len(m["attention_layers"]) if "attention_layers" in m else m["layers"]    # hybrid models: attention layers only
+    return layers * 2 * m["kv_heads"] * context * m["head_dim"] * kv_element_bytes(manifest)
+
+
+def kv_element_bytes(manifest: dict) -> int:
+    """Bytes per cached key or value element: 2 for an fp16 cache, 4 for fp32 (older artifacts)."""
+    return 2 if manifest.get("quantization", {}).get("kv_cache") == "fp16" else 4
+
+
+# Hybrid models hold their recurrent state per sequence: the live copy, the buffer a step writes,
+# and up to engine.SNAPSHOTS_PER_SLOT snapshots kept at turn boundaries.
+STATE_COPIES = 2 + 4
+
+
+def state_bytes(manifest: dict) -> int:
+    """Bytes of recurrent state one sequence carries (0 for KV-only models)."""
+    return sum(4 * math.prod(s["shape"]) for s in manifest["model"].get("state", []))
 
 
 @dataclass
@@ -164,25 +180,28 @@ class Need:
     weights: int
     kv: int
     runtime: int
+    state: int = 0            # recurrent state of hybrid models (all sequences, all copies)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.runtime
+        return self.weights + self.kv + self.runtime + self.state
 
     def __str__(self) -> str:
-        return (f"{self.total / MB:.0f} MB (weights {self.weights / MB:.0f} + KV cache {self.kv / MB:.0f} "
+        state = f" + recurrent state {self.state / MB:.0f}" if self.state else ""
+        return (f"{self.total / MB:.0f} MB (weights {self.weights / MB:.0f} + KV cache {self.kv / MB:.0f}{state} "
                 f"+ runtime {self.runtime / MB:.0f})")
 
 
-def memory_need(manifest: dict, context: int) -> Need:
-    return Need(int(weight_bytes(manifest) * WEIGHT_FACTOR), kv_bytes(manifest, context), RUNTIME_BYTES)
+def memory_need(manifest: dict, context: int, sequences: int = 1) -> Need:
+    return Need(int(weight_bytes(manifest) * WEIGHT_FACTOR), kv_bytes(manifest, context), RUNTIME_BYTES,
+                state_bytes(manifest) * STATE_COPIES * sequences)
 
 
 def check_fit(path: Path, manifest: dict, context: int, max_memory: int | str | None = None,
-              root: Path = Path("/")) -> Need:
+              root: Path = Path("/"), sequences: int = 1) -> Need:
     """Refuse, before anything is loaded, an artifact + KV cache that the memory budget cannot hold.
     max_memory: bytes or a size such as "2G" (a fixed budget), "off" (no check), None (what is available)."""
-    need = memory_need(manifest, context)
+    need = memory_need(manifest, context, sequences)
     if isinstance(max_memory, str) and max_memory.strip().lower() == "off":
         return need
     if max_memory is not None:
@@ -195,7 +214,7 @@ def check_fit(path: Path, manifest: dict, context: int, max_memory: int | str | 
     if need.total <= budget:
         return need
     per_token = kv_bytes(manifest, 1)
-    fits = (budget - need.weights - need.runtime) // per_token // CONTEXT_STEP * CONTEXT_STEP
+    fits = (budget - need.weights - need.runtime - need.state) // per_token // CONTEXT_STEP * CONTEXT_STEP
     if fits >= CONTEXT_STEP:
         advice = f"--context {fits} fits"
     else:

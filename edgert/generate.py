@@ -71,7 +71,9 @@ class Stats:
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        """Tokens computed per second of prefill (rows reused from the cache are not computed)."""
+        done = self.prompt_tokens - self.extra.get("cached_tokens", 0)
+        return done / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -94,7 +96,8 @@ class Decoding:
         if self.think_start is not None:
             for t in prompt_ids:
                 self.reasoning = True if t == self.think_start else False if t == self.think_end else self.reasoning
-        self.pending: list[int] = []     # forced tokens still to feed (think budget, deadline)
+        # forced tokens still to feed (think budget, deadline); a budget of 0 closes the reasoning at once
+        self.pending: list[int] = list(self.close_think_ids) if self.reasoning and think_budget == 0 else []
         self.spent = 0                   # reasoning tokens generated so far
         self.generated = self.reasoning_tokens = 0
         self.stop_reason: str | None = None   # "eos", "length", "context"
@@ -141,11 +144,16 @@ class Decoding:
 
 def generate(engine, prompt_ids: list[int], max_tokens: int, sampling: Sampling, stop_ids=(),
              think: tuple[int | None, int | None] = (None, None), think_budget: int | None = None,
-             close_think_ids: list[int] = (), stats: Stats | None = None, speculate: int = 0):
+             close_think_ids: list[int] = (), stats: Stats | None = None, speculate: int = 0, drafter=None,
+             marks=()):
     """Yield Steps of one sequence: open it on the engine (a Model is wrapped in a one-slot engine),
     prefill the prompt, then decode one token per step until the Decoding stops.
-    speculate=k: each step also feeds up to k tokens drafted from the text so far (`ngram_draft`)
-    and keeps those the model itself picks: the same tokens as without, fewer forward calls."""
+    speculate=k (greedy only): each step also feeds up to k drafted tokens — `drafter(ids, k)`, by
+    default `ngram_draft` from the text so far, or a `ModelDrafter` — and keeps those the model
+    itself picks: the same tokens as without, fewer forward calls of the model. Models with a
+    recurrent state cannot cut a rejected draft back, so they decode plainly.
+    marks: prompt positions where a recurrent model keeps its state (the next turn resumes there)."""
+    drafter = drafter or ngram_draft
     from .engine import Engine
     engine = engine if isinstance(engine, Engine) else Engine(engine)
     stats = stats if stats is not None else Stats()
@@ -153,11 +161,13 @@ def generate(engine, prompt_ids: list[int], max_tokens: int, sampling: Sampling,
     dec = Decoding(prompt_ids, max_tokens, sampling, stop_ids, think, think_budget, close_think_ids)
     t0 = time.perf_counter()
     seq = engine.open(prompt_ids)
+    engine.mark(seq, marks)
     try:
         logits = engine.step({seq: prompt_ids[seq.cached:]})[seq]
         stats.prefill_s = time.perf_counter() - t0
         stats.extra["cached_tokens"] = seq.cached
         queue: list[tuple[int, np.ndarray]] = []   # drafted tokens already in the cache, with the logits after each
+        backoff = rest = 0                  # after drafts the model rejected: plain steps before drafting again
         while (step := dec.next(logits)) is not None:
             stats.generated, stats.reasoning_tokens = dec.generated, dec.reasoning_tokens
             yield step
@@ -174,14 +184,17 @@ def generate(engine, prompt_ids: list[int], max_tokens: int, sampling: Sampling,
                 dec.stop_reason = "context"
                 break
             t0 = time.perf_counter()
-            room = min(speculate, engine.context - seq.pos - 1) if sampling.temperature <= 0 else 0
-            draft = ngram_draft(seq.ids + [step.id], room) if room > 0 else []
+            room = min(speculate, engine.context - seq.pos - 1) if sampling.temperature <= 0 and not engine.recurrent else 0
+            draft = drafter(seq.ids + [step.id], room) if room > 0 and rest == 0 else []
+            rest = max(rest - 1, 0)
             if draft:                        # verify: logits after step.id and after each drafted token
                 rows = engine.score(seq, [step.id] + draft)
                 kept = 0
                 while kept < len(draft) and int(np.argmax(rows[kept])) == draft[kept]:
                     kept += 1
                 engine.rewind(seq, seq.pos - len(draft) + kept)
+                backoff = 0 if kept else min(max(2 * backoff, 1), 16)   # a verify costs more than a step
+                rest = backoff
                 logits, queue = rows[0], [(draft[j], rows[j + 1]) for j in range(kept)]
                 stats.extra["drafted"] = stats.extra.get("drafted", 0) + len(draft)
                 stats.extra["accepted"] = stats.extra.get("accepted", 0) + kept
@@ -211,3 +224,33 @@ def ngram_draft(ids: list[int], k: int, max_n: int = 3, window: int = 4096) -> l
                 if follow.size:
                     return follow.tolist()
     return []
+
+
+class ModelDrafter:
+    """Drafts with a smaller model that shares the tokenizer: k greedy tokens from its own cache,
+    which follows the text by its longest common prefix (so only new tokens are computed)."""
+
+    def __init__(self, model):
+        from .engine import Engine
+        self.engine = Engine(model)
+        self.seq = self.engine.open([])
+
+    def __call__(self, ids: list[int], k: int) -> list[int]:
+        from .engine import common_prefix
+        eng, seq = self.engine, self.seq
+        k = min(k, eng.context - len(ids))
+        if k <= 0:
+            return []
+        n = common_prefix(seq.ids, ids, len(ids) - 1)
+        eng.rewind(seq, n)
+        logits = eng.step({seq: ids[n:]})[seq]
+        out = []
+        while True:
+            out.append(int(np.argmax(logits)))
+            if len(out) == k:
+                return out
+            logits = eng.step({seq: out[-1:]})[seq]
+
+    def close(self):
+        self.engine.close(self.seq)
+

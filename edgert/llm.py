@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .chat import load_chat_template, render_chat
-from .engine import Engine
-from .generate import Decoding, Sampling, Stats, Step, generate
+from .chat import load_chat_template, render_chat, tokenizer_config
+from .engine import Engine, common_prefix
+from .generate import Sampling, Stats, Step, generate
 from .limits import check_prompt_length
 from .model import ContextFull, Model
 from .tokenizer import StreamDecoder, Tokenizer
@@ -37,13 +37,25 @@ class LLM:
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer.from_dir(self.path, backend=tokenizer)
         self.chat_template = load_chat_template(self.path)
-        cfg_path = self.path / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg = tokenizer_config(self.path)
         self._template_vars = {k: _token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         special = self.manifest["special_tokens"]
         self.eos_ids = [i for i in special.get("eos") or [] if i is not None]
         self.think = (special.get("think_start"), special.get("think_end"))
         self.stats = Stats()
+        self.drafter = None          # a ModelDrafter once use_draft() ran
+
+    def use_draft(self, path, threads: int | None = None, max_memory=None) -> None:
+        """Speculate with a smaller model that has the same tokenizer (`run --draft ART`)."""
+        from .artifact import ArtifactError
+        from .generate import ModelDrafter
+        from .artifact import read_manifest
+        if _vocabulary(Path(path)) != _vocabulary(self.path):
+            raise ArtifactError(f"{path}: the draft model's tokenizer differs from {self.path}'s; speculation needs "
+                                f"the same token ids")
+        context = min(self.context, read_manifest(Path(path))["context_length"])     # past it, no drafts
+        draft = Model(Path(path), context=context, threads=threads or self.model.threads, max_memory=max_memory)
+        self.drafter = ModelDrafter(draft)
 
     @property
     def context(self) -> int:
@@ -59,13 +71,28 @@ class LLM:
 
     def encode_messages(self, messages: list[dict], **template_kwargs) -> list[int]:
         """A conversation through the chat template (sandboxed) with the generation prompt, as token ids.
-        template_kwargs reach the template (e.g. enable_thinking=False)."""
+        template_kwargs reach the template (e.g. enable_thinking=False). A text that cannot fit the
+        context raises PromptTooLong before it is tokenized."""
         if not self.chat_template:
             raise ValueError(f"{self.path}: this model has no chat template")
         text = render_chat(self.chat_template, messages, add_generation_prompt=True,
                            **{**self._template_vars, **template_kwargs})
         check_prompt_length(text, self.context)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def turn_boundary(self, messages: list[dict], ids: list[int], render=None, **template_kwargs) -> tuple[int, ...]:
+        """Recurrent models: where the next turn's prompt will depart from `ids`, the rendering of
+        `messages` (the template renders an answer unlike how it was generated, e.g. without its
+        reasoning), so the engine keeps the state there (generate's keep_state_at); KV-only models
+        reuse any prefix and need nothing. render: messages -> ids (default: encode_messages)."""
+        if not self.engine.recurrent:
+            return ()
+        render = render or (lambda m: self.encode_messages(m, **template_kwargs))
+        try:
+            after = render(messages + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}])
+        except (PromptTooLong, ValueError):
+            return ()
+        return (common_prefix(ids, after),)
 
     def sampling(self, temperature=None, top_p=None, top_k=None, seed=None) -> Sampling:
         """Unset options come from the artifact's generation config, as transformers reads it."""
@@ -94,16 +121,19 @@ class LLM:
     def generate(self, prompt: str | list[int], max_tokens: int = 256, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None, raw: bool = False,
                  ignore_eos: bool = False, think_budget: int | None = None, system: str | None = None,
-                 speculate: int = 0) -> Iterator[Token]:
+                 speculate: int = 0, keep_state_at=()) -> Iterator[Token]:
         """Yield Tokens as they are generated; `self.stats` describes the run (complete once exhausted).
-        speculate=k: greedy decoding verifies up to k tokens drafted from the text so far per forward
-        (the same tokens, fewer weight reads)."""
+        speculate=k: greedy decoding verifies up to k drafted tokens per forward (the same tokens,
+        fewer weight reads): from the text so far, or from the draft model of use_draft(); plain decoding
+        for recurrent models. keep_state_at: prompt positions where a recurrent model snapshots its
+        state for a later prompt to resume from."""
         ids = self._prompt_ids(prompt, raw, system)
         self.stats = Stats()
         decoder = StreamDecoder(self.tokenizer)
         steps = generate(self.engine, ids, max_tokens, self.sampling(temperature, top_p, top_k, seed),
                          stop_ids=() if ignore_eos else self.eos_ids, think=self.think, think_budget=think_budget,
-                         close_think_ids=self.close_think_ids(), stats=self.stats, speculate=speculate)
+                         close_think_ids=self.close_think_ids(), stats=self.stats, speculate=speculate,
+                         drafter=self.drafter, marks=keep_state_at)
         for step in steps:
             yield Token(step.id, step.reasoning, step.forced, decoder.push(step.id))
         tail = decoder.flush()
@@ -124,6 +154,16 @@ class LLM:
         ids = self._prompt_ids(prompt, raw, system)
         sampling = self.sampling(temperature, top_p, top_k, seed)
         return sample_together(self, ids, n, max_tokens, sampling, think_budget)
+
+
+def _vocabulary(path: Path):
+    """What token ids mean: the tokenizer.json vocabulary and added tokens."""
+    try:
+        tok = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        return (tok.get("model", {}).get("vocab"),
+                sorted((t.get("id"), t.get("content")) for t in tok.get("added_tokens") or []))
+    except (OSError, ValueError, AttributeError) as e:
+        return f"unreadable: {e}"
 
 
 def load(path, context: int | None = None, threads: int | None = None, tokenizer: str = "auto",

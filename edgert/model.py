@@ -80,6 +80,14 @@ def choose_graph(graphs: dict, strategy: str | None, needs_int8: bool = False) -
     return ranked[0] if ranked else "plain"
 
 
+def check_onnxruntime(manifest: dict) -> None:
+    """An artifact whose graph needs a newer onnxruntime (gpt-oss's attention sinks: 1.23) is refused in one line."""
+    need = manifest.get("model", {}).get("min_onnxruntime")
+    if need and ort_version() < tuple(int(p) for p in need.split(".")[:2]):
+        raise ArtifactError(f"this {manifest.get('architecture')} artifact needs onnxruntime >= {need} "
+                            f"(this is {ort.__version__}): pip install -U onnxruntime")
+
+
 class ContextFull(Exception):
     pass
 
@@ -96,13 +104,14 @@ class Model:
         slots: sequences whose caches are held at once (edgert.engine steps them together)."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        check_onnxruntime(self.manifest)
         m = self.manifest["model"]
         self.vocab, self.layers = m["vocab"], m["layers"]
         max_ctx = self.manifest["context_length"]
         self.context = context or min(max_ctx, DEFAULT_CONTEXT)
         if not 1 <= self.context <= max_ctx:
             raise ArtifactError(f"--context must be between 1 and {max_ctx} (the context this artifact was exported for), not {self.context}")
-        self.memory_need = check_fit(self.path, self.manifest, self.context * slots, max_memory)
+        self.memory_need = check_fit(self.path, self.manifest, self.context * slots, max_memory, sequences=slots)
         self.threads = check_threads(threads) or default_threads()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
@@ -126,10 +135,14 @@ class Model:
         if slots > 1 and not self.manifest.get("batch"):
             raise ArtifactError(f"{self.path} was exported before batching (one sequence per forward): "
                                 f"re-export it with this edgert to decode {slots} sequences together")
-        self.cache = [np.zeros((slots, m["kv_heads"], self.context, m["head_dim"]), np.float32)
-                      for _ in range(2 * self.layers)]
-        self._cache_names = [(f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}",
-                              f"present.{i // 2}.{('key', 'value')[i % 2]}") for i in range(2 * self.layers)]
+        self.kv_cache = self.manifest.get("quantization", {}).get("kv_cache", "fp32")
+        kv_dtype = {"fp32": np.float32, "fp16": np.float16}[self.kv_cache]
+        kv_layers = m.get("attention_layers", range(self.layers))      # hybrid models: only these attend
+        self.cache = [np.zeros((slots, m["kv_heads"], self.context, m["head_dim"]), kv_dtype)
+                      for _ in range(2 * len(kv_layers))]
+        self._cache_names = [(f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}")
+                             for layer in kv_layers for kind in ("key", "value")]
+        self._init_state(m.get("state", []))
         self._bindings: dict[tuple[int, int], tuple] = {}
         # MoE artifacts also output the experts each token used (--stats); bound only when tracked.
         self.router_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith("router.")]
@@ -138,15 +151,17 @@ class Model:
 
     def _binding(self, first: int, last: int):
         """An IOBinding with the cache rows of slots [first, last) bound as past and present."""
-        if (first, last) not in self._bindings:
+        key = (first, last, self._parity)        # recurrent state: which of its two buffers is the input now
+        if key not in self._bindings:
             io = self.session.io_binding()
             io.bind_output("logits")        # output 0; the caches follow
             views = [ort.OrtValue.ortvalue_from_numpy(buf[first:last]) for buf in self.cache]
             for view, (past, present) in zip(views, self._cache_names):
                 io.bind_ortvalue_input(past, view)
                 io.bind_ortvalue_output(present, view)
-            self._bindings[(first, last)] = (io, views)     # the views must outlive the binding
-        return self._bindings[(first, last)][0]
+            views += self._bind_state(io, first, last)
+            self._bindings[key] = (io, views)     # the views must outlive the binding
+        return self._bindings[key][0]
 
     def track_experts(self, on: bool = True) -> None:
         """Count which experts each MoE layer picks from now on (or stop counting)."""
@@ -158,6 +173,7 @@ class Model:
 
     def reset(self) -> None:
         self.pos = 0            # stale rows past pos are never attended to: no need to clear
+        self.reset_state(0)     # a recurrent state, though, is all history: start from zeros
 
     def expert_report(self) -> dict:
         """Active parameters per token and, once track_experts() ran, how often each layer's experts were picked."""
@@ -169,11 +185,12 @@ class Model:
                                       zip(m.get("moe_layers", []), self.expert_counts)}
         return report
 
-    def run(self, first: int, ids: np.ndarray, lengths: np.ndarray, num_logits: int = 1) -> np.ndarray:
+    def run(self, first: int, ids: np.ndarray, lengths: np.ndarray, num_logits: int = 1, stepped=None) -> np.ndarray:
         """THE forward: rows of `ids` [B, S] continue the sequences in slots first..first+B-1,
         which hold `lengths` [B] tokens already; returns logits [B, num_logits, vocab] of each
         row's last positions. Several rows only ever feed one token each (GroupQueryAttention
-        takes per-row lengths, not per-row token counts)."""
+        takes per-row lengths, not per-row token counts). stepped: the rows whose recurrent state
+        advances (default all; the others fed a dummy token)."""
         b, n = ids.shape
         total = lengths.astype(np.int64) + n
         if total.max() > self.context:
@@ -191,6 +208,7 @@ class Model:
             self.session.run_with_iobinding(io)
         except Exception as e:          # onnxruntime's own exception types, multi-line texts
             raise RunError(f"onnxruntime {ort.__version__} failed: {str(e).strip().splitlines()[0][:300]}") from None
+        self._commit_state(first, b, stepped)
         outs = io.get_outputs()
         if self.expert_counts is not None:
             for j in range(len(self.router_outputs)):
@@ -204,3 +222,57 @@ class Model:
         logits = self.run(0, ids, np.array([self.pos]), num_logits)[0]
         self.pos += ids.shape[1]
         return logits
+
+    # ---- recurrent state (hybrid models: LFM2's short convolutions, Qwen3.5's Gated DeltaNet) ----
+    # Each state tensor (edgert.json "state": layer, name, shape per sequence) is held as
+    # [slots, *shape], zeros for a new sequence. A forward binds the rows of its slots as the
+    # input past_state.{layer}.{name} and the same rows of a second buffer as the output
+    # present_state.{layer}.{name}. When every slot stepped, the two buffers swap roles (nothing is
+    # copied: always so with one slot); otherwise the rows that stepped are copied back (a row that
+    # only fed a dummy token keeps its state), the state's size, far below a step's reads.
+    def _init_state(self, specs: list[dict]) -> None:
+        self._parity = 0
+        shapes = [(self.slots, *spec["shape"]) for spec in specs]
+        self.state = [np.zeros(shape, np.float32) for shape in shapes]
+        self._state_next = [np.zeros(shape, np.float32) for shape in shapes]
+        self._state_names = [(f"past_state.{s['layer']}.{s['name']}", f"present_state.{s['layer']}.{s['name']}")
+                             for s in specs]
+
+    @property
+    def recurrent(self) -> bool:
+        """True when the model keeps a state that cannot be cut back (no rewind without a snapshot)."""
+        return bool(self.state)
+
+    def _bind_state(self, io, first: int, last: int) -> list:
+        views = []
+        for cur, nxt, (past, present) in zip(self.state, self._state_next, self._state_names):
+            src, dst = ort.OrtValue.ortvalue_from_numpy(cur[first:last]), ort.OrtValue.ortvalue_from_numpy(nxt[first:last])
+            io.bind_ortvalue_input(past, src)
+            io.bind_ortvalue_output(present, dst)
+            views += [src, dst]
+        return views
+
+    def _commit_state(self, first: int, rows: int, stepped) -> None:
+        if not self.state:
+            return
+        if first == 0 and rows == self.slots and (stepped is None or len(stepped) == rows):
+            self.state, self._state_next = self._state_next, self.state
+            self._parity ^= 1
+            return
+        for cur, nxt in zip(self.state, self._state_next):
+            if stepped is None:
+                cur[first:first + rows] = nxt[first:first + rows]
+            else:
+                for r in stepped:
+                    cur[first + r] = nxt[first + r]
+
+    def reset_state(self, slot: int) -> None:
+        for cur in self.state:
+            cur[slot] = 0
+
+    def snapshot(self, slot: int) -> list[np.ndarray]:
+        return [cur[slot].copy() for cur in self.state]
+
+    def restore(self, slot: int, snap: list[np.ndarray]) -> None:
+        for cur, saved in zip(self.state, snap):
+            cur[slot] = saved

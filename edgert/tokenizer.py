@@ -644,11 +644,11 @@ class _PythonBackend:
 
 
 @contextlib.contextmanager
-def _rust_errors(what: str):
+def _rust_errors(what: str, quiet: bool = True):
     """A `tokenizers` failure as one ValueError line. A Rust panic arrives as pyo3's
     PanicException, a BaseException; Rust's panic hook also prints it (with a backtrace under
     RUST_BACKTRACE) to fd 2, which is silenced meanwhile in the main thread (the CLI's)."""
-    quiet = threading.current_thread() is threading.main_thread()
+    quiet = quiet and threading.current_thread() is threading.main_thread()
     if quiet:
         import sys
         sys.stderr.flush()
@@ -687,7 +687,7 @@ class _RustBackend:
             return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool) -> str:
-        with _rust_errors("the tokenizer failed"):
+        with _rust_errors("the tokenizer failed", quiet=False):     # per token: no fd juggling
             return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str):

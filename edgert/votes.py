@@ -35,6 +35,7 @@ def sample_together(llm, prompt_ids: list[int], n: int, max_tokens: int, samplin
         raise ValueError(f"{n} votes need {n} cache slots; this model was loaded with {engine.slots}")
     t0 = time.perf_counter()
     first = engine.open(prompt_ids)
+    engine.mark(first, [len(prompt_ids) - 1])      # a recurrent model keeps its state there for the others
     seqs = [first]
     try:
         logits = engine.step({first: prompt_ids[first.cached:]})

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 import sys
@@ -20,11 +19,13 @@ from edgert.limits import read_text_file
 
 from .archs import model_for
 from .calibrate import SELF_SEED, CalibrationError, collect, sample_self
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, _read_json
 from .decoder import UnsupportedModel
-from .graph import IR_VERSION, Graph, Recipe
+from .graph import IR_VERSION, KV_TYPES, Graph, Recipe
+from .hub import HubError, looks_like_repo_id, resolve
 from .outdir import OutError, check_out, signals_unwind, writing
 from .quantize import DEFAULT_RECIPE, RECIPES, Quantizer, Survey, plan_budget
+from .validate import text_config, validate
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -80,30 +81,40 @@ def _sha256(path: Path) -> str:
 
 def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
     """bos / eos ids (generation_config first, as transformers does) and the reasoning markers."""
-    cfg, gen = ckpt.config, ckpt.generation_config
+    cfg, gen = text_config(ckpt.config), ckpt.generation_config
     eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     out = {"bos": gen.get("bos_token_id", cfg.get("bos_token_id")), "eos": eos,
            "pad": gen.get("pad_token_id", cfg.get("pad_token_id"))}
-    tok = json.loads((src / "tokenizer.json").read_text())
-    lookup = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    tok = _read_json(src / "tokenizer.json")
+    lookup = {t["content"]: t["id"] for t in tok.get("added_tokens", []) if isinstance(t, dict)}
     vocab = tok.get("model", {}).get("vocab", {})
     for key, text in (("think_start", "<think>"), ("think_end", "</think>")):
         out[key] = lookup.get(text, vocab.get(text) if isinstance(vocab, dict) else None)
+    for key in ("pad", "think_start", "think_end"):      # optional: an id the model cannot emit (pad -1) means none
+        if not (isinstance(out[key], int) and 0 <= out[key] < cfg["vocab_size"]):
+            out[key] = None
     return out
 
 
 def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | None = None, force: bool = False,
            embed_bits: int = 8, progress: bool = True, recipe: str = DEFAULT_RECIPE, calib=None,
-           checkpoint=None, bits_per_weight: float | None = None) -> dict:
-    """Export a Hugging Face folder to an edgert artifact folder; returns the manifest.
+           checkpoint=None, kv_cache: str | None = None, revision: str | None = None,
+           bits_per_weight: float | None = None) -> dict:
+    """Export a Hugging Face folder (or a hub repo id ORG/NAME, at `revision`: see hub.py) to an
+    edgert artifact folder; returns the manifest.
     recipe: how int4 codes are chosen (quantize.RECIPES); calib: "self", "built-in" or a calibration
     text file for "gptq"; bits_per_weight: a byte budget for the projections (mixed precision).
-    `checkpoint` replaces the folder's weights (synthetic.py); config and tokenizer still come from the folder."""
+    `checkpoint` replaces the folder's weights (synthetic.py); config and tokenizer still come from the folder.
+    kv_cache: the precision of the KV cache the graphs read and write, fp16 or fp32 (default: fp16,
+    fp32 for the unquantized --bits 32 reference)."""
     t0 = time.time()
     src, out = Path(model_dir), Path(out)
     if recipe not in RECIPES:
         raise ExportError(f"--recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
+    kv_cache = kv_cache or ("fp32" if bits == 32 else "fp16")
+    if kv_cache not in KV_TYPES:
+        raise ExportError(f"--kv-cache must be one of {', '.join(KV_TYPES)}, not {kv_cache!r}")
     if calib and recipe != "gptq":
         raise ExportError(f"--calib is for --recipe gptq; --recipe {recipe} uses no calibration")
     calib = DEFAULT_CALIBRATION if calib is None else calib
@@ -121,12 +132,20 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
             raise ExportError(f"--bits-per-weight must be above 4 and at most 9 (int8 blocks of 64), not {bits_per_weight:g}")
     if block_size not in (16, 32, 64, 128, 256):
         raise ExportError(f"--block-size must be one of 16, 32, 64, 128, 256, not {block_size}")
+    if checkpoint is None and looks_like_repo_id(model_dir):
+        try:
+            src = resolve(str(model_dir), revision)
+        except HubError as e:
+            raise ExportError(str(e)) from None
+    elif revision:
+        raise ExportError(f"--revision is for Hugging Face repo ids; {model_dir} is a folder")
     try:
         check_out(out, force, src)           # fail fast; checked again under the lock and before the rename
     except OutError as e:
         raise ExportError(str(e)) from None
     try:
         ckpt = Checkpoint(src) if checkpoint is None else checkpoint
+        validate(ckpt, tensors=checkpoint is None)     # before any graph, temporary folder or large array
         model = model_for(ckpt.config)
     except (CheckpointError, UnsupportedModel) as e:
         raise ExportError(str(e)) from None
@@ -140,7 +159,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     g = None
     try:
         with signals_unwind(), writing(out, force, src) as (tmp, commit):
-            recipe = Recipe(bits=bits, block_size=block_size, embed_bits=embed_bits, method=recipe)
+            recipe = Recipe(bits=bits, block_size=block_size, embed_bits=embed_bits, method=recipe, kv_cache=kv_cache)
             calibrated = recipe.method == "gptq" and bits != 32 and 4 in (bits, embed_bits)
             stats, plan = None, None
             survey = Survey if bits_per_weight is not None else None
@@ -171,7 +190,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
             for name in TOKENIZER_FILES + ("generation_config.json", "config.json"):
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
-            total_params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names)
+            total_params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names if model.counts(n))
             files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                      for name in [*graphs.values(), "model.onnx.data"]}
             manifest = {
@@ -179,7 +198,8 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
                 "architecture": ckpt.config.get("model_type"),
                 "model": {"layers": model.n_layers, "hidden": model.hidden, "heads": model.heads,
                           "kv_heads": model.kv_heads, "head_dim": model.padded_head_dim, "vocab": model.vocab,
-                          "parameters": total_params, **model.extra_manifest()},
+                          "parameters": total_params, **model.extra_manifest(),
+                          **model.layer_manifest()},
                 "context_length": context,
                 "batch": True,          # the graphs take [batch, sequence] ids: several sequences per forward
                 "graphs": graphs,
@@ -208,7 +228,9 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         raise ExportError(f"writing {out}: {e.strerror or e}") from None
     except OutError as e:
         raise ExportError(str(e)) from None
-    except (ValueError, TypeError, IndexError, ArithmeticError, MemoryError, RecursionError) as e:
+    except ExportError:
+        raise
+    except Exception as e:
         # a checkpoint that passed validation but still breaks the build: one line, never a traceback
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ExportError(f"{src}: cannot export this checkpoint ({type(e).__name__}: {first})") from None

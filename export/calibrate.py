@@ -73,7 +73,7 @@ class _Probe:
         g = Graph(work / "probe.onnx.data")
         g.quantizer = Quantizer("rtn") if survey is None else survey(Quantizer("rtn"))
         self.survey = g.quantizer if survey is not None else None
-        model.build(g, ckpt, Recipe(bits=4, embed_bits=4, method="rtn"), window)
+        model.build(g, ckpt, Recipe(bits=4, embed_bits=4, method="rtn", kv_cache="fp32"), window)
         self.linears = _probe_linears(g)
         self.tensors = sorted(set(self.linears.values()))
         for t in self.tensors:
@@ -89,6 +89,9 @@ class _Probe:
         self.caches = [(c.name, c.name.replace("past_key_values.", "present."),
                         ort.OrtValue.ortvalue_from_numpy(np.zeros([rows, c.shape[1], window, c.shape[3]], np.float32)))
                        for c in caches]
+        # hybrid models' recurrent states: fed and read back each run (a row that starts again is zeroed)
+        self.states = {i.name: np.zeros([rows, *i.shape[1:]], np.float32) for i in self.sess.get_inputs()
+                       if i.name.startswith("past_state.")}
         self.work, self.files, self.widths, self.tokens = work, {}, {}, 0
 
     def chunk(self) -> int:
@@ -106,11 +109,16 @@ class _Probe:
         io.bind_output("logits")          # outputs come back in the order they are bound
         for t in self.tensors:
             io.bind_output(t)
+        for name, state in self.states.items():
+            io.bind_cpu_input(name, state)
+            io.bind_output(name.replace("past_", "present_"))
         for past_name, present_name, value in self.caches:
             io.bind_ortvalue_input(past_name, value)
             io.bind_ortvalue_output(present_name, value)
         self.sess.run_with_iobinding(io)
         outs = io.get_outputs()
+        for state, v in zip(self.states.values(), outs[1 + len(self.tensors):]):
+            state[...] = v.numpy()
         for t, v in zip(self.tensors, outs[1:]):
             x = v.numpy()
             if t not in self.files:       # plain appends: the page cache holds them, not this process
@@ -119,6 +127,12 @@ class _Probe:
             self.files[t].write(np.ascontiguousarray(x, np.float32).tobytes())
         self.tokens += ids.size
         return outs[0].numpy()[:, -1]
+
+    def reset(self, rows) -> None:
+        """Rows that start a new sequence: their recurrent states back to zero (the KV cache needs
+        nothing: a row's length says what it holds)."""
+        for state in self.states.values():
+            state[rows] = 0
 
     def finish(self) -> ActivationStats:
         for f in self.files.values():
@@ -140,6 +154,7 @@ def collect(model, ckpt, src: Path, text: str, work: Path, survey=None) -> Activ
     probe = _Probe(model, ckpt, work, window, survey=survey)
     try:
         for ids in windows:
+            probe.reset(slice(None))
             done = 0
             while done < len(ids):
                 part = ids[done:done + probe.chunk()]
@@ -235,6 +250,7 @@ def sample_self(model, ckpt, src: Path, work: Path, tokens: int | None = None, r
                 tok = min(tok, len(p) - 1)
                 if sampled[r] and int(ids[r, 0]) in eos or pos[r] >= length:
                     pos[r], sampled[r] = 0, False     # the row starts again, from the next prompt
+                    probe.reset(r)
                     queue[r] = list(starts[next_start % len(starts)])
                     next_start += 1
                 else:

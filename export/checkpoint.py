@@ -20,6 +20,23 @@ class CheckpointError(Exception):
     """A checkpoint folder that cannot be read; the message is one line for the user."""
 
 
+MAX_HEADER_BYTES = 100 << 20          # the safetensors format's own limit
+MAX_JSON_BYTES = 64 << 20             # config.json, generation_config.json, the shard index
+
+
+def _read_json(path: Path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MB")
+        return json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:100]})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+
+
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
            "I64": np.int64, "I32": np.int32, "U8": np.uint8, "I8": np.int8, "BOOL": np.bool_}
 
@@ -34,25 +51,44 @@ class _SafetensorsFile:
                 if len(head) < 8:
                     raise CheckpointError(f"{path.name}: truncated safetensors file (no header)")
                 (n,) = struct.unpack("<Q", head)
-                if n <= 0 or 8 + n > size:
+                if n <= 0 or 8 + n > size or n > MAX_HEADER_BYTES:
                     raise CheckpointError(f"{path.name}: corrupt safetensors header (length {n}, file {size} bytes)")
                 header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise CheckpointError(f"{path.name}: corrupt safetensors header (not JSON)") from None
         except OSError as e:
             raise CheckpointError(f"{path.name}: cannot read ({e.strerror})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path.name}: corrupt safetensors header (not an object)")
         header.pop("__metadata__", None)
         self.start = 8 + n
         self.tensors = header
+        spans = []
         for name, t in header.items():
             if not isinstance(t, dict) or t.get("dtype") not in _DTYPES:
-                raise CheckpointError(f"{path.name}: tensor {name} has an unsupported dtype {t.get('dtype') if isinstance(t, dict) else t!r}")
-            b, e = t["data_offsets"]
-            want = int(np.prod(t["shape"], dtype=np.int64)) * np.dtype(_DTYPES[t["dtype"]]).itemsize
+                raise CheckpointError(f"{path.name}: tensor {name[:80]} has an unsupported dtype "
+                                      f"{str(t.get('dtype') if isinstance(t, dict) else t)[:40]!r}")
+            shape, offsets = t.get("shape"), t.get("data_offsets")
+            if (not isinstance(shape, list) or len(shape) > 8
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
+                raise CheckpointError(f"{path.name}: tensor {name[:80]} has a malformed shape {str(shape)[:60]}")
+            if (not isinstance(offsets, list) or len(offsets) != 2
+                    or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                    or not 0 <= offsets[0] <= offsets[1]):
+                raise CheckpointError(f"{path.name}: tensor {name[:80]} has malformed data_offsets {str(offsets)[:60]}")
+            b, e = offsets
+            want = np.dtype(_DTYPES[t["dtype"]]).itemsize
+            for d in shape:
+                want *= d
             if e - b != want:
-                raise CheckpointError(f"{path.name}: tensor {name} has {e - b} bytes, its shape needs {want}")
+                raise CheckpointError(f"{path.name}: tensor {name[:80]} has {e - b} bytes, its shape needs {want}")
             if self.start + e > size:
-                raise CheckpointError(f"{path.name}: truncated (tensor {name} ends past the end of the file)")
+                raise CheckpointError(f"{path.name}: truncated (tensor {name[:80]} ends past the end of the file)")
+            spans.append((b, e, name))
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0 and e1 > b1:
+                raise CheckpointError(f"{path.name}: tensors {n0[:60]} and {n1[:60]} overlap in the file (corrupt header)")
         self._fd = None
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, str]:
@@ -73,10 +109,14 @@ class _SafetensorsFile:
         return out.reshape(t["shape"]) if not t["shape"] else out, t["dtype"]
 
 
-def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
+def to_float32(arr: np.ndarray, dtype: str, name: str = "") -> np.ndarray:
     if dtype == "BF16":  # bf16 is the top half of an fp32
-        return (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr.astype(np.float32)
+        out = (arr.astype(np.uint32) << 16).view(np.float32)
+    else:
+        out = arr.astype(np.float32)
+    if out.dtype.kind == "f" and out.size and not np.isfinite(np.sum(out, dtype=np.float64)):
+        raise CheckpointError(f"tensor {name or '?'} holds NaN or infinite values; refused (a damaged checkpoint)")
+    return out
 
 
 class Checkpoint:
@@ -89,24 +129,24 @@ class Checkpoint:
         cfg = self.dir / "config.json"
         if not cfg.is_file():
             raise CheckpointError(f"{self.dir}: no config.json (is this a Hugging Face model folder?)")
-        try:
-            self.config = json.loads(cfg.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
+        self.config = _read_json(cfg)
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{cfg}: not a JSON object")
         gen = self.dir / "generation_config.json"
-        try:
-            self.generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{gen}: not valid JSON") from None
+        self.generation_config = _read_json(gen) if gen.is_file() else {}
+        if not isinstance(self.generation_config, dict):
+            raise CheckpointError(f"{gen}: not a JSON object")
         self._where: dict[str, _SafetensorsFile] = {}
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-                raise CheckpointError(f"{index}: corrupt index (no weight_map)") from None
+            weight_map = _read_json(index)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: corrupt index (no weight_map)")
             files = {}
             for shard in sorted(set(weight_map.values())):
+                if Path(shard).name != shard or shard in (".", "..") or "\\" in shard:
+                    raise CheckpointError(f"{index}: shard {shard[:80]!r} is not a plain file name in the model folder; refused")
                 if not (self.dir / shard).is_file():
                     raise CheckpointError(f"{self.dir}: shard {shard} named in the index is missing")
                 files[shard] = _SafetensorsFile(self.dir / shard)
@@ -148,7 +188,7 @@ class Checkpoint:
         if name not in self._where:
             raise CheckpointError(f"{self.dir.name}: tensor {name} is missing from the checkpoint")
         arr, dtype = self._where[name].read(name)
-        return to_float32(arr, dtype)
+        return to_float32(arr, dtype, name)
 
 
 class Rows:
@@ -159,4 +199,4 @@ class Rows:
     def __getitem__(self, index: slice) -> np.ndarray:
         start, stop, step = index.indices(self.shape[0])
         assert step == 1, "rows are read as one contiguous range"
-        return to_float32(*self._file.read(self._name, start, stop))
+        return to_float32(*self._file.read(self._name, start, stop), self._name)

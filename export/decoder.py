@@ -23,12 +23,20 @@ class UnsupportedModel(Exception):
 class Decoder:
     model_type = "llama"
     qk_norm: str | None = None          # "head": RMSNorm per head (Qwen3); "full": over all heads (OLMoE)
+    mlp_act = "silu"                    # the gate's activation: "silu" or "gelu_tanh" (Gemma)
+    rope_interleaved = False            # rotary pairs (2j, 2j+1) instead of (j, j + D/2) (ERNIE 4.5)
+    norm_names = ("input_layernorm", "post_attention_layernorm")   # the norms before attention and before the FFN
+    min_onnxruntime: str | None = None  # the oldest onnxruntime that runs the graph (manifest; gpt-oss: sinks)
     # An int8 lm_head over a large vocabulary is stored as two int4 planes and read as int4 for all
     # logits, then at int8 for this many best candidates per position (`graph.candidate_logits`):
     # decode reads 0.625 instead of 1.125 bytes per lm_head weight. Below split_head_min_vocab
     # rows the head is too small a share of a step to pay for TopK; 0 candidates = off.
     lm_head_candidates = 64
     split_head_min_vocab = 16384
+    # weight names that differ between families (LFM2 says operator_norm / ffn_norm / out_proj ...)
+    final_norm = "model.norm"
+    o_proj, qk_norm_names = "o_proj", ("q_norm", "k_norm")
+    states: list[dict] = []             # recurrent state tensors of hybrid models, set by build() (see `state`)
 
     def __init__(self, config: dict):
         c = self.config = config
@@ -53,20 +61,54 @@ class Decoder:
         self.embedding_multiplier = 1.0
         self.residual_multiplier = 1.0
         self.logits_divisor = 1.0
+        self.final_softcap = 0.0            # logits = c * tanh(logits / c) (Gemma's final_logit_softcapping)
         act = c.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
+        if self.mlp_act == "silu" and act not in ("silu", "swish"):
             raise UnsupportedModel(f"hidden_act {act!r} is not supported (only silu)")
-        if c.get("partial_rotary_factor", 1.0) != 1.0:
-            raise UnsupportedModel("partial rotary embeddings are not supported")
+        # Partial rotary (Phi-3/4): only the first rotary_dim features of each q/k head rotate.
+        self.partial_rotary = (c.get("rope_parameters") or {}).get("partial_rotary_factor",
+                                                                    c.get("partial_rotary_factor", 1.0)) or 1.0
+        if self.rotary_dim % 2 or (self.head_dim - self.rotary_dim) % 2:
+            raise UnsupportedModel(f"partial rotary over {self.rotary_dim} of {self.head_dim} head features "
+                                   f"is not supported")
+        if self.qk_norm and self.rotary_dim != self.head_dim:
+            raise UnsupportedModel("q/k norm with partial rotary embeddings is not supported")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary)
+
+    # ---- hybrid models: which layers attend, and the recurrent state of the others ----------
+    def is_attention(self, i: int) -> bool:
+        return True
+
+    def layer_manifest(self) -> dict:
+        """For hybrid models: the layers with a KV cache and the state tensors the runtime holds."""
+        if not self.states:
+            return {}
+        return {"attention_layers": [i for i in range(self.n_layers) if self.is_attention(i)], "state": self.states}
+
+    def state(self, g: Graph, i: int, name: str, shape: list[int]) -> str:
+        """A recurrent state of layer i: graph input past_state.{i}.{name} [batch, *shape]; the
+        layer must give its new value to `state_out`. The runtime holds one per slot (zeros at first)."""
+        self.states.append({"layer": i, "name": name, "shape": list(shape), "dtype": "float32"})
+        return g.input(f"past_state.{i}.{name}", TensorProto.FLOAT, ["batch", *shape])
+
+    def state_out(self, g: Graph, src: str, i: int, name: str, shape: list[int]) -> None:
+        g.output(src, f"present_state.{i}.{name}", TensorProto.FLOAT, ["batch", *shape])
+
+    def counts(self, name: str) -> bool:
+        """Whether a checkpoint tensor is a parameter of the model exported (not of a vision tower, say)."""
+        return True
 
     # ---- rotary ------------------------------------------------------------------------
-    def rope(self) -> tuple[np.ndarray, float]:
-        """(inv_freq, attention_factor) with the config's rope scaling applied."""
+    def rope(self, params: dict | None = None) -> tuple[np.ndarray, float]:
+        """(inv_freq, attention_factor) with the config's rope scaling (or `params`) applied."""
         c = self.config
-        p = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        p = dict(params if params is not None else c.get("rope_parameters") or c.get("rope_scaling") or {})
         base = p.get("rope_theta", c.get("rope_theta", 10000.0))
         kind = p.get("rope_type", p.get("type", "default"))
-        dim = self.head_dim
+        dim = self.rotary_dim
         inv = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
         factor = p.get("factor", 1.0)
         if kind in ("default", "dynamic"):      # dynamic NTK equals default inside max_position_embeddings
@@ -100,7 +142,15 @@ class Decoder:
             ramp = np.clip((np.arange(dim // 2) - lo) / ((hi - lo) or 0.001), 0, 1)
             extrapolate = 1 - ramp
             return inv / factor * (1 - extrapolate) + inv * extrapolate, float(att)
-        raise UnsupportedModel(f"rope scaling type {kind!r} is not supported (default, linear, dynamic, llama3, yarn)")
+        if kind in ("longrope", "su"):
+            # LongRoPE: per-frequency factors, short_factor up to the original length (see archs/phi3.py
+            # for the long ones past it); the attention factor is yarn-like, from the length ratio
+            old = p.get("original_max_position_embeddings") or c["original_max_position_embeddings"]
+            ratio = p.get("factor") or self.max_positions / old
+            att = p.get("attention_factor") or (math.sqrt(1 + math.log(ratio) / math.log(old)) if ratio > 1 else 1.0)
+            return inv / np.asarray(p["short_factor"], np.float64), float(att)
+        raise UnsupportedModel(f"rope scaling type {kind!r} is not supported (default, linear, dynamic, llama3, yarn, "
+                               f"longrope)")
 
     # ---- weights -----------------------------------------------------------------------
     def layer_prefix(self, i: int) -> str:
@@ -110,43 +160,103 @@ class Decoder:
     def build(self, g: Graph, ckpt: Checkpoint, recipe: Recipe, context: int, progress=lambda: None) -> dict:
         """Write the whole decoder into g. Returns the quantization actually used per tensor class."""
         self.recipe, self.ckpt = recipe, ckpt
+        self.states = []
         ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])    # each row: one sequence's new tokens
         num_logits = g.input("num_logits", TensorProto.INT64, [1])
         io = AttentionIO(g.input("seqlens_k", TensorProto.INT32, ["batch"]),
-                         g.input("total_sequence_length", TensorProto.INT32, []), *G.rope_cache(g, *self.rope_for(context)))
+                         g.input("total_sequence_length", TensorProto.INT32, []),
+                         *G.rope_cache(g, *self.rope_for(context), dtype=G.KV_TYPES[recipe.kv_cache][1]),
+                         half=recipe.kv_cache == "fp16")
 
         x = self.embed(g, ids)
         residual = None
         for i in range(self.n_layers):
             pre = self.layer_prefix(i)
             if residual is None:
-                h, residual = G.rms_norm(g, x, ckpt.get(pre + "input_layernorm.weight"), self.eps, f"layers.{i}.input_norm"), x
+                h, residual = G.rms_norm(g, x, self.norm_weight(pre + self.norm_names[0]), self.eps,
+                                     f"layers.{i}.input_norm"), x
             else:
-                h, residual = G.add_rms_norm(g, x, residual, ckpt.get(pre + "input_layernorm.weight"), self.eps,
+                h, residual = G.add_rms_norm(g, x, residual, self.norm_weight(pre + self.norm_names[0]), self.eps,
                                              f"layers.{i}.input_norm")
-            x = self.scale_residual(g, self.attention(g, i, h, io), f"layers.{i}.attn")
-            h, residual = G.add_rms_norm(g, x, residual, ckpt.get(pre + "post_attention_layernorm.weight"), self.eps,
+            mix = self.attention(g, i, h, io) if self.is_attention(i) else self.recurrent(g, i, h)
+            x = self.scale_residual(g, mix, f"layers.{i}.attn")
+            h, residual = G.add_rms_norm(g, x, residual, self.norm_weight(pre + self.norm_names[1]), self.eps,
                                          f"layers.{i}.post_attention_norm")
             x = self.scale_residual(g, self.ffn(g, i, h), f"layers.{i}.ffn")
             progress()
-        h, _ = G.add_rms_norm(g, x, residual, ckpt.get("model.norm.weight"), self.eps, "final_norm")
+        h, _ = G.add_rms_norm(g, x, residual, self.norm_weight(self.final_norm), self.eps, "final_norm")
         # Only the last num_logits positions reach lm_head: prefill pays for one row, not S.
         last = g.op("Slice", [h, g.op("Neg", [num_logits], "logits_start"),
                               g.const("logits_end", np.array([2**62], np.int64)), g.const("seq_axis", np.array([1], np.int64))],
                     "last_positions")
         g.output(self.lm_head(g, last), "logits", TensorProto.FLOAT, ["batch", "num_logits", self.vocab])
         split = {"lm_head_int8_candidates": self.lm_head_candidates} if self._split_head() else {}   # int4 planes, see above
-        return {"attention": recipe.bits, "mlp": recipe.bits, "embed": recipe.bits_for("embed"),
+        return {"attention": recipe.bits, "mlp": recipe.bits, "kv_cache": recipe.kv_cache, "embed": recipe.bits_for("embed"),
                 "lm_head": recipe.bits_for("lm_head"), "block_size": recipe.block_size, **split}
+
+    def recurrent(self, g: Graph, i: int, x: str) -> str:
+        """The token mixer of a layer that does not attend (hybrid models): reads and writes its state."""
+        raise NotImplementedError
 
     def extra_manifest(self) -> dict:
         """Architecture facts the runtime reports (MoE modules add their expert counts)."""
         return {}
 
-    def rope_for(self, context: int):
-        inv, att = self.rope()
-        pad = (self.padded_head_dim - self.head_dim) // 2
+    def rope_for(self, context: int, params: dict | None = None):
+        """(inv_freq over the padded head, positions, attention factor) for `rope_cache`; the
+        features that do not rotate (padding, beyond a partial rotary_dim) get angle 0."""
+        self.context = context              # for layers that build their own tables (`attention_kind`)
+        inv, att = self.rope(params)
+        pad = (self.padded_head_dim - self.rotary_dim) // 2
+        if att != 1.0 and self.rotary_dim != self.head_dim:     # the scale belongs to the rotated features only
+            att = np.concatenate([np.full(len(inv), att), np.ones(pad)])
         return np.concatenate([inv, np.zeros(pad)]), context, att
+
+    def norm_weight(self, name: str) -> np.ndarray:
+        """The RMSNorm weight `name` ("...input_layernorm"), as SimplifiedLayerNormalization multiplies by it."""
+        return self.ckpt.get(name + ".weight")
+
+    def window(self, i: int) -> int:
+        """Layer i's sliding window (keys each query sees, itself included), or 0 for full attention."""
+        c = self.config
+        types = c.get("layer_types") or []
+        sliding = i < len(types) and types[i] == "sliding_attention" and c.get("use_sliding_window", True)
+        return int(c["sliding_window"]) if sliding and c.get("sliding_window") else 0
+
+    def shared(self, g: Graph, key: str, make):
+        """Something several layers share (other rotary tables, a window mask), made once per graph."""
+        cache = self.__dict__.setdefault("_shared", {})
+        if (g, key) not in cache:
+            cache[(g, key)] = make()
+        return cache[(g, key)]
+
+    def attention_kind(self, g: Graph, i: int, io: AttentionIO) -> tuple[AttentionIO, dict]:
+        """Layer i's rotary tables and attention options: `graph.gqa`'s keywords, plus window."""
+        w = self.window(i)
+        return io, ({"window": w} if w else {})
+
+    def qkv_weights(self, i: int) -> tuple[list, list | None]:
+        """[q, k, v] weights [rows, hidden] of layer i and their biases (or None)."""
+        pre, get = self.layer_prefix(i) + "self_attn.", self.ckpt.get
+        bias = None
+        if self.qkv_bias or pre + "q_proj.bias" in self.ckpt:
+            bias = [get(pre + p + "_proj.bias") for p in "qkv"]
+        return [get(pre + p + "_proj.weight") for p in "qkv"], bias
+
+    def _rotary_first(self, w: np.ndarray) -> np.ndarray:
+        """q/k rows of each head [r_a r_b | p_a p_b] -> [r_a p_a | r_b p_b] under partial rotary, so
+        GroupQueryAttention's rotate-half pairs (j, j + D/2) are the model's (j, j + rotary_dim/2)
+        and the pass-through features get angle 0; interleaved pairs (2j, 2j+1) are gathered the
+        same way (q.k is unchanged by a permutation of both)."""
+        hd, r = self.head_dim, self.rotary_dim
+        if r == hd and not self.rope_interleaved:
+            return w
+        p = hd - r
+        first, second = (np.arange(0, r, 2), np.arange(1, r, 2)) if self.rope_interleaved else (np.arange(r // 2),
+                                                                                                np.arange(r // 2, r))
+        order = np.concatenate([first, r + np.arange(p // 2), second, r + np.arange(p // 2, p)])
+        heads = w.shape[0] // hd
+        return w[(np.arange(heads)[:, None] * hd + order[None]).reshape(-1)]
 
     def _pad_heads(self, w: np.ndarray, axis: int) -> np.ndarray:
         """Spread each head's halves [a | b] to [a 0 | b 0] along axis (rows of q/k/v, columns of o)."""
@@ -206,6 +316,10 @@ class Decoder:
         if self.logits_divisor != 1.0:
             logits = g.op("Div", [logits, g.const("logits_divisor", np.array(self.logits_divisor, np.float32))],
                           "logits.scaled")
+        if self.final_softcap:
+            cap = g.const("logits_softcap", np.array(self.final_softcap, np.float32))
+            logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap], "logits.capped")], "logits.tanh"), cap],
+                          "logits.softcapped")
         return logits
 
     def attention(self, g: Graph, i: int, x: str, io: AttentionIO) -> str:
@@ -213,46 +327,60 @@ class Decoder:
         get = self.ckpt.get
         # q, k, v as one fused projection: one kernel launch instead of three.
         pad = self._pad_heads
-        w = np.concatenate([pad(get(pre + p + "_proj.weight"), 0) for p in "qkv"])
-        bias = None
-        if self.qkv_bias or pre + "q_proj.bias" in self.ckpt:
-            bias = np.concatenate([pad(get(pre + p + "_proj.bias"), 0) for p in "qkv"])
+        def layout(parts):      # q and k rows in rotary order (partial/interleaved rotary), each head padded
+            return np.concatenate([pad(self._rotary_first(t) if j < 2 else t, 0) for j, t in enumerate(parts)])
+        ws, bs = self.qkv_weights(i)
+        w, bias = layout(ws), None if bs is None else layout(bs)
+        del ws
         qkv = G.linear(g, x, w, name + ".qkv", self.recipe.bits, self.recipe.block_size, bias)
         del w
         hd = self.padded_head_dim
         q_dim, kv_dim = self.heads * hd, self.kv_heads * hd
         q, k, v = g.op("Split", [qkv, g.const(name + ".split", np.array([q_dim, kv_dim, kv_dim], np.int64))],
                        name + ".split", outputs=3, axis=-1)
+        qn, kn = self.qk_norm_names
         if self.qk_norm == "head":
-            q = G.head_rms_norm(g, q, get(pre + "q_norm.weight"), self.eps, self.head_dim, name + ".q_norm")
-            k = G.head_rms_norm(g, k, get(pre + "k_norm.weight"), self.eps, self.head_dim, name + ".k_norm")
+            q = G.head_rms_norm(g, q, self.norm_weight(pre + qn), self.eps, self.head_dim, name + ".q_norm")
+            k = G.head_rms_norm(g, k, self.norm_weight(pre + kn), self.eps, self.head_dim, name + ".k_norm")
         elif self.qk_norm == "full":
             q = G.rms_norm(g, q, get(pre + "q_norm.weight"), self.eps, name + ".q_norm")
             k = G.rms_norm(g, k, get(pre + "k_norm.weight"), self.eps, name + ".k_norm")
         past_k, past_v = self.cache_inputs(g, i)
-        out, present_k, present_v = G.gqa(g, q, k, v, past_k, past_v, io, self.heads, self.kv_heads, self.attn_scale, name)
+        layer_io, options = self.attention_kind(g, i, io)
+        window = options.pop("window", 0)
+        if window:      # one mask for every layer with this window
+            options["bias"] = self.shared(g, f"window{window}", lambda: G.window_bias(g, q, io, window, f"window{window}"))
+        out, present_k, present_v = G.gqa(g, q, k, v, past_k, past_v, layer_io, self.heads, self.kv_heads, self.attn_scale,
+                                          name, **options)
         self.cache_outputs(g, i, present_k, present_v)
-        return G.linear(g, out, pad(get(pre + "o_proj.weight"), 1), name + ".o_proj", self.recipe.bits, self.recipe.block_size,
-                        get(pre + "o_proj.bias") if pre + "o_proj.bias" in self.ckpt else None)
+        o = pre + self.o_proj
+        return G.linear(g, out, pad(get(o + ".weight"), 1), name + ".o_proj", self.recipe.bits, self.recipe.block_size,
+                        get(o + ".bias") if o + ".bias" in self.ckpt else None)
 
     def cache_inputs(self, g: Graph, i: int) -> tuple[str, str]:
         shape = ["batch", self.kv_heads, "max_sequence", self.padded_head_dim]
-        return tuple(g.input(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, shape) for kind in ("key", "value"))
+        kv = G.KV_TYPES[self.recipe.kv_cache][0]
+        return tuple(g.input(f"past_key_values.{i}.{kind}", kv, shape) for kind in ("key", "value"))
 
     def cache_outputs(self, g: Graph, i: int, key: str, value: str) -> None:
         """The runtime binds these to the same buffers as the inputs: the cache is updated in place."""
         for src, kind in ((key, "key"), (value, "value")):
-            g.output(src, f"present.{i}.{kind}", TensorProto.FLOAT, ["batch", self.kv_heads, "max_sequence", self.padded_head_dim])
+            g.output(src, f"present.{i}.{kind}", G.KV_TYPES[self.recipe.kv_cache][0],
+                     ["batch", self.kv_heads, "max_sequence", self.padded_head_dim])
 
     def ffn(self, g: Graph, i: int, x: str) -> str:
         return swiglu_mlp(g, self.ckpt, x, self.layer_prefix(i) + "mlp.", f"layers.{i}.mlp", self.recipe.bits,
-                          self.recipe.block_size)
+                          self.recipe.block_size, act=self.mlp_act)
 
 
 def swiglu_mlp(g: Graph, ckpt: Checkpoint, x: str, pre: str, name: str, bits: int, block_size: int,
-               names=("gate_proj", "up_proj", "down_proj")) -> str:
-    """down(silu(gate(x)) * up(x)); gate and up run as one projection."""
-    gate_up = np.concatenate([ckpt.get(pre + names[0] + ".weight"), ckpt.get(pre + names[1] + ".weight")])
+               names=("gate_proj", "up_proj", "down_proj"), act: str = "silu") -> str:
+    """down(act(gate(x)) * up(x)); gate and up run as one projection. names[1] None: names[0] is
+    the fused gate_up projection (Phi-3)."""
+    if names[1] is None:
+        gate_up = ckpt.get(pre + names[0] + ".weight")
+    else:
+        gate_up = np.concatenate([ckpt.get(pre + names[0] + ".weight"), ckpt.get(pre + names[1] + ".weight")])
     gu = G.linear_operands(g, gate_up, name + ".gate_up", bits, block_size)
     down = G.linear_operands(g, ckpt.get(pre + names[2] + ".weight"), name + ".down", bits, block_size)
-    return G.swiglu(g, x, gu, down, gate_up.shape[0] // 2, name)
+    return G.swiglu(g, x, gu, down, gate_up.shape[0] // 2, name, act)

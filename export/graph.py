@@ -138,7 +138,8 @@ class Graph:
         finally:
             self.nodes, self.initializers = saved_nodes, saved_inits
             self._branch_depth -= 1
-        return helper.make_graph(body, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+        outs = [out] if isinstance(out, str) else out        # build() may give several outputs
+        return helper.make_graph(body, name, [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
 
     def variants(self) -> dict[str, frozenset]:
         """The graphs to write: name -> the tags it holds."""
@@ -174,6 +175,7 @@ class Recipe:
     block_size: int = 32
     embed_bits: int = 8      # embeddings and lm_head: small models punish int4 here
     method: str = DEFAULT_RECIPE   # how int4 codes are chosen (quantize.RECIPES)
+    kv_cache: str = "fp16"   # keys and values in the cache: fp16 (half the bytes) or fp32
 
     def bits_for(self, tensor_class: str) -> int:
         if tensor_class == "router":
@@ -284,25 +286,28 @@ def head_rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, head_dim: in
     return g.op("Reshape", [y, shape3], name + ".merge_heads")
 
 
-def silu_mul(g: Graph, gate: str, up: str, name: str) -> str:
-    """silu(gate) * up; QuickGelu with alpha 1 is x * sigmoid(x) in one node."""
+def silu_mul(g: Graph, gate: str, up: str, name: str, act: str = "silu") -> str:
+    """act(gate) * up. silu: QuickGelu with alpha 1 is x * sigmoid(x) in one node; gelu_tanh:
+    FastGelu is GELU's tanh approximation (Gemma)."""
+    if act == "gelu_tanh":
+        return g.op("Mul", [g.ms("FastGelu", [gate], name + ".gelu"), up], name)
     return g.op("Mul", [g.ms("QuickGelu", [gate], name + ".silu", alpha=1.0), up], name)
 
 
-def swiglu(g: Graph, x: str, gate_up: tuple, down: tuple, ffn: int, name: str) -> str:
-    """down(silu(gate(x)) * up(x)) from prepared MatMulNBits/MatMul operands (see `linear_operands`)."""
+def swiglu(g: Graph, x: str, gate_up: tuple, down: tuple, ffn: int, name: str, act: str = "silu") -> str:
+    """down(act(gate(x)) * up(x)) from prepared MatMulNBits/MatMul operands (see `linear_operands`)."""
     gu = apply_linear(g, x, *gate_up, name + ".gate_up")
     gate, up = g.op("Split", [gu, g.const(name + ".split", np.array([ffn, ffn], np.int64))], name + ".split",
                     outputs=2, axis=-1)
-    return apply_linear(g, silu_mul(g, gate, up, name + ".act"), *down, name + ".down")
+    return apply_linear(g, silu_mul(g, gate, up, name + ".act", act), *down, name + ".down")
 
 
-def rope_cache(g: Graph, inv_freq: np.ndarray, positions: int, attention_factor=1.0) -> tuple[str, str]:
+def rope_cache(g: Graph, inv_freq: np.ndarray, positions: int, attention_factor=1.0, dtype=np.float32) -> tuple[str, str]:
     """cos/sin tables [positions, rotary_dim/2] for GroupQueryAttention's built-in rotary
-    (attention_factor: yarn's scale, one number or one per frequency)."""
+    (attention_factor: yarn's scale, one number or one per frequency), in the cache's dtype."""
     angles = np.arange(positions, dtype=np.float64)[:, None] * inv_freq[None, :].astype(np.float64)
-    return (g.const("rope.cos", (np.cos(angles) * attention_factor).astype(np.float32)),
-            g.const("rope.sin", (np.sin(angles) * attention_factor).astype(np.float32)))
+    return (g.const("rope.cos", (np.cos(angles) * attention_factor).astype(dtype)),
+            g.const("rope.sin", (np.sin(angles) * attention_factor).astype(dtype)))
 
 
 @dataclass
@@ -312,15 +317,64 @@ class AttentionIO:
     total_len: str       # int32 scalar: the same, plus one (batch max)
     cos: str
     sin: str
+    half: bool = False   # fp16 KV cache: GroupQueryAttention runs in fp16 (its inputs cast), output cast back
+
+    @property
+    def dtype(self):
+        """What the rotary tables are stored as: the cache's precision."""
+        return np.float16 if self.half else np.float32
+
+    def with_rope(self, cos: str, sin: str) -> "AttentionIO":
+        return AttentionIO(self.seqlens_k, self.total_len, cos, sin, self.half)
+
+
+KV_TYPES = {"fp32": (TensorProto.FLOAT, np.float32), "fp16": (TensorProto.FLOAT16, np.float16)}
 
 
 def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: AttentionIO, heads: int, kv_heads: int,
-        scale: float, name: str) -> tuple[str, str, str]:
+        scale: float, name: str, rotary: bool = True, bias: str = "", sink: str = "") -> tuple[str, str, str]:
     """GroupQueryAttention with rotary inside and the KV cache as one preallocated buffer that
-    the runtime binds as both past and present (no copy of the cache per step)."""
-    return g.ms("GroupQueryAttention", [q, k, v, past_k, past_v, io.seqlens_k, io.total_len, io.cos, io.sin],
-                name, outputs=3, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
-                scale=float(scale))
+    the runtime binds as both past and present (no copy of the cache per step).
+    rotary=False: a layer without position encoding (SmolLM3's NoPE layers); bias: an additive
+    attention mask [B, 1, S, T] (`window_bias`); sink: one logit per head [H] that joins every
+    softmax and is dropped after it (gpt-oss; the head_sink input exists from onnxruntime 1.23).
+    An fp16 cache makes the op fp16 (its T binds q, k, v, cache, rotary tables, bias and sinks
+    alike): its float inputs are cast, its output cast back."""
+    if io.half:
+        q, k, v, bias, sink = (g.op("Cast", [t], f"{name}.{label}16", to=TensorProto.FLOAT16) if t else t
+                               for t, label in ((q, "q"), (k, "k"), (v, "v"), (bias, "bias"), (sink, "sink")))
+    ins = [q, k, v, past_k, past_v, io.seqlens_k, io.total_len, *((io.cos, io.sin) if rotary else ("", "")), "", bias, sink]
+    while not ins[-1]:
+        ins.pop()
+    out, pk, pv = g.ms("GroupQueryAttention", ins, name, outputs=3, num_heads=heads, kv_num_heads=kv_heads,
+                       do_rotary=int(rotary), rotary_interleaved=0, scale=float(scale))
+    if io.half:
+        out = g.op("Cast", [out], name + ".out32", to=TensorProto.FLOAT)
+    return out, pk, pv
+
+
+def window_bias(g: Graph, q: str, io: AttentionIO, window: int, name: str) -> str:
+    """A sliding window as GroupQueryAttention's attention_bias [B, 1, S, T]: 0 where key t is one
+    of the `window` latest positions up to query s (itself included, transformers' sliding_window),
+    -inf before, per row from its own length (rows of a batch differ). (The kernel's own
+    local_window_size keeps window+1 keys on onnxruntime 1.22 and window keys on 1.32; the mask
+    means the same on both. The QK product spans all T keys either way.)"""
+    i64 = TensorProto.INT64
+    total = g.op("Cast", [io.total_len], name + ".total", to=i64)
+    rows = g.op("Add", [g.op("Cast", [io.seqlens_k], name + ".lens", to=i64),
+                        g.const(name + ".one1", np.array(1, np.int64))], name + ".row_total")                   # [B]
+    seq = g.op("Squeeze", [g.op("Shape", [q], name + ".s", start=1, end=2)], name + ".seq")
+    one, zero = g.const(name + ".one", np.array(1, np.int64)), g.const(name + ".zero", np.array(0, np.int64))
+    col = g.const(name + ".col", np.array([1], np.int64))
+    first = g.op("Unsqueeze", [g.op("Sub", [rows, seq], name + ".first"), col], name + ".first_col")         # [B, 1]
+    queries = g.op("Add", [first, g.op("Range", [zero, seq, one], name + ".steps")], name + ".queries")      # [B, S]
+    keys = g.op("Range", [zero, total, one], name + ".keys")                                                  # [T]
+    oldest = g.op("Unsqueeze", [g.op("Sub", [queries, g.const(name + ".w", np.array(window, np.int64))], name + ".edge"),
+                                g.const(name + ".ax", np.array([2], np.int64))], name + ".edge_col")         # [B, S, 1]
+    inside = g.op("Greater", [keys, oldest], name + ".inside")                                               # [B, S, T]
+    mask = g.op("Where", [inside, g.const(name + ".open", np.array(0, np.float32)),
+                          g.const(name + ".shut", np.array(-np.inf, np.float32))], name + ".mask")
+    return g.op("Unsqueeze", [mask, col], name)                                                               # [B, 1, S, T]
 
 
 def quantized_rows(g: Graph, table, name: str, bits: int, block_size: int, planes: bool = False) -> tuple:
@@ -444,3 +498,150 @@ def candidate_logits(g: Graph, h: str, table: tuple, vocab: int, hidden: int, bl
     exact = g.op("Squeeze", [g.op("MatMul", [rows, g.op("Unsqueeze", [h, last], name + ".h_col")], name + ".exact_col"), last],
                  name + ".exact")
     return g.op("ScatterElements", [coarse, best, exact], name, axis=-1)
+
+
+# ---- recurrent blocks (hybrid models), standard ops only: any onnxruntime ----------------------
+
+def causal_conv(g: Graph, x: str, state: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> tuple[str, str]:
+    """Depthwise causal conv1d over the sequence, continuing from `state` (the previous K-1 inputs):
+    x [B, S, C], state [B, K-1, C], weight [C, K] -> (y [B, S, C], new state [B, K-1, C]).
+    Concat + one Mul/Add per tap + Slice: y[t] = sum_j w[:, j] * padded[t + j]."""
+    k = weight.shape[1]
+    axis = g.const(name + ".axis", np.array([1], np.int64))
+    padded = g.op("Concat", [state, x], name + ".padded", axis=1)                       # [B, K-1+S, C]
+    y = None
+    for j in range(k):
+        tap = g.op("Slice", [padded, g.const(f"{name}.s{j}", np.array([j], np.int64)),
+                             g.const(f"{name}.e{j}", np.array([j - (k - 1) if j < k - 1 else 2**62], np.int64)), axis],
+                   f"{name}.tap{j}")
+        term = g.op("Mul", [tap, g.const(f"{name}.w{j}", np.ascontiguousarray(weight[:, j], np.float32))], f"{name}.term{j}")
+        y = term if y is None else g.op("Add", [y, term], f"{name}.acc{j}")
+    if bias is not None:
+        y = g.op("Add", [y, g.const(name + ".bias", bias.astype(np.float32))], name + ".biased")
+    new_state = g.op("Slice", [padded, g.const(name + ".last", np.array([-(k - 1)], np.int64)),
+                               g.const(name + ".end", np.array([2**62], np.int64)), axis], name + ".state")
+    return y, new_state
+
+
+def l2_normalize(g: Graph, x: str, eps: float, name: str) -> str:
+    """x / sqrt(sum(x^2) + eps) over the last axis (the FLA l2norm Gated DeltaNet uses)."""
+    ss = g.op("ReduceSum", [g.op("Mul", [x, x], name + ".sq"), g.const(name + ".axis", np.array([-1], np.int64))],
+              name + ".ss", keepdims=1)
+    return g.op("Div", [x, g.op("Sqrt", [g.op("Add", [ss, g.const(name + ".eps", np.array(eps, np.float32))], name + ".sse")],
+                                name + ".norm")], name)
+
+
+DELTA_CHUNK = 64         # tokens per chunk of the chunked delta rule (prefill)
+
+
+def gated_delta_rule(g: Graph, q: str, k: str, v: str, log_decay: str, beta: str, state: str, heads: int, dk: int,
+                     dv: int, name: str) -> tuple[str, str]:
+    """The gated delta rule over a feed: q, k [B, S, H, dk] (L2-normalised, q scaled), v [B, S, H, dv],
+    log_decay = g <= 0 and beta [B, S, H], state [B, H, dk, dv]. Per token, per head:
+        S <- exp(g) S;  S <- S + k (beta (v - k S))^T;  o = q S
+    Returns (o [B, S, H, dv], the final state). One token (decode) steps it directly; longer feeds
+    (prefill) take the chunked form. An If on the sequence length picks; both are standard ops."""
+    seq = g.op("Gather", [g.op("Shape", [q], name + ".shape"), g.const(name + ".axis1", np.array(1, np.int64))], name + ".seq")
+    one = g.op("Equal", [seq, g.const(name + ".one", np.array(1, np.int64))], name + ".is_step")
+    decay = g.op("Exp", [log_decay], name + ".decay")
+    step = g.branch(lambda: list(delta_rule_step(g, q, k, v, decay, beta, state, heads, dk, dv, name + ".step")),
+                    name + ".step_branch")
+    chunked = g.branch(lambda: list(delta_rule_chunked(g, q, k, v, log_decay, beta, state, heads, dk, dv, name + ".chunk")),
+                       name + ".chunk_branch")
+    out, final = g.op("If", [one], name + ".if", outputs=2, then_branch=step, else_branch=chunked)
+    return out, final
+
+
+def delta_rule_chunked(g: Graph, q: str, k: str, v: str, log_decay: str, beta: str, state: str, heads: int, dk: int,
+                       dv: int, name: str, chunk: int = DELTA_CHUNK) -> tuple[str, str]:
+    """The chunked gated delta rule (the form of the FLA kernels and of transformers' torch reference):
+    the sequence is zero-padded to whole chunks of C tokens (padding has no key, so it leaves the
+    state alone), everything within a chunk is computed for all chunks at once with [C, C] matrices,
+    and a Scan over chunks carries the state. The unit lower-triangular solve is the product
+    (I - A)(I + A^2)(I + A^4)... of the nilpotent strictly-lower A (log2 C matrix products)."""
+    c = chunk
+    i64 = lambda label, vals: g.const(f"{name}.{label}", np.array(vals, np.int64))          # noqa: E731
+    # pad S to a multiple of C: pad = (C - S % C) % C
+    seq = g.op("Gather", [g.op("Shape", [q], name + ".shape"), i64("ax1", 1)], name + ".seq")
+    cc = i64("c", c)
+    pad = g.op("Mod", [g.op("Sub", [cc, g.op("Mod", [seq, cc], name + ".rem")], name + ".short"), cc], name + ".pad")
+    pad1 = g.op("Unsqueeze", [pad, i64("ax0", [0])], name + ".pad1")
+
+    def padded(x, rank, label):            # zeros after the sequence (axis 1) of a rank-`rank` tensor
+        zeros = i64(label + ".z", [0] * rank)
+        pads = g.op("Concat", [zeros, i64(label + ".z1", [0]), pad1, i64(label + ".z2", [0] * (rank - 2))],
+                    f"{name}.{label}.pads", axis=0)
+        return g.op("Pad", [x, pads], f"{name}.{label}.padded")
+
+    def chunks(x, tail, label):            # [B, S', H, ...] -> [B, N, H, C, ...]
+        r = g.op("Reshape", [x, i64(label + ".rs", [0, -1, c, heads, *tail])], f"{name}.{label}.rs")
+        perm = [0, 1, 3, 2] + ([4] if tail else [])
+        return g.op("Transpose", [r], f"{name}.{label}.chunks", perm=perm)
+
+    qc, kc = chunks(padded(q, 4, "q"), [dk], "q"), chunks(padded(k, 4, "k"), [dk], "k")
+    vc = chunks(padded(v, 4, "v"), [dv], "v")
+    gc, bc = chunks(padded(log_decay, 3, "g"), [], "g"), chunks(padded(beta, 3, "b"), [], "b")       # [B, N, H, C]
+    last = i64("last", [-1])
+    col = lambda x, label: g.op("Unsqueeze", [x, last], f"{name}.{label}.col")                     # noqa: E731
+    cum = g.op("CumSum", [gc, g.const(name + ".cum_axis", np.array(3, np.int64))], name + ".cum")    # [B, N, H, C]
+    diff = g.op("Sub", [col(cum, "cum_i"), g.op("Unsqueeze", [cum, i64("ax_m2", [-2])], name + ".cum_j")], name + ".diff")
+    lower = np.tril(np.ones((c, c), bool))
+    decay_ij = g.op("Exp", [g.op("Where", [g.const(name + ".lower", lower), diff, g.const(name + ".neg", np.array(-1e30, np.float32))],
+                                 name + ".diff_masked")], name + ".decay_ij")                         # [.., C, C], 0 above
+    strict = g.op("Mul", [decay_ij, g.const(name + ".strict", np.tril(np.ones((c, c), np.float32), -1))], name + ".decay_strict")
+    kt = g.op("Transpose", [kc], name + ".kt", perm=[0, 1, 2, 4, 3])
+    k_beta = g.op("Mul", [kc, col(bc, "beta")], name + ".k_beta")
+    v_beta = g.op("Mul", [vc, col(bc, "beta2")], name + ".v_beta")
+    minus_a = g.op("Neg", [g.op("Mul", [g.op("MatMul", [k_beta, kt], name + ".kbk"), strict], name + ".a")], name + ".minus_a")
+    eye = g.const(name + ".eye", np.eye(c, dtype=np.float32))
+    inv, power = g.op("Add", [eye, minus_a], name + ".inv0"), minus_a
+    for j in range(1, int(np.log2(c))):
+        power = g.op("MatMul", [power, power], f"{name}.pow{j}")
+        inv = g.op("MatMul", [inv, g.op("Add", [eye, power], f"{name}.fac{j}")], f"{name}.inv{j}")
+    exp_cum = g.op("Exp", [cum], name + ".exp_cum")
+    new_values = g.op("MatMul", [inv, v_beta], name + ".new_values")                                # [B, N, H, C, dv]
+    k_cumdecay = g.op("MatMul", [inv, g.op("Mul", [k_beta, col(exp_cum, "ec")], name + ".kb_decayed")], name + ".k_cumdecay")
+    intra = g.op("Mul", [g.op("MatMul", [qc, kt], name + ".qk"), decay_ij], name + ".intra")       # [B, N, H, C, C]
+    q_dec = g.op("Mul", [qc, col(exp_cum, "ec2")], name + ".q_decayed")
+    cum_last = g.op("Slice", [cum, last, i64("end", [2**62]), i64("ax3", [3])], name + ".cum_last")   # [B, N, H, 1]
+    k_dec = g.op("Mul", [kc, col(g.op("Exp", [g.op("Sub", [cum_last, cum], name + ".to_end")], name + ".exp_to_end"), "ete")],
+                 name + ".k_decayed")
+    chunk_decay = col(g.op("Exp", [cum_last], name + ".chunk_decay1"), "cd")                          # [B, N, H, 1, 1]
+
+    n = name.replace(".", "_")
+    s0, nv, kcd, qd, it, kd, cd = (f"{n}_{x}" for x in ("s0", "nv", "kcd", "qd", "it", "kd", "cd"))
+    node = helper.make_node
+    body = [node("MatMul", [kcd, s0], [f"{n}_kcd_s"]),
+            node("Sub", [nv, f"{n}_kcd_s"], [f"{n}_vnew"]),                                         # [B, H, C, dv]
+            node("MatMul", [qd, s0], [f"{n}_inter"]),
+            node("MatMul", [it, f"{n}_vnew"], [f"{n}_local"]),
+            node("Add", [f"{n}_inter", f"{n}_local"], [f"{n}_o"]),
+            node("Mul", [s0, cd], [f"{n}_s_dec"]),
+            node("Transpose", [kd], [f"{n}_kd_t"], perm=[0, 1, 3, 2]),
+            node("MatMul", [f"{n}_kd_t", f"{n}_vnew"], [f"{n}_upd"]),
+            node("Add", [f"{n}_s_dec", f"{n}_upd"], [f"{n}_s1"])]
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(body, name + ".chunk_step", [helper.make_tensor_value_info(x, f, None) for x in
+                                                           (s0, nv, kcd, qd, it, kd, cd)],
+                              [helper.make_tensor_value_info(f"{n}_s1", f, None), helper.make_tensor_value_info(f"{n}_o", f, None)])
+    final, out = g.op("Scan", [state, new_values, k_cumdecay, q_dec, intra, k_dec, chunk_decay], name + ".scan", outputs=2,
+                      body=graph, num_scan_inputs=6, scan_input_axes=[1] * 6, scan_output_axes=[1])   # out [B, N, H, C, dv]
+    out = g.op("Transpose", [out], name + ".out_t", perm=[0, 1, 3, 2, 4])                              # [B, N, C, H, dv]
+    out = g.op("Reshape", [out, i64("out_rs", [0, -1, heads, dv])], name + ".out_seq")
+    out = g.op("Slice", [out, i64("s0", [0]), g.op("Unsqueeze", [seq, i64("ax0b", [0])], name + ".seq1"), i64("ax1b", [1])],
+               name + ".out")
+    return out, final
+
+
+def delta_rule_step(g: Graph, q: str, k: str, v: str, decay: str, beta: str, state: str, heads: int, dk: int, dv: int,
+                    name: str) -> tuple[str, str]:
+    """One token of the gated delta rule (decode), straight ops on [B, H, ., .] views: no loop."""
+    def view(x, dims, label):       # [B, 1, H, ...] -> [B, H, *dims] (the same order of elements)
+        return g.op("Reshape", [x, g.const(f"{name}.{label}_shape", np.array([0, heads, *dims], np.int64))], f"{name}.{label}")
+    q_row, k_row, k_col = view(q, [1, dk], "q_row"), view(k, [1, dk], "k_row"), view(k, [dk, 1], "k_col")
+    v_row, d, b = view(v, [1, dv], "v_row"), view(decay, [1, 1], "decay"), view(beta, [1, 1], "beta")
+    s1 = g.op("Mul", [state, d], name + ".decayed")                                              # [B, H, dk, dv]
+    delta = g.op("Mul", [g.op("Sub", [v_row, g.op("MatMul", [k_row, s1], name + ".mem")], name + ".err"), b], name + ".delta")
+    s2 = g.op("Add", [s1, g.op("MatMul", [k_col, delta], name + ".outer")], name + ".state")
+    o = g.op("MatMul", [q_row, s2], name + ".o")                                                 # [B, H, 1, dv]
+    return g.op("Reshape", [o, g.const(name + ".o_shape", np.array([0, 1, heads, dv], np.int64))], name + ".out"), s2

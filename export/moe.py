@@ -35,10 +35,32 @@ class Routing:
     group_score: str = "max"     # V2: best expert of the group; V3: "top2" = sum of its two best
     masked: float = 0.0          # what a masked-out expert scores (V2 0, V3 -inf)
     bias: tuple | None = None    # V3 e_score_correction_bias: shifts the choice, not the weights
+    norm_min: float = 0.0        # renormalise by max(sum, norm_min) (ERNIE 4.5's moe_norm_min)
 
     @property
     def simple(self) -> bool:
         return self.scoring == "softmax" and self.scale == 1.0 and self.groups == 1 and self.bias is None
+
+
+@dataclass(frozen=True)
+class GLU:
+    """The experts' gated activation: down((up + beta) * gate * sigmoid(alpha * gate)) with gate <= limit
+    and |up| <= limit (limit 0: none). The default is SwiGLU; gpt-oss uses 1.702, 1 and 7."""
+    alpha: float = 1.0
+    beta: float = 0.0
+    limit: float = 0.0
+
+
+def glu(g: Graph, gate: str, up: str, act: GLU, name: str) -> str:
+    if act == GLU():
+        return G.silu_mul(g, gate, up, name)
+    if act.limit:
+        lim, neg = (g.const(name + n, np.array(v, np.float32)) for n, v in ((".lim", act.limit), (".nlim", -act.limit)))
+        gate = g.op("Clip", [gate, "", lim], name + ".gate_clip")
+        up = g.op("Clip", [up, neg, lim], name + ".up_clip")
+    if act.beta:
+        up = g.op("Add", [up, g.const(name + ".beta", np.array(act.beta, np.float32))], name + ".up_beta")
+    return g.op("Mul", [g.ms("QuickGelu", [gate], name + ".gate_act", alpha=float(act.alpha)), up], name)
 
 
 def _i64(g: Graph, name: str, values) -> str:
@@ -58,8 +80,9 @@ def route(g: Graph, logits: str, r: Routing, name: str) -> tuple[str, str]:
         weights = g.op("TopK", [scores, k], name + ".topk_w", outputs=2, axis=-1)[0]
     if r.renormalize:
         total = g.op("ReduceSum", [weights, _i64(g, name + ".ax", [-1])], name + ".total", keepdims=1)
-        weights = g.op("Div", [weights, g.op("Add", [total, g.const(name + ".tiny", np.array(1e-20, np.float32))],
-                                                  name + ".total_eps")], name + ".renorm")
+        floor = g.const(name + ".tiny", np.array(r.norm_min or 1e-20, np.float32))
+        weights = g.op("Div", [weights, g.op("Max" if r.norm_min else "Add", [total, floor], name + ".total_eps")],
+                       name + ".renorm")
     if r.scale != 1.0:
         weights = g.op("Mul", [weights, g.const(name + ".scale", np.array(r.scale, np.float32))], name + ".scaled")
     return weights, ids
@@ -94,19 +117,23 @@ def choice_scores(g: Graph, logits: str, r: Routing, name: str) -> tuple[str, st
 
 class ExpertWeights:
     """All experts of one layer, quantized and written once, stacked as QMoE wants them.
-    (fp32, the reference export, keeps plain per-expert MatMul weights: QMoE is integer-only.)"""
+    (fp32, the reference export, keeps plain per-expert MatMul weights: QMoE is integer-only.)
+    `experts` yields (gate, up, down) or, with biases, (gate, up, down, gate_bias, up_bias, down_bias)."""
 
     def __init__(self, g: Graph, experts, hidden: int, ffn: int, bits: int, block_size: int, name: str):
         self.hidden, self.ffn, self.bits, self.block_size, self.name = hidden, ffn, bits, block_size, name
         self.arrays, self.fp32 = {}, []
         self.qmoe_ok = bits != 32 and hidden % block_size == 0 and ffn % block_size == 0
         if bits == 32:
-            for e, (gate, up, dn) in enumerate(experts):
-                self.fp32.append((G.linear_operands(g, np.concatenate([gate, up]), f"{name}.e{e}.gate_up", 32, 0),
-                                  G.linear_operands(g, dn, f"{name}.e{e}.down", 32, 0)))
+            for e, (gate, up, dn, *b) in enumerate(experts):
+                self.fp32.append((G.linear_operands(g, np.concatenate([gate, up]), f"{name}.e{e}.gate_up", 32, 0,
+                                                    np.concatenate(b[:2]) if b else None),
+                                  G.linear_operands(g, dn, f"{name}.e{e}.down", 32, 0, b[2] if b else None)))
             return
-        gate_up, down = [], []
-        for gate, up, dn in experts:        # one expert in fp32 at a time
+        gate_up, down, biases = [], [], []
+        for gate, up, dn, *b in experts:        # one expert in fp32 at a time
+            if b:                               # interleaved like the rows
+                biases.append((np.stack(b[:2], axis=1).reshape(-1).astype(np.float32), b[2].astype(np.float32)))
             # QMoE's CPU kernel reads gate/up rows interleaved: g0 u0 g1 u1 ...
             # the router reads the experts' input: its statistics serve gate/up (see calibrate.py)
             gate_up.append(g.quantizer(np.stack([gate, up], axis=1).reshape(2 * ffn, hidden), bits, block_size,
@@ -118,6 +145,8 @@ class ExpertWeights:
             self._write(g, f"{proj}.scales", np.stack([q.scales for q in qs]))
             if qs[0].zero_points is not None:
                 self._write(g, f"{proj}.zero_points", np.stack([q.zero_points for q in qs]))
+        for j, proj in enumerate(("fc1", "fc2") if biases else ()):
+            self._write(g, f"{proj}.bias", np.stack([b[j] for b in biases]))
         self.kb = {"fc1": gate_up[0].scales.shape[1], "fc2": down[0].scales.shape[1]}
 
     def _write(self, g: Graph, key: str, array: np.ndarray):
@@ -141,10 +170,13 @@ class ExpertWeights:
             # MatMulNBits wants B as [N, k_blocks, blob]; scales and zero points flat
             shape = [n, self.kb[proj], array[e].size // (n * self.kb[proj])] if key == "weight" else [array[e].size]
             ops.append(g.slice_of(stacked, array, e, f"{name}.{key}", shape))
+        if f"{proj}.bias" in self.arrays:       # MatMulNBits' inputs 4 and 5: g_idx (none), bias
+            stacked, array = self.arrays[f"{proj}.bias"]
+            ops += ["", g.slice_of(stacked, array, e, f"{name}.bias")]
         return ("MatMulNBits", ops, dict(K=k, N=n, bits=self.bits, block_size=self.block_size, accuracy_level=4))
 
 
-def qmoe(g: Graph, x2: str, logits: str, ew: ExpertWeights, r: Routing, name: str) -> str:
+def qmoe(g: Graph, x2: str, logits: str, ew: ExpertWeights, r: Routing, name: str, act: GLU = GLU()) -> str:
     """One QMoE node. It picks experts by top-k of `router_probs` and, given `router_weights`,
     gathers the weights from those (renormalised when normalize_routing_weights); without them
     it uses the softmax over the top-k logits, which is exactly renormalised softmax routing."""
@@ -154,18 +186,19 @@ def qmoe(g: Graph, x2: str, logits: str, ew: ExpertWeights, r: Routing, name: st
         weights, probs = choice_scores(g, logits, r, name)
         if r.scale != 1.0 and not r.renormalize:
             weights = g.op("Mul", [weights, g.const(name + ".scale", np.array(r.scale, np.float32))], name + ".scaled")
-    ins = [x2, probs, a["fc1.weight"], a["fc1.scales"], "", a["fc2.weight"], a["fc2.scales"], "", "", "", "",
-           a.get("fc1.zero_points", ""), a.get("fc2.zero_points", ""), "", weights]
+    ins = [x2, probs, a["fc1.weight"], a["fc1.scales"], a.get("fc1.bias", ""), a["fc2.weight"], a["fc2.scales"],
+           a.get("fc2.bias", ""), "", "", "", a.get("fc1.zero_points", ""), a.get("fc2.zero_points", ""), "", weights]
     y = g.ms("QMoE", ins, name, k=r.top_k, expert_weight_bits=ew.bits, block_size=ew.block_size,
-             activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-             normalize_routing_weights=int(r.renormalize), accuracy_level=4)
+             activation_type="swiglu", swiglu_fusion=1, activation_alpha=float(act.alpha), activation_beta=float(act.beta),
+             normalize_routing_weights=int(r.renormalize), accuracy_level=4,
+             **({"swiglu_limit": float(act.limit)} if act.limit else {}))
     if r.scale != 1.0 and r.renormalize:     # renormalising inside would cancel a scale given before
         y = g.op("Mul", [y, g.const(name + ".out_scale", np.array(r.scale, np.float32))], name + ".out_scaled")
     return y
 
 
 def sorted_experts(g: Graph, x2: str, weights: str, ids: str, ew: ExpertWeights, r: Routing, name: str,
-                   group: int) -> str:
+                   group: int, act: GLU = GLU()) -> str:
     """Tokens grouped per expert with standard ops; every expert runs at most once per step."""
     E, k = r.experts, r.top_k
     # mask [E, T]: 1 where token t chose expert e (expert-major, so NonZero sorts rows by expert)
@@ -197,7 +230,7 @@ def sorted_experts(g: Graph, x2: str, weights: str, ids: str, ew: ExpertWeights,
         else:
             gate, up = g.op("Split", [gu, _i64(g, label + ".split", [ew.ffn, ew.ffn])], label + ".split", outputs=2,
                             axis=-1)
-        return G.apply_linear(g, G.silu_mul(g, gate, up, label + ".act"), *ew.expert_operands(g, e, "fc2"),
+        return G.apply_linear(g, glu(g, gate, up, act, label + ".act"), *ew.expert_operands(g, e, "fc2"),
                               label + ".down")
 
     def guarded(cond: str, x_e: str, build, label: str) -> str:
@@ -245,22 +278,25 @@ def sorted_experts(g: Graph, x2: str, weights: str, ids: str, ew: ExpertWeights,
 
 
 def moe_block(g: Graph, x: str, router: np.ndarray, experts, r: Routing, hidden: int, ffn: int, bits: int,
-              block_size: int, name: str, group: int, stats_output: str) -> str:
+              block_size: int, name: str, group: int, stats_output: str, act: GLU = GLU(), router_bias=None) -> str:
     """x [1, S, H] -> sparse-expert FFN output [1, S, H], once per strategy the weights allow."""
     x2 = g.op("Reshape", [x, _i64(g, name + ".x2", [-1, hidden])], name + ".x2d")
     # the router stays fp32: routing decisions flip easily
     logits = g.op("MatMul", [x2, g.const(name + ".router_t", np.ascontiguousarray(router.T))], name + ".router")
+    if router_bias is not None:
+        logits = g.op("Add", [logits, g.const(name + ".router_bias", router_bias)], name + ".router_biased")
     ew = ExpertWeights(g, experts, hidden, ffn, bits, block_size, name)
     shape = g.op("Shape", [x], name + ".shape")
     # Which experts each token used, as a graph output, for `edgert run --stats`.
     with g.only("plain"):
         weights, ids = route(g, logits, r, name)
-        y_plain = sorted_experts(g, x2, weights, ids, ew, r, name + ".plain", group)
+        y_plain = sorted_experts(g, x2, weights, ids, ew, r, name + ".plain", group, act)
         out = g.op("Reshape", [y_plain, shape], name + ".out")
         g.op("Identity", [ids], name + ".experts", out=stats_output)
-    if ew.qmoe_ok:
+    # QMoE renormalises by the plain sum; a softmax's top-k sum is at least k/E, so a smaller floor never acts
+    if ew.qmoe_ok and (not r.norm_min or r.scoring == "softmax" and r.norm_min <= r.top_k / r.experts):
         with g.only("qmoe"):
-            g.op("Reshape", [qmoe(g, x2, logits, ew, r, name + ".qmoe"), shape], name + ".out_q", out=out)
+            g.op("Reshape", [qmoe(g, x2, logits, ew, r, name + ".qmoe", act), shape], name + ".out_q", out=out)
             choice = logits if r.simple else choice_scores(g, logits, r, name + ".stats")[1]
             g.op("TopK", [choice, _i64(g, name + ".k_stats", [r.top_k])], name + ".experts_q", outputs=2, axis=-1,
                  outs=[name + ".unused_values", stats_output])
@@ -274,6 +310,7 @@ class MoEDecoder(Decoder):
     router_name = "gate.weight"
     expert_names = ("experts.{e}.gate_proj", "experts.{e}.up_proj", "experts.{e}.down_proj")
     expert_group = 8                                          # experts per second-level If (plain path)
+    glu = GLU()                                               # the experts' activation
 
     def __init__(self, config: dict):
         super().__init__(config)
@@ -296,6 +333,9 @@ class MoEDecoder(Decoder):
     def shared_expert(self, g: Graph, i: int, x: str) -> str | None:
         return None
 
+    def router_bias(self, i: int) -> np.ndarray | None:
+        return None
+
     def routing_for(self, i: int) -> Routing:
         return self.routing
 
@@ -306,7 +346,7 @@ class MoEDecoder(Decoder):
         stats = f"router.{i}.experts"
         out = moe_block(g, x, self.ckpt.get(pre + self.router_name), self.experts(i), self.routing_for(i), self.hidden,
                         self.expert_ffn, self.recipe.bits, self.recipe.block_size, f"layers.{i}.moe", self.expert_group,
-                        stats)
+                        stats, self.glu, self.router_bias(i))
         g.outputs.append(helper.make_tensor_value_info(stats, TensorProto.INT64, ["sequence", self.routing.top_k]))
         shared = self.shared_expert(g, i, x)
         return out if shared is None else g.op("Add", [out, shared], f"layers.{i}.moe.with_shared")

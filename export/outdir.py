@@ -76,11 +76,35 @@ def _alive(pid: int) -> bool:
 
 
 class _Lock:
-    """flock on `.OUT.lock` beside OUT; the file is removed on release."""
+    """flock on `.OUT.lock` beside OUT; the file is removed on release. Where the filesystem has
+    no flock (some Android storage), the file is created exclusively and holds the owner's pid."""
 
     def __init__(self, out: Path):
         self.path = out.parent / f".{out.name}.lock"
         self.fd = None
+
+    def _busy(self):
+        return OutError(f"another export is writing {self.path.parent / self.path.name[1:-5]} "
+                        f"(lock {self.path}); wait for it or choose another folder")
+
+    def _acquire_exclusive(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    raise self._busy() from None
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)       # left by a dead export
+                continue
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.fd = fd
+            return
+        raise self._busy()
 
     def acquire(self):
         import fcntl
@@ -91,8 +115,9 @@ class _Lock:
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise OutError(f"another export is writing {self.path.parent / self.path.name[1:-5]} "
-                                   f"(lock {self.path}); wait for it or choose another folder") from None
+                    raise self._busy() from None
+                if e.errno in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOLCK):
+                    return self._acquire_exclusive()     # an empty file (ours, just created) counts as stale
                 raise
             try:   # the holder may have removed the file between our open and flock: lock the current one
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

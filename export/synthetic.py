@@ -62,8 +62,46 @@ SHAPES = {
                         num_experts_per_tok=8, norm_topk_prob=False, vocab_size=50304, max_position_embeddings=4096,
                         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=None,
                         eos_token_id=50279),
+    # LongRoPE's factors do not change the cost: ones stand in for Phi-4-mini's 48 + 48
+    "phi-4-mini": dict(model_type="phi3", hidden_act="silu", hidden_size=3072, intermediate_size=8192,
+                       num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8, vocab_size=200064,
+                       max_position_embeddings=131072, original_max_position_embeddings=4096, partial_rotary_factor=0.75,
+                       rope_theta=10000.0, rope_scaling=dict(rope_type="longrope", short_factor=[1.0] * 48,
+                                                             long_factor=[1.0] * 48),
+                       rms_norm_eps=1e-5, tie_word_embeddings=True, sliding_window=262144, bos_token_id=199999,
+                       eos_token_id=199999),
+    "gemma-3-1b": dict(model_type="gemma3_text", hidden_activation="gelu_pytorch_tanh", hidden_size=1152,
+                       intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+                       head_dim=256, vocab_size=262144, max_position_embeddings=32768, query_pre_attn_scalar=256,
+                       sliding_window=512, sliding_window_pattern=6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=[1, 106]),
+    # the experts as transformers holds them (bf16 [E, in, out]); the hub's MXFP4 blocks decode to the same
+    "gpt-oss-20b": dict(model_type="gpt_oss", hidden_act="silu", hidden_size=2880, intermediate_size=2880,
+                        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                        num_local_experts=32, num_experts_per_tok=4, vocab_size=201088, sliding_window=128,
+                        layer_types=["sliding_attention", "full_attention"] * 12, max_position_embeddings=131072,
+                        rope_theta=150000.0, rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0,
+                                                               beta_slow=1.0, original_max_position_embeddings=4096,
+                                                               truncate=False),
+                        rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=True, swiglu_limit=7.0,
+                        bos_token_id=199998, eos_token_id=200002),
 }
-SUPPORTED = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
+# Hybrid recurrent shapes (numbers from the published config.json files; parameter counts check out:
+# LFM2.5-1.2B 1.17B, its FFN block_ff_dim 12288 auto-adjusted to 8192; Qwen3.5-0.8B's text model)
+SHAPES["lfm2.5-1.2b"] = dict(model_type="lfm2", hidden_size=2048, intermediate_size=12288, block_auto_adjust_ff_dim=True,
+                             block_ffn_dim_multiplier=1.0, block_multiple_of=256, num_hidden_layers=16,
+                             num_attention_heads=32, num_key_value_heads=8, full_attn_idxs=[2, 5, 8, 10, 12, 14],
+                             conv_L_cache=3, norm_eps=1e-5, vocab_size=65536, max_position_embeddings=128000,
+                             rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=7)
+SHAPES["qwen3.5-0.8b"] = dict(model_type="qwen3_5_text", hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
+                              num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+                              linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+                              linear_conv_kernel_dim=4, full_attention_interval=4, vocab_size=248320,
+                              max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                              rope_parameters=dict(rope_type="default", rope_theta=10000000, partial_rotary_factor=0.25),
+                              hidden_act="silu", eos_token_id=248044)
+SUPPORTED = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "phi3", "gemma3_text", "gpt_oss",
+             "lfm2", "qwen3_5")
 
 
 class SyntheticError(Exception):
@@ -104,6 +142,16 @@ class SyntheticWeight:
             return NotImplemented
         return SyntheticWeight(shape, parts[0].name, parts[0].seed)
 
+    def __getitem__(self, index):
+        """Rows sliced or picked (a fused projection split, rows permuted, one expert of a stack):
+        another placeholder."""
+        rows = np.arange(self.shape[0])[index]
+        return SyntheticWeight((*rows.shape, *self.shape[1:]), self.name, self.seed)
+
+    @property
+    def T(self):
+        return SyntheticWeight(self.shape[::-1], self.name, self.seed)
+
     def __array__(self, *args, **kwargs):
         raise TypeError(f"{self.name}: synthetic weights exist only in quantized form (use --bits 4 or 8)")
 
@@ -122,7 +170,6 @@ class SyntheticWeight:
             zp = rng.integers(mid - 1, mid + 1, (n, kb + (kb % 2 if bits == 4 else 0)), dtype=np.uint8, endpoint=True)
             zero_points = _pack4(zp) if bits == 4 else zp
         return Quantized(packed, scales, zero_points, bits, block_size, k)
-
 
     def planes(self, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """An int8 table stored as two int4 planes (graph.split_int8): (hi, scales, lo) of uniformly
@@ -145,6 +192,8 @@ def tensor_shapes(m: Decoder) -> dict[str, tuple[int, ...]]:
     """Every tensor of the Hugging Face checkpoint of model m, by the architecture's own names."""
     if m.model_type not in SUPPORTED:
         raise SyntheticError(f"synthetic weights for {m.model_type} are not supported ({', '.join(SUPPORTED)})")
+    if m.model_type in ("lfm2", "qwen3_5"):
+        return _hybrid_shapes(m)
     h, q, kv = m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim
     out = {"model.embed_tokens.weight": (m.vocab, h)}
     for i in range(m.n_layers):
@@ -161,7 +210,52 @@ def tensor_shapes(m: Decoder) -> dict[str, tuple[int, ...]]:
             out[a + "q_norm.weight"], out[a + "k_norm.weight"] = ((m.head_dim,), (m.head_dim,)) if head else ((q,), (kv,))
         out[p + "post_attention_layernorm.weight"] = (h,)
         out.update(_ffn_shapes(m, i))
+    for i in range(m.n_layers):
+        p = m.layer_prefix(i)
+        if m.model_type == "phi3":              # fused projections
+            out[p + "self_attn.qkv_proj.weight"] = (sum(out.pop(f"{p}self_attn.{x}_proj.weight")[0] for x in "qkv"), h)
+            out[p + "mlp.gate_up_proj.weight"] = (out.pop(p + "mlp.gate_proj.weight")[0] + out.pop(p + "mlp.up_proj.weight")[0], h)
+        if m.model_type == "gemma3_text":       # four norms per layer
+            out[p + "pre_feedforward_layernorm.weight"] = out[p + "post_feedforward_layernorm.weight"] = (h,)
+        if m.model_type == "gpt_oss":           # sinks, o_proj and router biases, experts stacked [E, in, out]
+            e, f = m.routing.experts, m.expert_ffn
+            out.update({p + "self_attn.o_proj.bias": (h,), p + "self_attn.sinks": (m.heads,), p + "mlp.router.bias": (e,)})
+            for x in [n for n in out if n.startswith(p + "mlp.experts.")]:
+                del out[x]
+            out.update({p + "mlp.experts.gate_up_proj": (e, h, 2 * f), p + "mlp.experts.gate_up_proj_bias": (e, 2 * f),
+                        p + "mlp.experts.down_proj": (e, f, h), p + "mlp.experts.down_proj_bias": (e, h)})
     out["model.norm.weight"] = (h,)
+    if not m.tied:
+        out["lm_head.weight"] = (m.vocab, h)
+    return out
+
+
+def _hybrid_shapes(m: Decoder) -> dict[str, tuple[int, ...]]:
+    """LFM2 (short conv + GQA) and Qwen3.5 (Gated DeltaNet + gated GQA), by their checkpoints' names."""
+    h, hd, q, kv = m.hidden, m.head_dim, m.heads * m.head_dim, m.kv_heads * m.head_dim
+    lfm = m.model_type == "lfm2"
+    pre_norm, post_norm = m.norm_names
+    out = {"model.embed_tokens.weight": (m.vocab, h), m.final_norm + ".weight": (h,)}
+    for i in range(m.n_layers):
+        p = m.layer_prefix(i)
+        out[p + pre_norm + ".weight"] = out[p + post_norm + ".weight"] = (h,)
+        if m.is_attention(i):
+            a = p + "self_attn."
+            out.update({a + "q_proj.weight": (q if lfm else 2 * q, h), a + "k_proj.weight": (kv, h), a + "v_proj.weight": (kv, h),
+                        a + m.o_proj + ".weight": (h, q)})
+            out.update({a + n + ".weight": (hd,) for n in m.qk_norm_names})
+        elif lfm:
+            c = p + "conv."
+            out.update({c + "in_proj.weight": (3 * h, h), c + "conv.weight": (h, 1, m.conv_kernel), c + "out_proj.weight": (h, h)})
+        else:
+            d = p + "linear_attn."
+            key, value, hv = m.lin_hk * m.lin_dk, m.lin_hv * m.lin_dv, m.lin_hv
+            out.update({d + "in_proj_qkv.weight": (2 * key + value, h), d + "in_proj_z.weight": (value, h),
+                        d + "in_proj_b.weight": (hv, h), d + "in_proj_a.weight": (hv, h),
+                        d + "conv1d.weight": (2 * key + value, 1, m.conv_kernel), d + "dt_bias": (hv,), d + "A_log": (hv,),
+                        d + "norm.weight": (m.lin_dv,), d + "out_proj.weight": (h, value)})
+        out.update(_swiglu_shapes(p + "feed_forward.", m.ffn_dim, h, ("w1", "w3", "w2")) if lfm else
+                   _swiglu_shapes(p + "mlp.", m.ffn_dim, h))
     if not m.tied:
         out["lm_head.weight"] = (m.vocab, h)
     return out
@@ -189,7 +283,8 @@ def _ffn_shapes(m: Decoder, i: int) -> dict:
 def _is_matrix(m: Decoder, name: str, shape) -> bool:
     """Weights the exporter quantizes (routers and the [1, H] shared-expert gate stay fp32)."""
     router = isinstance(m, MoEDecoder) and name.endswith("." + m.router_name)
-    return len(shape) == 2 and min(shape) > 1 and not router
+    gates = name.endswith(("in_proj_a.weight", "in_proj_b.weight"))      # Gated DeltaNet's fp32 decay/beta projections
+    return len(shape) in (2, 3) and min(shape) > 1 and not router and not name.endswith("_bias") and not gates
 
 
 class SyntheticCheckpoint:
@@ -236,6 +331,9 @@ def weight_bytes(config: dict, recipe: Recipe) -> int:
             total += 4 * int(np.prod(shape))
             continue
         cls = "embed" if name == "model.embed_tokens.weight" else "lm_head" if name == "lm_head.weight" else "mlp"
+        if len(shape) == 3:     # stacked experts [E, in, out] (gpt-oss)
+            total += shape[0] * quantized_bytes(shape[2], shape[1], recipe.bits, recipe.block_size)
+            continue
         total += quantized_bytes(*shape, recipe.bits_for(cls), recipe.block_size)   # (a tied table is stored once)
     context = min(m.max_positions, DEFAULT_MAX_CONTEXT)
     return total + 2 * 4 * context * m.padded_head_dim // 2      # + the rotary tables
@@ -243,7 +341,8 @@ def weight_bytes(config: dict, recipe: Recipe) -> int:
 
 def kv_cache_bytes(config: dict, context: int) -> int:
     m = model_for(config)
-    return 2 * 4 * m.n_layers * m.kv_heads * m.padded_head_dim * context
+    attention = sum(m.is_attention(i) for i in range(m.n_layers))      # hybrid models: their attention layers only
+    return 2 * 4 * attention * m.kv_heads * m.padded_head_dim * context
 
 
 def check_fits(shape: str, need_memory: int, need_disk: int, folder: Path, available: int | None = None) -> None:
@@ -283,6 +382,11 @@ def build(shape: str, bits: int = 4, context: int = 256, folder: Path | None = N
     longest = min(config.get("max_position_embeddings", 4096), DEFAULT_MAX_CONTEXT)   # what export gives it
     if context > longest:
         raise SyntheticError(f"--context must be at most {longest} for {shape} (the context its artifact is exported for)")
+    need = model_for(config).min_onnxruntime
+    if need:        # refused before gigabytes are written, not when the bench loads them
+        from edgert.model import ort, ort_version
+        if ort_version() < tuple(int(p) for p in need.split(".")):
+            raise SyntheticError(f"{shape} needs onnxruntime >= {need} (this is {ort.__version__})")
     out = Path(folder or cache_dir()) / f"{shape}-int{bits}"
     key = _key(config, bits, seed)
     cached = all((out / f).is_file() for f in ("synthetic.json", "edgert.json", "model.onnx.data")) \

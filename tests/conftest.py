@@ -1,23 +1,81 @@
 """Shared test fixtures: random-weight Hugging Face checkpoints built from configs (no hub here),
-transformers fp32 as the numerical reference, and the real stories260K model when present."""
+transformers fp32 as the numerical reference, the real stories260K model (the workspace's copy, or
+the identical one bundled with the exporter), and a Python with onnxruntime 1.22 (Termux's)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STORIES = ROOT.parent / "shared" / "models" / "stories260K"
 BUNDLED_STORIES = ROOT / "export" / "data" / "stories260K"
+SHARED_STORIES = ROOT.parent / "shared" / "models" / "stories260K"
+# the workspace's shared/ copy when there, else the bundled one: the same files (identical sha256)
+STORIES = SHARED_STORIES if (SHARED_STORIES / "model.safetensors").is_file() else BUNDLED_STORIES
 
 
 def stories_dir() -> Path:
-    if not STORIES.is_dir():
-        pytest.skip(f"the real stories260K model is absent ({STORIES}); it lives in the workspace's shared/ folder")
     return STORIES
+
+
+# ---- onnxruntime 1.22 (what Termux packages) -------------------------------------------------
+
+OLD_ORT = "1.22.1"
+_old_ort_problem: list[str] = []      # why the old-onnxruntime tests did not run (for the summary)
+
+
+def _old_ort_venv() -> Path:
+    """A venv with onnxruntime 1.22.1 and the runtime's other dependencies (no tokenizers, as on
+    Termux), made once and cached in ~/.cache/edgert/ort122-venv; a lock keeps concurrent runs apart."""
+    import fcntl
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgert"
+    venv = base / "ort122-venv"
+    python, done = venv / "bin" / "python", venv / ".edgert-complete"
+    if done.is_file():
+        return python
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".ort122-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            shutil.rmtree(venv, ignore_errors=True)            # a half-made one from an interrupted run
+            print(f"\ncreating {venv} (onnxruntime {OLD_ORT}, once)", file=sys.stderr)
+            for cmd in ([sys.executable, "-m", "venv", str(venv)],
+                        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                         f"onnxruntime=={OLD_ORT}", "numpy", "jinja2", "typer"]):
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+                if r.returncode:
+                    shutil.rmtree(venv, ignore_errors=True)
+                    tail = (r.stderr.strip().splitlines() or ["?"])[-1]
+                    raise RuntimeError(f"{' '.join(cmd[:4])} failed: {tail}")
+            done.write_text(OLD_ORT + "\n")
+    return python
+
+
+@pytest.fixture(scope="session")
+def old_ort_python() -> str:
+    """EDGERT_ORT_PYTHON (.ci/run sets it), else the cached venv, made on first use. When neither can
+    be had (no network for pip), the tests skip and the run's summary says so in capitals."""
+    if os.environ.get("EDGERT_ORT_PYTHON"):
+        return os.environ["EDGERT_ORT_PYTHON"]
+    if _old_ort_problem:
+        pytest.skip(_old_ort_problem[0])
+    try:
+        return str(_old_ort_venv())
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        _old_ort_problem.append(f"no Python with onnxruntime {OLD_ORT}: {e} (set EDGERT_ORT_PYTHON)")
+        pytest.skip(_old_ort_problem[0])
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _old_ort_problem:
+        terminalreporter.write_sep("!", f"THE ONNXRUNTIME {OLD_ORT} TESTS DID NOT RUN: {_old_ort_problem[0]}", red=True,
+                                   bold=True)
 
 
 def make_checkpoint(out: Path, model_type: str, dtype: str = "float32", shard: str | None = None, seed: int = 0,

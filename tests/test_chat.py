@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -152,7 +151,5 @@ def test_matches_transformers_apply_chat_template(tmp_path, template, gen):
 
 
 def test_load_and_render_stories260k():
-    stories = Path(__file__).resolve().parents[1].parent / "shared/models/stories260K"
-    if not stories.is_dir():
-        pytest.skip(f"stories260K not found at {stories}")
+    from conftest import STORIES as stories
     assert load_chat_template(stories) is None   # a base model: no template

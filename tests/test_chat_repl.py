@@ -125,6 +125,12 @@ def test_full_context_drops_the_oldest_turns(artifact, fresh):
     prompt, gen, _ = fresh(kept)
     assert s.prompt_tokens == len(prompt) and s.generated == len(gen)
     assert s.prompt_tokens + 100 // 4 <= 100                              # room was kept for the answer
+    # an old turn far too long to even tokenize for this context is dropped the same way
+    conv.history[-2]["content"] = "1+" * 4000
+    list(conv.send(QUESTIONS[0], temperature=0))
+    assert conv.stats.dropped_turns == 3 and [m["role"] for m in conv.messages] == ["system", "user", "assistant"]
+    with pytest.raises(edgert.llm.PromptTooLong):
+        conv.send("1+" * 4000)
 
 
 def test_an_answer_that_fills_the_context_stops_there(artifact, fresh):

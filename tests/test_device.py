@@ -3,6 +3,7 @@ and the memory check that refuses before loading, saying what would fit."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -169,7 +170,11 @@ def test_cli_runs_within_a_budget_and_reports_threads(artifact, tmp_path):
     out = tmp_path / "b.json"
     r = edgert("bench", artifact, "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1", "--json", out)
     assert r.returncode == 0, r.stderr
-    assert json.loads(out.read_text())["threads"] == default_threads()
+    threads = json.loads(out.read_text())["threads"]
+    assert 1 <= threads <= len(os.sched_getaffinity(0))         # at most the CPUs this process may use
+    r = edgert("bench", artifact, "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1", "--threads", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["threads"] == 1                 # --threads reaches the session and the report
 
 
 def test_run_stops_at_the_context_with_a_stated_reason(artifact):

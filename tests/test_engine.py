@@ -248,10 +248,8 @@ def test_votes_beat_one_sample_at_high_temperature(qwen2_int4):
     assert majority >= single and majority >= 20
 
 
-def test_batched_decode_on_onnxruntime_122(qwen2_int4):
-    from test_onnxruntime_versions import OTHER, run_on
-    if not OTHER:
-        pytest.skip("set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
+def test_batched_decode_on_onnxruntime_122(qwen2_int4, old_ort_python):
+    from test_onnxruntime_versions import run_on
     script = """
 import json, sys
 import numpy as np, edgert
@@ -276,7 +274,7 @@ print(json.dumps({"alone": alone, "together": out}))
     import edgert
     llm = edgert.load(qwen2_int4, context=128)
     prompts = [llm.encode(p.prompt) for p in task.held_out_problems()[:3]]
-    res = run_on(OTHER, script, [str(qwen2_int4), prompts])
+    res = run_on(old_ort_python, script, [str(qwen2_int4), prompts])
     assert res["together"] == res["alone"]
 
 
@@ -311,3 +309,25 @@ def test_batch_through_the_split_head_at_a_real_vocabulary(tmp_path, exported):
     together = eng.step({s: p[-1:] for s, p in zip(seqs, prompts)})       # one forward, three rows
     for s, ref in zip(seqs, alone):
         np.testing.assert_allclose(together[s], ref, atol=2e-3)
+
+
+def test_draft_model_speculation_gives_plain_greedy_tokens(exported):
+    """stories260K fp32 drafted by its own int4 export (the same tokenizer): identical tokens,
+    most drafts accepted, fewer forwards of the target than tokens."""
+    import edgert
+    stories = ROOT / "export" / "data" / "stories260K"
+    llm = edgert.load(exported(stories, bits=32), context=256)
+    plain = [t.id for t in llm.generate("Once upon a time", raw=True, max_tokens=120, temperature=0, ignore_eos=True)]
+    llm.use_draft(exported(stories, bits=4))
+    spec = [t.id for t in llm.generate("Once upon a time", raw=True, max_tokens=120, temperature=0, ignore_eos=True,
+                                       speculate=4)]
+    assert spec == plain
+    extra = llm.stats.extra
+    assert extra["accepted"] > 0.5 * extra["drafted"] and extra["verify_steps"] < 60
+
+
+def test_draft_with_another_tokenizer_is_one_line(exported):
+    stories = ROOT / "export" / "data" / "stories260K"
+    r = subprocess.run([sys.executable, "-m", "edgert.cli", "run", str(exported(stories, bits=32)), "Once", "--raw",
+                        "--draft", str(exported(QWEN2, bits=4))], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "tokenizer differs" in r.stderr and len(r.stderr.strip().splitlines()) == 1

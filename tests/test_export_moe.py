@@ -42,15 +42,34 @@ CONFIGS = {
                                         num_key_value_heads=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)),
     # expert FFN 48 is not a multiple of the 32-wide block: QMoE cannot take it, the plain path can
     "mixtral-odd-ffn": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
+    # interleaved rotary, softmax routing with a choice bias, renormalised by max(sum, 1e-12), a shared
+    # expert, a dense first layer
+    "ernie4_5_moe": ("ernie4_5_moe", dict(num_hidden_layers=3, moe_num_experts=8, moe_k=2, moe_intermediate_size=32,
+                                          moe_num_shared_experts=1, moe_layer_start_index=1, pad_token_id=0)),
+    # + a renormalisation floor that acts (0.6 > top-2 of 8 at times: no QMoE graph), MoE on every 2nd layer only
+    "ernie4_5_moe-floor": ("ernie4_5_moe", dict(num_hidden_layers=4, moe_num_experts=8, moe_k=2, moe_intermediate_size=32,
+                                                moe_num_shared_experts=0, moe_layer_start_index=0, moe_layer_interval=2,
+                                                moe_norm_min=0.6, pad_token_id=0, tie_word_embeddings=True)),
+    # attention sinks, sliding window 8 and full attention alternating, q/k/v/o biases, yarn (not truncated),
+    # router bias + softmax over the top-k logits, expert biases, interleaved gate/up, clamped SwiGLU
+    "gpt_oss": ("gpt_oss", dict(num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                                head_dim=16, sliding_window=8, pad_token_id=0,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                                  beta_fast=32.0, beta_slow=1.0, truncate=False))),
 }
+NO_QMOE = {"mixtral-odd-ffn", "ernie4_5_moe-floor"}
 
 
 def random_choice_bias(model):
-    """V3's e_score_correction_bias starts at zero; make it matter."""
+    """V3's e_score_correction_bias starts at zero, gpt-oss's sinks near it; make them matter."""
     import torch
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             buf.copy_(0.3 * torch.randn_like(buf))
+    for name, p in model.named_parameters():
+        if name.endswith("sinks"):
+            p.copy_(torch.randn_like(p))
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -84,7 +103,7 @@ def test_strategies_agree_and_quantized_top1(case, exported, bits):
     top1 = (got.argmax(-1) == want.argmax(-1)).mean()
     print(f"\n{name} int{bits}: top-1 agreement with transformers fp32 {top1:.3f}")
     assert top1 >= (0.7 if bits == 8 else 0.4)          # a layout or routing bug gives ~1/vocab
-    if name == "mixtral-odd-ffn":
+    if name in NO_QMOE:
         assert "qmoe" not in graphs
         return
     # bits 4: the int8 lm_head also gets a nibble twin of the plain graph (tests/test_int8_nibbles.py)
@@ -115,6 +134,8 @@ def test_expert_usage_is_reported_identically(exported, tmp_path):
     per_expert = 3 * 64 * 32                                 # gate, up, down of hidden 64 x FFN 32
     assert r["parameters"] - r["active_parameters_per_token"] == (16 - 2) * per_expert * 2   # 14 idle experts x 2 layers
     assert all(x["expert_usage"] == r["expert_usage"] for x in reports)
+    if not QMOE:
+        pytest.skip("QMoE needs onnxruntime >= 1.23 (the plain graph was checked)")
 
 
 def test_plain_graph_is_sparse_and_small_per_layer(exported, tmp_path):
@@ -132,3 +153,68 @@ def test_plain_graph_is_sparse_and_small_per_layer(exported, tmp_path):
     qmoe = onnx.load(str(art / "model.qmoe.onnx"), load_external_data=False)
     node = [n for n in qmoe.graph.node if n.op_type == "QMoE"][0]
     assert {a.name: a.i for a in node.attribute if a.name in ("k", "expert_weight_bits")} == {"k": 2, "expert_weight_bits": 4}
+
+
+FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def to_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [..., K] -> MXFP4 as gpt-oss checkpoints store it: blocks [..., K/32, 16] uint8 (two 4-bit
+    floats per byte, low nibble first) and scales [..., K/32] uint8 (power-of-two exponent + 127)."""
+    groups = w.reshape(*w.shape[:-1], -1, 32)
+    exp = np.ceil(np.log2(np.maximum(np.abs(groups).max(-1), 1e-30) / 6.0)).astype(np.int32)
+    codes = np.abs(groups[..., None] / np.ldexp(1.0, exp)[..., None, None] - FP4).argmin(-1).astype(np.uint8)
+    # (C order: safetensors writes the buffer as it lies)
+    return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4)), np.ascontiguousarray(exp + 127, np.uint8)
+
+
+def test_mxfp4_checkpoint_is_decoded_exactly(tmp_path, exported):
+    """gpt-oss's hub layout: experts as MXFP4 blocks + scales. A checkpoint whose experts are MXFP4 values
+    exported from both layouts gives the same logits, which match transformers fp32 and transformers'
+    own MXFP4 loader, so the 4-bit floats, nibble order, exponents and the [out, in] layout are decoded
+    as the format defines them."""
+    import shutil
+
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from edgert_export.archs.gpt_oss import mxfp4
+
+    def mxfp4_values(model):
+        random_choice_bias(model)
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):       # [E, in, out]
+                w = p.detach().numpy().transpose(0, 2, 1)
+                back = np.stack([mxfp4(*to_mxfp4(w[e])) for e in range(len(w))])
+                p.copy_(torch.from_numpy(back.transpose(0, 2, 1).copy()))
+    name, overrides = CONFIGS["gpt_oss"]
+    plain = make_checkpoint(tmp_path / "plain", name, tweak=mxfp4_values, **overrides)
+    packed = tmp_path / "mxfp4"
+    shutil.copytree(plain, packed)
+    tensors = load_file(plain / "model.safetensors")
+    for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = to_mxfp4(tensors.pop(key).transpose(0, 2, 1))
+        tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
+    save_file(tensors, packed / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((plain / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (packed / "config.json").write_text(json.dumps(config))
+    want = hf_logits(hf_model(plain), PROMPT)
+    got = Model(exported(packed, 32)).forward(PROMPT, num_logits=len(PROMPT))
+    counts = [json.loads((exported(src, 32) / "edgert.json").read_text())["model"]["parameters"] for src in (plain, packed)]
+    assert counts[0] == counts[1] == sum(p.numel() for p in hf_model(plain).parameters())
+    assert np.abs(got - Model(exported(plain, 32)).forward(PROMPT, num_logits=len(PROMPT))).max() < 1e-5
+    assert np.abs(got - want).max() < 1e-3
+    # transformers' own MXFP4 reader (it dequantizes on CPU) agrees that these are the same weights
+    assert np.abs(hf_logits(hf_model(packed), PROMPT) - want).max() < 1e-3
+    # --bits 8 (32-wide blocks) stores MXFP4 values exactly: int8 code 128 + 2c, scale 2^(s - 128)
+    art = exported(packed, 8)
+    graph = onnx.load(str(art / "model.qmoe.onnx"))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    for i, proj, key in ((0, "fc1", "gate_up_proj"), (2, "fc2", "down_proj")):
+        codes, scales = weights[f"layers.{i}.moe.{proj}.weight"], weights[f"layers.{i}.moe.{proj}.scales"]
+        stored = (codes.astype(np.float32) - 128).reshape(*scales.shape, -1) * scales[..., None]
+        blocks, exps = (tensors[f"model.layers.{i}.mlp.experts.{key}_{k}"] for k in ("blocks", "scales"))
+        assert np.array_equal(stored.reshape(len(blocks), blocks.shape[1], -1),
+                              np.stack([mxfp4(blocks[e], exps[e]) for e in range(len(blocks))]))
+    assert Model(art).forward(PROMPT, num_logits=len(PROMPT)).shape == want.shape

@@ -7,7 +7,6 @@ EDGERT_INT8_KERNEL=0 makes this machine act like such a build.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -70,10 +69,9 @@ def test_moe_twin_and_refusal(tmp_path, exported, monkeypatch):
         Model(exported(moe, 8))
 
 
-@pytest.mark.skipif(not os.environ.get("EDGERT_ORT_PYTHON"), reason="set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
-def test_twin_on_onnxruntime_122(dense, exported, monkeypatch):
+def test_twin_on_onnxruntime_122(dense, exported, monkeypatch, old_ort_python):
     from test_onnxruntime_versions import same_choices
     jobs = [(str(exported(src, bits)), PROMPT) for src, bits in ((dense, 8), (BUNDLED_STORIES, 4))]
     monkeypatch.setenv("EDGERT_INT8_KERNEL", "0")
-    old, new = same_choices(os.environ["EDGERT_ORT_PYTHON"], jobs, exact=[False, False])
+    old, new = same_choices(old_ort_python, jobs, exact=[False, False])
     assert old["version"].startswith("1.22") and old["strategies"] == new["strategies"] == ["nibbles", "nibbles"]

@@ -87,7 +87,8 @@ def test_export_imports_no_onnx(tmp_path):
         f"export({str(BUNDLED_STORIES)!r}, {str(tmp_path / 'art')!r}, bits=4, progress=False)\n"
         "from edgert.model import Model; Model(sys.argv[1]).forward([1, 2, 3])\n"
         "from edgert_export.synthetic import SHAPES, build\n"
-        "tiny = dict(SHAPES['qwen3-0.6b'], num_hidden_layers=1, hidden_size=128, intermediate_size=256, vocab_size=512)\n"
+        "tiny = dict(SHAPES['qwen3-0.6b'], num_hidden_layers=1, hidden_size=128, intermediate_size=256, vocab_size=512,\n"
+        "            bos_token_id=1, eos_token_id=2)  # token ids inside the small vocabulary (export checks them)\n"
         f"Model(build('tiny', 4, folder={str(tmp_path)!r}, config=tiny, progress=False)).forward([1, 2, 3])\n"
         "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "art")], capture_output=True, text=True, cwd=ROOT)

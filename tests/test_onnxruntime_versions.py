@@ -4,8 +4,8 @@ QMoE by default, so this also checks the two strategies against each other. Like
 Python has no `tokenizers`: text goes through the pure-Python tokenizer.json reader there and
 through `tokenizers` here, and must give the same ids and the same generated text.
 
-Runs when EDGERT_ORT_PYTHON names a Python whose onnxruntime is the old one (.ci/run makes a
-venv with onnxruntime 1.22.1 for it); otherwise skips, saying so.
+The old Python is EDGERT_ORT_PYTHON (.ci/run makes a venv with onnxruntime 1.22.1 for it), else a
+venv the tests make once and cache (conftest.old_ort_python); the summary says so if neither can be had.
 """
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ import sys
 import pytest
 
 from conftest import BUNDLED_STORIES, ROOT, make_checkpoint
-
-OTHER = os.environ.get("EDGERT_ORT_PYTHON")
 
 HEADER = """
 import importlib.util, json, sys
@@ -102,8 +100,7 @@ def chatml_checkpoint(out):
     return out
 
 
-@pytest.mark.skipif(not OTHER, reason="set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
-def test_old_onnxruntime_gives_identical_tokens(tmp_path, exported):
+def test_old_onnxruntime_gives_identical_tokens(tmp_path, exported, old_ort_python):
     qwen3 = make_checkpoint(tmp_path / "qwen3", "qwen3", head_dim=16, tie_word_embeddings=True)
     moe = make_checkpoint(tmp_path / "moe", "qwen3_moe", num_experts=16, num_experts_per_tok=2, moe_intermediate_size=32,
                           norm_topk_prob=True, head_dim=16)
@@ -117,14 +114,13 @@ def test_old_onnxruntime_gives_identical_tokens(tmp_path, exported):
     # bits 4 is the default export (int4 with int8 embeddings and lm_head, block 32)
     cases = [(src, bits) for src in (BUNDLED_STORIES, qwen3, moe, moe2, mla) for bits in (32, 8, 4)]
     jobs = [(str(exported(src, bits)), prompt) for src, bits in cases]
-    old, new = same_choices(OTHER, jobs, exact=[bits == 32 for _, bits in cases])
+    old, new = same_choices(old_ort_python, jobs, exact=[bits == 32 for _, bits in cases])
     assert old["version"].startswith("1.22"), old["version"]
     assert not old["has_tokenizers"], "the old-onnxruntime Python must lack tokenizers, as Termux does"
     assert "qmoe" not in old["strategies"] and "plain" in old["strategies"]
 
 
-@pytest.mark.skipif(not OTHER, reason="set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
-def test_old_onnxruntime_without_tokenizers_gives_identical_text(tmp_path, exported):
+def test_old_onnxruntime_without_tokenizers_gives_identical_text(tmp_path, exported, old_ort_python):
     """Default exports, dense and MoE, from text to text: pure-Python tokenizer + onnxruntime 1.22
     against `tokenizers` + the current onnxruntime."""
     pytest.importorskip("tokenizers")
@@ -135,7 +131,7 @@ def test_old_onnxruntime_without_tokenizers_gives_identical_text(tmp_path, expor
             (str(exported(chatml, 4)), "Wie viel kostet 3 × 4 € — naïve café 🙂? def f(x): return x**2", False),
             (str(exported(moe, 4)), "The little dog found a big red ball in the park.", True)]
     new = run_on(sys.executable, TEXT_SCRIPT, [(*job, None) for job in jobs])
-    old = run_on(OTHER, TEXT_SCRIPT, [(*job, run["greedy"]) for job, run in zip(jobs, new["runs"])])
+    old = run_on(old_ort_python, TEXT_SCRIPT, [(*job, run["greedy"]) for job, run in zip(jobs, new["runs"])])
     assert not old["has_tokenizers"] and set(old["backends"]) == {"python"}
     assert set(new["backends"]) == {"tokenizers"}
     assert old["strategies"][-1] == "plain" and new["strategies"][-1] == "qmoe"

@@ -3,7 +3,6 @@ candidates must come out at int8 accuracy, the rest within the int4 reading's bo
 embedding lookup must return the int8 rows, and a real model must keep its greedy tokens."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -114,11 +113,10 @@ def test_stories_keeps_greedy_tokens_and_quality(tmp_path, split_head, monkeypat
     assert top5_err[64] < 1.1 * top5_err[0], top5_err
 
 
-@pytest.mark.skipif(not os.environ.get("EDGERT_ORT_PYTHON"), reason="set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
-def test_split_head_on_old_onnxruntime(tmp_path, split_head):
+def test_split_head_on_old_onnxruntime(tmp_path, split_head, old_ort_python):
     """TopK, ScatterElements and int4 MatMulNBits without zero points: the same choices on onnxruntime 1.22."""
     from edgert_export import export
     from test_onnxruntime_versions import same_choices
     export(BUNDLED_STORIES, tmp_path / "art", bits=4, progress=False)
-    old, _ = same_choices(os.environ["EDGERT_ORT_PYTHON"], [(str(tmp_path / "art"), [1, 403, 407])], exact=[False])
+    old, _ = same_choices(old_ort_python, [(str(tmp_path / "art"), [1, 403, 407])], exact=[False])
     assert old["version"].startswith("1.22"), old["version"]

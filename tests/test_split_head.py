@@ -48,7 +48,8 @@ def test_split_int8_head_against_transformers(vocab, tied, head_scale, tmp_path)
     ids = [int(i) for i in np.random.default_rng(0).integers(0, 512, POSITIONS)]
     want = hf_logits(hf_model(src), ids).astype(np.float64)
 
-    export(src, tmp_path / "split", bits=8, progress=False)          # default --embed-bits 8
+    # fp32 KV caches: the fp16 cache's rounding moves near-tie top-1 picks by a few positions either way
+    export(src, tmp_path / "split", bits=8, progress=False, kv_cache="fp32")          # default --embed-bits 8
     manifest = json.loads((tmp_path / "split" / "edgert.json").read_text())
     assert manifest["quantization"]["lm_head"] == 8
     assert manifest["quantization"]["lm_head_int8_candidates"] == Decoder.lm_head_candidates == 64
@@ -58,8 +59,8 @@ def test_split_int8_head_against_transformers(vocab, tied, head_scale, tmp_path)
     assert {f"{head}.qweight_hi", f"{head}.qweight_lo"} <= inits
     assert any(n.op_type == "TopK" for n in graph.node)
 
-    export(src, tmp_path / "int4head", bits=8, embed_bits=4, progress=False)
-    export(src, tmp_path / "fp32head", bits=8, embed_bits=32, progress=False)
+    export(src, tmp_path / "int4head", bits=8, embed_bits=4, progress=False, kv_cache="fp32")
+    export(src, tmp_path / "fp32head", bits=8, embed_bits=32, progress=False, kv_cache="fp32")
     kl_split, top1_split, got_split = _score(tmp_path / "split", ids, want)
     kl_int4, top1_int4, got_int4 = _score(tmp_path / "int4head", ids, want)
     kl_fp32, top1_fp32, got_fp32 = _score(tmp_path / "fp32head", ids, want)

@@ -26,7 +26,17 @@ def tiny(shape: str) -> dict:
     full = SHAPES[shape]
     c["num_key_value_heads"] = 4 if full["num_key_value_heads"] == full["num_attention_heads"] else 2
     if "head_dim" in full:
-        c["head_dim"] = 16
+        c["head_dim"] = 16 if "linear_num_key_heads" not in full else 32    # Qwen3.5: a quarter of it rotates
+    if "full_attn_idxs" in full:                     # LFM2: a conv layer, then attention
+        c["full_attn_idxs"] = [1]
+    if "linear_num_key_heads" in full:               # Qwen3.5: a Gated DeltaNet layer, then attention
+        c.update(full_attention_interval=2, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
+                 linear_value_head_dim=16)
+    scaling = full.get("rope_scaling") or {}
+    if "short_factor" in scaling:       # LongRoPE: one factor per rotated pair of the smaller head
+        hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        pairs = int(hd * c.get("partial_rotary_factor", 1.0)) // 2
+        c["rope_scaling"] = dict(scaling, short_factor=[1.0] * pairs, long_factor=[1.0] * pairs)
     return c
 
 

@@ -16,14 +16,12 @@ import pytest
 
 import edgert.tokenizer as T
 from edgert.tokenizer import StreamDecoder, Tokenizer
-
+from conftest import STORIES     # the shared/ copy or the identical bundled one
 
 
 def _hf():
     return pytest.importorskip("tokenizers")
 
-
-STORIES = Path(__file__).resolve().parents[1].parent / "shared/models/stories260K"
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -186,8 +184,6 @@ def build_gpt2(path: Path) -> Path:
 
 
 def _stories_json() -> dict:
-    if not (STORIES / "tokenizer.json").is_file():
-        pytest.skip(f"stories260K not found at {STORIES} (it lives in the workspace's shared/ folder)")
     return json.loads((STORIES / "tokenizer.json").read_text(encoding="utf-8"))
 
 
@@ -268,7 +264,6 @@ def test_byte_level_bpe_matches_tokenizers(tok_dirs, name, engine):
 
 
 def test_stories260k_matches_tokenizers(engine):
-    _stories_json()   # skips when absent
     _check_against_reference(STORIES)
 
 

@@ -17,6 +17,19 @@ ARCHITECTURES = {
     "granitemoe": "granitemoe",
     "deepseek_v2": "deepseek_v2",
     "deepseek_v3": "deepseek_v3",
+    "smollm3": "smollm3",
+    "phi3": "phi3",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+    "ernie4_5": "ernie4_5",
+    "ernie4_5_moe": "ernie4_5_moe",
+    "gpt_oss": "gpt_oss",
+    "lfm2": "lfm2",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_text": "qwen3_5",
+    "lfm2_moe": "lfm2_moe",
+    "qwen3_5_moe": "qwen3_5_moe",
+    "qwen3_5_moe_text": "qwen3_5_moe",
 }
 
 

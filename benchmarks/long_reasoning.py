@@ -1,0 +1,154 @@
+"""The long-reasoning scenario: decode speed as the trace grows, every runner side by side.
+
+    python benchmarks/long_reasoning.py --work bench-out [--shape qwen2.5-0.5b] [--threads 2]
+        [--positions 128,512,1024,2048,4096,8192] [--mean-tokens 4096] [--repeat 1]
+        [--json benchmarks/long_reasoning.json] [--plot benchmarks/long_reasoning.png]
+
+Runners (prepared and cached by suite.py's machinery): edgert int4 (its default fp16 KV cache),
+edgert int4 with an fp32 cache, onnxruntime-genai int4, llama.cpp Q4_0 with its default f16
+cache and with a q8_0 cache (flash attention on). For each position P a fresh process per
+runner prefills P prompt tokens and times 32 greedy decode steps (decode tok/s at ~P); then
+each runner generates --mean-tokens tokens after a 128-token prompt (the mean over a long
+trace). Rounds are interleaved runner by runner; peak RSS is the worker's. The table goes to
+stdout, the figures to --json, decode tok/s against position to --plot (PNG).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import suite  # noqa: E402
+
+STEPS = 32
+
+
+def prepare(shape: str, work: Path) -> list[suite.Prepared]:
+    src = suite.checkpoint(shape, work)
+    out = []
+
+    def add(label, fn):
+        try:
+            p = fn()
+            p.name = label
+        except (RuntimeError, ValueError, OSError, ImportError) as e:
+            p = suite.Prepared(label, refused=str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__)
+        print(f"{label}: " + (f"refused: {p.refused}" if p.refused else "ready"), flush=True)
+        out.append(p)
+
+    add("edgert int4 (fp16 KV)", lambda: suite._edgert(src, work, shape, 4))
+
+    def edgert_fp32_kv():       # round-to-nearest int4: the same bytes and speed as GPTQ's, a fraction of the export time
+        art = work / "edgert" / f"{shape}-int4-rtn-kv32"
+        if not (art / "edgert.json").is_file():
+            from edgert_export import export
+            export(src, art, bits=4, recipe="rtn", kv_cache="fp32", force=True, progress=False)
+        return suite.Prepared("", "edgert", str(art))
+    add("edgert int4 (fp32 KV)", edgert_fp32_kv)
+    add("onnxruntime-genai int4", lambda: suite._genai(src, work, shape, "int4"))
+    add("llama.cpp Q4_0 (f16 KV)", lambda: suite._llamacpp(src, work, shape, "Q4_0"))
+
+    def q8_kv():
+        p = suite._llamacpp(src, work, shape, "Q4_0")
+        p.options = {"kv": "q8_0"}
+        return p
+    add("llama.cpp Q4_0 (q8_0 KV)", q8_kv)
+    return out
+
+
+def measure(runners, positions, mean_tokens, repeat, threads) -> dict:
+    live = [p for p in runners if not p.refused]
+    res = {p.name: {"by_position": {}, "mean": [], "peak_rss_mb": 0.0} for p in live}
+    for r in range(repeat):
+        for pos in positions:
+            prompt = list(range(1000, 1000 + pos))
+            for p in (live if (r + pos) % 2 == 0 else live[::-1]):
+                m = suite.run_worker(p, prompt, STEPS, threads)
+                if "error" in m:
+                    print(f"{p.name} at {pos}: {m['error']}", flush=True)
+                    continue
+                res[p.name]["by_position"].setdefault(pos, []).append(m["decode_tok_s"])
+                res[p.name]["peak_rss_mb"] = max(res[p.name]["peak_rss_mb"], m["peak_rss_mb"])
+                print(f"round {r + 1} position {pos:>5} {p.name:>26}: decode {m['decode_tok_s']:7.1f} tok/s", flush=True)
+        if mean_tokens:
+            for p in live:
+                m = suite.run_worker(p, list(range(1000, 1128)), mean_tokens, threads)
+                if "error" not in m:
+                    res[p.name]["mean"].append(m["decode_tok_s"])
+                    res[p.name]["peak_rss_mb"] = max(res[p.name]["peak_rss_mb"], m["peak_rss_mb"])
+                    print(f"round {r + 1} mean over {mean_tokens} {p.name:>26}: {m['decode_tok_s']:7.1f} tok/s", flush=True)
+    for v in res.values():
+        v["by_position"] = {pos: statistics.median(x) for pos, x in v["by_position"].items()}
+        v["mean"] = statistics.median(v["mean"]) if v["mean"] else None
+    return res
+
+
+def table(res: dict, positions, base: str) -> str:
+    """Decode tok/s per position, the deepest over the shallowest, the mean over a long trace and
+    edgert's (base) mean over each runner's."""
+    def f(x, fmt="{:.1f}"):
+        return fmt.format(x) if x is not None else "-"
+    lines = ["| runner | " + " | ".join(str(p) for p in positions) + " | deepest / shallowest | mean over trace "
+             "| edgert / this | peak RSS MB |", "|" + "---|" * (len(positions) + 5)]
+    for name, v in res.items():
+        by = v["by_position"]
+        ratio = by[positions[-1]] / by[positions[0]] if positions[0] in by and positions[-1] in by else None
+        rel = res[base]["mean"] / v["mean"] if v["mean"] and res.get(base, {}).get("mean") else None
+        lines.append(f"| {name} | " + " | ".join(f(by.get(p)) for p in positions) +
+                     f" | {f(ratio, '{:.2f}x')} | {f(v['mean'])} | {f(rel, '{:.2f}x')} | {v['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path, shape: str, threads: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, v in res.items():
+        pts = sorted(v["by_position"].items())
+        if pts:
+            ax.plot([p for p, _ in pts], [t for _, t in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("decode position (tokens in the cache)")
+    ax.set_ylabel("decode tok/s")
+    ax.set_title(f"{shape} int4, {threads} threads: decode speed as the trace grows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--shape", default="qwen2.5-0.5b")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--positions", default="128,512,1024,2048,4096,8192")
+    ap.add_argument("--mean-tokens", type=int, default=4096)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path)
+    a = ap.parse_args(argv)
+    positions = [int(p) for p in a.positions.split(",")]
+    a.work.mkdir(parents=True, exist_ok=True)
+    runners = prepare(a.shape, a.work.resolve())
+    res = measure(runners, positions, a.mean_tokens, a.repeat, a.threads)
+    refused = {p.name: p.refused for p in runners if p.refused}
+    print(table(res, positions, "edgert int4 (fp16 KV)"))
+    for name, why in refused.items():
+        print(f"{name}: refused: {why}")
+    if a.json:
+        a.json.write_text(json.dumps({"shape": a.shape, "threads": a.threads, "positions": positions,
+                                      "results": res, "refused": refused, "versions": suite.versions(a.work)},
+                                     indent=2, default=str) + "\n")
+    if a.plot:
+        plot(res, a.plot, a.shape, a.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,995 @@
+"""`edgert serve`: an OpenAI-compatible HTTP server (Starlette + uvicorn, `pip install 'edgert[serve]'`).
+
+One scheduler thread owns the model. It admits queued requests into the engine's slots and steps
+every active sequence together: a decoding sequence feeds its last token, a prefilling one its
+next prompt chunk (so a long prompt never stalls the others for long). The HTTP side (asyncio)
+turns the tokens it receives into OpenAI responses: text per choice, the reasoning split into
+`reasoning_content`, stop strings, logprobs, usage. A request whose client goes away, or whose
+stop string matched, is dropped from the next step and its slot freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import ipaddress
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .generate import Decoding, Step
+from .limits import check_prompt_length
+from .llm import PromptTooLong
+from .tokenizer import StreamDecoder
+
+try:
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.routing import Route
+except ImportError as e:   # the CLI turns this into one line
+    raise ImportError(f"edgert serve needs the [serve] extra ({e.name} is missing): pip install 'edgert[serve]'") from e
+
+MAX_BODY = 4 << 20             # bytes of a request body
+BODY_SECONDS = 30              # to send it
+HEADER_SECONDS = 10            # for a new connection to send its first request's headers (slowloris)
+PING_SECONDS = 10              # an SSE comment after this long without a chunk (queue, long prefill)
+PREFILL_CHUNK = 128            # prompt tokens a sequence feeds per step while others decode
+EFFORT = {"none": 0, "minimal": 0, "low": 256, "medium": 1024, "high": 4096}   # reasoning_effort -> thinking tokens
+ANSWER_ROOM = 16               # tokens kept for the answer when a thinking budget applies (or a quarter of max_tokens)
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+PAGE = Path(__file__).parent / "web" / "chat.html"
+
+
+# ----------------------------------------------------------------------------------------------
+# errors in OpenAI's shape
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type, param, code, headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, self.status, headers=self.headers)
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+_MISSING = object()
+
+
+def field_(body: dict, name: str, kind, default=None, lo=None, hi=None, choices=None):
+    """body[name] checked against a JSON type and range; None/absent -> default."""
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    names = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "an array", dict: "an object"}
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise bad(f"'{name}' must be {names[kind]}, not {type(value).__name__ if value is not None else 'null'}", name)
+    if kind is float and not np.isfinite(value):
+        raise bad(f"'{name}' must be a finite number", name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad(f"'{name}' must be between {lo} and {hi}, not {value}" if hi is not None
+                  else f"'{name}' must be >= {lo}, not {value}", name)
+    if choices is not None and value not in choices:
+        raise bad(f"'{name}' must be one of {', '.join(map(str, choices))}, not {value!r}", name)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# requests and the scheduler thread
+
+@dataclass(eq=False)
+class Job:
+    """One choice of one request: a sequence in a slot."""
+    req: "Work"
+    index: int
+    dec: object
+    seq: object = None
+    feed: list = field(default_factory=list)
+    prefilled: bool = False
+
+
+class Work:
+    """A request as the scheduler sees it; events go back to the request's asyncio queue."""
+
+    def __init__(self, loop, prompt_ids, decodings, logprobs: int | None):
+        self.loop, self.events = loop, asyncio.Queue()
+        self.prompt_ids, self.decodings, self.logprobs = prompt_ids, decodings, logprobs
+        self.marks: tuple = ()              # recurrent models: turn boundaries to keep the state at
+        self.cancelled = self.finished = False
+        self.ended: set = set()             # choices the HTTP side finished (stop string)
+        self.arrived = time.monotonic()
+        self.jobs: list = []
+
+    def emit(self, *event):
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:                    # the event loop is gone (shutting down)
+            pass
+
+
+def _top_logprobs(logits: np.ndarray, token: int, k: int):
+    z = logits.astype(np.float64)
+    m = z.max()
+    lp = z - (m + np.log(np.exp(z - m).sum()))
+    top = np.argpartition(-lp, k)[:k] if 0 < k < lp.size else np.arange(lp.size if k else 0)
+    top = top[np.argsort(-lp[top])]
+    return float(lp[token]), [(int(t), float(lp[t])) for t in top]
+
+
+class Scheduler:
+    def __init__(self, engine, max_queue: int):
+        self.engine, self.max_queue = engine, max_queue
+        self.waiting: collections.deque = collections.deque()
+        self.active: list[Job] = []
+        self.cond = threading.Condition()
+        self.closing = False
+        self.stats = collections.Counter()      # for /metrics
+        self.recent = collections.deque()       # (time, tokens) of recent steps, for tok/s
+        self.thread = threading.Thread(target=self._run, name="edgert-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, work: Work):
+        with self.cond:
+            free = max(0, self.engine.slots - len(self.active))
+            if len(self.waiting) >= self.max_queue + free:
+                raise APIError(429, f"the server is busy: {len(self.waiting)} requests are queued; retry shortly",
+                               "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+            self.waiting.append(work)
+            self.cond.notify()
+
+    def wake(self):
+        with self.cond:
+            self.cond.notify()
+
+    def close(self):
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self.recent) if now - t <= window]
+        return sum(n for _, n in recent) / window
+
+    def _admit(self):
+        while self.waiting:
+            work = self.waiting[0]
+            if work.cancelled:
+                self.waiting.popleft()
+                continue
+            if self.engine.slots - len(self.active) < len(work.decodings):
+                return                          # first come, first served: never skip the head
+            self.waiting.popleft()
+            work.jobs = [Job(work, i, dec) for i, dec in enumerate(work.decodings)]
+            self.active += work.jobs            # their slots are reserved now
+            self.stats["prompt_tokens"] += len(work.prompt_ids)
+            self._open(work.jobs[0])            # the other choices copy its rows once it has prefilled
+
+    def _open(self, job: Job):
+        try:
+            job.seq = self.engine.open(job.req.prompt_ids)
+        except Exception as e:                  # fail this request only
+            job.req.emit("error", f"{type(e).__name__}: {e}")
+            for j in [j for j in self.active if j.req is job.req]:
+                self._finish(j, None)
+            return
+        self.engine.mark(job.seq, job.req.marks)
+        if job.index == 0 and len(job.req.decodings) > 1:     # a recurrent model keeps its state there for the others
+            self.engine.mark(job.seq, [len(job.req.prompt_ids) - 1])
+        job.feed = list(job.req.prompt_ids[job.seq.cached:])
+        self.stats["cached_tokens"] += job.seq.cached
+        if job.index == 0:
+            job.req.emit("open", 0, job.seq.cached)
+
+    def _finish(self, job: Job, reason: str | None):
+        if job in self.active:
+            self.active.remove(job)
+        if job.seq is not None:
+            self.engine.close(job.seq)
+        job.req.emit("done", job.index, reason)
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.closing and not self.active and not any(not w.cancelled for w in self.waiting):
+                    self.waiting.clear()
+                    self.cond.wait()
+                if self.closing:
+                    return
+                for job in [j for j in self.active if j.req.cancelled or j.index in j.req.ended]:
+                    self._finish(job, None)
+                self._admit()
+            feed = {job.seq: job.feed[:PREFILL_CHUNK] for job in self.active if job.seq is not None}
+            if not feed:
+                continue
+            t0 = time.monotonic()
+            try:
+                logits = self.engine.step(feed)
+            except Exception as e:              # ContextFull cannot happen (checked below); anything else ends the step's requests
+                for job in list(self.active):
+                    job.req.emit("error", f"{type(e).__name__}: {e}")
+                    self._finish(job, None)
+                continue
+            decoded = 0
+            for job in list(self.active):
+                if job.seq not in feed:
+                    continue
+                fed = len(feed[job.seq])
+                del job.feed[:fed]
+                if job.feed:
+                    continue                    # still prefilling
+                if not job.prefilled:
+                    job.prefilled = True
+                else:
+                    decoded += 1
+                lg = logits[job.seq]
+                step = job.dec.next(lg)
+                if step is None:
+                    self._finish(job, job.dec.stop_reason)
+                    continue
+                lp = _top_logprobs(lg, step.id, job.req.logprobs) if job.req.logprobs is not None else None
+                job.req.emit("token", job.index, step, lp)
+                self.stats["generated_tokens"] += 1
+                if job.dec.stop_reason is not None:
+                    self._finish(job, job.dec.stop_reason)
+                elif len(job.seq.ids) >= self.engine.context:
+                    self._finish(job, "context")
+                else:
+                    job.feed = [step.id]
+            for job in [j for j in self.active if j.seq is None]:     # more choices: copy the first one's rows
+                first = job.req.jobs[0]
+                if first.prefilled or first not in self.active:
+                    self._open(job)
+            now = time.monotonic()
+            self.recent.append((now, decoded))
+            while self.recent and now - self.recent[0][0] > 60:
+                self.recent.popleft()
+            self.stats["steps"] += 1
+            self.stats["step_seconds"] += now - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# per-choice text: tokens -> reasoning/content deltas, stop strings, logprobs
+
+class ChoiceText:
+    def __init__(self, tokenizer, think: tuple, split: bool, stops: list[str]):
+        self.tokenizer, self.think, self.split, self.stops = tokenizer, think, split, stops
+        self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
+        self.kind = None                         # what the decoder's pending text belongs to
+        self.reasoning, self.content = [], []
+        self.r_started = self.c_started = False
+        self.r_hold = ""                         # reasoning's trailing whitespace (dropped before </think>)
+        self.c_hold = ""                         # content that may begin a stop string
+        self.stopped = False
+        self.tokens = 0
+        self.reasoning_tokens = 0
+        self.logprobs: list = []
+
+    def _out(self, kind, text, final=False) -> tuple[str, str]:
+        if kind == "reasoning":
+            if not self.r_started:
+                text = text.lstrip()
+                self.r_started = bool(text)
+            text, self.r_hold = self.r_hold + text, ""
+            if not final:
+                body = text.rstrip()
+                text, self.r_hold = body, text[len(body):]
+            self.reasoning.append(text)
+            return text, ""
+        if self.stopped:
+            return "", ""
+        if not self.c_started:
+            text = text.lstrip() if self.split else text
+            self.c_started = bool(text)
+        text, self.c_hold = self.c_hold + text, ""
+        for s in self.stops:
+            at = text.find(s)
+            if at >= 0:
+                text, self.stopped = text[:at], True
+                break
+        if self.stops and not self.stopped and not final:
+            keep = max(len(s) for s in self.stops) - 1
+            cut = len(text) - keep
+            for i in range(max(cut, 0), len(text)):    # hold back only a possible start of a stop string
+                if any(s.startswith(text[i:]) for s in self.stops):
+                    cut = i
+                    break
+            else:
+                cut = len(text)
+            text, self.c_hold = text[:cut], text[cut:]
+        self.content.append(text)
+        return "", text
+
+    def push(self, step: Step, lp=None) -> tuple[str, str]:
+        """-> (reasoning delta, content delta)."""
+        self.tokens += 1
+        kind = "reasoning" if self.split and step.reasoning else "content"
+        self.reasoning_tokens += step.reasoning
+        r = c = ""
+        if self.split and step.id in self.think:         # the tags themselves are not text
+            r, c = self._flush(final=False)
+            self.decoder.flush()
+            if step.id == self.think[1]:
+                self.r_hold = ""
+            if lp is not None:
+                self.logprobs.append((step.id, kind, lp))
+            return r, c
+        if kind != self.kind and self.kind is not None:
+            r, c = self._flush(final=False)
+        self.kind = kind
+        text = self.decoder.push(step.id)
+        if lp is not None:
+            self.logprobs.append((step.id, kind, lp))
+        if text:
+            r2, c2 = self._out(kind, text)
+            r, c = r + r2, c + c2
+        return r, c
+
+    def _flush(self, final: bool):
+        rest = self.decoder.flush()
+        if self.kind is None or (not rest and not final):
+            return "", ""
+        if self.kind == "reasoning" and not final:
+            return self._out("reasoning", rest)
+        if self.kind == "reasoning":
+            return "", ""                                   # trailing whitespace of unfinished reasoning
+        return self._out("content", rest, final)
+
+    def finish(self) -> tuple[str, str]:
+        r, c = self._flush(final=True)
+        if self.c_hold and not self.stopped:
+            text = self.c_hold
+            self.c_hold = ""
+            self.content.append(text)
+            c += text
+        return r, c
+
+
+# ----------------------------------------------------------------------------------------------
+# the HTTP application
+
+def _tokens_json(tokenizer, entries, top: int, chat: bool):
+    def one(t, lp):
+        s = tokenizer.decode([t])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+    if chat:
+        out = {"content": [], "reasoning_content": []}
+        for t, kind, (lp, tops) in entries:
+            e = one(t, lp)
+            e["top_logprobs"] = [one(u, v) for u, v in tops[:top]]
+            out[kind if kind == "content" else "reasoning_content"].append(e)
+        return out
+    return {"tokens": [tokenizer.decode([t]) for t, _, _ in entries],
+            "token_logprobs": [lp for _, _, (lp, _) in entries],
+            "top_logprobs": [{tokenizer.decode([u]): v for u, v in tops[:top]} for _, _, (_, tops) in entries]}
+
+
+class Server:
+    def __init__(self, artifact, *, context=None, threads=None, parallel=1, max_memory=None, api_key=None,
+                 host="127.0.0.1", cors_origins=(), max_queue=None, max_body=MAX_BODY, timeout=600.0,
+                 ping_seconds=PING_SECONDS):
+        self.artifact, self.model_id = Path(artifact), Path(artifact).resolve().name
+        self.load_args = dict(context=context, threads=threads, max_memory=max_memory)
+        self.parallel = parallel
+        self.api_key, self.cors_origins = api_key or None, list(cors_origins)
+        self.max_queue = max_queue if max_queue is not None else 8 * parallel
+        self.max_body, self.timeout, self.ping_seconds = max_body, timeout, ping_seconds
+        self.loopback = _is_loopback(host)
+        self.llm = self.scheduler = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+        self.counts = collections.Counter()     # (endpoint, status) -> requests
+        self.inflight = 0
+        self.ttft = [0.0, 0]                     # seconds summed, requests
+        self.app = self._app()
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self):
+        import edgert
+        time.sleep(float(os.environ.get("EDGERT_SERVE_LOAD_DELAY", 0)))   # tests: observe /health while loading
+        try:
+            kw = dict(self.load_args)
+            llm = edgert.load(self.artifact, slots=self.parallel, **kw)
+            self.close_ids = (llm.tokenizer.encode("\n</think>\n\n", add_special_tokens=False)
+                              if llm.think[1] is not None else [])
+            self.scheduler = Scheduler(llm.engine, self.max_queue)
+            self.llm = llm
+        except Exception as e:
+            self.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise
+
+    # -- guards ----------------------------------------------------------------------------------
+    def _ready(self):
+        if self.llm is None:
+            raise APIError(503, "the model is loading" if not self.load_error else f"the model failed to load: "
+                           f"{self.load_error}", "server_error", code="model_loading", headers={"Retry-After": "1"})
+
+    async def _json(self, request: Request) -> dict:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            raise APIError(413, f"the request body is larger than {self.max_body} bytes", code="request_too_large")
+        body = bytearray()
+
+        async def read():
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > self.max_body:
+                    raise APIError(413, f"the request body is larger than {self.max_body} bytes", code="request_too_large")
+        try:
+            await asyncio.wait_for(read(), BODY_SECONDS)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body took longer than {BODY_SECONDS} s to arrive", code="timeout") from None
+        try:
+            data = json.loads(bytes(body))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise bad(f"the body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise bad("the body must be a JSON object", code="invalid_json")
+        return data
+
+    def _check_model(self, body):
+        model = field_(body, "model", str)
+        if model and model != self.model_id:
+            raise APIError(404, f"the model '{model}' does not exist; this server has '{self.model_id}'",
+                           param="model", code="model_not_found")
+
+    # -- request parsing -------------------------------------------------------------------------
+    def _messages(self, body) -> list[dict]:
+        messages = field_(body, "messages", list)
+        if not messages:
+            raise bad("'messages' must be a non-empty array", "messages")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise bad(f"messages[{i}] must be an object", "messages")
+            role = m.get("role")
+            if role not in ("system", "developer", "user", "assistant", "tool"):
+                raise bad(f"messages[{i}].role must be system, developer, user, assistant or tool, not {role!r}", "messages")
+            content = m.get("content")
+            if isinstance(content, list):
+                parts = []
+                for p in content:
+                    if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                        raise bad(f"messages[{i}].content: only text parts are supported", "messages")
+                    parts.append(p["text"])
+                content = "".join(parts)
+            if content is None and role == "assistant":
+                content = ""
+            if not isinstance(content, str):
+                raise bad(f"messages[{i}].content must be a string or an array of text parts", "messages")
+            msg = {"role": "system" if role == "developer" else role, "content": content}
+            for k in ("reasoning_content", "reasoning", "thinking"):
+                if m.get(k) is not None:
+                    if not isinstance(m[k], str):
+                        raise bad(f"messages[{i}].{k} must be a string", "messages")
+                    msg["reasoning_content"] = m[k]
+            for k in ("name", "tool_call_id"):
+                if isinstance(m.get(k), str):
+                    msg[k] = m[k]
+            out.append(msg)
+        return out
+
+    def _prompt(self, body, chat: bool, fit: bool = True) -> list[int]:
+        llm = self.llm
+        if chat:
+            messages = self._messages(body)
+            kwargs = field_(body, "chat_template_kwargs", dict, {})
+            for k in kwargs:
+                if not k.isidentifier() or k in ("messages", "add_generation_prompt"):
+                    raise bad(f"chat_template_kwargs: {k!r} cannot be set", "chat_template_kwargs")
+            if not llm.chat_template:
+                raise bad("this model has no chat template: use /v1/completions", "messages")
+            try:
+                ids = llm.encode_messages(messages, **kwargs)
+            except PromptTooLong as e:
+                raise bad(str(e), "messages", "context_length_exceeded") from None
+            except ValueError as e:                     # the template failed (syntax, raise_exception, sandbox)
+                raise bad(str(e), "messages") from None
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+                prompt = prompt[0]
+            if isinstance(prompt, str):
+                try:
+                    check_prompt_length(prompt, llm.context)
+                except PromptTooLong as e:
+                    raise bad(str(e), "prompt", "context_length_exceeded") from None
+                ids = self._encode(prompt, True, "prompt")
+            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                if not all(0 <= t < llm.model.vocab for t in prompt):
+                    raise bad(f"'prompt' token ids must be between 0 and {llm.model.vocab - 1}", "prompt")
+                ids = list(prompt)
+            else:
+                raise bad("'prompt' must be a string, one string in an array, or an array of token ids", "prompt")
+        if not ids:
+            raise bad("the prompt is empty", "prompt")
+        if fit and len(ids) >= llm.context:
+            raise bad(f"this model's context holds {llm.context} tokens; the prompt has {len(ids)} "
+                      f"(start the server with a larger --context, up to {llm.manifest['context_length']})",
+                      "messages" if chat else "prompt", "context_length_exceeded")
+        return ids
+
+    def _encode(self, text: str, special: bool, param: str) -> list[int]:
+        try:
+            return self.llm.tokenizer.encode(text, add_special_tokens=special)
+        except ValueError as e:                         # text the tokenizer refuses (e.g. lone surrogates)
+            raise bad(str(e), param) from None
+
+    def _options(self, body, chat: bool, prompt_len: int) -> dict:
+        llm = self.llm
+        if "max_tokens" in body and "max_completion_tokens" in body and body["max_tokens"] != body["max_completion_tokens"]:
+            raise bad("give max_tokens or max_completion_tokens, not two different values", "max_tokens")
+        max_tokens = field_(body, "max_completion_tokens", int, lo=1) or field_(body, "max_tokens", int, lo=1)
+        room = llm.context - prompt_len
+        limit = min(max_tokens or room, room)
+        temperature = field_(body, "temperature", float, lo=0.0, hi=2.0)
+        top_p = field_(body, "top_p", float, lo=0.0, hi=1.0)
+        top_k = field_(body, "top_k", int, lo=0)
+        seed = field_(body, "seed", int)
+        seed = None if seed is None else seed % 2**64          # any integer; numpy's generator wants one >= 0
+        n = field_(body, "n", int, 1, lo=1, hi=16)
+        if n > self.scheduler.engine.slots:
+            raise bad(f"n={n} needs {n} slots decoded together; this server has {self.scheduler.engine.slots} "
+                      f"(start it with --parallel {n} or more)", "n")
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
+            raise bad("'stop' must be a non-empty string or an array of up to 16 of them", "stop")
+        field_(body, "frequency_penalty", float, lo=-2.0, hi=2.0)
+        field_(body, "presence_penalty", float, lo=-2.0, hi=2.0)
+        if chat:
+            want = field_(body, "logprobs", bool, False)
+            top = field_(body, "top_logprobs", int, 0, lo=0, hi=20)
+            if top and not want:
+                raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        else:
+            top = field_(body, "logprobs", int, None, lo=0, hi=5)
+            want = top is not None
+            if field_(body, "echo", bool, False) or field_(body, "suffix", str):
+                raise bad("'echo' and 'suffix' are not supported", "echo")
+        stream = field_(body, "stream", bool, False)
+        stream_options = field_(body, "stream_options", dict, {})
+        include_usage = field_(stream_options, "include_usage", bool, False)
+        budget = field_(body, "thinking_budget_tokens", int, lo=0)
+        effort = field_(body, "reasoning_effort", str, choices=tuple(EFFORT))
+        if effort is not None:
+            budget = EFFORT[effort] if budget is None else min(budget, EFFORT[effort])
+        deadline_ms = field_(body, "thinking_deadline_ms", float, lo=0.0)
+        thinking = llm.think[1] is not None
+        if thinking and (budget is not None or deadline_ms is not None):
+            room_for_answer = min(limit, len(self.close_ids) + max(ANSWER_ROOM, limit // 4))
+            budget = min(limit - room_for_answer, budget if budget is not None else limit)
+        sampling = [llm.sampling(temperature, max(top_p, 1e-9) if top_p is not None else None, top_k,
+                                 seed if seed is None or i == 0 else [seed, i]) for i in range(n)]
+        return dict(limit=limit, sampling=sampling, n=n, stops=stops, logprobs=top if want else None,
+                    stream=stream, include_usage=include_usage, budget=budget if thinking else None,
+                    deadline_ms=deadline_ms if thinking else None)
+
+    # -- generation ------------------------------------------------------------------------------
+    async def _generate(self, request: Request, chat: bool):
+        self._ready()
+        body = await self._json(request)
+        self._check_model(body)
+        ids = await asyncio.to_thread(self._prompt, body, chat)     # a long text must not stall the streams
+        o = self._options(body, chat, len(ids))
+        llm = self.llm
+        loop = asyncio.get_running_loop()
+        work = Work(loop, ids, [], o["logprobs"])
+        if chat and llm.engine.recurrent:       # where the next turn will depart from this prompt
+            kwargs = body.get("chat_template_kwargs") or {}
+            work.marks = await asyncio.to_thread(llm.turn_boundary, self._messages(body), ids, **kwargs)
+        deadline = None if o["deadline_ms"] is None else work.arrived + o["deadline_ms"] / 1000
+        work.decodings = [Decoding(ids, o["limit"], s, stop_ids=llm.eos_ids, think=llm.think, think_budget=o["budget"],
+                                   close_think_ids=self.close_ids, deadline=deadline) for s in o["sampling"]]
+        if o["budget"] == 0:
+            for dec in work.decodings:      # no thinking at all: </think> before the first token
+                dec.close_thinking()
+        self.scheduler.submit(work)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        texts = [ChoiceText(llm.tokenizer, llm.think if chat else (), chat, o["stops"]) for _ in range(o["n"])]
+        state = {"finish": [None] * o["n"], "cached": 0, "first": None}
+        watcher = asyncio.ensure_future(self._watch_disconnect(request, work))
+        meta = dict(id=rid, created=int(time.time()), model=self.model_id, prompt_tokens=len(ids), chat=chat,
+                    include_usage=o["include_usage"], logprobs=o["logprobs"])
+        self.inflight += 1
+        events = self._events(work, texts, state)
+        if o["stream"]:
+            return StreamingResponse(self._sse(events, work, texts, state, meta, watcher), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            async for _ in events:
+                pass
+        finally:
+            self._end(work, watcher)
+        if work.cancelled and None in state["finish"]:
+            return Response(status_code=499)
+        return JSONResponse(self._body(texts, state, meta))
+
+    def _end(self, work, watcher=None):
+        if not work.finished:
+            work.finished = work.cancelled = True      # the scheduler frees any slot still held
+            self.scheduler.wake()
+            self.inflight -= 1
+        if watcher is not None:
+            watcher.cancel()
+
+    async def _watch_disconnect(self, request, work):
+        """The client went away: end the request (even a stream whose body never started)."""
+        try:
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    break
+        except Exception:
+            pass
+        self._end(work)
+
+    async def _events(self, work: Work, texts: list[ChoiceText], state: dict):
+        """Yield (choice, reasoning delta, content delta, finish_reason or None, logprob entries), or None as a ping."""
+        end = work.arrived + self.timeout
+        while None in state["finish"]:
+            if work.cancelled:
+                return
+            try:
+                event = await asyncio.wait_for(work.events.get(), min(self.ping_seconds, max(end - time.monotonic(), 0.01)))
+            except asyncio.TimeoutError:
+                if time.monotonic() >= end:        # the server's time limit: end every open choice
+                    work.cancelled = True
+                    self.scheduler.wake()
+                    for i, t in enumerate(texts):
+                        if state["finish"][i] is None:
+                            r, c = t.finish()
+                            state["finish"][i] = "length"
+                            yield i, r, c, "length", []
+                    return
+                yield None
+                continue
+            kind, i = event[0], event[1] if len(event) > 1 else None
+            if kind == "error":
+                raise APIError(500, f"generation failed: {event[1]}", "server_error")
+            if kind == "open":
+                state["cached"] = state["cached"] or event[2]
+                continue
+            if state["finish"][i] is not None:
+                continue
+            t = texts[i]
+            if kind == "token":
+                if state["first"] is None:
+                    state["first"] = time.monotonic() - work.arrived
+                    self.ttft[0] += state["first"]
+                    self.ttft[1] += 1
+                step, lp = event[2], event[3]
+                before = len(t.logprobs)
+                r, c = t.push(step, lp)
+                entries = t.logprobs[before:] if lp is not None else []
+                if t.stopped:
+                    work.ended.add(i)
+                    self.scheduler.wake()
+                    state["finish"][i] = "stop"
+                    yield i, r, c, "stop", entries
+                elif r or c or entries:
+                    yield i, r, c, None, entries
+            elif kind == "done":
+                r, c = t.finish()
+                state["finish"][i] = "stop" if event[2] == "eos" or t.stopped else "length"
+                yield i, r, c, state["finish"][i], []
+
+    def _usage(self, texts, state, meta) -> dict:
+        completion = sum(t.tokens for t in texts)
+        return {"prompt_tokens": meta["prompt_tokens"], "completion_tokens": completion,
+                "total_tokens": meta["prompt_tokens"] + completion,
+                "prompt_tokens_details": {"cached_tokens": state["cached"]},
+                "completion_tokens_details": {"reasoning_tokens": sum(t.reasoning_tokens for t in texts)}}
+
+    def _body(self, texts, state, meta) -> dict:
+        tok, top = self.llm.tokenizer, meta["logprobs"]
+        choices = []
+        for i, t in enumerate(texts):
+            reasoning, content = "".join(t.reasoning), "".join(t.content)
+            lp = _tokens_json(tok, t.logprobs, top or 0, meta["chat"]) if top is not None else None
+            if meta["chat"]:
+                message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": state["finish"][i]})
+            else:
+                choices.append({"index": i, "text": content, "logprobs": lp, "finish_reason": state["finish"][i]})
+        return {"id": meta["id"], "object": "chat.completion" if meta["chat"] else "text_completion",
+                "created": meta["created"], "model": meta["model"], "system_fingerprint": "edgert",
+                "choices": choices, "usage": self._usage(texts, state, meta)}
+
+    async def _sse(self, events, work, texts, state, meta, watcher):
+        """OpenAI's stream: the role, deltas, a finish chunk per choice, [usage], [DONE]; comment pings."""
+        chat = meta["chat"]
+        head = {"id": meta["id"], "object": "chat.completion.chunk" if chat else "text_completion", "created": meta["created"],
+                "model": meta["model"], "system_fingerprint": "edgert"}
+        extra = {"usage": None} if meta["include_usage"] else {}
+        top = meta["logprobs"]
+        tok = self.llm.tokenizer
+
+        def chunk(choices):
+            return "data: " + json.dumps({**head, "choices": choices, **extra}, ensure_ascii=False) + "\n\n"
+        try:
+            if chat:
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(len(texts))])
+            try:
+                async for ev in events:
+                    if ev is None:
+                        yield ": ping\n\n"
+                        continue
+                    i, r, c, finish, entries = ev
+                    lp = _tokens_json(tok, entries, top or 0, chat) if top is not None and entries else None
+                    if chat:
+                        if r or c or lp:
+                            delta = {"reasoning_content": r} if r else {}
+                            if c or not r:
+                                delta["content"] = c
+                            yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}])
+                        if finish:
+                            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}])
+                    elif c or lp or finish:
+                        yield chunk([{"index": i, "text": c, "logprobs": lp, "finish_reason": finish}])
+            except APIError as e:
+                yield "data: " + json.dumps({"error": {"message": e.message, "type": e.type, "param": e.param,
+                                                       "code": e.code}}) + "\n\n"
+            else:
+                if work.cancelled and None in state["finish"]:
+                    return
+                if meta["include_usage"]:
+                    yield "data: " + json.dumps({**head, "choices": [], "usage": self._usage(texts, state, meta)}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self._end(work, watcher)
+
+    # -- the app ---------------------------------------------------------------------------------
+    def _app(self) -> Starlette:
+        s = self
+
+        async def chat(request):
+            return await s._generate(request, chat=True)
+
+        async def completions(request):
+            return await s._generate(request, chat=False)
+
+        async def models(request):
+            s._ready()
+            return JSONResponse({"object": "list", "data": [{
+                "id": s.model_id, "object": "model", "created": s.created, "owned_by": "edgert",
+                "context_length": s.llm.context, "max_context_length": s.llm.manifest["context_length"],
+                "parallel": s.scheduler.engine.slots}]})
+
+        async def health(request):
+            if s.llm is None:
+                return JSONResponse({"status": "error" if s.load_error else "loading",
+                                     **({"error": s.load_error} if s.load_error else {})}, 503)
+            return JSONResponse({"status": "ok", "slots_busy": len(s.scheduler.active),
+                                 "slots": s.scheduler.engine.slots, "queue": len(s.scheduler.waiting)})
+
+        async def metrics(request):
+            return PlainTextResponse(s.metrics(), media_type="text/plain; version=0.0.4")
+
+        async def tokenize(request):
+            s._ready()
+            body = await s._json(request)
+            if "messages" in body:
+                ids = await asyncio.to_thread(s._prompt, {"messages": body["messages"],
+                                                          "chat_template_kwargs": body.get("chat_template_kwargs")},
+                                            True, False)
+            else:
+                content = field_(body, "content", str)
+                if content is None:
+                    raise bad("give 'content' (a string) or 'messages'", "content")
+                special = field_(body, "add_special", bool, False)
+                ids = await asyncio.to_thread(s._encode, content, special, "content")
+            return JSONResponse({"tokens": ids, "count": len(ids)})
+
+        async def detokenize(request):
+            s._ready()
+            body = await s._json(request)
+            ids = body.get("tokens")
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                    and 0 <= t < s.llm.model.vocab for t in ids):
+                raise bad(f"'tokens' must be an array of token ids between 0 and {s.llm.model.vocab - 1}", "tokens")
+            return JSONResponse({"content": await asyncio.to_thread(s.llm.tokenizer.decode, ids)})
+
+        async def page(request):
+            return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={
+                "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                           "connect-src 'self'; img-src data:", "X-Frame-Options": "DENY"})
+
+        async def api_error(request, exc):
+            return exc.response()
+
+        async def http_error(request, exc):
+            kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+            msg = f"{request.method} {request.url.path}: " + ("no such endpoint" if exc.status_code == 404 else exc.detail)
+            return APIError(exc.status_code, msg, kind, code=str(exc.status_code)).response()
+
+        async def server_error(request, exc):
+            return APIError(500, f"internal error: {type(exc).__name__}: {exc}"[:300], "server_error").response()
+
+        routes = [Route("/", page), Route("/health", health), Route("/metrics", metrics),
+                  Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"]),
+                  Route("/v1/completions", completions, methods=["POST"]),
+                  Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"])]
+        app = Starlette(routes=routes, exception_handlers={APIError: api_error, HTTPException: http_error,
+                                                           Exception: server_error})
+        if self.cors_origins:
+            from starlette.middleware.cors import CORSMiddleware
+            app.add_middleware(CORSMiddleware, allow_origins=self.cors_origins, allow_methods=["GET", "POST"],
+                               allow_headers=["Authorization", "Content-Type"])
+        return _Guard(app, self)
+
+    def metrics(self) -> str:
+        lines = []
+
+        def metric(name, kind, help_, samples):
+            lines.append(f"# HELP edgert_{name} {help_}")
+            lines.append(f"# TYPE edgert_{name} {kind}")
+            for labels, value in samples:
+                lines.append(f"edgert_{name}{labels} {value}")
+        metric("requests_total", "counter", "HTTP requests answered, by endpoint and status.",
+               [(f'{{endpoint="{e}",status="{c}"}}', n) for (e, c), n in sorted(self.counts.items())])
+        sch = self.scheduler
+        st = sch.stats if sch else collections.Counter()
+        metric("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", [("", st["prompt_tokens"])])
+        metric("prompt_tokens_cached_total", "counter", "Prompt tokens reused from the KV cache.", [("", st["cached_tokens"])])
+        metric("generated_tokens_total", "counter", "Tokens generated.", [("", st["generated_tokens"])])
+        metric("decode_tokens_per_second", "gauge", "Decoded tokens per second over the last 10 s.",
+               [("", round(sch.tokens_per_second(), 3) if sch else 0)])
+        metric("queue_depth", "gauge", "Requests waiting for a slot.", [("", len(sch.waiting) if sch else 0)])
+        metric("slots_busy", "gauge", "Slots decoding or prefilling.", [("", len(sch.active) if sch else 0)])
+        metric("slots", "gauge", "Slots (--parallel).", [("", sch.engine.slots if sch else self.parallel)])
+        metric("requests_in_flight", "gauge", "Generation requests not finished.", [("", self.inflight)])
+        metric("time_to_first_token_seconds", "summary", "From arrival to the first generated token.",
+               [("_sum", round(self.ttft[0], 6)), ("_count", self.ttft[1])])
+        metric("model_loaded", "gauge", "1 once the model is loaded.", [("", int(self.llm is not None))])
+        return "\n".join(lines) + "\n"
+
+
+
+
+class _Guard:
+    """ASGI middleware: Host check on loopback (DNS rebinding), the API key, request counts."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        s = self.server
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]
+        status = [0]
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            if s.loopback and _host_name(headers.get("host", "")) not in LOOPBACK_HOSTS:
+                raise APIError(403, "this server only answers requests addressed to localhost (Host header check)",
+                               "permission_error", code="host_not_allowed")
+            if s.api_key and path not in ("/", "/health") and scope["method"] != "OPTIONS":
+                auth = headers.get("authorization", "")
+                given = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")
+                if not hmac.compare_digest(given.encode(), s.api_key.encode()):
+                    raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                   "authentication_error", code="invalid_api_key")
+        except APIError as e:
+            await e.response()(scope, receive, counted)
+        else:
+            try:
+                await self.app(scope, receive, counted)
+            except ClientDisconnect:  # the client left mid-body or mid-stream: nothing to answer
+                pass
+            except Exception as e:    # a bug: the client got a 500 in OpenAI's shape; the log gets one line
+                print(f"edgert: internal error on {scope['method']} {path}: {type(e).__name__}: {e}"[:500],
+                      file=sys.stderr, flush=True)
+        finally:
+            endpoint = path if path in ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions",
+                                        "/v1/completions", "/tokenize", "/detokenize") else "other"
+            s.counts[(endpoint, status[0] or 499)] += 1
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(artifact, host="127.0.0.1", port=8080, api_key=None, parallel=1, context=None, threads=None,
+          max_memory=None, cors_origins=(), max_queue=None, timeout=600.0) -> int:
+    """Run the server until interrupted; returns the exit code."""
+    import socket
+    import uvicorn
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        print(f"edgert: error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    port = sock.getsockname()[1]
+    server = Server(artifact, context=context, threads=threads, parallel=parallel, max_memory=max_memory,
+                    api_key=api_key, host=host, cors_origins=cors_origins, max_queue=max_queue, timeout=timeout)
+    config = uvicorn.Config(server.app, host=host, port=port, http=_protocol(), log_level="warning", access_log=False,
+                            lifespan="off", server_header=False, timeout_keep_alive=5,
+                            limit_concurrency=64 + 16 * parallel, h11_max_incomplete_event_size=64 * 1024)
+    http = uvicorn.Server(config)
+    failed = []
+
+    def load():
+        t0 = time.time()
+        try:
+            server.load()
+        except Exception:
+            failed.append(1)
+            print(f"edgert: error: {server.load_error}", file=sys.stderr, flush=True)
+            http.should_exit = True
+            return
+        print(f"edgert: serving {server.model_id} on http://{_url_host(host)}:{port} (loaded in {time.time() - t0:.1f} s, "
+              f"{server.scheduler.engine.slots} slot(s), context {server.llm.context})", file=sys.stderr, flush=True)
+
+    if not _is_loopback(host) and not api_key:
+        print(f"edgert: warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr, flush=True)
+    threading.Thread(target=load, name="edgert-load", daemon=True).start()
+    try:
+        http.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    if server.scheduler:
+        server.scheduler.close()
+    if failed:
+        return 1
+    return 0 if http.started or not failed else 1
+
+
+def _protocol():
+    """uvicorn's h11 protocol, plus a deadline for a new connection's first headers: idle or
+    trickling connections would otherwise hold their place in the connection limit forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.loop.call_later(HEADER_SECONDS, self._drop_if_silent)
+
+        def _drop_if_silent(self):
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+    return Protocol
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

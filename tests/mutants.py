@@ -1,0 +1,237 @@
+"""Plant one-line bugs and check that the tests named after them fail: a test that cannot fail is a defect.
+
+    python tests/mutants.py [--list] [--only NAME[,NAME]] [--no-baseline] [--keep]
+
+The repository's files (tracked and new, as they are in the working tree) are copied to a temporary
+folder; each mutant replaces one exact piece of text in one file there, runs `pytest -x` on the
+tests that guard it (imports resolve to the copy), and puts the text back. First, unless
+--no-baseline, every selection runs once unmutated and must pass. Exit status 0 only when every
+mutant was caught and every original text was found exactly once. Not part of the default
+`pytest` run (it runs parts of the suite ~40 times: ~8 minutes on a quiet 2-core box, 16 loaded).
+
+Mutants marked `rekey` sit on lines the runtime-loop rewrite (edgert/model.py, edgert/generate.py)
+may change: when their text is no longer found, point them at the equivalent new line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mutant:
+    name: str
+    path: str
+    original: str
+    replacement: str
+    tests: tuple[str, ...]          # pytest arguments: files, node ids, -k expressions
+    rekey: bool = False             # on a line of the runtime loop being rewritten
+
+
+MUTANTS = [
+    # the issue's three planted bugs
+    Mutant("sampling ignores the temperature", "edgert/generate.py",
+           "z = logits.astype(np.float64) / self.temperature", "z = logits.astype(np.float64)",
+           ("tests/test_sampling.py",)),
+    Mutant("two int4 experts swapped in the last MoE layer", "export/moe.py",
+           "out = moe_block(g, x, self.ckpt.get(pre + self.router_name), self.experts(i),",
+           "out = moe_block(g, x, self.ckpt.get(pre + self.router_name), (lambda l: l[1::-1] + l[2:])(list(self.experts(i)))"
+           " if self.recipe.bits == 4 and i == self.n_layers - 1 else self.experts(i),",
+           ("tests/test_fixtures.py", "-k", "kl_against and qwen3moe-4")),
+    Mutant("split int8 lm_head disabled", "export/decoder.py",
+           "split_head_min_vocab = 16384", "split_head_min_vocab = 1 << 30",
+           ("tests/test_split_head.py",)),
+    # one or more per module
+    Mutant("tokenizer: stale BPE merges applied", "edgert/tokenizer.py",
+           "if not alive[i] or j < 0 or merges.get((syms[i], syms[j]), (0, -1))[1] != new:",
+           "if not alive[i] or j < 0:",
+           ("tests/test_tokenizer.py",)),
+    Mutant("chat template: no trim_blocks", "edgert/chat.py",
+           "ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,",
+           "ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=True,",
+           ("tests/test_chat.py",)),
+    Mutant("rope: llama3 scaling divides the wrong band", "export/decoder.py",
+           "scaled = np.where(wavelen > old / lo_f, inv / factor, inv)",
+           "scaled = np.where(wavelen > old / hi_f, inv / factor, inv)",
+           ("tests/test_export_dense.py", "-k", "fp32_logits")),
+    Mutant("rope: frequencies off by one", "export/decoder.py",
+           "inv = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)",
+           "inv = 1.0 / base ** (np.arange(1, dim + 1, 2, dtype=np.float64) / dim)",
+           ("tests/test_export_dense.py", "-k", "fp32_logits")),
+    Mutant("routing: softmax top-k renormalised when the config says not to", "export/moe.py",
+           "if r.simple and r.renormalize:   # softmax over all", "if r.simple:   # softmax over all",
+           ("tests/test_export_moe.py", "-k", "fp32")),
+    Mutant("quantization: GPTQ calibration silently dropped", "export/quantize.py",
+           "return quantize(w, bits, block_size, stats=stats)", "return quantize(w, bits, block_size)",
+           ("tests/test_quality.py", "-k", "int8_and_int4")),
+    Mutant("quantization: int4 nibbles packed high first", "export/quantize.py",
+           "return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)",
+           "return (q[..., 1::2] | (q[..., 0::2] << 4)).astype(np.uint8)",
+           ("tests/test_fixtures.py", "-k", "kl_against and 4")),
+    Mutant("KV cache: past keys and values swapped (graph)", "export/graph.py",
+           "ins = [q, k, v, past_k, past_v, io.seqlens_k,", "ins = [q, k, v, past_v, past_k, io.seqlens_k,",
+           ("tests/test_export_dense.py", "-k", "fp32_logits")),
+    Mutant("KV cache: the newest cached row not attended", "edgert/model.py",
+           'io.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))',
+           'io.bind_cpu_input("seqlens_k", (total - 2).astype(np.int32))',
+           ("tests/test_export_dense.py", "-k", "fp32_logits")),
+    Mutant("sampler: top-p drops the token that reaches the mass", "edgert/generate.py",
+           "return order[np.cumsum(p[order]) - p[order] < self.top_p]", "return order[np.cumsum(p[order]) < self.top_p]",
+           ("tests/test_sampling.py",)),
+    Mutant("sampler: top-k keeps one token too few", "edgert/generate.py",
+           "z = np.where(z < cut, -np.inf, z)", "z = np.where(z <= cut, -np.inf, z)",
+           ("tests/test_sampling.py",)),
+    Mutant("sampling defaults: generation_config temperature ignored", "edgert/llm.py",
+           'temperature = gen.get("temperature", 1.0) if gen.get("do_sample") else 0.0',
+           'temperature = 1.0 if gen.get("do_sample") else 0.0',
+           ("tests/test_sampling.py", "-k", "generation_config")),
+    Mutant("think budget one token late", "edgert/generate.py",
+           "if self.think_budget is not None and self.spent >= self.think_budget:",
+           "if self.think_budget is not None and self.spent > self.think_budget:",
+           ("tests/test_cli_flags.py", "-k", "think_budget")),
+    Mutant("chunked prefill skips the first token of later chunks", "edgert/engine.py",
+           "chunk = toks[i : i + PREFILL_CHUNK]", "chunk = toks[i + (i > 0) : i + PREFILL_CHUNK]",
+           ("tests/test_cli_flags.py", "-k", "long_prompt")),
+    # the batch engine
+    Mutant("engine: every row of a batched step gets the first row's length", "edgert/engine.py",
+           "lengths[r] = len(held)", "lengths[r] = len(self._held[first])",
+           ("tests/test_engine.py", "-k", "batch_equals_each_alone_dense")),
+    Mutant("engine: a copied prefix loses its last row", "edgert/engine.py",
+           "buf[slot, :, :n] = buf[source, :, :n]", "buf[slot, :, :n - 1] = buf[source, :, :n - 1]",
+           ("tests/test_engine.py", "-k", "prefix_reuse")),
+    Mutant("speculation keeps the first rejected draft token in the cache", "edgert/generate.py",
+           "engine.rewind(seq, seq.pos - len(draft) + kept)", "engine.rewind(seq, seq.pos - len(draft) + kept + 1)",
+           ("tests/test_engine.py", "-k", "speculation_gives_plain_greedy")),
+    Mutant("votes: the least common answer wins", "edgert/votes.py",
+           "key = max(groups, key=lambda k: (len(groups[k]), sum(v[\"logprob\"] for v in groups[k])))",
+           "key = min(groups, key=lambda k: (len(groups[k]), sum(v[\"logprob\"] for v in groups[k])))",
+           ("tests/test_engine.py", "-k", "votes")),
+    Mutant("fp16 KV cache: the attention output not cast back", "export/graph.py",
+           'out = g.op("Cast", [out], name + ".out32", to=TensorProto.FLOAT)', "pass",
+           ("tests/test_kv_cache.py", "-k", "transformers")),
+    Mutant("CLI: --top-k not passed on", "edgert/cli.py",
+           "top_p=top_p, top_k=top_k,", "top_p=top_p, top_k=None,",
+           ("tests/test_cli_flags.py", "-k", "top_k")),
+    Mutant("CLI: --system dropped", "edgert/cli.py",
+           "ids = llm.encode(prompt, raw=raw, system=system)", "ids = llm.encode(prompt, raw=raw)",
+           ("tests/test_cli_flags.py", "-k", "system")),
+    Mutant("synthetic: planes densified (the bench --synthetic crash)", "export/graph.py",
+           'if hasattr(table, "planes"):', "if False:",
+           ("tests/test_synthetic_shapes.py", "-k", "every_shape")),
+    # hybrid recurrent models (tests/test_hybrid.py)
+    Mutant("hybrid: the recurrent state never advances", "edgert/model.py",
+           "self.state, self._state_next = self._state_next, self.state", "pass",
+           ("tests/test_hybrid.py", "-k", "carried and lfm2")),
+    Mutant("hybrid: an idle batch row's state overwritten", "edgert/model.py",
+           "if first == 0 and rows == self.slots and (stepped is None or len(stepped) == rows):",
+           "if True:",
+           ("tests/test_hybrid.py", "-k", "batch and lfm2")),
+    Mutant("hybrid: prefix reused without a kept state", "edgert/engine.py",
+           "return max([p for p in [*self._snaps[slot], held] if p <= n] + [0])", "return n",
+           ("tests/test_hybrid.py", "-k", "prefix_reuse and lfm2")),
+    Mutant("hybrid: the short convolution's kernel reversed", "export/graph.py",
+           'np.ascontiguousarray(weight[:, j], np.float32))', 'np.ascontiguousarray(weight[:, k - 1 - j], np.float32))',
+           ("tests/test_hybrid.py", "-k", "fp32 and lfm2-7")),
+    Mutant("hybrid: the delta-rule chunk decay off by a token", "export/graph.py",
+           'k_dec = g.op("Mul", [kc, col(g.op("Exp", [g.op("Sub", [cum_last, cum], name + ".to_end")]',
+           'k_dec = g.op("Mul", [kc, col(g.op("Exp", [g.op("Sub", [cum_last, g.op("Sub", [cum, gc], name + ".off")], name + ".to_end")]',
+           ("tests/test_hybrid.py", "-k", "fp32 and qwen3_5-300")),
+]
+
+
+def copy_repo(dst: Path) -> None:
+    """The working tree's tracked and new (not ignored) files, and edgert_export -> export as installed."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        src = ROOT / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    (dst / "edgert_export").symlink_to("export", target_is_directory=True)
+
+
+def pytest(repo: Path, args, timeout: float) -> tuple[str, float, str]:
+    """('pass' | 'fail' | 'timeout', seconds, last lines)."""
+    env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("EDGERT_ORT_PYTHON", None)
+    t = time.time()
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args], cwd=repo,
+                           env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.time() - t, ""
+    tail = [line for line in r.stdout.strip().splitlines() if line.strip()][-1:]
+    return ("pass" if r.returncode == 0 else "fail"), time.time() - t, " ".join(tail)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--only", help="comma-separated substrings of mutant names")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each selection")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (a hang counts as caught)")
+    a = ap.parse_args()
+    mutants = [m for m in MUTANTS if not a.only or any(s.strip() in m.name for s in a.only.split(","))]
+    if a.list:
+        for m in mutants:
+            print(f"{m.name}  [{m.path}{', rekey' if m.rekey else ''}]  -> pytest {' '.join(m.tests)}")
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix="edgert-mutants-"))
+    repo = tmp / "repo"
+    repo.mkdir()
+    copy_repo(repo)
+    probe = subprocess.run([sys.executable, "-c", "import edgert, edgert_export; print(edgert.__file__, edgert_export.__file__)"],
+                           cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True)
+    if probe.returncode or str(ROOT) in probe.stdout or str(repo) not in probe.stdout:
+        print(f"the copy's packages are not the ones imported: {probe.stdout.strip()} {probe.stderr.strip()}")
+        return 2
+    bad = 0
+    try:
+        if not a.no_baseline:
+            for args in dict.fromkeys(m.tests for m in mutants):
+                status, secs, tail = pytest(repo, args, a.timeout)
+                print(f"baseline  {status:7} {secs:6.1f}s  pytest {' '.join(args)}  {tail}", flush=True)
+                if status != "pass":
+                    print("the unmutated selection must pass first")
+                    return 2
+        results = []
+        for m in mutants:
+            path = repo / m.path
+            text = path.read_text()
+            count = text.count(m.original)
+            if count != 1:
+                status, secs, tail = ("not found" if count == 0 else f"found {count}x"), 0.0, "re-key this mutant"
+            else:
+                path.write_text(text.replace(m.original, m.replacement))
+                try:
+                    status, secs, tail = pytest(repo, m.tests, a.timeout)
+                finally:
+                    path.write_text(text)
+                status = {"fail": "caught", "timeout": "caught (timeout)", "pass": "MISSED"}[status]
+            ok = status.startswith("caught")
+            bad += not ok
+            results.append((m, status))
+            print(f"{status:16} {secs:6.1f}s  {m.name}  [{m.path}{', rekey' if m.rekey else ''}]  {tail}", flush=True)
+        caught = sum(s.startswith("caught") for _, s in results)
+        print(f"\n{caught}/{len(results)} mutants caught" + (f"; {bad} not caught or not found" if bad else ""))
+    finally:
+        if a.keep:
+            print(f"copy kept in {repo}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""`Sampling` against closed-form expectations: seeded draws follow softmax(z / T) (total variation
+bound, and far from softmax(z) when T != 1), top-k and top-p never return an excluded id and keep
+the renormalised probabilities of the ids they keep; generation_config's sampling defaults reach
+the sampler through LLM.sampling and change what generate() produces."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_checkpoint
+from edgert.generate import Sampling
+
+DRAWS = 20000
+# with 20k draws over <= 8 outcomes the empirical total variation is ~0.01 (3 sigma < 0.02);
+# softmax(z/T) at T = 0.5 or 2 lies >= 0.1 from softmax(z) for the logits below
+TV_BOUND = 0.02
+
+
+def softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def empirical(sampler, logits, n=DRAWS) -> np.ndarray:
+    return np.bincount([sampler(logits) for _ in range(n)], minlength=logits.size) / n
+
+
+def tv(p, q) -> float:
+    return 0.5 * float(np.abs(p - q).sum())
+
+
+LOGITS = np.array([2.0, 1.2, 0.5, 0.0, -0.7, -1.5])
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_follows_softmax_over_t(temperature):
+    got = empirical(Sampling(temperature, seed=11), LOGITS)
+    want = softmax(LOGITS / temperature)
+    assert tv(got, want) < TV_BOUND, (got, want)
+    if temperature != 1.0:
+        assert tv(softmax(LOGITS), want) > 5 * TV_BOUND          # the check tells the temperatures apart
+        assert tv(got, softmax(LOGITS)) > 4 * TV_BOUND
+
+
+def test_greedy_and_seeds():
+    assert Sampling(0.0)(LOGITS) == 0 and Sampling(0.0)(LOGITS[::-1].copy()) == LOGITS.size - 1
+    a, b, c = Sampling(1.0, seed=7), Sampling(1.0, seed=7), Sampling(1.0, seed=8)
+    ra, rb, rc = ([s(LOGITS) for _ in range(200)] for s in (a, b, c))
+    assert ra == rb and ra != rc
+
+
+@pytest.mark.parametrize("top_k,temperature", [(1, 1.0), (2, 1.0), (3, 0.7), (4, 2.0)])
+def test_top_k_keeps_the_k_best_with_their_renormalised_probabilities(top_k, temperature):
+    logits = LOGITS[[3, 0, 5, 1, 4, 2]]                      # the best ids are not the first ones
+    keep = np.argsort(-logits)[:top_k]
+    got = empirical(Sampling(temperature, top_k=top_k, seed=3), logits)
+    assert set(np.flatnonzero(got)) <= set(keep)
+    want = np.zeros_like(logits)
+    want[keep] = softmax(logits[keep] / temperature)
+    assert tv(got, want) < TV_BOUND
+
+
+def _nucleus(p, top_p) -> np.ndarray:
+    """The smallest most-likely set whose mass reaches top_p, written out one id at a time."""
+    order, kept, mass = np.argsort(-p, kind="stable"), [], 0.0
+    for i in order:
+        kept.append(int(i))
+        mass += p[i]
+        if mass >= top_p:
+            break
+    return np.array(kept)
+
+
+@pytest.mark.parametrize("vocab,spread", [(6, None), (2000, 4.0), (2000, 0.3)])
+@pytest.mark.parametrize("top_p", [0.5, 0.8, 0.95])
+def test_top_p_never_leaves_the_nucleus(vocab, spread, top_p):
+    """vocab 2000 exercises both of _nucleus's paths: a peaked distribution (the 512 best hold
+    top_p: partial sort) and a flat one (full sort)."""
+    rng = np.random.default_rng(vocab + int(100 * top_p))
+    logits = LOGITS if spread is None else rng.normal(0, spread, vocab)
+    temperature = 0.8
+    p = softmax(logits / temperature)
+    keep = _nucleus(p, top_p)
+    n = 4000 if vocab > 6 else DRAWS
+    got = empirical(Sampling(temperature, top_p=top_p, seed=5), logits, n)
+    assert set(np.flatnonzero(got)) <= set(keep.tolist())
+    if keep.size <= 8:
+        want = np.zeros_like(p)
+        want[keep] = p[keep] / p[keep].sum()
+        assert tv(got, want) < TV_BOUND * (np.sqrt(DRAWS / n))
+
+
+def test_top_k_and_top_p_together():
+    s = Sampling(1.0, top_k=4, top_p=0.6, seed=0)
+    p4 = softmax(np.sort(LOGITS)[::-1][:4])
+    keep = _nucleus(p4, 0.6)                                  # the nucleus of the top-4 distribution
+    got = empirical(s, LOGITS, 5000)
+    assert set(np.flatnonzero(got)) == set(keep.tolist())
+
+
+@pytest.fixture(scope="module")
+def sampling_artifact(tmp_path_factory, exported):
+    """A tiny model whose generation_config asks for sampling, as Qwen3's and R1-Distill's do."""
+    src = make_checkpoint(tmp_path_factory.mktemp("gen") / "hf", "llama")
+    (src / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}))
+    return exported(src, 8)
+
+
+def test_generation_config_defaults_reach_the_sampler(sampling_artifact):
+    import edgert
+    from edgert.generate import generate
+    llm = edgert.load(sampling_artifact)
+    s = llm.sampling()
+    assert (s.temperature, s.top_p, s.top_k) == (0.6, 0.95, 20)
+    s = llm.sampling(temperature=0.0, top_k=5)                # explicit options win, the rest stay
+    assert (s.temperature, s.top_p, s.top_k) == (0.0, 0.95, 5)
+    ids = llm.encode("Once upon a time", raw=True)
+    # generate() with nothing set draws exactly what Sampling(0.6, 0.95, 20) draws with that seed
+    got = [t.id for t in llm.generate(ids, max_tokens=24, seed=3, ignore_eos=True)]
+    want = [st.id for st in generate(llm.model, ids, 24, Sampling(0.6, 0.95, 20, seed=3))]
+    assert got == want
+    greedy = [t.id for t in llm.generate(ids, max_tokens=24, temperature=0, ignore_eos=True)]
+    assert got != greedy                                      # the defaults did sample
+    hot = [t.id for t in llm.generate(ids, max_tokens=24, seed=3, temperature=1.5, top_k=0, top_p=1.0, ignore_eos=True)]
+    assert hot != got
+
+
+def test_no_sampling_defaults_means_greedy(exported, tmp_path):
+    import edgert
+    src = make_checkpoint(tmp_path / "hf", "llama")
+    llm = edgert.load(exported(src, 8))            # generation_config: do_sample false
+    s = llm.sampling()
+    assert (s.temperature, s.top_p, s.top_k) == (0.0, 1.0, 0)
