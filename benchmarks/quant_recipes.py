@@ -1,18 +1,25 @@
-"""int4 recipes side by side: perplexity over fp32 on held-out text, KL, top-1, size, export time.
+"""Quantization recipes on trained models: perplexity over fp32 on held-out text, KL, top-1, bytes.
 
-    python benchmarks/quant_recipes.py [MODEL_DIR ...] [--text FILE] [--recipes a,b] [--llamacpp] [--json OUT]
+    python benchmarks/quant_recipes.py [MODEL_DIR ...] [--recipes a,b] [--llamacpp] [--plot PNG] [--json OUT]
+    python benchmarks/quant_recipes.py --frontier          # the anchor table + benchmarks/frontier.png
 
-MODEL_DIR defaults to ../shared/models/stories260K (or the identical bundled copy). The text (default: benchmarks/data/
-heldout_stories.txt, original stories written for this, disjoint from the calibration text)
-is tokenized once with BOS at the start and cut into consecutive windows of W = 512 tokens
-(fewer when the model's context is shorter); every token but each window's first is scored
-given its window prefix; ppl = exp(mean NLL). The reference is transformers fp32; artifacts run
-through edgert.model.Model.forward(num_logits=all). KL(fp32 || artifact) and top-1 agreement
-are over the same positions. "linear bpw" counts the MatMulNBits tensors of the projections
-(codes + scales + zero points, padding included) per weight; "weight bpw" every stored tensor
-per parameter, without the artifact's 4 kB page alignment of each tensor (which dominates the
-file of a 260K-parameter model and is noise for real ones); "file kB" the files as written. --llamacpp adds llama.cpp Q4_0 / Q4_K_M / Q8_0 rows (benchmarks/peers.py
-converts; needs llama-cpp-python and the converter, see benchmarks/README.md).
+MODEL_DIR defaults to the bundled stories260K. What is scored (text the exporter never saw):
+  * story models: edgert/data/stories.txt (original children's stories, disjoint from the built-in
+    calibration text), tokenized once with BOS at the start and cut into consecutive windows of
+    512 tokens (fewer when the model's context is shorter); every token but a window's first is scored;
+  * the reasoning fixtures (a fixture.json with held-out ids): each of the 200 held-out problems
+    as its chat prompt + transformers fp32's greedy answer; the answer tokens are scored.
+The reference is transformers fp32; artifacts run through edgert.model.Model.forward(num_logits=all),
+GGUFs through llama-cpp-python (all logits of a window in one batch). ppl = exp(mean NLL);
+KL(fp32 || variant) and top-1 agreement over the same positions.
+
+Bytes: "matrix bpw" = every stored byte of the weight matrices (codes, scales, zero points; the
+embedding and lm_head included, a tied table once) per matrix weight, for edgert and GGUF alike
+(norms, biases and rotary tables left out); "linear bpw" the same over the projections only
+(attention, MLP, experts: what --bits-per-weight budgets); "file kB" the files as written.
+--llamacpp adds llama.cpp's Q4_0 / Q4_K_S / Q4_K_M / Q5_K_M / IQ4_XS / Q8_0 from an F32 GGUF
+(benchmarks/peers.py converts; needs llama-cpp-python, gguf and the converter, see
+benchmarks/README.md). --plot draws perplexity increase against matrix bytes per weight.
 """
 from __future__ import annotations
 
@@ -26,57 +33,71 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-# ../shared/models/stories260K, else the identical copy bundled for `edgert demo`
-DEFAULT_MODEL = next(p for p in (HERE.parents[1] / "shared" / "models" / "stories260K",
-                                 HERE.parent / "export" / "data" / "stories260K") if p.is_dir() or p.name == "stories260K"
-                     and p.parent.name == "data")
-DEFAULT_TEXT = HERE / "data" / "heldout_stories.txt"
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT / "fixtures")]
+DATA = ROOT / "export" / "data"
+DEFAULT_MODEL = DATA / "stories260K"
+ANCHOR = DATA / "anchor256"
+DEFAULT_TEXT = ROOT / "edgert" / "data" / "stories.txt"     # the one held-out story text (also `edgert eval`'s)
+USER_FILE = ROOT / "README.md"        # "a file the user has": prose, commands and code, not the model's text
 WINDOW = 512
+LLAMA_TYPES = ("Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_M", "IQ4_XS", "Q8_0")
 
 
-def _symmetric_rtn(w, bits, block_size, name=None):
-    from edgert_export.quantize import quantize
-    return quantize(w, bits, block_size, symmetric=bits == 4, shrink=(1.0,))
-
-
-class _Int8For:
-    """Mixed precision: linears whose name ends with one of `suffixes` at int8 (the MatMulNBits
-    node takes the tensor's own bits), the rest by the recipe."""
-
-    def __init__(self, recipe, suffixes):
-        self.recipe, self.suffixes = recipe, suffixes
-
-    def __call__(self, w, bits, block_size, name=None):
-        from edgert_export.quantize import quantize
-        if bits == 4 and name and name.endswith(self.suffixes):
-            return quantize(w, 8, block_size)
-        return self.recipe(w, bits, block_size, name)
-
-
-# name -> export() keyword arguments; "quantizer" replaces the recipe's quantizer (issue variants)
+# name -> export() keyword arguments
 CANDIDATES = {
     "fp32": dict(bits=32),
     "int8": dict(bits=8),
-    "rtn-sym-b32": dict(bits=4, recipe="rtn", quantizer=_symmetric_rtn),
     "rtn-b32": dict(bits=4, recipe="rtn"),
-    "rtn-b16": dict(bits=4, recipe="rtn", block_size=16),
     "search-b32": dict(bits=4, recipe="search"),
-    "search-b64": dict(bits=4, recipe="search", block_size=64),
-    "gptq-b32": dict(bits=4, recipe="gptq"),
-    "gptq-b64": dict(bits=4, recipe="gptq", block_size=64),
-    "gptq-b16": dict(bits=4, recipe="gptq", block_size=16),
-    "gptq-b32-down8": dict(bits=4, recipe="gptq", int8=(".down",)),
-    "gptq-b64-down8": dict(bits=4, recipe="gptq", block_size=64, int8=(".down",)),
-    "gptq-b32-down8-o8": dict(bits=4, recipe="gptq", int8=(".down", ".o_proj")),
-    "gptq-b16-down8": dict(bits=4, recipe="gptq", block_size=16, int8=(".down",)),
+    "default": dict(bits=4),
+    "gptq-b32-builtin": dict(bits=4, calib="built-in"),
+    "gptq-b32-self": dict(bits=4, calib="self"),
+    "gptq-b32-file": dict(bits=4, calib=USER_FILE),
+    "gptq-b64": dict(bits=4, block_size=64),
+    "gptq-b128": dict(bits=4, block_size=128),
+    "gptq-bpw4.3": dict(bits=4, bits_per_weight=4.3),
+    "gptq-bpw4.5": dict(bits=4, bits_per_weight=4.5),
+    "gptq-bpw4.75": dict(bits=4, bits_per_weight=4.75),
+    "gptq-bpw5.0": dict(bits=4, bits_per_weight=5.0),
 }
+CALIB_SET = ["gptq-b32-builtin", "gptq-b32-self", "gptq-b32-file"]
+FRONTIER_SET = ["fp32", "int8", "rtn-b32", "default", "gptq-b32-builtin", "gptq-b32-self", "gptq-b64", "gptq-b128",
+                "gptq-bpw4.3", "gptq-bpw4.5", "gptq-bpw4.75", "gptq-bpw5.0"]
+
+
+# ---- what is scored -------------------------------------------------------------------------
+
+def eval_windows(src: Path, text: str) -> list[tuple[list[int], int]]:
+    """(ids, first scored index) per window: held-out problems for the reasoning fixtures, else the text."""
+    from edgert.tokenizer import Tokenizer
+    fixture = src / "fixture.json"
+    record = json.loads(fixture.read_text()) if fixture.is_file() else {}
+    if "held_out_ids" in record:
+        import reasoning_task as task
+        from make_reasoning import prompt_ids
+        from tokenizers import Tokenizer as HFTokenizer
+        tok = HFTokenizer.from_file(str(src / "tokenizer.json"))
+        out = []
+        for p, answer in zip(task.held_out_problems(), record["held_out_ids"]):
+            prompt = prompt_ids(tok, p)
+            out.append((prompt + answer, len(prompt)))
+        return out
+    config = json.loads((src / "config.json").read_text())
+    window = min(WINDOW, config.get("max_position_embeddings", WINDOW))
+    ids = Tokenizer.from_dir(src).encode(text, add_special_tokens=True)
+    return [(ids[i:i + window], 1) for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1]
 
 
 def windows_of(src: Path, text: str, window: int) -> list[list[int]]:
+    """The text's windows (tests/test_quality.py)."""
     from edgert.tokenizer import Tokenizer
     ids = Tokenizer.from_dir(src).encode(text, add_special_tokens=True)
     return [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1]
+
+
+def _ids(w):
+    return w[0] if isinstance(w, tuple) else w
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -95,165 +116,240 @@ def reference_logprobs(src: Path, windows) -> list[np.ndarray]:
     import torch
     model = reference_model(src)
     with torch.no_grad():
-        return [log_softmax(model(torch.tensor([w])).logits[0, :-1].numpy()) for w in windows]
+        return [log_softmax(model(torch.tensor([_ids(w)])).logits[0, :-1].numpy()) for w in windows]
 
 
-def artifact_logprobs(art: Path, windows, window: int) -> list[np.ndarray]:
+def artifact_logprobs(art: Path, windows, window: int | None = None) -> list[np.ndarray]:
     from edgert.model import Model
-    model = Model(art, context=window)
+    model = Model(art, context=window or max(len(_ids(w)) for w in windows))
     out = []
     for w in windows:
         model.reset()
-        out.append(log_softmax(model.forward(w, num_logits=len(w))[:-1]))
+        out.append(log_softmax(model.forward(_ids(w), num_logits=len(_ids(w)))[:-1]))
     return out
 
 
 def score(windows, ref, got) -> dict:
-    """ppl of `got` on the text, KL(ref || got) and top-1 agreement over the scored positions."""
+    """ppl of `got`, KL(ref || got) and top-1 agreement over the scored positions."""
     nll, kl, agree = [], [], []
     for w, lp, lq in zip(windows, ref, got):
-        nxt = np.array(w[1:])
-        nll.append(-lq[np.arange(len(nxt)), nxt])
-        kl.append((np.exp(lp) * (lp - lq)).sum(-1))
-        agree.append(lp.argmax(-1) == lq.argmax(-1))
+        ids, first = (w if isinstance(w, tuple) else (w, 1))
+        rows = np.arange(first - 1, len(ids) - 1)
+        nxt = np.array(ids[first:])
+        nll.append(-lq[rows, nxt])
+        kl.append((np.exp(lp[rows]) * (lp[rows] - lq[rows])).sum(-1))
+        agree.append(lp[rows].argmax(-1) == lq[rows].argmax(-1))
     return {"ppl": float(np.exp(np.concatenate(nll).mean())), "kl": float(np.concatenate(kl).mean()),
             "top1": float(np.concatenate(agree).mean()), "tokens": int(sum(len(n) for n in nll))}
 
 
-def weight_bytes(art: Path) -> tuple[int, float | None]:
-    """(bytes of every initializer, without the data file's page alignment; bits per weight of the
-    MatMulNBits projections, lm_head excepted: codes + scales + zero points, padding included)."""
-    import onnx
-    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
-    sizes = {}
-    for t in m.graph.initializer:
-        ext = {e.key: e.value for e in t.external_data}
-        sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data) or t.ByteSize()
-    nbytes = weights = 0
-    for n in m.graph.node:
-        if n.op_type != "MatMulNBits" or n.name.startswith("n:lm_head"):
+# ---- bytes ----------------------------------------------------------------------------------
+
+def matrix_params(src: Path) -> tuple[int, int]:
+    """(weights of every matrix, of the projections only) in the checkpoint; a tied table once."""
+    model = reference_model(src)
+    seen, total, linear = set(), 0, 0
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or p.data_ptr() in seen:
             continue
-        a = {x.name: x.i for x in n.attribute}
-        nbytes += sum(sizes.get(i, 0) for i in n.input[1:4] if i)
-        weights += a["K"] * a["N"]
-    return sum(sizes.values()), (8 * nbytes / weights if weights else None)
+        seen.add(p.data_ptr())
+        total += p.numel()
+        if "embed" not in name and "lm_head" not in name and ".gate.weight" not in name:
+            linear += p.numel()
+    return total, linear
 
 
-def gguf_weight_bytes(path: Path) -> int:
+def edgert_bytes(art: Path) -> tuple[int, int]:
+    """(bytes of every weight matrix's stored tensors, of the projections' MatMulNBits tensors):
+    codes + scales + zero points; the tied table once; biases, norms and rotary tables left out."""
+    import onnx
+    graphs = json.loads((art / "edgert.json").read_text())["graphs"]
+    name = graphs.get("plain", graphs.get("default", next(iter(graphs.values()))))   # experts as MatMulNBits
+    m = onnx.load(str(art / name), load_external_data=False)
+    sizes, nodes, todo = {}, [], [m.graph]
+    while todo:                          # the graph and its If branches
+        g = todo.pop()
+        for t in g.initializer:
+            ext = {e.key: e.value for e in t.external_data}
+            sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data) or t.ByteSize()
+        for n in g.node:
+            nodes.append(n)
+            todo += [a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    every, linear = set(), set()
+    for n in nodes:
+        head = n.name.startswith(("n:lm_head", "n:embed"))
+        if n.op_type == "MatMulNBits":
+            names = [i for k, i in enumerate(n.input) if i and k in (1, 2, 3, 6)]
+        elif n.op_type in ("Gather", "MatMul") and n.input[0] in sizes and not n.input[0].startswith("rope"):
+            names = [n.input[0]]
+        elif n.op_type == "MatMul" and n.input[1] in sizes:
+            names = [n.input[1]]
+        else:
+            continue
+        names = [i for i in names if i in sizes]
+        every.update(names)
+        if not head and n.op_type in ("MatMulNBits", "MatMul"):
+            linear.update(names)
+    return sum(sizes[i] for i in every), sum(sizes[i] for i in linear)
+
+
+def gguf_bytes(path: Path) -> tuple[int, int, str]:
+    """(bytes of the GGUF's matrices, of its projections, their types by share of the weights)."""
+    from collections import Counter
     import gguf
-    return int(sum(t.n_bytes for t in gguf.GGUFReader(str(path)).tensors))
+    every = linear = 0
+    types = Counter()
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if len([d for d in t.shape if d > 1]) < 2:
+            continue
+        every += int(t.n_bytes)
+        types[t.tensor_type.name] += int(t.n_elements)
+        if not t.name.startswith(("token_embd", "output.")):
+            linear += int(t.n_bytes)
+    total = sum(types.values())
+    return every, linear, " ".join(f"{k} {v / total:.0%}" for k, v in types.most_common())
 
+
+# ---- variants -------------------------------------------------------------------------------
 
 def export_candidate(src: Path, out: Path, spec: dict) -> dict:
-    from edgert_export import artifact, export
-    spec = dict(spec)
-    custom, int8 = spec.pop("quantizer", None), spec.pop("int8", None)
-    saved = artifact.Quantizer
-    if custom:
-        artifact.Quantizer = lambda method, stats=None: custom
-    elif int8:
-        artifact.Quantizer = lambda method, stats=None: _Int8For(saved(method, stats), int8)
-    try:
-        t0 = time.time()
-        m = export(src, out, force=True, progress=False, **spec)
-        seconds = time.time() - t0
-    finally:
-        artifact.Quantizer = saved
-    wbytes, linear_bpw = weight_bytes(out)
-    return {"file_bytes": m["summary"]["bytes"], "weight_bytes": wbytes, "linear_bpw": linear_bpw, "export_s": seconds}
+    from edgert_export import export
+    t0 = time.time()
+    m = export(src, out, force=True, progress=False, **spec)
+    seconds = time.time() - t0
+    every, linear = edgert_bytes(out)
+    q = m["quantization"]
+    return {"file_bytes": m["summary"]["bytes"], "matrix_bytes": every, "linear_bytes": linear, "export_s": seconds,
+            "calibration": q.get("calibration"), "types": ""}
 
 
-def llamacpp_logprobs(gguf_runner, windows) -> list[np.ndarray]:
-    """Logits at every position of each window through llama.cpp's batch API."""
-    lc = gguf_runner.lc
-    out = []
-    for w in windows:
-        ctx = gguf_runner._context(len(w), 2)
-        batch = lc.llama_batch_init(len(w), 0, 1)
-        try:
-            batch.n_tokens = len(w)
-            for i, t in enumerate(w):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, i, 1
-                batch.seq_id[i][0], batch.logits[i] = 0, True
-            if lc.llama_decode(ctx, batch) != 0:
-                raise RuntimeError("llama_decode failed")
-            rows = [np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(gguf_runner.n_vocab,)).copy()
-                    for i in range(len(w) - 1)]
-        finally:
-            lc.llama_batch_free(batch)
-        out.append(log_softmax(np.stack(rows)))
-    return out
+def llamacpp_logprobs(gguf: Path, windows) -> list[np.ndarray]:
+    """Logits at every position of each window from llama-cpp-python (quality.py's scorer:
+    Llama(logits_all=True), n_ctx = n_batch = the longest window, one thread)."""
+    from quality import LlamaCppScorer
+    scorer = LlamaCppScorer(gguf, max(len(_ids(w)) for w in windows), 1)
+    return [log_softmax(scorer.logits(_ids(w))[:-1]) for w in windows]
 
 
 def run_model(src: Path, text: str, names: list[str], work: Path, llamacpp: bool) -> list[dict]:
-    config = json.loads((src / "config.json").read_text())
-    window = min(WINDOW, config.get("max_position_embeddings", WINDOW))
-    windows = windows_of(src, text, window)
+    windows = eval_windows(src, text)
     ref = reference_logprobs(src, windows)
     base = score(windows, ref, ref)["ppl"]
+    every_w, linear_w = matrix_params(src)
     rows = []
-    params = sum(int(np.prod(t.shape)) for t in reference_model(src).parameters())
     for name in names:
         out = work / name
         info = export_candidate(src, out, CANDIDATES[name])
-        rows.append({"model": src.name, "recipe": name, **info, **score(windows, ref, artifact_logprobs(out, windows, window))})
+        rows.append({"model": src.name, "recipe": name, **info, **score(windows, ref, artifact_logprobs(out, windows))})
+        print(f"  {src.name} {name}: {100 * (rows[-1]['ppl'] / base - 1):+.2f}%", file=sys.stderr, flush=True)
     if llamacpp:
-        from peers import prepare_llamacpp
-        for qtype in ("Q4_0", "Q4_K_M", "Q8_0"):
+        import peers
+        peers.LLAMA_QTYPES = tuple(dict.fromkeys(peers.LLAMA_QTYPES + LLAMA_TYPES))
+        for qtype in LLAMA_TYPES:
             try:
-                r = prepare_llamacpp(src, work / "llamacpp", qtype)
-                got = llamacpp_logprobs(r, windows)
+                r = peers.prepare_llamacpp(src, work / "llamacpp", qtype, outtype="f32")
+                got = llamacpp_logprobs(r.gguf, windows)
+                every, linear, types = gguf_bytes(r.gguf)
                 rows.append({"model": src.name, "recipe": f"llama.cpp {qtype}", "file_bytes": r.info["bytes"],
-                             "weight_bytes": gguf_weight_bytes(work / "llamacpp" / f"llamacpp-{qtype}.gguf"),
-                             "linear_bpw": None,
-                             "export_s": r.info.get("quantize_s"), **score(windows, ref, got)})
+                             "matrix_bytes": every, "linear_bytes": linear, "export_s": r.info.get("quantize_s"),
+                             "calibration": None, "types": types, **score(windows, ref, got)})
                 r.close()
-            except RuntimeError as e:
+                print(f"  {src.name} {qtype}: {100 * (rows[-1]['ppl'] / base - 1):+.2f}%", file=sys.stderr, flush=True)
+            except (RuntimeError, ValueError) as e:
                 print(f"llama.cpp {qtype}: {e}", file=sys.stderr)
     for r in rows:
         r["ppl_fp32"], r["ppl_increase"] = base, r["ppl"] / base - 1
-        r["weight_bpw"] = 8 * r["weight_bytes"] / params
+        r["matrix_bpw"] = 8 * r["matrix_bytes"] / every_w
+        r["linear_bpw"] = 8 * r["linear_bytes"] / linear_w
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'model':<14} {'recipe':<18} {'ppl':>7} {'Δppl':>7} {'KL':>7} {'top-1':>6} {'linear bpw':>10} "
-            f"{'weight bpw':>10} {'weights kB':>10} {'file kB':>8} {'export s':>8}")
-    lines = [head, "-" * len(head)]
+    head = ("| model | recipe | ppl | Δppl | KL | top-1 | matrix bpw | linear bpw | file kB | export s | types |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
     for r in rows:
-        lb = f"{r['linear_bpw']:.3f}" if r["linear_bpw"] else "—"
         es = f"{r['export_s']:.1f}" if r["export_s"] is not None else "—"
-        lines.append(f"{r['model'][:14]:<14} {r['recipe']:<18} {r['ppl']:>7.4f} {100 * r['ppl_increase']:>+6.2f}% "
-                     f"{r['kl']:>7.4f} {100 * r['top1']:>5.1f}% {lb:>10} {r['weight_bpw']:>10.2f} "
-                     f"{r['weight_bytes'] / 1e3:>10.1f} {r['file_bytes'] / 1e3:>8.1f} {es:>8}")
-    if rows:
-        lines.append(f"(fp32 reference ppl {rows[0]['ppl_fp32']:.4f} over {rows[0]['tokens']} scored tokens)")
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['ppl']:.4f} | {100 * r['ppl_increase']:+.2f}% | {r['kl']:.4f} | "
+                     f"{100 * r['top1']:.1f}% | {r['matrix_bpw']:.3f} | {r['linear_bpw']:.3f} | "
+                     f"{r['file_bytes'] / 1e3:.1f} | {es} | {r['types']} |")
+    models = dict.fromkeys(r["model"] for r in rows)
+    for m in models:
+        r = next(r for r in rows if r["model"] == m)
+        lines.append(f"\n{m}: fp32 reference ppl {r['ppl_fp32']:.4f} over {r['tokens']} scored tokens")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Perplexity increase and KL against matrix bytes per weight, one column per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 8.5), squeeze=False)
+    for col, m in enumerate(models):
+        for row, (key, scale, label) in enumerate((("ppl_increase", 100, "perplexity increase over fp32 (%)"),
+                                                   ("kl", 1, "KL(fp32 || quantized), nats per token"))):
+            ax = axes[row][col]
+            for family, marker, color in (("edgert", "o", "tab:blue"), ("llama.cpp", "s", "tab:orange")):
+                pts = sorted((r for r in rows if r["model"] == m and r["recipe"] not in ("fp32", "llama.cpp F32")
+                              and r["recipe"].startswith("llama.cpp") == (family == "llama.cpp") and r["matrix_bpw"] < 10),
+                             key=lambda r: r["matrix_bpw"])
+                ax.scatter([r["matrix_bpw"] for r in pts], [scale * r[key] for r in pts], marker=marker, color=color,
+                           label=family)
+                for r in pts:
+                    ax.annotate(r["recipe"].replace("llama.cpp ", ""), (r["matrix_bpw"], scale * r[key]),
+                                textcoords="offset points", xytext=(4, 3), fontsize=7)
+            ax.set_xlabel("bits per weight of the weight matrices (scales and zero points included)")
+            ax.set_ylabel(label)
+            if key == "kl":
+                ax.set_yscale("log")
+            ax.set_title(f"{m}: held-out text")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("models", nargs="*", type=Path, default=[DEFAULT_MODEL])
-    ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="held-out evaluation text")
-    ap.add_argument("--recipes", default=",".join(CANDIDATES), help=f"comma-separated subset of: {', '.join(CANDIDATES)}")
-    ap.add_argument("--llamacpp", action="store_true", help="add llama.cpp Q4_0 / Q4_K_M / Q8_0 rows")
+    ap.add_argument("models", nargs="*", type=Path)
+    ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="held-out evaluation text (story models)")
+    ap.add_argument("--recipes", default=None, help=f"comma-separated subset of: {', '.join(CANDIDATES)}; "
+                    "'calib' = the calibration comparison")
+    ap.add_argument("--llamacpp", action="store_true", help=f"add llama.cpp {', '.join(LLAMA_TYPES)} rows")
+    ap.add_argument("--frontier", action="store_true", help="the anchor fixture, the frontier recipes and llama.cpp, "
+                    "the plot to benchmarks/frontier.png")
+    ap.add_argument("--plot", type=Path, help="write the frontier plot (PNG) here")
     ap.add_argument("--work", type=Path, help="where artifacts go [default: a temporary folder]")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--rows", type=Path, nargs="+", default=[], help="also tabulate and plot the rows of earlier --json files")
     args = ap.parse_args(argv)
-    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    if args.frontier:
+        args.models = args.models or [ANCHOR]
+        args.recipes = args.recipes or ",".join(FRONTIER_SET)
+        args.llamacpp = True
+        args.plot = args.plot or HERE / "frontier.png"
+    models = args.models or [DEFAULT_MODEL]
+    spec = args.recipes or ",".join(CANDIDATES)
+    names = CALIB_SET if spec == "calib" else [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         sys.exit(f"quant_recipes: unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(CANDIDATES)}")
     text = args.text.read_text(encoding="utf-8")
-    rows = []
+    rows = [r for f in args.rows for r in json.loads(f.read_text())]
+    if args.rows and not args.models and not args.frontier:
+        models = []
     with tempfile.TemporaryDirectory() as tmp:
-        for src in args.models:
+        for src in models:
             if not (src / "config.json").is_file():
                 sys.exit(f"quant_recipes: {src} is not a Hugging Face model folder (no config.json)")
             rows += run_model(src, text, names, (args.work or Path(tmp)) / src.name, args.llamacpp)
     print(table(rows))
+    if args.plot:
+        plot(rows, args.plot)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps(rows, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

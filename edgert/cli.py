@@ -60,7 +60,8 @@ def export(
     embed_bits: int = typer.Option(8, help="Bits for embeddings and lm_head: 8, 32, or 4 (faster decode, less faithful; ignored with --bits 32)."),
     context: Optional[int] = typer.Option(None, help="Longest context the artifact supports [default: model's, at most 32768]."),
     recipe: str = typer.Option("gptq", help="How int4 weights are chosen: gptq (calibrated, most accurate), search (block clipping search, no calibration) or rtn (plain round-to-nearest)."),
-    calib: Optional[Path] = typer.Option(None, help="Calibration text file for --recipe gptq (default: a built-in text of stories, prose, arithmetic and code)."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration for --recipe gptq: 'self' (text the model samples itself, seeded), 'built-in' (stories, prose, arithmetic and code) or a UTF-8 text file [default: self]."),
+    bits_per_weight: Optional[float] = typer.Option(None, help="Byte budget for the attention/MLP projections in bits per weight (e.g. 4.5; scales and zero points count): mixed int4 block sizes and int8 by measured sensitivity, recorded per tensor in edgert.json."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an edgert artifact (never another non-empty "
                                "folder, never the source)."),
     kv_cache: Optional[str] = typer.Option(None, help="KV cache precision the graphs read and write: fp16 (half the "
@@ -74,7 +75,8 @@ def export(
         fail(f"the exporter needs the [export] extra ({e.name} is missing): pip install 'edgert[export]'")
     try:
         manifest = do_export(model_dir, out, bits=bits, block_size=block_size, context=context, force=force,
-                             embed_bits=embed_bits, recipe=recipe, calib=calib, kv_cache=kv_cache, revision=revision)
+                             embed_bits=embed_bits, recipe=recipe, calib=calib, kv_cache=kv_cache, revision=revision,
+                             bits_per_weight=bits_per_weight)
     except ExportError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -392,10 +394,10 @@ def eval_(
     artifact: Path = typer.Argument(..., help="Artifact folder to evaluate."),
     reference: Optional[Path] = typer.Option(None, help="Compare with this model: an artifact, or a Hugging Face "
                                              "folder run by transformers in fp32 (needs transformers + torch)."),
-    text: Optional[Path] = typer.Option(None, help="UTF-8 text file to score (default: built-in children's stories, 2066 words)."),
+    text: Optional[Path] = typer.Option(None, help="UTF-8 text file to score (default: built-in held-out children's stories, 4127 words)."),
     window: Optional[int] = typer.Option(None, help="Tokens per window (default: min(context, 512)); a last window of 2+ tokens is scored too."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: ppl, tokens, windows, window, seconds "
-                                 "(+ kld, top1, ref_ppl with --reference)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: ppl, tokens, windows, window, seconds, "
+                                 "quantization (bits per weight, layouts per tensor) (+ kld, top1, ref_ppl with --reference)."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for onnxruntime and torch (default: theirs)."),
     moe_strategy: Optional[str] = typer.Option(None, help="MoE artifacts: qmoe or plain for ARTIFACT (the reference "
                                                "runs its default; default: the fastest here)."),
@@ -419,6 +421,12 @@ def eval_(
     if reference is not None:
         typer.echo(f"reference ppl {r['ref_ppl']:.4f} ({r['ppl'] / r['ref_ppl'] - 1:+.2%}), "
                    f"KL(reference || artifact) {r['kld']:.5f}, top-1 agreement {r['top1']:.2%}")
+    q = r.get("quantization") or {}
+    if q.get("layouts"):
+        lin = f", projections {q['linear_bits_per_weight']:.3f} bits/weight" if "linear_bits_per_weight" in q else ""
+        budget = f" (budget {q['bits_per_weight_budget']:g})" if "bits_per_weight_budget" in q else ""
+        typer.echo(f"weights: {', '.join(f'{k} x{v}' for k, v in q['layouts'].items())}{lin}{budget}; "
+                   f"file {q.get('bits_per_weight', 0):.2f} bits/weight")
 
 
 DEMO_PROMPT = "What is (9-5)*7+2+2?"   # one of the fixture's held-out problems (tests/test_fixtures.py)

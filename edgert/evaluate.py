@@ -35,6 +35,22 @@ def sample_text() -> str:
     return resources.files("edgert").joinpath("data/stories.txt").read_text(encoding="utf-8")
 
 
+def quantization_summary(manifest: dict) -> dict:
+    """What the artifact stores: bits per weight over the whole file and over the projections
+    (codes + scales + zero points), the budget it was exported under, the recipe and calibration,
+    and how many tensors got each layout ("int4/b32": n, ...)."""
+    q = manifest.get("quantization") or {}
+    out = {k: q[k] for k in ("bits_per_weight", "linear_bits_per_weight", "bits_per_weight_budget", "recipe",
+                             "calibration") if k in q}
+    layouts: dict[str, int] = {}
+    for t in (q.get("tensors") or {}).values():
+        key = f"int{t.get('bits')}/b{t.get('block_size')}"
+        layouts[key] = layouts.get(key, 0) + 1
+    if layouts:
+        out["layouts"] = dict(sorted(layouts.items()))
+    return out
+
+
 def split_windows(ids: list[int], window: int) -> list[list[int]]:
     """Consecutive non-overlapping windows; a last window of fewer than 2 tokens scores nothing."""
     return [ids[i:i + window] for i in range(0, len(ids), window) if len(ids) - i >= 2]
@@ -50,7 +66,8 @@ class ArtifactScorer:
     """Logits of every position of a window from an artifact: one prefill call per window."""
 
     def __init__(self, path, window: int | None = None, threads: int | None = None, strategy: str | None = None):
-        self.context = read_manifest(path)["context_length"]
+        self.manifest = read_manifest(path)
+        self.context = self.manifest["context_length"]
         self.window = window or min(self.context, DEFAULT_WINDOW)
         if self.window > self.context:
             raise EvalError(f"--window {self.window} is longer than {path}'s context ({self.context} tokens)")
@@ -127,7 +144,7 @@ def evaluate(artifact, text: str | None = None, reference=None, window: int | No
             totals[k] += v
     n = sum(len(w) - 1 for w in windows)
     result = {"ppl": float(np.exp(totals["nll"] / n)), "tokens": n, "windows": len(windows), "window": window,
-              "seconds": round(time.perf_counter() - t0, 3)}
+              "seconds": round(time.perf_counter() - t0, 3), "quantization": quantization_summary(scorer.manifest)}
     if ref is not None:
         result.update(kld=float(totals["kl"] / n), top1=totals["top1"] / n, ref_ppl=float(np.exp(totals["ref_nll"] / n)))
     return result

@@ -18,18 +18,19 @@ import numpy as np
 from edgert.limits import read_text_file
 
 from .archs import model_for
-from .calibrate import CalibrationError, collect
+from .calibrate import SELF_SEED, CalibrationError, collect, sample_self
 from .checkpoint import Checkpoint, CheckpointError, _read_json
 from .decoder import UnsupportedModel
 from .graph import IR_VERSION, KV_TYPES, Graph, Recipe
 from .hub import HubError, looks_like_repo_id, resolve
 from .outdir import OutError, check_out, signals_unwind, writing
-from .quantize import DEFAULT_RECIPE, RECIPES, Quantizer
+from .quantize import DEFAULT_RECIPE, RECIPES, Quantizer, Survey, plan_budget
 from .validate import text_config, validate
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 DEFAULT_MAX_CONTEXT = 32768
+DEFAULT_CALIBRATION = "self"   # --calib when none is given (measured: README, "Quantization")
 BUNDLED_MODEL = Path(__file__).parent / "data" / "stories260K"   # for `edgert demo` and tests   # rotary tables cost 2 x context x head_dim/2 floats
 
 
@@ -46,8 +47,25 @@ def _progress(total: int, label: str):
         if tty:
             n = state["n"]
             bar = "#" * (30 * n // total) + "." * (30 - 30 * n // total)
-            sys.stderr.write(f"\r{label} [{bar}] {n}/{total} layers {time.time() - state['t0']:.0f}s")
+            el = time.time() - state["t0"]
+            eta = f", ETA {el * (total - n) / n:.0f}s " if n < total else " "
+            sys.stderr.write(f"\r{label} [{bar}] {n}/{total} layers {el:.0f}s{eta}")
             if n == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+    return tick
+
+
+def _progress_tokens(label: str):
+    """A progress line with an ETA for the self-calibration's sampling (on a terminal)."""
+    t0, tty = time.time(), sys.stderr.isatty()
+
+    def tick(done: int, total: int):
+        if tty:
+            el = time.time() - t0
+            eta = el * (total - done) / max(done, 1)
+            sys.stderr.write(f"\r{label}: {done}/{total} tokens {el:.0f}s, ETA {eta:.0f}s ")
+            if done >= total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
     return tick
@@ -81,10 +99,12 @@ def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
 
 def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | None = None, force: bool = False,
            embed_bits: int = 8, progress: bool = True, recipe: str = DEFAULT_RECIPE, calib=None,
-           checkpoint=None, kv_cache: str | None = None, revision: str | None = None) -> dict:
+           checkpoint=None, kv_cache: str | None = None, revision: str | None = None,
+           bits_per_weight: float | None = None) -> dict:
     """Export a Hugging Face folder (or a hub repo id ORG/NAME, at `revision`: see hub.py) to an
     edgert artifact folder; returns the manifest.
-    recipe: how int4 codes are chosen (quantize.RECIPES); calib: calibration text file for "gptq".
+    recipe: how int4 codes are chosen (quantize.RECIPES); calib: "self", "built-in" or a calibration
+    text file for "gptq"; bits_per_weight: a byte budget for the projections (mixed precision).
     `checkpoint` replaces the folder's weights (synthetic.py); config and tokenizer still come from the folder.
     kv_cache: the precision of the KV cache the graphs read and write, fp16 or fp32 (default: fp16,
     fp32 for the unquantized --bits 32 reference)."""
@@ -97,11 +117,19 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         raise ExportError(f"--kv-cache must be one of {', '.join(KV_TYPES)}, not {kv_cache!r}")
     if calib and recipe != "gptq":
         raise ExportError(f"--calib is for --recipe gptq; --recipe {recipe} uses no calibration")
-    calib_text = _calibration_text(calib)
+    calib = DEFAULT_CALIBRATION if calib is None else calib
+    self_calib = str(calib) == "self"
+    calib_text = None if self_calib else _calibration_text(None if str(calib) == "built-in" else calib)
     if bits not in (4, 8, 32):
         raise ExportError(f"--bits must be 4, 8 or 32, not {bits}")
     if embed_bits not in (4, 8, 32):
         raise ExportError(f"--embed-bits must be 4, 8 or 32, not {embed_bits}")
+    if bits_per_weight is not None:
+        if bits != 4 or recipe != "gptq":
+            raise ExportError("--bits-per-weight mixes int4 and int8 layouts from the calibration: it needs --bits 4 "
+                              "and --recipe gptq")
+        if not 4.0 < bits_per_weight <= 9.0:
+            raise ExportError(f"--bits-per-weight must be above 4 and at most 9 (int8 blocks of 64), not {bits_per_weight:g}")
     if block_size not in (16, 32, 64, 128, 256):
         raise ExportError(f"--block-size must be one of 16, 32, 64, 128, 256, not {block_size}")
     if checkpoint is None and looks_like_repo_id(model_dir):
@@ -133,9 +161,24 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         with signals_unwind(), writing(out, force, src) as (tmp, commit):
             recipe = Recipe(bits=bits, block_size=block_size, embed_bits=embed_bits, method=recipe, kv_cache=kv_cache)
             calibrated = recipe.method == "gptq" and bits != 32 and 4 in (bits, embed_bits)
-            stats = collect(model, ckpt, src, calib_text, tmp / "calibration") if calibrated else None
+            stats, plan = None, None
+            survey = Survey if bits_per_weight is not None else None
+            if calibrated and self_calib:
+                eos = _special_tokens(src, ckpt)["eos"]
+                stats = sample_self(model, ckpt, src, tmp / "calibration", eos=eos, survey=survey,
+                                    progress=_progress_tokens("calibration: sampling the model's own text") if progress else None)
+            elif calibrated:
+                stats = collect(model, ckpt, src, calib_text, tmp / "calibration", survey=survey)
+            if survey is not None:
+                surveyed = stats.survey if stats is not None else None
+                if not surveyed or not surveyed.linears:
+                    raise ExportError("--bits-per-weight: this model has no linears to budget")
+                try:
+                    plan = plan_budget(surveyed, stats, bits_per_weight)
+                except ValueError as e:
+                    raise ExportError(str(e)) from None
             g = Graph(tmp / "model.onnx.data")
-            g.quantizer = Quantizer(recipe.method, stats)
+            g.quantizer = Quantizer(recipe.method, stats, plan)
             tick = _progress(model.n_layers, f"export {ckpt.config.get('model_type')}") if progress else (lambda: None)
             quant = model.build(g, ckpt, recipe, context, tick)
             graphs = {}
@@ -162,9 +205,10 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
                 "graphs": graphs,
                 "quantization": {**quant, "router": 32, "int4": "asymmetric (zero point per block)",
                                  "int8": "symmetric", "accuracy_level": 4, "recipe": recipe.method,
-                                 **({"calibration": Path(calib).name if calib else "built-in",
-                                     "calibration_tokens": stats.tokens} if stats else {}),
-                                 "bits_per_weight": round(8 * sum(f["bytes"] for f in files.values()) / max(total_params, 1), 3)},
+                                 **({"calibration": _calib_name(calib), "calibration_tokens": stats.tokens,
+                                     **({"calibration_seed": SELF_SEED} if self_calib else {})} if stats else {}),
+                                 "bits_per_weight": round(8 * sum(f["bytes"] for f in files.values()) / max(total_params, 1), 3),
+                                 **_tensor_table(g.quantizer, bits_per_weight)},
                 "special_tokens": _special_tokens(src, ckpt),
                 "generation": {k: ckpt.generation_config[k] for k in ("do_sample", "temperature", "top_p", "top_k",
                                                                       "repetition_penalty") if k in ckpt.generation_config},
@@ -196,6 +240,27 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     size = sum(f["bytes"] for f in files.values())
     manifest["summary"] = {"bytes": size, "bits_per_weight": 8 * size / max(total_params, 1), "seconds": time.time() - t0}
     return manifest
+
+
+def _tensor_table(quantizer, budget) -> dict:
+    """Per quantized tensor: bits, block size and stored bytes; the projections' bits per weight
+    (codes + scales + zero points over their weights) and the budget they were given."""
+    from .quantize import SKIP
+    chosen = getattr(quantizer, "chosen", None)
+    if not chosen:
+        return {}
+    out = {"tensors": chosen}
+    lin = [t for t in chosen if t not in SKIP]
+    weights = sum(quantizer.weights.get(t, 0) for t in lin)
+    if weights:
+        out["linear_bits_per_weight"] = round(8 * sum(chosen[t]["bytes"] for t in lin) / weights, 4)
+    if budget is not None:
+        out["bits_per_weight_budget"] = budget
+    return out
+
+
+def _calib_name(calib) -> str:
+    return "self" if str(calib) == "self" else "built-in" if str(calib) == "built-in" else Path(calib).name
 
 
 def _calibration_text(path) -> str:

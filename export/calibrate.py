@@ -41,6 +41,7 @@ class ActivationStats:
     def __init__(self, arrays: dict[str, tuple[Path, int]], linears: dict[str, str], tokens: int):
         self.stats = {t: Stats(file=path, width=width) for t, (path, width) in arrays.items()}
         self.linears, self.tokens = linears, tokens
+        self.survey = None           # quantize.Survey when the probe measured layouts
         self._last: str | None = None
 
     def get(self, name: str) -> Stats | None:
@@ -61,60 +62,204 @@ def calibration_windows(src: Path, text: str, window: int) -> list[list[int]]:
     return [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1]
 
 
-def collect(model, ckpt, src: Path, text: str, work: Path) -> ActivationStats:
-    """Run the probe graph over `text`; work is a scratch folder the caller removes."""
-    import onnxruntime as ort
+class _Probe:
+    """The probe: the decoder at int4 round to nearest with every linear's input made a graph
+    output, run by onnxruntime on `rows` sequences at once (the KV cache bound in place, as the
+    runtime does); every run appends each linear's input rows to a raw float32 file."""
 
+    def __init__(self, model, ckpt, work: Path, window: int, rows: int = 1, survey=None):
+        import onnxruntime as ort
+        work.mkdir(parents=True, exist_ok=True)
+        g = Graph(work / "probe.onnx.data")
+        g.quantizer = Quantizer("rtn") if survey is None else survey(Quantizer("rtn"))
+        self.survey = g.quantizer if survey is not None else None
+        model.build(g, ckpt, Recipe(bits=4, embed_bits=4, method="rtn", kv_cache="fp32"), window)
+        self.linears = _probe_linears(g)
+        self.tensors = sorted(set(self.linears.values()))
+        for t in self.tensors:
+            g.add_output(t)
+        graphs = g.variants()
+        name = "qmoe" if "qmoe" in graphs and ort_version() >= QMOE_SINCE else next(iter(graphs))
+        g.save(work / "probe.onnx", producer="edgert-calibration", tags=graphs[name])
+        g.close()
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.sess = ort.InferenceSession(str(work / "probe.onnx"), opts, providers=["CPUExecutionProvider"])
+        caches = [i for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
+        self.caches = [(c.name, c.name.replace("past_key_values.", "present."),
+                        ort.OrtValue.ortvalue_from_numpy(np.zeros([rows, c.shape[1], window, c.shape[3]], np.float32)))
+                       for c in caches]
+        # hybrid models' recurrent states: fed and read back each run (a row that starts again is zeroed)
+        self.states = {i.name: np.zeros([rows, *i.shape[1:]], np.float32) for i in self.sess.get_inputs()
+                       if i.name.startswith("past_state.")}
+        self.work, self.files, self.widths, self.tokens = work, {}, {}, 0
+
+    def chunk(self) -> int:
+        """Tokens per run: small runs keep onnxruntime's arena small (see _CHUNK_BYTES)."""
+        return 16 if not self.widths else max(16, _CHUNK_BYTES // (4 * sum(self.widths.values())))
+
+    def run(self, ids: np.ndarray, past: np.ndarray) -> np.ndarray:
+        """ids [rows, S] after `past` [rows] tokens already in each row's cache -> logits of each row's last token."""
+        io = self.sess.io_binding()
+        total = past + ids.shape[1]
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
+        io.bind_cpu_input("num_logits", np.array([1], np.int64))
+        io.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(total.max(), np.int32))
+        io.bind_output("logits")          # outputs come back in the order they are bound
+        for t in self.tensors:
+            io.bind_output(t)
+        for name, state in self.states.items():
+            io.bind_cpu_input(name, state)
+            io.bind_output(name.replace("past_", "present_"))
+        for past_name, present_name, value in self.caches:
+            io.bind_ortvalue_input(past_name, value)
+            io.bind_ortvalue_output(present_name, value)
+        self.sess.run_with_iobinding(io)
+        outs = io.get_outputs()
+        for state, v in zip(self.states.values(), outs[1 + len(self.tensors):]):
+            state[...] = v.numpy()
+        for t, v in zip(self.tensors, outs[1:]):
+            x = v.numpy()
+            if t not in self.files:       # plain appends: the page cache holds them, not this process
+                self.widths[t] = x.shape[-1]
+                self.files[t] = open(self.work / f"x{len(self.files)}.f32", "wb")
+            self.files[t].write(np.ascontiguousarray(x, np.float32).tobytes())
+        self.tokens += ids.size
+        return outs[0].numpy()[:, -1]
+
+    def reset(self, rows) -> None:
+        """Rows that start a new sequence: their recurrent states back to zero (the KV cache needs
+        nothing: a row's length says what it holds)."""
+        for state in self.states.values():
+            state[rows] = 0
+
+    def finish(self) -> ActivationStats:
+        for f in self.files.values():
+            f.close()
+        del self.sess, self.caches
+        stats = ActivationStats({t: (Path(f.name), self.widths[t]) for t, f in self.files.items()}, self.linears,
+                                self.tokens)
+        stats.survey = self.survey
+        return stats
+
+
+def collect(model, ckpt, src: Path, text: str, work: Path, survey=None) -> ActivationStats:
+    """Run the probe graph over `text`; work is a scratch folder the caller removes. survey: wraps
+    the probe's quantizer (quantize.Survey: the layouts' errors, measured while the probe is built)."""
     window = min(WINDOW, model.max_positions)
     windows = calibration_windows(src, text, window)
     if not windows:
         raise CalibrationError("the calibration text has fewer than 2 tokens")
-    work.mkdir(parents=True, exist_ok=True)
-    g = Graph(work / "probe.onnx.data")
-    g.quantizer = Quantizer("rtn")
-    model.build(g, ckpt, Recipe(bits=4, embed_bits=4, method="rtn", kv_cache="fp32"), window)
-    linears = _probe_linears(g)
-    tensors = sorted(set(linears.values()))
-    for t in tensors:
-        g.add_output(t)
-    graphs = g.variants()
-    name = "qmoe" if "qmoe" in graphs and ort_version() >= QMOE_SINCE else next(iter(graphs))
-    g.save(work / "probe.onnx", producer="edgert-calibration", tags=graphs[name])
-    g.close()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(work / "probe.onnx"), opts, providers=["CPUExecutionProvider"])
-
-    caches = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-    states = [i for i in sess.get_inputs() if i.name.startswith("past_state.")]      # hybrid models
-    files, widths = {}, {}
+    probe = _Probe(model, ckpt, work, window, survey=survey)
     try:
         for ids in windows:
-            cache = {c.name: np.zeros([1, c.shape[1], window, c.shape[3]], np.float32) for c in caches}
-            cache.update({c.name: np.zeros([1, *c.shape[1:]], np.float32) for c in states})
+            probe.reset(slice(None))
             done = 0
             while done < len(ids):
-                step = 16 if not widths else max(16, _CHUNK_BYTES // (4 * sum(widths.values())))
-                part = ids[done:done + step]
-                feed = {"input_ids": np.array([part], np.int64), "num_logits": np.array([1], np.int64),
-                        "seqlens_k": np.array([done + len(part) - 1], np.int32),
-                        "total_sequence_length": np.array(done + len(part), np.int32), **cache}
-                carried = caches + states
-                outs = sess.run(tensors + [c.name.replace("past_key_values.", "present.").replace("past_", "present_")
-                                           for c in carried], feed)
-                for t, x in zip(tensors, outs):
-                    if t not in files:      # plain appends: the page cache holds them, not this process
-                        widths[t] = x.shape[-1]
-                        files[t] = open(work / f"x{len(files)}.f32", "wb")
-                    files[t].write(np.ascontiguousarray(x, np.float32).tobytes())
-                cache = dict(zip((c.name for c in carried), outs[len(tensors):]))
+                part = ids[done:done + probe.chunk()]
+                probe.run(np.array([part]), np.array([done]))
                 done += len(part)
     finally:
-        for f in files.values():
-            f.close()
-    del sess
-    arrays = {t: (Path(f.name), widths[t]) for t, f in files.items()}
-    return ActivationStats(arrays, linears, sum(len(w) for w in windows))
+        stats = probe.finish()
+    return stats
+
+
+# ---- self-calibration: the model's own text -------------------------------------------------
+
+SELF_TOKENS = 2048       # sampled tokens (about what the built-in text gives)
+SELF_ROWS = 16           # sequences sampled together: one batched forward per step
+SELF_LENGTH = 256        # a sequence starts again from its prompt after this many tokens
+SELF_SEED = 0
+SELF_TEMPERATURE = 1.0
+# What a user might ask, for models with a chat template: the model writes the answers (and their
+# reasoning) itself. Short and varied; none of it is scored anywhere.
+CHAT_PROMPTS = (
+    "Tell me a short story about a cat who finds a key.",
+    "What is 17*3-8? Think step by step.",
+    "Explain why the sky is blue in two sentences.",
+    "Write a Python function that reverses a string.",
+    "A farmer has 12 apples and gives 5 away. How many are left?",
+    "What is the capital of France, and what is it known for?",
+    "Give me three tips for sleeping better.",
+    "Is 91 a prime number?",
+)
+
+
+def self_prompts(src: Path) -> list[list[int]]:
+    """Where the model's own text starts: the tokenizer's BOS (or the config's BOS / EOS as a
+    document start when it adds none) and, when the tokenizer has a chat template, the template
+    applied to each of CHAT_PROMPTS with the generation prompt (the model answers). BOS
+    starts alternate with the chat prompts."""
+    import json
+    from edgert.chat import load_chat_template, render_chat
+    from edgert.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(src)
+    bos = tok.encode("", add_special_tokens=True)
+    if not bos:
+        cfg = json.loads((src / "config.json").read_text())
+        first = next((i for i in (cfg.get("bos_token_id"), cfg.get("eos_token_id")) if isinstance(i, int)), None)
+        bos = [first] if first is not None else []
+    chats = []
+    try:
+        template = load_chat_template(src)
+        if template:
+            cfg_file = src / "tokenizer_config.json"
+            cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+            names = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items()
+                     if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+            chats = [tok.encode(render_chat(template, [{"role": "user", "content": q}], **names), add_special_tokens=False)
+                     for q in CHAT_PROMPTS]
+    except ValueError:           # a template that does not render: BOS alone
+        chats = []
+    if not bos and not chats:
+        raise CalibrationError("the tokenizer has no BOS token and no chat template: give --calib FILE")
+    if not chats:
+        return [bos]
+    return [x for c in chats for x in ([bos, c] if bos else [c])]
+
+
+def sample_self(model, ckpt, src: Path, work: Path, tokens: int | None = None, rows: int | None = None,
+                seed: int | None = None, eos=(), progress=None, survey=None) -> ActivationStats:
+    """Self-calibration: the probe samples the model's own text (temperature 1, seeded) from
+    `self_prompts`, `rows` sequences at a time, and every token it feeds (prompt or sampled)
+    is recorded as the text calibration would record it. A sequence that ends (EOS, or
+    SELF_LENGTH tokens) starts again from the next prompt in turn. The same model, seed and
+    onnxruntime give the same tokens, hence the same statistics."""
+    tokens, rows = tokens or SELF_TOKENS, rows or SELF_ROWS
+    seed = SELF_SEED if seed is None else seed
+    length = min(SELF_LENGTH, model.max_positions)
+    starts = self_prompts(src)
+    rng = np.random.default_rng(seed)
+    probe = _Probe(model, ckpt, work, length, rows, survey)
+    eos = set(eos)
+    queue = [list(starts[r % len(starts)]) for r in range(rows)]    # tokens still to feed per row
+    pos = np.zeros(rows, np.int64)
+    sampled = np.zeros(rows, bool)            # the token fed next was sampled (not a prompt's)
+    next_start = rows
+    try:
+        while probe.tokens < tokens:
+            ids = np.array([[q.pop(0)] for q in queue], np.int64)
+            logits = probe.run(ids, pos).astype(np.float64)
+            pos += 1
+            for r in range(rows):
+                if queue[r]:                      # still inside its prompt
+                    continue
+                p = np.exp((logits[r] - logits[r].max()) / SELF_TEMPERATURE)
+                tok = int(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right"))
+                tok = min(tok, len(p) - 1)
+                if sampled[r] and int(ids[r, 0]) in eos or pos[r] >= length:
+                    pos[r], sampled[r] = 0, False     # the row starts again, from the next prompt
+                    probe.reset(r)
+                    queue[r] = list(starts[next_start % len(starts)])
+                    next_start += 1
+                else:
+                    queue[r], sampled[r] = [tok], True
+            if progress:
+                progress(min(probe.tokens, tokens), tokens)
+    finally:
+        stats = probe.finish()
+    return stats
 
 
 def _probe_linears(g: Graph) -> dict[str, str]:

@@ -16,7 +16,7 @@ from test_cli import assert_one_line_error, edgert
 # The real stories260K as bundled with the exporter: the same weights as ../shared/models/stories260K
 # (identical sha256), and always present, so these tests never skip.
 STORIES = BUNDLED_STORIES
-RESULT_KEYS = {"ppl", "tokens", "windows", "window", "seconds"}
+RESULT_KEYS = {"ppl", "tokens", "windows", "window", "seconds", "quantization"}
 REFERENCE_KEYS = {"kld", "top1", "ref_ppl"}
 
 
@@ -66,7 +66,7 @@ def test_sample_text_is_long_enough_and_starts_with_bos(exported, story_text):
     assert len(ids) > 4000 and ids[0] == 1 and ids.count(1) == 1     # BOS once, at the start
 
 
-@pytest.mark.parametrize("window", [None, 100])     # 100: the last window is partial (5293 tokens)
+@pytest.mark.parametrize("window", [None, 100])     # 100: the last window is partial (10388 tokens)
 def test_fp32_stories_ppl_equals_transformers(exported, story_text, window):
     src = STORIES
     got = evaluate(exported(src, 32), story_text, window=window)

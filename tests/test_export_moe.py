@@ -111,7 +111,9 @@ def test_strategies_agree_and_quantized_top1(case, exported, bits):
     if not QMOE:
         pytest.skip("QMoE needs onnxruntime >= 1.23")
     q = Model(art, strategy="qmoe")
-    assert np.abs(q.forward(PROMPT, num_logits=len(PROMPT)) - got).max() < 1e-3
+    # int4: the two kernels round differently and the difference reaches the next layer's router;
+    # 4e-3 with the self-calibrated mixtral weights (a layout or routing bug is O(1))
+    assert np.abs(q.forward(PROMPT, num_logits=len(PROMPT)) - got).max() < (1e-3 if bits == 8 else 1e-2)
     assert runtime_greedy(q, PROMPT, 16) == runtime_greedy(plain, PROMPT, 16)
 
 

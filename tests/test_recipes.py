@@ -55,12 +55,24 @@ def test_dead_inputs_and_padding():
 
 
 def test_export_is_deterministic_and_recorded(tmp_path):
+    """The default calibration, the model's own text sampled seeded, gives the same bytes twice;
+    the built-in text (twice: the same bytes too) and a user's file give other weights, and the
+    manifest names each."""
     from edgert_export import export
-    runs = [export(BUNDLED_STORIES, tmp_path / f"a{i}", progress=False) for i in range(2)]
+    from edgert_export.artifact import DEFAULT_CALIBRATION
+    from edgert_export.calibrate import SELF_SEED, SELF_TOKENS
+    runs = [export(BUNDLED_STORIES, tmp_path / f"s{i}", progress=False) for i in range(2)]
     assert runs[0]["files"]["model.onnx.data"]["sha256"] == runs[1]["files"]["model.onnx.data"]["sha256"]
+    assert runs[0]["files"]["model.onnx"]["sha256"] == runs[1]["files"]["model.onnx"]["sha256"]
     q = runs[0]["quantization"]
-    assert q["recipe"] == "gptq" and q["calibration"] == "built-in" and q["calibration_tokens"] > 1000
+    assert q["recipe"] == "gptq" and q["calibration"] == DEFAULT_CALIBRATION == "self"
+    assert q["calibration_tokens"] >= SELF_TOKENS and q["calibration_seed"] == SELF_SEED
     assert 5 < q["bits_per_weight"] < 12
+    built_in = [export(BUNDLED_STORIES, tmp_path / f"b{i}", progress=False, calib="built-in") for i in range(2)]
+    assert built_in[0]["files"]["model.onnx.data"]["sha256"] == built_in[1]["files"]["model.onnx.data"]["sha256"]
+    b = built_in[0]["quantization"]
+    assert b["calibration"] == "built-in" and b["calibration_tokens"] > 1000 and "calibration_seed" not in b
+    assert built_in[0]["files"]["model.onnx.data"]["sha256"] != runs[0]["files"]["model.onnx.data"]["sha256"]
     rtn = export(BUNDLED_STORIES, tmp_path / "rtn", progress=False, recipe="rtn")["quantization"]
     assert rtn["recipe"] == "rtn" and "calibration" not in rtn
     # another calibration text gives other weights, and the manifest names it
@@ -68,9 +80,32 @@ def test_export_is_deterministic_and_recorded(tmp_path):
     calib.write_text("The dog ran to the park. The cat sat on the mat and looked at the bird. " * 40)
     other = export(BUNDLED_STORIES, tmp_path / "other", progress=False, calib=calib)
     assert other["quantization"]["calibration"] == "my-calib.txt"
-    assert other["files"]["model.onnx.data"]["sha256"] != runs[0]["files"]["model.onnx.data"]["sha256"]
+    assert other["files"]["model.onnx.data"]["sha256"] not in {r["files"]["model.onnx.data"]["sha256"]
+                                                               for r in (runs[0], built_in[0])}
     # fp32 and int8 exports do not run the calibration pass at all
     assert "calibration" not in export(BUNDLED_STORIES, tmp_path / "i8", bits=8, progress=False)["quantization"]
+
+
+def test_self_calibration_samples_the_model(tmp_path):
+    """Self-calibration starts from BOS, and from the chat template's prompts when there is one; it
+    feeds exactly the tokens it counts, the same ones for the same seed and others for another."""
+    from edgert_export import calibrate
+    from edgert_export.archs import model_for
+    from edgert_export.checkpoint import Checkpoint
+    from edgert.tokenizer import Tokenizer
+    assert calibrate.self_prompts(BUNDLED_STORIES) == [[1]]
+    fixture = BUNDLED_STORIES.parent / "reasoning-qwen2"
+    starts = calibrate.self_prompts(fixture)
+    tok = Tokenizer.from_dir(fixture)
+    assert len(starts) == 2 * len(calibrate.CHAT_PROMPTS) and starts[0] == [506]
+    assert tok.decode(starts[1]) == "<｜begin▁of▁sentence｜><｜User｜>" + calibrate.CHAT_PROMPTS[0] + "<｜Assistant｜><think>\n"
+    ckpt = Checkpoint(fixture)
+    runs = [calibrate.sample_self(model_for(ckpt.config), ckpt, fixture, tmp_path / f"s{i}", tokens=256, rows=4,
+                                  seed=seed, eos=[507]) for i, seed in enumerate((0, 0, 1))]
+    name = runs[0].linears["layers.0.attn.qkv"]
+    assert runs[0].tokens == len(runs[0].stats[name].x) == 256
+    assert np.array_equal(runs[0].stats[name].x, runs[1].stats[name].x)
+    assert not np.array_equal(runs[0].stats[name].x, runs[2].stats[name].x)
 
 
 def test_calibration_pass_is_deterministic(tmp_path):
@@ -100,6 +135,115 @@ def test_bad_recipe_and_calib_are_one_line_errors(tmp_path):
     (tmp_path / "ok.txt").write_text("Once upon a time there was a cat.")
     assert_one_line_error(edgert("export", BUNDLED_STORIES, "-o", out, "--recipe", "rtn", "--calib", tmp_path / "ok.txt"),
                           "--calib is for --recipe gptq")
+    assert_one_line_error(edgert("export", BUNDLED_STORIES, "-o", out, "--recipe", "rtn", "--calib", "self"),
+                          "--calib is for --recipe gptq")
+    assert_one_line_error(edgert("export", BUNDLED_STORIES, "-o", out, "--bits-per-weight", "3.5"), "--bits-per-weight",
+                          "above 4")
+    assert_one_line_error(edgert("export", BUNDLED_STORIES, "-o", out, "--bits-per-weight", "5", "--recipe", "search"),
+                          "--bits-per-weight", "--recipe gptq")
+    assert_one_line_error(edgert("export", BUNDLED_STORIES, "-o", out, "--bits-per-weight", "4.5", "--calib", "built-in"),
+                          "--bits-per-weight 4.5 is below the smallest layout")
     assert not out.exists()
     r = edgert("export", "--help")
-    assert "--recipe" in r.stdout and "--calib" in r.stdout
+    assert "--recipe" in r.stdout and "--calib" in r.stdout and "--bits-per-weight" in r.stdout
+
+
+def test_plan_budget_spends_exactly_what_it_is_given():
+    """The plan's bytes (every code, scale and zero point, padding included) never pass the budget,
+    and more budget never costs accuracy (the output error each layout leaves after GPTQ)."""
+    from edgert_export.quantize import LAYOUTS, Survey, layout_bytes, layout_errors, plan_budget, quantize
+    rng = np.random.default_rng(3)
+    survey = Survey(lambda w, bits, block_size, name=None: None)
+    shapes = {"a": (96, 256), "b": (64, 200), "c": (128, 512), "d": (40, 96)}
+    stats = {}
+    for i, (name, (n, k)) in enumerate(shapes.items()):
+        survey(rng.normal(0, 0.02 * (i + 1), size=(n, k)).astype(np.float32), 4, 32, name)
+        stats[name] = Stats(correlated_inputs(512, k, seed=i))
+    errors = {t: layout_errors(survey.linears[t][2], survey.linears[t][0], stats[t]) for t in shapes}
+    assert all(e[LAYOUTS.index((4, 16))] < e[LAYOUTS.index((4, 128))] and e[-1] < e[0] for e in errors.values())
+    weights = sum(n * k for n, k in shapes.values())
+    last = None
+    for bpw in (4.6, 5.0, 5.5, 6.5, 8.9):
+        plan = plan_budget(survey, stats, bpw)
+        spent = sum(layout_bytes(*shapes[t], *plan[t]) for t in plan)
+        assert spent <= bpw * weights / 8
+        err = sum(errors[t][LAYOUTS.index(plan[t])] for t in plan)
+        assert last is None or err <= last
+        last = err
+    # layout_bytes is what quantize() stores
+    w = rng.normal(size=(24, 200)).astype(np.float32)
+    for bits, bs in LAYOUTS:
+        assert quantize(w, bits, bs).nbytes == layout_bytes(24, 200, bits, bs)
+    with pytest.raises(ValueError, match="below the smallest layout"):
+        plan_budget(survey, stats, 4.2)
+
+
+def test_bits_per_weight_budget_in_the_artifact(tmp_path):
+    """--bits-per-weight: every stored byte of the projections (codes, scales, zero points, read
+    from the ONNX graph) within the budget, the per-tensor choices in edgert.json equal to the
+    graph's MatMulNBits nodes, several layouts used, and `edgert eval` reporting them."""
+    import onnx
+    from edgert_export import export
+    out = tmp_path / "bpw"
+    m = export(BUNDLED_STORIES, out, progress=False, bits_per_weight=5.5)
+    q = m["quantization"]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    size = {}
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        size[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data)
+    stored, weights, layouts = 0, 0, set()
+    for node in model.graph.node:
+        name = node.name[2:]
+        if node.op_type != "MatMulNBits" or name in ("lm_head", "embed_tokens") or name not in q["tensors"]:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        nbytes = sum(size[i] for i in node.input[1:4] if i)
+        want = q["tensors"][name]
+        assert (attrs["bits"], attrs["block_size"], nbytes) == (want["bits"], want["block_size"], want["bytes"])
+        stored, weights = stored + nbytes, weights + attrs["K"] * attrs["N"]
+        layouts.add((attrs["bits"], attrs["block_size"]))
+    assert weights > 0
+    assert len([t for t in q["tensors"] if t.startswith("layers.")]) == 20
+    assert stored <= 5.5 * weights / 8 and stored > 5.3 * weights / 8
+    assert q["bits_per_weight_budget"] == 5.5 and abs(q["linear_bits_per_weight"] - 8 * stored / weights) < 1e-3
+    assert len(layouts) >= 2
+    r = edgert("eval", out, "--json", "--window", "64", "--text", BUNDLED_STORIES / "README.md")
+    assert r.returncode == 0, r.stderr
+    rq = json.loads(r.stdout)["quantization"]
+    assert rq["bits_per_weight_budget"] == 5.5 and rq["linear_bits_per_weight"] == q["linear_bits_per_weight"]
+    assert sum(rq["layouts"].values()) == len(q["tensors"])
+
+
+def test_gptq_workers_give_the_same_bytes(monkeypatch):
+    """GPTQ's rows split over threads: the same codes as one part."""
+    from edgert_export import quantize as qz
+    monkeypatch.setattr(qz, "_PARALLEL_MIN", 1)
+    rng = np.random.default_rng(4)
+    w = rng.normal(0, 0.05, size=(200, 160)).astype(np.float32)
+    x = correlated_inputs(512, 160)
+    got = {}
+    for n in ("1", "2"):
+        monkeypatch.setenv("EDGERT_EXPORT_WORKERS", n)
+        got[n] = quantize(w, 4, 32, stats=Stats(x))
+    for field in ("packed", "scales", "zero_points"):
+        assert np.array_equal(getattr(got["1"], field), getattr(got["2"], field))
+
+
+def test_anchor_fixture_is_fair_to_k_quants():
+    """The quantization anchor (fixtures/make_anchor.py): every matrix row a multiple of 256 wide, so
+    llama.cpp's k-quants apply unchanged; small enough to commit; its recorded held-out perplexity
+    is transformers fp32's on the one held-out story text."""
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "fixtures"))
+    import make_anchor
+    src = ROOT / "export" / "data" / "anchor256"
+    config = json.loads((src / "config.json").read_text())
+    record = json.loads((src / "fixture.json").read_text())
+    widths = (config["hidden_size"], config["num_attention_heads"] * config["head_dim"], config["intermediate_size"])
+    assert all(w % 256 == 0 for w in widths)
+    assert sum(f.stat().st_size for f in src.iterdir()) <= 10 << 20
+    from conftest import hf_model
+    ppl, n = make_anchor.heldout_ppl(hf_model(src), config["max_position_embeddings"])
+    assert n == record["heldout_tokens"] and abs(ppl / record["heldout_ppl_fp32"] - 1) < 1e-3
