@@ -325,8 +325,16 @@ class MoEDecoder(Decoder):
         return i not in self.dense_layers and (i + 1) % self.sparse_step == 0
 
     def experts(self, i: int):
-        """(gate [F,H], up [F,H], down [H,F]) per expert, loaded one at a time."""
+        """(gate [F,H], up [F,H], down [H,F]) per expert, loaded one at a time: one tensor per expert
+        and projection (the hub's layout), or transformers' fused 3-D `experts.gate_up_proj` [E, 2F, H]
+        (gate rows, then up) and `experts.down_proj` [E, H, F]."""
         pre = self.layer_prefix(i) + self.moe_prefix
+        if pre + "experts.gate_up_proj" in self.ckpt:
+            gate_up, down = self.ckpt.get(pre + "experts.gate_up_proj"), self.ckpt.get(pre + "experts.down_proj")
+            f = gate_up.shape[1] // 2
+            for e in range(self.routing.experts):
+                yield gate_up[e, :f], gate_up[e, f:], down[e]
+            return
         for e in range(self.routing.experts):
             yield tuple(self.ckpt.get(pre + n.format(e=e) + ".weight") for n in self.expert_names)
 

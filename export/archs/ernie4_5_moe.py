@@ -32,16 +32,6 @@ class Model(MoEDecoder):
                 return Routing(**{**self.routing.__dict__, "bias": tuple(float(b) for b in bias)})
         return self.routing
 
-    def experts(self, i):
-        pre = self.layer_prefix(i) + "mlp.experts."
-        if pre + "gate_up_proj" not in self.ckpt:          # the hub's layout: one tensor per expert and projection
-            yield from super().experts(i)
-            return
-        gate_up, down = self.ckpt.get(pre + "gate_up_proj"), self.ckpt.get(pre + "down_proj")     # [E, 2F, H], [E, H, F]
-        f = gate_up.shape[1] // 2
-        for e in range(self.routing.experts):
-            yield gate_up[e, :f], gate_up[e, f:], down[e]
-
     def shared_expert(self, g, i, x):
         pre = self.layer_prefix(i) + "mlp.shared_experts."
         if pre + "gate_proj.weight" not in self.ckpt:

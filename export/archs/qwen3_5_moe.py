@@ -14,13 +14,3 @@ class Model(MoEDecoder, qwen3_5.Model):
         super().__init__(config)
         self.routing = Routing(self.routing.experts, self.routing.top_k, renormalize=True)
 
-    def experts(self, i):
-        """Per-expert tensors as checkpoints on the hub store them, or fused 3-D ones (gate rows, then up)."""
-        pre = self.layer_prefix(i) + "mlp.experts."
-        if pre + "gate_up_proj" not in self.ckpt:
-            yield from super().experts(i)
-            return
-        gate_up, down = self.ckpt.get(pre + "gate_up_proj"), self.ckpt.get(pre + "down_proj")   # [E, 2F, H], [E, H, F]
-        f = gate_up.shape[1] // 2
-        for e in range(self.routing.experts):
-            yield gate_up[e, :f], gate_up[e, f:], down[e]
