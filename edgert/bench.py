@@ -129,10 +129,7 @@ def batch_decode(model: Model, ids: list[int], steps: int, n: int) -> float:
     prompt whose rows every sequence shares (copied, as `run --votes` does)."""
     from .engine import Engine
     eng = Engine(model)
-    seqs = [eng.open(ids)]
-    logits = eng.step({seqs[0]: ids})
-    seqs += [eng.open(ids) for _ in range(n - 1)]
-    logits.update(eng.step({s: ids[-1:] for s in seqs[1:]}))
+    seqs, logits = eng.open_many(ids, n)
     t0 = time.perf_counter()
     for _ in range(steps - 1):
         logits = eng.step({s: [int(np.argmax(logits[s]))] for s in seqs})

@@ -21,6 +21,8 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .limits import read_capped
+
 __all__ = ["load_chat_template", "render_chat", "tokenizer_config", "TemplateLimits"]
 
 
@@ -76,13 +78,7 @@ def tokenizer_config(model_dir) -> dict:
 
 def _read_capped(path: Path, limit: int) -> str:
     with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"{path}: larger than {limit >> 20} MB; refused")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
+        return read_capped(f, limit, str(path))
 
 
 class _Generation(jinja2.ext.Extension):

@@ -105,6 +105,25 @@ class Engine:
             self._resume(seq.slot, seq.slot, n)
         del seq.ids[n:]
 
+    def open_many(self, prompt_ids, n: int) -> tuple[list[Seq], dict[Seq, np.ndarray]]:
+        """n sequences on one prompt (votes, `n` choices, batched bench): the prompt is computed once;
+        the others copy its rows (a recurrent model: its state one token before the end) and feed
+        what they could not reuse. Returns the sequences and the logits after the prompt for each."""
+        prompt_ids = list(prompt_ids)
+        first = self.open(prompt_ids)
+        self.mark(first, [len(prompt_ids) - 1])
+        seqs = [first]
+        try:
+            logits = self.step({first: prompt_ids[first.cached:]})
+            seqs += [self.open(prompt_ids) for _ in range(n - 1)]
+            if n > 1:
+                logits.update(self.step({s: prompt_ids[s.cached:] for s in seqs[1:]}))
+        except BaseException:
+            for s in seqs:
+                self.close(s)
+            raise
+        return seqs, logits
+
     def mark(self, seq: Seq, positions) -> None:
         """Recurrent models: also keep the state at these positions of the next feed (turn boundaries
         that the next prompt will share); a no-op for others."""

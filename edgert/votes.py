@@ -34,14 +34,8 @@ def sample_together(llm, prompt_ids: list[int], n: int, max_tokens: int, samplin
     if n < 1 or n > engine.slots:
         raise ValueError(f"{n} votes need {n} cache slots; this model was loaded with {engine.slots}")
     t0 = time.perf_counter()
-    first = engine.open(prompt_ids)
-    engine.mark(first, [len(prompt_ids) - 1])      # a recurrent model keeps its state there for the others
-    seqs = [first]
+    seqs, logits = engine.open_many(prompt_ids, n)      # the prompt computed once, its rows copied
     try:
-        logits = engine.step({first: prompt_ids[first.cached:]})
-        seqs += [engine.open(prompt_ids) for _ in range(n - 1)]           # the prompt's rows copied
-        if n > 1:
-            logits.update(engine.step({s: [prompt_ids[-1]] for s in seqs[1:]}))
         prefill_s = time.perf_counter() - t0
         decs = {}
         for i, s in enumerate(seqs):
