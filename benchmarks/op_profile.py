@@ -1,6 +1,6 @@
 """Where an edgert prefill and decode step go: onnxruntime's profiler, grouped per op type.
 
-    python benchmarks/op_profile.py ART [--threads 2] [--prompt-len 128] [--decode 32] [--json out.json]
+    python benchmarks/op_profile.py ART [--threads 2] [--prompt-len 128] [--decode 32] [--batch N] [--json out.json]
 
 Prints, per op type, the milliseconds of one prefill and of one decode step (the mean over the
 decode steps) and their share, plus the largest node groups (the layer index folded out, so the
@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 
-def profiled_model(artifact: Path, threads: int, prefix: str):
+def profiled_model(artifact: Path, threads: int, prefix: str, slots: int = 1):
     """edgert's Model with profiling switched on: its session options come from ort.SessionOptions()."""
     from edgert.model import Model
 
@@ -35,7 +35,7 @@ def profiled_model(artifact: Path, threads: int, prefix: str):
 
     ort.SessionOptions = with_profiling
     try:
-        return Model(artifact, context=1024, threads=threads)
+        return Model(artifact, context=1024, threads=threads, slots=slots)
     finally:
         ort.SessionOptions = plain
 
@@ -72,25 +72,31 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--rows", type=int, default=12, help="node groups to list")
+    ap.add_argument("--batch", type=int, default=1, help="decode steps of N sequences together (one forward)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     if not (a.artifact / "edgert.json").is_file():
         ap.error(f"{a.artifact} is not an edgert artifact (no edgert.json)")
     with tempfile.TemporaryDirectory() as tmp:
-        m = profiled_model(a.artifact, a.threads, str(Path(tmp) / "prof"))
+        m = profiled_model(a.artifact, a.threads, str(Path(tmp) / "prof"), a.batch)
         rng = np.random.default_rng(0)
-        prompt = rng.integers(0, 1000, a.prompt_len).tolist()
+        prompt = np.array([rng.integers(0, 1000, a.prompt_len)], np.int64)
+        n = a.batch
+
+        def sequence(steps):
+            """prefill slot 0 (the profiled prefill), the other slots too, then `steps` steps of all slots"""
+            for r in range(n):
+                tok = m.run(r, prompt, np.array([0]))[0, -1].argmax()
+            toks = np.full((n, 1), tok, np.int64)
+            for i in range(steps):
+                logits = m.run(0, toks, np.full(n, a.prompt_len + i))
+                toks = logits[:, -1].argmax(-1).reshape(n, 1).astype(np.int64)
         for _ in range(2):                      # warm-up: prepacking, page-in
-            m.reset()
-            tok = int(np.argmax(m.forward(prompt)[-1]))
-            for _ in range(4):
-                tok = int(np.argmax(m.forward([tok])[-1]))
-        m.reset()
-        tok = int(np.argmax(m.forward(prompt)[-1]))
-        for _ in range(a.decode):
-            tok = int(np.argmax(m.forward([tok])[-1]))
+            sequence(4)
+        sequence(a.decode)
         events = json.loads(Path(m.session.end_profiling()).read_text())
-    runs = [e for e in events if e.get("name") == "model_run"][-(1 + a.decode):]
+    runs = [e for e in events if e.get("name") == "model_run"][-(n + a.decode):]
+    runs = runs[:1] + runs[n:]                  # slot 0's prefill, then the decode steps
     per = group(events, runs)
     pre, dec = per[0], per[1:]
     dec_ops, dec_nodes = defaultdict(float), defaultdict(float)
@@ -102,7 +108,7 @@ def main(argv=None) -> int:
     dec_wall = sum(d["wall_us"] for d in dec)
     out = table(f"prefill ({a.prompt_len} tokens) by op type", pre["ops"], pre["wall_us"], 1, 99)
     out += table("prefill, largest node groups", pre["nodes"], pre["wall_us"], 1, a.rows)
-    out += table(f"decode (mean of {a.decode} steps) by op type", dec_ops, dec_wall, a.decode, 99)
+    out += table(f"decode (mean of {a.decode} steps of {n} sequence{'s' * (n > 1)}) by op type", dec_ops, dec_wall, a.decode, 99)
     out += table("decode, largest node groups", dec_nodes, dec_wall, a.decode, a.rows)
     print("\n".join(out))
     if a.json:

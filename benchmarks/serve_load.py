@@ -53,7 +53,8 @@ def start(cmd: list[str], url: str, log: Path, seconds: float = 600):
 def stream_chat(url: str, model: str, messages: list, max_tokens: int) -> dict:
     """One streamed greedy request: TTFT (first reasoning or answer text), completion tokens, time."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True},
+            "min_tokens": max_tokens}   # llama-cpp-python's: random weights hit one of its EOG ids early
     t0 = time.perf_counter()
     try:
         return _stream(url, body, t0)
@@ -62,7 +63,7 @@ def stream_chat(url: str, model: str, messages: list, max_tokens: int) -> dict:
 
 
 def _stream(url: str, body: dict, t0: float) -> dict:
-    first, tokens, deltas, text = None, None, 0, ""
+    first, tokens, deltas, text, finish = None, None, 0, "", None
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
         if r.status_code != 200:
             return {"error": f"HTTP {r.status_code}"}
@@ -74,13 +75,14 @@ def _stream(url: str, body: dict, t0: float) -> dict:
                 tokens = chunk["usage"]["completion_tokens"]
             for c in chunk.get("choices", []):
                 d = c.get("delta", {})
-                piece = (d.get("reasoning_content") or "") + (d.get("content") or "")
-                if piece:
+                finish = c.get("finish_reason") or finish
+                if d.get("reasoning_content") is not None or d.get("content") is not None:   # a token, maybe no text yet
                     first = first or time.perf_counter() - t0
                     deltas += 1
                     text += d.get("content") or ""
-    return {"ttft": first, "tokens": tokens if tokens is not None else deltas, "seconds": time.perf_counter() - t0,
-            "text": text}
+    if tokens is None:          # a server without stream_options.include_usage: all of max_tokens, or one per delta
+        tokens = body["max_tokens"] if finish == "length" else deltas
+    return {"ttft": first, "tokens": tokens, "seconds": time.perf_counter() - t0, "text": text}
 
 
 def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
@@ -106,17 +108,27 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> 
             "ttft_p95_s": round(pct(ttfts, 95), 4) if ttfts else None}
 
 
+def first_token_seconds(url: str, model: str, messages: list) -> float | None:
+    """Time to first token as a client sees it: one non-streamed greedy request for a single token
+    (prefill + one step; needs no visible text, so random-weight models measure too)."""
+    body = {"model": model, "messages": messages, "max_tokens": 1, "temperature": 0}
+    t0 = time.perf_counter()
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+    return time.perf_counter() - t0 if r.status_code == 200 else None
+
+
 def conversation(url: str, model: str, filler_tokens: int, max_tokens: int) -> dict:
-    """Turn 1: a long user message; turn 2 repeats it with the answer and a new question."""
+    """Turn 1: a long user message (first token timed on a cold cache), answered in full; turn 2
+    sends it back with the answer and a new question: its first token shows the prefix reuse."""
     filler = " ".join(["1+1=2."] * max(1, filler_tokens // 6))
     first = [{"role": "user", "content": filler + " " + QUESTIONS[0]}]
+    t1 = first_token_seconds(url, model, first)
     a = stream_chat(url, model, first, max_tokens)
     second = first + [{"role": "assistant", "content": a.get("text", "")}, {"role": "user", "content": QUESTIONS[1]}]
-    b = stream_chat(url, model, second, max_tokens)
-    if "error" in a or "error" in b or not a["ttft"] or not b["ttft"]:
-        return {"error": a.get("error") or b.get("error") or "no text"}
-    return {"turn1_ttft_s": round(a["ttft"], 4), "turn2_ttft_s": round(b["ttft"], 4),
-            "turn2_over_turn1": round(b["ttft"] / a["ttft"], 3)}
+    t2 = first_token_seconds(url, model, second)
+    if "error" in a or not t1 or not t2:
+        return {"error": a.get("error") or "a request failed"}
+    return {"turn1_ttft_s": round(t1, 4), "turn2_ttft_s": round(t2, 4), "turn2_over_turn1": round(t2 / t1, 3)}
 
 
 def pct(xs: list, p: float) -> float:
@@ -154,7 +166,8 @@ def main():
         import llama_cpp  # noqa: F401
         if args.gguf:
             runs.append(("llama-cpp-python", [sys.executable, "-m", "llama_cpp.server", "--model", str(args.gguf),
-                                              "--n_threads", str(args.threads), "--n_ctx", str(args.context or 4096)]))
+                                              "--n_threads", str(args.threads), "--n_ctx", str(args.context or 4096),
+                                              "--interrupt_requests", "False"]))   # queue requests, not cut them
         else:
             results["llama-cpp-python"] = {"skipped": "give --gguf MODEL.gguf (the same shape as --artifact)"}
     except ImportError:

@@ -89,8 +89,11 @@ def check_manifest(manifest, where: str = "edgert.json") -> dict:
     kv = need_int(m, "kv_heads", 1, heads, "model.kv_heads")
     if heads % kv:
         bad("model.kv_heads", f"a divisor of model.heads ({heads}), not {kv}")
-    hd = need_int(m, "head_dim", 16, MAX_HEAD_DIM, "model.head_dim")
-    if hd % 16:
+    if manifest.get("io", "edgert") not in ("edgert", "optimum"):
+        bad("io", "edgert or optimum (whose graph the runtime feeds through its adapter)")
+    optimum = manifest.get("io") == "optimum"
+    hd = need_int(m, "head_dim", 1 if optimum else 16, MAX_HEAD_DIM, "model.head_dim")
+    if hd % 16 and not optimum:         # GroupQueryAttention's kernels want multiples of 16
         bad("model.head_dim", f"a multiple of 16, not {hd}")
     vocab = need_int(m, "vocab", 1, MAX_VOCAB, "model.vocab")
     params = need_int(m, "parameters", 1, MAX_PARAMETERS, "model.parameters")

@@ -65,8 +65,12 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an edgert artifact (never another non-empty "
                                "folder, never the source)."),
     kv_cache: Optional[str] = typer.Option(None, help="KV cache precision the graphs read and write: fp16 (half the "
-                                           "memory, the same speed) or fp32 [default: fp16; fp32 with --bits 32]."),
+                                           "memory; on x86 ~7% slower decode, onnxruntime converts it per head) or fp32 [default: fp16; fp32 "
+                                           "with --bits 32]."),
     revision: Optional[str] = typer.Option(None, help="With a hub repo id: the branch, tag or commit [default: main]."),
+    via: Optional[str] = typer.Option(None, help="native (edgert's own graph builders) or optimum (optimum-onnx's graph, "
+                                      "quantized by onnxruntime; needs the [optimum] extra) [default: native when "
+                                      "edgert builds the model_type, else optimum]."),
 ):
     """Export a Hugging Face checkpoint to an int4/int8 ONNX artifact."""
     try:
@@ -76,7 +80,7 @@ def export(
     try:
         manifest = do_export(model_dir, out, bits=bits, block_size=block_size, context=context, force=force,
                              embed_bits=embed_bits, recipe=recipe, calib=calib, kv_cache=kv_cache, revision=revision,
-                             bits_per_weight=bits_per_weight)
+                             bits_per_weight=bits_per_weight, via=via)
     except ExportError as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -119,10 +119,10 @@ class Model:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
         graphs = self.manifest.get("graphs", {"default": "model.onnx"})
-        self.strategy = choose_graph(graphs, strategy, uses_int8_matmul(self.manifest))
+        self.strategy = self.graph = choose_graph(graphs, strategy, uses_int8_matmul(self.manifest))
         try:
             with weights_held_once(self.path):
-                self.session = ort.InferenceSession(str(self.path / graphs[self.strategy]), opts,
+                self.session = ort.InferenceSession(str(self.path / graphs[self.graph]), opts,
                                                     providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types with long texts
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -135,6 +135,8 @@ class Model:
         if slots > 1 and not self.manifest.get("batch"):
             raise ArtifactError(f"{self.path} was exported before batching (one sequence per forward): "
                                 f"re-export it with this edgert to decode {slots} sequences together")
+        self.io = self.manifest.get("io", "edgert")     # "optimum": optimum-onnx's graph, fed by _run_concat
+        self._inputs = {i.name for i in self.session.get_inputs()}
         self.kv_cache = self.manifest.get("quantization", {}).get("kv_cache", "fp32")
         kv_dtype = {"fp32": np.float32, "fp16": np.float16}[self.kv_cache]
         kv_layers = m.get("attention_layers", range(self.layers))      # hybrid models: only these attend
@@ -195,6 +197,8 @@ class Model:
         total = lengths.astype(np.int64) + n
         if total.max() > self.context:
             raise ContextFull(f"{int(total.max())} tokens do not fit the {self.context}-token context")
+        if self.io == "optimum":
+            return self._run_concat(first, ids, lengths.astype(np.int64), num_logits)
         io = self._binding(first, first + b)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
         io.bind_cpu_input("num_logits", np.array([min(num_logits, n)], np.int64))
@@ -214,6 +218,31 @@ class Model:
             for j in range(len(self.router_outputs)):
                 np.add.at(self.expert_counts[j], outs[-len(self.router_outputs) + j].numpy().ravel(), 1)
         return outs[0].numpy()
+
+    def _run_concat(self, first: int, ids: np.ndarray, lengths: np.ndarray, num_logits: int) -> np.ndarray:
+        """The adapter for optimum-onnx's graphs (`export --via optimum`), whose past is an input
+        [B, kv_heads, past, head_dim] and whose present is past + new: the rows of slots
+        first..first+B-1 are copied out of the same cache buffers the native graphs use (rows
+        shorter than the longest are padded, attention_mask hides the padding), and each row's new
+        rows are copied back. Per step it moves the whole past twice, as optimum's own Concat does."""
+        b, n = ids.shape
+        past = int(lengths.max())
+        mask = np.ones((b, past + n), np.int64)
+        for r, length in enumerate(lengths):
+            mask[r, length:past] = 0
+        feeds = {"input_ids": np.ascontiguousarray(ids, np.int64), "attention_mask": mask}
+        if "position_ids" in self._inputs:
+            feeds["position_ids"] = lengths[:, None] + np.arange(n, dtype=np.int64)
+        for buf, (name, _) in zip(self.cache, self._cache_names):
+            feeds[name] = np.ascontiguousarray(buf[first:first + b, :, :past])
+        try:
+            out = self.session.run(["logits"] + [present for _, present in self._cache_names], feeds)
+        except Exception as e:
+            raise RunError(f"onnxruntime {ort.__version__} failed: {str(e).strip().splitlines()[0][:300]}") from None
+        for buf, present in zip(self.cache, out[1:]):
+            for r, length in enumerate(lengths):
+                buf[first + r, :, length:length + n] = present[r, :, past:]
+        return out[0][:, -min(num_logits, n):]
 
     def forward(self, ids, num_logits: int = 1) -> np.ndarray:
         """One sequence in slot 0: feed tokens after what its cache holds; returns logits

@@ -100,16 +100,22 @@ def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
 def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | None = None, force: bool = False,
            embed_bits: int = 8, progress: bool = True, recipe: str = DEFAULT_RECIPE, calib=None,
            checkpoint=None, kv_cache: str | None = None, revision: str | None = None,
-           bits_per_weight: float | None = None) -> dict:
+           bits_per_weight: float | None = None, via: str | None = None) -> dict:
     """Export a Hugging Face folder (or a hub repo id ORG/NAME, at `revision`: see hub.py) to an
     edgert artifact folder; returns the manifest.
     recipe: how int4 codes are chosen (quantize.RECIPES); calib: "self", "built-in" or a calibration
     text file for "gptq"; bits_per_weight: a byte budget for the projections (mixed precision).
     `checkpoint` replaces the folder's weights (synthetic.py); config and tokenizer still come from the folder.
     kv_cache: the precision of the KV cache the graphs read and write, fp16 or fp32 (default: fp16,
-    fp32 for the unquantized --bits 32 reference)."""
+    fp32 for the unquantized --bits 32 reference).
+    via: "native" (edgert's own builders), "optimum" (optimum-onnx's graph, onnxruntime's
+    quantizer: optimum_route.py) or None: native when edgert builds the model_type, else optimum."""
     t0 = time.time()
     src, out = Path(model_dir), Path(out)
+    if via not in (None, "native", "optimum"):
+        raise ExportError(f"--via must be native or optimum, not {via!r}")
+    explicit = {"--recipe": recipe != DEFAULT_RECIPE, "--calib": calib is not None, "--kv-cache": kv_cache is not None,
+                "--bits-per-weight": bits_per_weight is not None, "--embed-bits": embed_bits != 8}
     if recipe not in RECIPES:
         raise ExportError(f"--recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
     kv_cache = kv_cache or ("fp32" if bits == 32 else "fp16")
@@ -143,6 +149,12 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         check_out(out, force, src)           # fail fast; checked again under the lock and before the rename
     except OutError as e:
         raise ExportError(str(e)) from None
+    if checkpoint is None and _route(src, via) == "optimum":
+        native_only = [flag for flag, given in explicit.items() if given]
+        if native_only:
+            raise ExportError(f"{', '.join(native_only)}: native export only; the optimum route quantizes with "
+                              f"onnxruntime's round-to-nearest MatMulNBits and keeps an fp32 KV cache")
+        return _export_optimum(src, out, bits, block_size, context, force, progress, t0)
     try:
         ckpt = Checkpoint(src) if checkpoint is None else checkpoint
         validate(ckpt, tensors=checkpoint is None)     # before any graph, temporary folder or large array
@@ -187,36 +199,19 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
                 g.save(tmp / graphs[name], producer="edgert", tags=tags)
             g.close()
             shutil.rmtree(tmp / "calibration", ignore_errors=True)
-            for name in TOKENIZER_FILES + ("generation_config.json", "config.json"):
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, tmp / name)
             total_params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names if model.counts(n))
-            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                     for name in [*graphs.values(), "model.onnx.data"]}
-            manifest = {
-                "format": "edgert", "format_version": FORMAT_VERSION,
+            manifest = _seal(tmp, src, ckpt, graphs, {
                 "architecture": ckpt.config.get("model_type"),
                 "model": {"layers": model.n_layers, "hidden": model.hidden, "heads": model.heads,
                           "kv_heads": model.kv_heads, "head_dim": model.padded_head_dim, "vocab": model.vocab,
                           "parameters": total_params, **model.extra_manifest(),
                           **model.layer_manifest()},
                 "context_length": context,
-                "batch": True,          # the graphs take [batch, sequence] ids: several sequences per forward
-                "graphs": graphs,
                 "quantization": {**quant, "router": 32, "int4": "asymmetric (zero point per block)",
                                  "int8": "symmetric", "accuracy_level": 4, "recipe": recipe.method,
                                  **({"calibration": _calib_name(calib), "calibration_tokens": stats.tokens,
                                      **({"calibration_seed": SELF_SEED} if self_calib else {})} if stats else {}),
-                                 "bits_per_weight": round(8 * sum(f["bytes"] for f in files.values()) / max(total_params, 1), 3),
-                                 **_tensor_table(g.quantizer, bits_per_weight)},
-                "special_tokens": _special_tokens(src, ckpt),
-                "generation": {k: ckpt.generation_config[k] for k in ("do_sample", "temperature", "top_p", "top_k",
-                                                                      "repetition_penalty") if k in ckpt.generation_config},
-                "files": files,
-                "versions": {"edgert": _version(), "numpy": np.__version__,
-                             "onnx_ir": IR_VERSION, "python": platform.python_version()},
-            }
-            (tmp / "edgert.json").write_text(json.dumps(manifest, indent=2) + "\n")
+                                 **_tensor_table(g.quantizer, bits_per_weight)}})
             commit()
     except (CheckpointError, UnsupportedModel) as e:
         raise ExportError(str(e)) from None
@@ -237,8 +232,88 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     finally:
         if g is not None:
             g.close()
-    size = sum(f["bytes"] for f in files.values())
-    manifest["summary"] = {"bytes": size, "bits_per_weight": 8 * size / max(total_params, 1), "seconds": time.time() - t0}
+    return _summarised(manifest, t0)
+
+
+def _route(src: Path, via: str | None) -> str:
+    """native or optimum: what --via says, else native for the model_types edgert builds and
+    optimum for the others (when it is installed; a note on stderr says so)."""
+    from .archs import ARCHITECTURES
+    from . import optimum_route
+    if via:
+        return via
+    try:
+        model_type = _read_json(src / "config.json").get("model_type") if (src / "config.json").is_file() else None
+    except (CheckpointError, AttributeError):
+        return "native"          # the native path reports what is wrong with it
+    if not isinstance(model_type, str) or model_type in ARCHITECTURES:
+        return "native"
+    if not optimum_route.available():
+        raise ExportError(f"model_type {model_type!r} is not built natively (supported: {', '.join(sorted(ARCHITECTURES))}); "
+                          f"to export it through optimum-onnx: {optimum_route.INSTALL}")
+    print(f"edgert: model_type {model_type!r} is not built natively: exporting through optimum-onnx (--via optimum)",
+          file=sys.stderr)
+    return "optimum"
+
+
+def _export_optimum(src: Path, out: Path, bits: int, block_size: int, context: int | None, force: bool,
+                    progress: bool, t0: float) -> dict:
+    """The optimum route (optimum_route.py) into the same atomic write and manifest."""
+    from . import optimum_route
+    try:
+        ckpt = Checkpoint(src)
+        note = (lambda line: print(line, file=sys.stderr)) if progress else (lambda line: None)
+        with signals_unwind(), writing(out, force, src) as (tmp, commit):
+            model, quant, max_positions = optimum_route.build(src, tmp, ckpt.config, bits, block_size, note)
+            context = context or min(max_positions, DEFAULT_MAX_CONTEXT)
+            if not 1 <= context <= max_positions:
+                raise ExportError(f"--context must be between 1 and the model's {max_positions} positions, not {context}")
+            manifest = _seal(tmp, src, ckpt, {"default": "model.onnx"}, {
+                "architecture": ckpt.config.get("model_type"), "io": "optimum", "model": model,
+                "context_length": context, "quantization": quant})
+            commit()
+    except (CheckpointError, UnsupportedModel, OutError) as e:
+        raise ExportError(str(e)) from None
+    except OSError as e:
+        raise ExportError(f"writing {out}: {e.strerror or e}") from None
+    except ExportError:
+        raise
+    except Exception as e:       # optimum-onnx / torch / the quantizer on a model they cannot take
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ExportError(f"{src}: optimum-onnx cannot export this model ({type(e).__name__}: {first})") from None
+    return _summarised(manifest, t0)
+
+
+def _summarised(manifest: dict, t0: float) -> dict:
+    """The manifest plus what the CLI prints (not written to edgert.json): bytes, bits per weight, seconds."""
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    manifest["summary"] = {"bytes": size, "bits_per_weight": 8 * size / max(manifest["model"]["parameters"], 1),
+                           "seconds": time.time() - t0}
+    return manifest
+
+
+def _seal(tmp: Path, src: Path, ckpt, graphs: dict, fields: dict) -> dict:
+    """The artifact's last step, either route: tokenizer and config files copied, every file
+    hashed, edgert.json written (fields: architecture, model, context_length, quantization, ...)."""
+    for name in TOKENIZER_FILES + ("generation_config.json", "config.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / name)
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+             for name in [*graphs.values(), "model.onnx.data"]}
+    stored = sum(f["bytes"] for f in files.values())
+    fields["quantization"]["bits_per_weight"] = round(8 * stored / max(fields["model"]["parameters"], 1), 3)
+    manifest = {
+        "format": "edgert", "format_version": FORMAT_VERSION, **fields,
+        "batch": True,          # the graphs take [batch, sequence] ids: several sequences per forward
+        "graphs": graphs,
+        "special_tokens": _special_tokens(src, ckpt),
+        "generation": {k: ckpt.generation_config[k] for k in ("do_sample", "temperature", "top_p", "top_k",
+                                                              "repetition_penalty") if k in ckpt.generation_config},
+        "files": files,
+        "versions": {"edgert": _version(), "numpy": np.__version__,
+                     "onnx_ir": IR_VERSION, "python": platform.python_version()},
+    }
+    (tmp / "edgert.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

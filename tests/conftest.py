@@ -30,30 +30,38 @@ OLD_ORT = "1.22.1"
 _old_ort_problem: list[str] = []      # why the old-onnxruntime tests did not run (for the summary)
 
 
-def _old_ort_venv() -> Path:
-    """A venv with onnxruntime 1.22.1 and the runtime's other dependencies (no tokenizers, as on
-    Termux), made once and cached in ~/.cache/edgert/ort122-venv; a lock keeps concurrent runs apart."""
+def _cached_venv(name: str, packages: list[str], inherit: bool = False) -> Path:
+    """A venv made once and cached in ~/.cache/edgert/NAME (a lock keeps concurrent runs apart).
+    inherit: it also sees this Python's packages (a .pth line adds its site-packages after its own),
+    so it only installs what must differ."""
     import fcntl
+    import site
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgert"
-    venv = base / "ort122-venv"
+    venv = base / name
     python, done = venv / "bin" / "python", venv / ".edgert-complete"
-    if done.is_file():
+    parent = site.getsitepackages()[0] if inherit else ""
+    stamp = " ".join(packages) + " " + parent + "\n"
+    if done.is_file() and done.read_text() == stamp:
         return python
     base.mkdir(parents=True, exist_ok=True)
-    with open(base / ".ort122-venv.lock", "w") as lock:
+    with open(base / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.is_file():
-            shutil.rmtree(venv, ignore_errors=True)            # a half-made one from an interrupted run
-            print(f"\ncreating {venv} (onnxruntime {OLD_ORT}, once)", file=sys.stderr)
-            for cmd in ([sys.executable, "-m", "venv", str(venv)],
-                        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                         f"onnxruntime=={OLD_ORT}", "numpy", "jinja2", "typer"]):
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-                if r.returncode:
-                    shutil.rmtree(venv, ignore_errors=True)
-                    tail = (r.stderr.strip().splitlines() or ["?"])[-1]
-                    raise RuntimeError(f"{' '.join(cmd[:4])} failed: {tail}")
-            done.write_text(OLD_ORT + "\n")
+        if not (done.is_file() and done.read_text() == stamp):
+            shutil.rmtree(venv, ignore_errors=True)            # a half-made or stale one
+            print(f"\ncreating {venv} ({', '.join(packages)}, once)", file=sys.stderr)
+            r = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=300)
+            if not r.returncode and inherit:
+                own = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                                     capture_output=True, text=True).stdout.strip()
+                (Path(own) / "edgert-parent.pth").write_text(f"import site; site.addsitedir({parent!r})\n")
+            if not r.returncode:
+                r = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages],
+                                   capture_output=True, text=True, timeout=900)
+            if r.returncode:
+                shutil.rmtree(venv, ignore_errors=True)
+                tail = (r.stderr.strip().splitlines() or ["?"])[-1]
+                raise RuntimeError(f"making {venv} failed: {tail}")
+            done.write_text(stamp)
     return python
 
 
@@ -66,7 +74,7 @@ def old_ort_python() -> str:
     if _old_ort_problem:
         pytest.skip(_old_ort_problem[0])
     try:
-        return str(_old_ort_venv())
+        return str(_cached_venv("ort122-venv", [f"onnxruntime=={OLD_ORT}", "numpy", "jinja2", "typer"]))
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         _old_ort_problem.append(f"no Python with onnxruntime {OLD_ORT}: {e} (set EDGERT_ORT_PYTHON)")
         pytest.skip(_old_ort_problem[0])
@@ -76,6 +84,30 @@ def pytest_terminal_summary(terminalreporter):
     if _old_ort_problem:
         terminalreporter.write_sep("!", f"THE ONNXRUNTIME {OLD_ORT} TESTS DID NOT RUN: {_old_ort_problem[0]}", red=True,
                                    bold=True)
+    if _optimum_problem:
+        terminalreporter.write_sep("!", f"THE OPTIMUM ROUTE TESTS DID NOT RUN: {_optimum_problem[0]}", red=True, bold=True)
+
+
+# ---- optimum-onnx (export --via optimum), which wants transformers < 4.58: its own venv ---------
+
+OPTIMUM = ["optimum-onnx==0.1.0", "transformers>=4.36,<4.58"]
+_optimum_problem: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def optimum_python() -> str:
+    """EDGERT_OPTIMUM_PYTHON (.ci/run sets it), else a cached venv that adds optimum-onnx and an
+    older transformers to this Python's packages. Without one (no network for pip) the tests skip
+    and the summary says so."""
+    if os.environ.get("EDGERT_OPTIMUM_PYTHON"):
+        return os.environ["EDGERT_OPTIMUM_PYTHON"]
+    if _optimum_problem:
+        pytest.skip(_optimum_problem[0])
+    try:
+        return str(_cached_venv("optimum-venv", OPTIMUM, inherit=True))
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        _optimum_problem.append(f"no Python with optimum-onnx: {e} (set EDGERT_OPTIMUM_PYTHON)")
+        pytest.skip(_optimum_problem[0])
 
 
 def make_checkpoint(out: Path, model_type: str, dtype: str = "float32", shard: str | None = None, seed: int = 0,

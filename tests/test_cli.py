@@ -66,7 +66,7 @@ def test_export_unknown_architecture_lists_supported(tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "bert"
     (src / "config.json").write_text(json.dumps(cfg))
-    assert_one_line_error(edgert("export", src, "-o", tmp_path / "out"), "'bert' is not supported", "llama", "qwen2", "qwen3")
+    assert_one_line_error(edgert("export", src, "-o", tmp_path / "out"), "'bert' is not built natively", "llama", "qwen2", "qwen3", "edgert[optimum]")
     assert not (tmp_path / "out").exists()
 
 
