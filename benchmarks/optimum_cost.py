@@ -1,13 +1,14 @@
 """What the optimum route costs against the native path, on one model both can build.
 
     python benchmarks/optimum_cost.py [MODEL] [--optimum-python PY] [--work DIR] [--threads 2]
+        [--prompts 128,1024]
 
 MODEL defaults to the bundled reasoning-qwen2 fixture (a trained Qwen2). Exports it natively
 (int4, the default GPTQ with self-calibration, and round-to-nearest) and through optimum-onnx
 (`--via optimum`, int4 round-to-nearest by onnxruntime's quantizer) with PY, a Python that has
-the [optimum] extra; then, interleaved: export seconds, artifact MB, decode and prefill tok/s
-(`edgert bench`, 128-token prompt and at 1,024), and perplexity on the bundled held-out stories
-(`edgert eval`).
+the [optimum] extra; then, interleaved: export seconds, artifact MB, decode tok/s after each
+prompt length and prefill tok/s of the longest (`edgert bench`). For a reasoning fixture also
+its task accuracy on the 200 held-out problems (greedy; benchmarks/reasoning_accuracy.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "fixtures")]
 
 
 def cli(python: str, *args) -> subprocess.CompletedProcess:
@@ -35,6 +37,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("optimum-cost"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompts", default="128,1024", help="prompt lengths for the decode columns")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     if not a.optimum_python:
@@ -42,6 +45,7 @@ def main() -> int:
     variants = {"native int4 (gptq, self-calibrated)": (sys.executable, []),
                 "native int4 (rtn)": (sys.executable, ["--recipe", "rtn"]),
                 "optimum int4 (onnxruntime rtn)": (a.optimum_python, ["--via", "optimum"])}
+    prompts = [int(p) for p in a.prompts.split(",")]
     rows = {}
     for name, (python, extra) in variants.items():
         out = a.work / name.split(" (")[0].replace(" ", "-") / (extra[-1] if extra else "gptq")
@@ -52,25 +56,35 @@ def main() -> int:
             continue
         size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model."))
         rows[name] = {"artifact": str(out), "export_s": round(time.perf_counter() - t0, 1), "mb": round(size / 1e6, 2),
-                      "decode_128": [], "decode_1024": [], "prefill_1024": []}
+                      "decode": {p: [] for p in prompts}, "prefill": []}
     for _ in range(a.rounds):
         for name, row in rows.items():
-            for p, keys in ((128, ("decode_128",)), (1024, ("decode_1024", "prefill_1024"))):
+            for p in prompts:
                 r = cli(sys.executable, "bench", row["artifact"], "--prompt-tokens", p, "--gen-tokens", 32, "--threads",
                         a.threads, "--json")
+                if r.returncode:
+                    raise SystemExit(f"{name}: bench failed: {r.stderr.strip()[-300:]}")
                 d = json.loads(r.stdout)
-                for k in keys:
-                    row[k].append(d["decode_tok_s" if k.startswith("decode") else "prefill_tok_s"])
+                row["decode"][p].append(d["decode_tok_s"])
+                if p == prompts[-1]:
+                    row["prefill"].append(d["prefill_tok_s"])
+    fixture = (a.model / "fixture.json").is_file()
+    if fixture:
+        import reasoning_accuracy as ra
+        problems = ra.task.held_out_problems()
+        ref = ra.reference_texts(a.model, problems)
     for name, row in rows.items():
-        for k in ("decode_128", "decode_1024", "prefill_1024"):
-            row[k] = round(statistics.median(row[k]), 1)
-        r = cli(sys.executable, "eval", row["artifact"], "--json")
-        row["perplexity"] = round(json.loads(r.stdout)["ppl"], 4) if r.returncode == 0 else None
-    print("| export | seconds | MB | decode tok/s @128 | @1024 | prefill tok/s @1024 | perplexity |")
-    print("|---|---|---|---|---|---|---|")
+        row["decode"] = {p: round(statistics.median(v), 1) for p, v in row["decode"].items()}
+        row["prefill"] = round(statistics.median(row["prefill"]), 1)
+        if fixture:
+            texts, _ = ra.edgert_texts(Path(row["artifact"]), problems, 96, a.threads)
+            row["accuracy"] = ra.score(texts, problems, ref)["accuracy"]
+    print("| export | seconds | MB | " + " | ".join(f"decode tok/s @{p}" for p in prompts) +
+          f" | prefill tok/s @{prompts[-1]} |" + (" accuracy |" if fixture else ""))
+    print("|---" * (4 + len(prompts) + fixture) + "|")
     for name, row in rows.items():
-        print(f"| {name} | {row['export_s']} | {row['mb']} | {row['decode_128']} | {row['decode_1024']} | "
-              f"{row['prefill_1024']} | {row['perplexity']} |")
+        print(f"| {name} | {row['export_s']} | {row['mb']} | " + " | ".join(str(row["decode"][p]) for p in prompts) +
+              f" | {row['prefill']} |" + (f" {100 * row['accuracy']:.1f}% |" if fixture else ""))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
