@@ -6,8 +6,8 @@ manifest, tokenizer files and atomic write as a native one, marked `"io": "optim
 runtime feeds it through an adapter (edgert/model.py, `Model._run_concat`).
 
 What it costs against the native path (README, "The optimum route"): the graph re-reads and
-re-writes the whole past on every step (a Concat per layer), its lm_head and embeddings stay
-as optimum leaves them, and its attention is plain ops, not GroupQueryAttention.
+re-writes the whole past on every step (a Concat per layer), round-to-nearest instead of GPTQ,
+and its attention is plain ops, not GroupQueryAttention.
 
 Needs `pip install 'edgert[optimum]'` (torch, optimum-onnx; optimum-onnx 0.1 wants
 transformers < 4.58), which the runtime install never does.
@@ -42,11 +42,11 @@ def available() -> bool:
 def _modules():
     try:
         import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
         from optimum.exporters.onnx import main_export
     except Exception as e:     # ImportError, or optimum failing against a transformers it does not know
         raise OptimumMissing(f"the optimum route needs {INSTALL}: {type(e).__name__}: {str(e)[:160]}") from None
-    return onnx, MatMulNBitsQuantizer, main_export
+    return onnx, MatMulNBitsQuantizer, DefaultWeightOnlyQuantConfig, main_export
 
 
 def _dims(value_info) -> list:
@@ -103,7 +103,7 @@ def _gemm_to_matmul(onnx, model) -> None:
 def build(src: Path, tmp: Path, config: dict, bits: int, block_size: int, note=print) -> tuple[dict, dict, int]:
     """Export `src` with optimum-onnx into tmp/model.onnx (+ model.onnx.data), quantized; returns
     (the manifest's model fields, its quantization fields, the model's longest context)."""
-    onnx, Quantizer, main_export = _modules()
+    onnx, Quantizer, WeightConfig, main_export = _modules()
     work = tmp / "optimum"
     note(f"optimum-onnx: exporting {config.get('model_type')} (fp32, with its KV cache)")
     for name in ("optimum", "transformers"):
@@ -119,16 +119,19 @@ def build(src: Path, tmp: Path, config: dict, bits: int, block_size: int, note=p
     if bits in (4, 8):
         _gemm_to_matmul(onnx, model)
         note(f"onnxruntime's MatMulNBits quantizer: int{bits}, block {block_size}")
-        logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+        logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("onnxruntime.quantization"):
-                logging.getLogger(name).setLevel(logging.WARNING)
-        q = Quantizer(model, bits=bits, block_size=block_size, is_symmetric=bits == 8, accuracy_level=4)
+                logging.getLogger(name).setLevel(logging.ERROR)
+        q = Quantizer(model, algo_config=WeightConfig(
+            bits=bits, block_size=block_size, is_symmetric=bits == 8, accuracy_level=4,
+            op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1))))  # embeddings too
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             q.process()
         model = q.model.model
     quantized = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
+    embed_quantized = any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
     model.ir_version = min(model.ir_version, 10)          # onnxruntime 1.22 refuses IR > 10
     onnx.save(model, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location="model.onnx.data", size_threshold=0)
@@ -143,7 +146,7 @@ def build(src: Path, tmp: Path, config: dict, bits: int, block_size: int, note=p
     fields = {"layers": shape["layers"], "hidden": first("hidden_size", "n_embd", "d_model", default=heads * shape["head_dim"]),
               "heads": heads, "kv_heads": shape["kv_heads"], "head_dim": shape["head_dim"], "vocab": shape["vocab"],
               "parameters": max(parameters, 1)}
-    quant = {"attention": bits, "mlp": bits, "lm_head": bits if quantized else 32, "embed": 32,
+    quant = {"attention": bits, "mlp": bits, "lm_head": bits if quantized else 32, "embed": bits if embed_quantized else 32,
              "kv_cache": "fp32", "quantizer": "onnxruntime MatMulNBits" if bits != 32 else "none",
              "quantized_matmuls": quantized, **({"block_size": block_size} if bits != 32 else {}),
              "int4": "asymmetric (zero point per block)", "int8": "symmetric", "accuracy_level": 4}

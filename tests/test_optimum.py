@@ -57,6 +57,7 @@ def test_int4_stays_close(case):
     name, ref, _, int4 = case
     q = json.loads((int4 / "edgert.json").read_text())["quantization"]
     assert q["attention"] == 4 and q["quantized_matmuls"] >= 4 * 2, q     # every projection of both layers
+    assert q["embed"] == 4, q                                            # the token table: GatherBlockQuantized
     got = Model(int4, context=128).forward(PROMPT, num_logits=len(PROMPT))
     want = hf_logits(ref, PROMPT)
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
