@@ -101,3 +101,24 @@ def test_refusals_are_one_line(tmp_path):
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
         assert "not built natively" in r.stderr and "edgert[optimum]" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_served_and_evaluated(case):
+    """The adapter under the rest of the runtime: a real `edgert serve` (the openai client; n=2
+    decoded together in one batch equals one alone) and `edgert eval`."""
+    from test_serve import Server
+    _, _, fp32, int4 = case
+    server = Server(int4, "--parallel", "2")
+    try:
+        client = server.client()
+        model = client.models.list().data[0].id
+        ask = dict(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
+        two, one = client.completions.create(n=2, **ask), client.completions.create(**ask)
+        assert [c.text for c in two.choices] == [one.choices[0].text] * 2
+        assert two.usage.completion_tokens == 2 * one.usage.completion_tokens > 0
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output(), server.output()[-2000:]
+    r = edgert_cli(sys.executable, "eval", fp32, "--json")
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert 1 < json.loads(r.stdout)["ppl"] < 1e4
