@@ -262,6 +262,7 @@ def _export_optimum(src: Path, out: Path, bits: int, block_size: int, context: i
     from . import optimum_route
     try:
         ckpt = Checkpoint(src)
+        optimum_route.check(src, ckpt.config)           # before torch allocates anything, before any folder
         note = (lambda line: print(line, file=sys.stderr)) if progress else (lambda line: None)
         with signals_unwind(), writing(out, force, src) as (tmp, commit):
             model, quant, max_positions = optimum_route.build(src, tmp, ckpt.config, bits, block_size, note)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .decoder import UnsupportedModel
+from .validate import MAX_FFN, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_VOCAB
 
 INSTALL = "pip install 'edgert[optimum]' (torch and optimum-onnx)"
 
@@ -98,6 +100,41 @@ def _gemm_to_matmul(onnx, model) -> None:
             nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name + "/Add"))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+
+
+# the config fields transformers builds a decoder from, under their usual names; checked before torch
+# allocates anything (a 1e9-wide config would otherwise be built before its weights are read)
+_SIZES = {"hidden": ("hidden_size", "n_embd", "d_model"), "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+          "heads": ("num_attention_heads", "n_head", "num_heads"), "vocab": ("vocab_size",),
+          "ffn": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")}
+_LIMITS = {"hidden": MAX_HIDDEN, "layers": MAX_LAYERS, "heads": MAX_HEADS, "vocab": MAX_VOCAB, "ffn": MAX_FFN}
+
+
+def check(src: Path, config: dict) -> None:
+    """What the optimum route needs before it starts torch: tokenizer.json (the runtime's), sizes
+    within edgert's limits, and an fp32 model that fits in this machine's memory."""
+    if not (src / "tokenizer.json").is_file():
+        raise UnsupportedModel(f"{src}: no tokenizer.json (the runtime needs the fast-tokenizer file)")
+    cfg = {**config, **(config.get("text_config") or {})}
+    size = {}
+    for what, keys in _SIZES.items():
+        for key in keys:
+            v = cfg.get(key)
+            if v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= _LIMITS[what]:
+                raise UnsupportedModel(f"{src / 'config.json'}: {key} must be an integer 1..{_LIMITS[what]}, not {str(v)[:40]!r}")
+            size[what] = v
+            break
+    hidden, layers = size.get("hidden", 1), size.get("layers", 1)
+    params = size.get("vocab", 1) * hidden + layers * (4 * hidden * hidden + 3 * hidden * size.get("ffn", 4 * hidden))
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 1 << 40
+    if 4 * params > memory:
+        raise UnsupportedModel(f"{src}: its config describes ~{params / 1e9:.1f}B parameters, {4 * params / 1e9:.0f} GB "
+                               f"in fp32, more than this machine's {memory / 1e9:.0f} GB: optimum-onnx exports in fp32")
 
 
 def build(src: Path, tmp: Path, config: dict, bits: int, block_size: int, note=print) -> tuple[dict, dict, int]:

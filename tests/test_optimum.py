@@ -122,3 +122,24 @@ def test_served_and_evaluated(case):
     r = edgert_cli(sys.executable, "eval", fp32, "--json")
     assert r.returncode == 0, r.stderr[-1000:]
     assert 1 < json.loads(r.stdout)["ppl"] < 1e4
+
+
+@pytest.mark.parametrize("damage,want", [
+    (lambda src: (src / "tokenizer.json").unlink(), "no tokenizer.json"),
+    (lambda src: edit_config(src, n_embd=10 ** 9), "n_embd must be an integer"),
+    (lambda src: edit_config(src, n_layer="many"), "n_layer must be an integer"),
+    (lambda src: edit_config(src, n_embd=60000, n_layer=1000), "more than this machine's"),
+])
+def test_bad_checkpoints_are_one_line_before_torch(tmp_path, damage, want):
+    """Refused in one line, in bounded time, before optimum-onnx builds anything; nothing written."""
+    src = make_checkpoint(tmp_path / "src", "gpt2")
+    damage(src)
+    r = edgert_cli(sys.executable, "export", src, "-o", tmp_path / "out", "--via", "optimum", timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and want in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def edit_config(src, **changes):
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(changes)
+    (src / "config.json").write_text(json.dumps(cfg))
