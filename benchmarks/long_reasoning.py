@@ -3,6 +3,8 @@
     python benchmarks/long_reasoning.py --work bench-out [--shape qwen2.5-0.5b] [--threads 2]
         [--positions 128,512,1024,2048,4096,8192] [--mean-tokens 4096] [--repeat 1]
         [--skip llama.cpp] [--json benchmarks/long_reasoning.json] [--plot benchmarks/long_reasoning.png]
+        [--results benchmarks/RESULTS.md]
+    python benchmarks/long_reasoning.py --from-json benchmarks/long_reasoning.json --results benchmarks/RESULTS.md
 
 Runners (prepared and cached by suite.py's machinery): edgert int4 (its default fp16 KV cache),
 edgert int4 with an fp32 cache, onnxruntime-genai int4, llama.cpp Q4_0 with its default f16
@@ -124,9 +126,41 @@ def plot(res: dict, path: Path, shape: str, threads: int) -> None:
     fig.savefig(path, dpi=110)
 
 
+BEGIN, END = "<!-- long-reasoning: benchmarks/long_reasoning.py writes this section -->", "<!-- /long-reasoning -->"
+
+
+def results_section(data: dict, plot_name: str | None) -> str:
+    """The scenario's section of RESULTS.md: how it was run, the table, the plot."""
+    positions = data["positions"]
+    lines = [BEGIN, "## Long reasoning: decode speed as the trace grows", "",
+             f"`python benchmarks/long_reasoning.py --work DIR --json benchmarks/long_reasoning.json --plot "
+             f"benchmarks/long_reasoning.png --results benchmarks/RESULTS.md` ({data['shape']}, {data['threads']} threads): "
+             f"decode tok/s after P prompt tokens ({STEPS} greedy steps, a fresh process per runner and position, runners "
+             f"interleaved), then the mean decode speed over a generation after a 128-token prompt; peak RSS is the worker's."
+             + (f" {data['note']}." if data.get("note") else ""), "",
+             table(data["results"], positions, "edgert int4 (fp16 KV)")]
+    if plot_name:
+        lines += ["", f"![decode tok/s against position]({plot_name})"]
+    versions = data.get("versions") or {}
+    if versions:
+        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
+    return "\n".join(lines + [END]) + "\n"
+
+
+def write_results(path: Path, section: str) -> None:
+    """Replace the scenario's section of RESULTS.md (the suite writes the rest), or add it."""
+    text = path.read_text() if path.is_file() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--work", type=Path)
     ap.add_argument("--shape", default="qwen2.5-0.5b")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--positions", default="128,512,1024,2048,4096,8192")
@@ -135,21 +169,32 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated substrings of runner names to leave out")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--results", type=Path, help="also write the scenario's section of this RESULTS.md")
+    ap.add_argument("--from-json", type=Path, help="no measuring: table, plot and RESULTS.md section from a saved --json")
     a = ap.parse_args(argv)
-    positions = [int(p) for p in a.positions.split(",")]
-    a.work.mkdir(parents=True, exist_ok=True)
-    runners = prepare(a.shape, a.work.resolve(), a.skip.split(","))
-    res = measure(runners, positions, a.mean_tokens, a.repeat, a.threads)
-    refused = {p.name: p.refused for p in runners if p.refused}
-    print(table(res, positions, "edgert int4 (fp16 KV)"))
-    for name, why in refused.items():
-        print(f"{name}: refused: {why}")
-    if a.json:
-        a.json.write_text(json.dumps({"shape": a.shape, "threads": a.threads, "positions": positions,
-                                      "results": res, "refused": refused, "versions": suite.versions(a.work)},
-                                     indent=2, default=str) + "\n")
+    if a.from_json:
+        data = json.loads(a.from_json.read_text())
+        data["results"] = {k: {**v, "by_position": {int(p): t for p, t in v["by_position"].items()}}
+                           for k, v in data["results"].items()}
+    else:
+        if not a.work:
+            ap.error("--work is needed to measure (or give --from-json)")
+        positions = [int(p) for p in a.positions.split(",")]
+        a.work.mkdir(parents=True, exist_ok=True)
+        runners = prepare(a.shape, a.work.resolve(), a.skip.split(","))
+        res = measure(runners, positions, a.mean_tokens, a.repeat, a.threads)
+        refused = {p.name: p.refused for p in runners if p.refused}
+        data = {"shape": a.shape, "threads": a.threads, "positions": positions, "results": res, "refused": refused,
+                "versions": suite.versions(a.work)}
+        for name, why in refused.items():
+            print(f"{name}: refused: {why}")
+    print(table(data["results"], data["positions"], "edgert int4 (fp16 KV)"))
+    if a.json and not a.from_json:
+        a.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
     if a.plot:
-        plot(res, a.plot, a.shape, a.threads)
+        plot(data["results"], a.plot, data["shape"], data["threads"])
+    if a.results:
+        write_results(a.results, results_section(data, a.plot.name if a.plot else None))
     return 0
 
 
