@@ -178,7 +178,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3,
         "artifact": str(path), "architecture": m["architecture"], "parameters": m["model"]["parameters"],
         "active_parameters_per_token": experts["active_parameters_per_token"], "quantization": m["quantization"],
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "threads": model.threads, "repeat": repeat,
-        "strategy": model.strategy, "graph": model.graph, "kv_cache": model.kv_cache,
+        "strategy": model.strategy, "kv_cache": model.kv_cache,
     }
     _spread(result, "prefill_tok_s", [r.prefill_tok_s for r in runs])
     _spread(result, "decode_tok_s", [r.decode_tok_s for r in runs])

@@ -119,10 +119,10 @@ class Model:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
         graphs = self.manifest.get("graphs", {"default": "model.onnx"})
-        self.strategy = self.graph = choose_graph(graphs, strategy, uses_int8_matmul(self.manifest))
+        self.strategy = choose_graph(graphs, strategy, uses_int8_matmul(self.manifest))
         try:
             with weights_held_once(self.path):
-                self.session = ort.InferenceSession(str(self.path / graphs[self.graph]), opts,
+                self.session = ort.InferenceSession(str(self.path / graphs[self.strategy]), opts,
                                                     providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types with long texts
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
