@@ -202,8 +202,10 @@ class Engine:
 
     # ---- recurrent state: snapshots at turn boundaries -------------------------------------------
     def _chunks(self, seq: Seq, n: int) -> list[tuple[int, int]]:
-        """[i, j) pieces of an n-token feed: at most PREFILL_CHUNK long, cut at the marked positions."""
-        cuts = {min(i + PREFILL_CHUNK, n) for i in range(0, n, PREFILL_CHUNK)}
+        """[i, j) pieces of an n-token feed: at most PREFILL_CHUNK long (or the model's own bound), cut
+        at the marked positions."""
+        size = min(PREFILL_CHUNK, self.model.feed_limit or PREFILL_CHUNK)
+        cuts = {min(i + size, n) for i in range(0, n, size)}
         if self.recurrent:
             cuts |= {p - seq.pos for p in seq.marks if 0 < p - seq.pos < n}
         cuts = sorted(cuts)

@@ -137,6 +137,9 @@ class Model:
                                 f"re-export it with this edgert to decode {slots} sequences together")
         self.io = self.manifest.get("io", "edgert")     # "optimum": optimum-onnx's graph, fed by _run_concat
         self._inputs = {i.name for i in self.session.get_inputs()}
+        # optimum's graphs return logits for every position fed: bound a forward's tokens so that
+        # they stay within 256 MB (a 152k vocabulary: 441 tokens); native graphs compute num_logits rows only
+        self.feed_limit = max(16, (256 << 20) // (4 * self.vocab)) if self.io == "optimum" else None
         self.kv_cache = self.manifest.get("quantization", {}).get("kv_cache", "fp32")
         kv_dtype = {"fp32": np.float32, "fp16": np.float16}[self.kv_cache]
         kv_layers = m.get("attention_layers", range(self.layers))      # hybrid models: only these attend

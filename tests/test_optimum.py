@@ -52,6 +52,20 @@ def test_fp32_matches_transformers(case):
     assert runtime_greedy(model, PROMPT[:1], 8) == hf_greedy(ref, PROMPT[:1], 8)
 
 
+def test_prefill_in_bounded_chunks(case):
+    """optimum's graphs return logits for every token fed, so the engine feeds them at most
+    feed_limit tokens per forward (a 152k vocabulary: 441); chunked, the tokens stay transformers'."""
+    import edgert
+    _, ref, fp32, _ = case
+    llm = edgert.load(fp32, context=96)
+    assert llm.model.feed_limit == max(16, (256 << 20) // (4 * 512))
+    llm.model.feed_limit = 3
+    fed, run = [], llm.model.run
+    llm.model.run = lambda first, ids, *a, **k: fed.append(ids.shape[1]) or run(first, ids, *a, **k)
+    assert [t for t in greedy_alone(llm, PROMPT, 12) if t >= 0] == hf_greedy(ref, PROMPT, 12)
+    assert max(fed) == 3 and sum(fed) == len(PROMPT) + 11, fed
+
+
 def test_int4_stays_close(case):
     from edgert.model import Model
     name, ref, _, int4 = case
