@@ -90,7 +90,7 @@ def pytest_terminal_summary(terminalreporter):
 
 # ---- optimum-onnx (export --via optimum), which wants transformers < 4.58: its own venv ---------
 
-OPTIMUM = ["optimum-onnx==0.1.0", "transformers>=4.36,<4.58"]
+OPTIMUM = ["optimum-onnx==0.1.0", "transformers>=4.36,<4.58", "onnx-ir"]   # onnx-ir: onnxruntime.quantization
 _optimum_problem: list[str] = []
 
 
