@@ -1,5 +1,5 @@
-"""Export time and peak memory for a real-shape checkpoint (goal for R1-Distill-Qwen-1.5B int4 on a
-2-core box: <= 3 min, <= 3 GB peak RSS).
+"""Export time and peak memory for a real-shape checkpoint (goal for R1-Distill-Qwen-1.5B int4 with the
+defaults on a 2-core box: <= 120 s, <= 1.5 GB peak RSS; measured: benchmarks/export_cost.json).
 
     python benchmarks/export_cost.py [--shape r1-distill-qwen-1.5b] [--bits 4] [--recipe NAME] [--work DIR] [--json OUT]
 

@@ -84,7 +84,9 @@ class _Probe:
         g.close()
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.sess = ort.InferenceSession(str(work / "probe.onnx"), opts, providers=["CPUExecutionProvider"])
+        from edgert.device import weights_held_once
+        with weights_held_once(work):         # as the runtime does: one copy of the weights resident
+            self.sess = ort.InferenceSession(str(work / "probe.onnx"), opts, providers=["CPUExecutionProvider"])
         caches = [i for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
         self.caches = [(c.name, c.name.replace("past_key_values.", "present."),
                         ort.OrtValue.ortvalue_from_numpy(np.zeros([rows, c.shape[1], window, c.shape[3]], np.float32)))

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
+
+_OPEN = threading.Lock()
 
 
 class CheckpointError(Exception):
@@ -94,7 +97,9 @@ class _SafetensorsFile:
     def read(self, name: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, str]:
         """Rows start:stop (along the first axis) of a tensor, in its stored dtype."""
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            with _OPEN:                       # quantize reads rows from several threads
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
         t = self.tensors[name]
         shape, dtype = list(t["shape"]) or [1], np.dtype(_DTYPES[t["dtype"]])
         row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize

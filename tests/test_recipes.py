@@ -247,3 +247,78 @@ def test_anchor_fixture_is_fair_to_k_quants():
     from conftest import hf_model
     ppl, n = make_anchor.heldout_ppl(hf_model(src), config["max_position_embeddings"])
     assert n == record["heldout_tokens"] and abs(ppl / record["heldout_ppl_fp32"] - 1) < 1e-3
+
+
+def reference_gptq(w: np.ndarray, x: np.ndarray, block: int) -> np.ndarray:
+    """Textbook GPTQ (one span, full K x K inverse, every later column updated after each column)
+    with the exporter's damping, block grid search and asymmetric int4: the dequantized weights."""
+    from edgert_export.quantize import DAMP, _search
+    w = w.astype(np.float64).copy()
+    h = x.T.astype(np.float64) @ x / len(x)
+    imp = np.diag(h) + DAMP * np.diag(h).mean()
+    h[np.diag_indices(len(h))] = imp
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    out = np.empty_like(w)
+    for lo in range(0, w.shape[1], block):
+        _, s, zp = _search(w[:, lo:lo + block].astype(np.float32)[:, None, :], 4, False,
+                           weight=imp[lo:lo + block].astype(np.float32))
+        s, zp = s[:, 0].astype(np.float64), zp[:, 0]
+        for j in range(lo, lo + block):
+            q = (np.clip(np.rint(w[:, j] / np.where(s == 0, 1, s)) + zp, 0, 15) - zp) * s
+            out[:, j] = q
+            e = (w[:, j] - q) / u[j, j]
+            w[:, j + 1:] -= e[:, None] * u[j, j + 1:][None, :]
+    return out
+
+
+@pytest.mark.parametrize("k", [96, 256])
+def test_gptq_matches_the_textbook_algorithm(k):
+    """The exporter's GPTQ (W transposed, errors spread by sub-blocks and blocks as matrix products,
+    Hessian factor from a reversed Cholesky) is the textbook column-by-column algorithm: the same
+    weights up to float32 rounding (a code may flip where a value sits on a rounding boundary)."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 0.05, size=(64, k)).astype(np.float32)
+    x = correlated_inputs(1024, k, seed=3)
+    got = quantize(w, 4, 32, stats=Stats(x)).dequantize()
+    want = reference_gptq(w, x, 32)
+    assert np.mean(np.isclose(got, want, rtol=0, atol=1e-6)) > 0.99
+
+    def out_err(d):
+        return float(((x @ (d - w).T) ** 2).mean())
+    assert out_err(got) == pytest.approx(out_err(want), rel=0.02)
+
+
+def test_hessian_factor_is_the_cholesky_factor_of_the_inverse():
+    """U with H^-1 = U^T U, upper triangular, as GPTQ defines it; a dead input (always 0) handled."""
+    from edgert_export.quantize import DAMP, _hessian_factor
+    rng = np.random.default_rng(5)
+    for n in (40, 300):        # one block; several halvings of the triangular inverse
+        x = correlated_inputs(4 * n, n, seed=n)
+        x[:, 3] = 0
+        h = x.T.astype(np.float64) @ x / len(x)
+        u, imp, dead = _hessian_factor(h.copy(), n)
+        ref = h.copy()
+        ref[3, 3] = 1
+        ref[np.diag_indices(n)] += DAMP * np.diag(h).mean()
+        want = np.linalg.cholesky(np.linalg.inv(ref)).T
+        assert dead.tolist() == [i == 3 for i in range(n)]
+        assert np.array_equal(u, np.triu(u)) and np.allclose(imp, np.diag(ref))
+        assert np.allclose(u, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+def test_block_search_on_threads_gives_the_same_bytes(monkeypatch):
+    """The block search (embeddings, lm_head, --recipe search) runs its row chunks on one thread per
+    core: the same bytes as on one."""
+    import os
+    rng = np.random.default_rng(6)
+    w = rng.normal(0, 0.05, size=(1500, 1000)).astype(np.float32)
+    got = {}
+    for cores in (1, 2, 3):
+        monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
+        got[cores] = [quantize(w, bits, 32) for bits in (4, 8)]
+    for cores in (2, 3):
+        for a, b in zip(got[1], got[cores]):
+            assert np.array_equal(a.packed, b.packed) and np.array_equal(a.scales, b.scales)
+            assert (a.zero_points is None) == (b.zero_points is None)
+            if a.zero_points is not None:
+                assert np.array_equal(a.zero_points, b.zero_points)
