@@ -7,7 +7,7 @@
     python benchmarks/long_reasoning.py --from-json benchmarks/long_reasoning.json --results benchmarks/RESULTS.md
 
 Runners (prepared and cached by suite.py's machinery): edgert int4 (its default fp16 KV cache),
-edgert int4 with an fp32 cache, onnxruntime-genai int4, llama.cpp Q4_0 with its default f16
+edgert int4 with an fp32 cache and with an int8 cache, onnxruntime-genai int4, llama.cpp Q4_0 with its default f16
 cache and with a q8_0 cache (flash attention on). For each position P a fresh process per
 runner prefills P prompt tokens and times 32 greedy decode steps (decode tok/s at ~P); then
 each runner generates --mean-tokens tokens after a 128-token prompt (the mean over a long
@@ -46,13 +46,14 @@ def prepare(shape: str, work: Path, skip: list[str]) -> list[suite.Prepared]:
 
     add("edgert int4 (fp16 KV)", lambda: suite._edgert(src, work, shape, 4))
 
-    def edgert_fp32_kv():       # round-to-nearest int4: the same bytes and speed as GPTQ's, a fraction of the export time
-        art = work / "edgert" / f"{shape}-int4-rtn-kv32"
+    def edgert_kv(kv):          # round-to-nearest int4: the same bytes and speed as GPTQ's, a fraction of the export time
+        art = work / "edgert" / f"{shape}-int4-rtn-kv{kv[-2:].lstrip('t')}"
         if not (art / "edgert.json").is_file():
             from edgert_export import export
-            export(src, art, bits=4, recipe="rtn", kv_cache="fp32", force=True, progress=False)
+            export(src, art, bits=4, recipe="rtn", kv_cache=kv, force=True, progress=False)
         return suite.Prepared("", "edgert", str(art))
-    add("edgert int4 (fp32 KV)", edgert_fp32_kv)
+    add("edgert int4 (fp32 KV)", lambda: edgert_kv("fp32"))
+    add("edgert int4 (int8 KV)", lambda: edgert_kv("int8"))
     add("onnxruntime-genai int4", lambda: suite._genai(src, work, shape, "int4"))
     add("llama.cpp Q4_0 (f16 KV)", lambda: suite._llamacpp(src, work, shape, "Q4_0"))
 

@@ -2,7 +2,7 @@
 
     python benchmarks/reasoning_accuracy.py [--fixtures reasoning-qwen2,reasoning-qwen3moe]
                                             [--bits 32,8,4] [--work DIR] [--json out.json]
-                                            [--kv-cache fp16|fp32] [--votes 5 --temperature 1.0]
+                                            [--kv-cache fp16|fp32|int8] [--votes 5 --temperature 1.0]
 
 Each fixture (export/data/reasoning-*) is exported at every --bits (other options default)
 and answers the 200 held-out problems of fixtures/reasoning_task.py: greedy, chat template
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=96, help="generous: a 4-step answer takes ~45 tokens")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--problems", type=int, default=task.HELD_OUT_SIZE, help="the first N held-out problems")
-    ap.add_argument("--kv-cache", choices=["fp16", "fp32"], default=None, help="the exports' KV cache [default: export's]")
+    ap.add_argument("--kv-cache", choices=["fp16", "fp32", "int8"], default=None, help="the exports' KV cache [default: export's]")
     ap.add_argument("--votes", type=int, default=0, help="also self-consistency: one sample vs the majority of N (batched)")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --votes")
     ap.add_argument("--json", type=Path, default=None)

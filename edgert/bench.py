@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .artifact import bytes_per_weight, read_json
 from .generate import Sampling, Stats, generate
-from .device import available_memory, kv_bytes, kv_element_bytes, state_bytes
+from .device import available_memory, kv_bytes, state_bytes
 from .model import Model
 
 # ---- the device ----------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def decode_bytes_per_token(manifest: dict, config: dict, data_bytes: int, positi
     shared = bool(config.get("tie_word_embeddings")) and q["embed"] == q["lm_head"] != 32
     unread = 0 if shared else embed * (1 - 1 / vocab)
     unread += m.get("idle_expert_parameters", 0) * bytes_per_weight(q["mlp"], bs)
-    el = kv_element_bytes(manifest)                    # the rotary tables share the cache's dtype
+    el = 2 if q.get("kv_cache") == "fp16" else 4       # the rotary tables: fp16 with an fp16 cache, else fp32
     unread += 2 * el * (manifest["context_length"] - 1) * hd // 2
     kv = kv_bytes(manifest, 1) * position
     state = 4 * state_bytes(manifest)       # hybrid models: the step reads and writes the state, the copy back again

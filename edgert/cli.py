@@ -65,8 +65,9 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an edgert artifact (never another non-empty "
                                "folder, never the source)."),
     kv_cache: Optional[str] = typer.Option(None, help="KV cache precision the graphs read and write: fp16 (half the "
-                                           "memory; on x86 ~7% slower decode, onnxruntime converts it per head) or fp32 [default: fp16; fp32 "
-                                           "with --bits 32]."),
+                                           "memory; on x86 ~7% slower decode, onnxruntime converts it per head), int8 (a "
+                                           "quarter of fp32 plus a scale per row and head; standard-op attention, faster than "
+                                           "fp16 at depth; no attention sinks) or fp32 [default: fp16; fp32 with --bits 32]."),
     revision: Optional[str] = typer.Option(None, help="With a hub repo id: the branch, tag or commit [default: main]."),
     via: Optional[str] = typer.Option(None, help="native (edgert's own graph builders) or optimum (optimum-onnx's graph, "
                                       "quantized by onnxruntime; needs the [optimum] extra) [default: native when "

@@ -157,12 +157,14 @@ def weight_bytes(manifest: dict) -> int:
 def kv_bytes(manifest: dict, context: int) -> int:
     m = manifest["model"]
     layers = len(m["attention_layers"]) if "attention_layers" in m else m["layers"]    # hybrid models: attention layers only
-    return layers * 2 * m["kv_heads"] * context * m["head_dim"] * kv_element_bytes(manifest)
+    return int(layers * 2 * m["kv_heads"] * context * m["head_dim"] * kv_element_bytes(manifest))
 
 
-def kv_element_bytes(manifest: dict) -> int:
-    """Bytes per cached key or value element: 2 for an fp16 cache, 4 for fp32 (older artifacts)."""
-    return 2 if manifest.get("quantization", {}).get("kv_cache") == "fp16" else 4
+def kv_element_bytes(manifest: dict) -> float:
+    """Bytes per cached key or value element: 2 for an fp16 cache, 1 + 4 / head_dim for int8 (a
+    code, and an fp32 scale per row and head), 4 for fp32 (older artifacts)."""
+    kind = manifest.get("quantization", {}).get("kv_cache")
+    return {"fp16": 2, "int8": 1 + 4 / manifest["model"]["head_dim"]}.get(kind, 4)
 
 
 # Hybrid models hold their recurrent state per sequence: the live copy, the buffer a step writes,

@@ -140,13 +140,29 @@ class Model:
         # optimum's graphs return logits for every position fed: bound a forward's tokens so that
         # they stay within 256 MB (a 152k vocabulary: 441 tokens); native graphs compute num_logits rows only
         self.feed_limit = max(16, (256 << 20) // (4 * self.vocab)) if self.io == "optimum" else None
+        if self.manifest.get("quantization", {}).get("kv_cache") == "int8":
+            # the int8 cache's graph holds a chunk's fp32 scores [heads, tokens, context]: bound them to 32 MB
+            self.feed_limit = max(32, (32 << 20) // (4 * m["heads"] * self.context))
         self.kv_cache = self.manifest.get("quantization", {}).get("kv_cache", "fp32")
-        kv_dtype = {"fp32": np.float32, "fp16": np.float16}[self.kv_cache]
+        if self.kv_cache not in ("fp32", "fp16", "int8"):
+            raise ArtifactError(f"{self.path}: edgert.json names an unknown KV cache {str(self.kv_cache)[:20]!r} "
+                                "(made by a newer edgert?)")
         kv_layers = m.get("attention_layers", range(self.layers))      # hybrid models: only these attend
-        self.cache = [np.zeros((slots, m["kv_heads"], self.context, m["head_dim"]), kv_dtype)
-                      for _ in range(2 * len(kv_layers))]
+        h, t, d = m["kv_heads"], self.context, m["head_dim"]
+        if self.kv_cache == "int8":
+            # codes and one fp32 scale per row and head; keys transposed (see graph.int8_cache_attention).
+            # The graph returns only the new rows (present.*); run() writes them at each row's length.
+            layout = {"key": (np.int8, (h, d, t)), "key_scale": (np.float32, (h, 1, t)),
+                      "value": (np.int8, (h, t, d)), "value_scale": (np.float32, (h, 1, t))}
+        else:
+            dtype = {"fp32": np.float32, "fp16": np.float16}[self.kv_cache]
+            layout = {"key": (dtype, (h, t, d)), "value": (dtype, (h, t, d))}
+        self.cache = [np.zeros((slots, *shape), dtype) for _ in kv_layers for dtype, shape in layout.values()]
         self._cache_names = [(f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}")
-                             for layer in kv_layers for kind in ("key", "value")]
+                             for layer in kv_layers for kind in layout]
+        # the position axis of each buffer, where run() writes new rows (None: the graph writes in place)
+        self._row_axis = [3 if kind != "value" else 2 for _ in kv_layers for kind in layout] \
+            if self.kv_cache == "int8" else None
         self._init_state(m.get("state", []))
         self._bindings: dict[tuple[int, int], tuple] = {}
         # MoE artifacts also output the experts each token used (--stats); bound only when tracked.
@@ -163,7 +179,10 @@ class Model:
             views = [ort.OrtValue.ortvalue_from_numpy(buf[first:last]) for buf in self.cache]
             for view, (past, present) in zip(views, self._cache_names):
                 io.bind_ortvalue_input(past, view)
-                io.bind_ortvalue_output(present, view)
+                if self._row_axis is None:
+                    io.bind_ortvalue_output(present, view)
+                else:
+                    io.bind_output(present)      # the new rows only (rebound each run), written by _write_rows
             views += self._bind_state(io, first, last)
             self._bindings[key] = (io, views)     # the views must outlive the binding
         return self._bindings[key][0]
@@ -208,6 +227,9 @@ class Model:
         io.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(total.max(), np.int32))
         io.bind_output("logits")         # its shape changes between prefill and decode: ORT allocates it
+        if self._row_axis is not None:    # so do an int8 cache's new rows
+            for _, present in self._cache_names:
+                io.bind_output(present)
         if self.expert_counts is not None:
             for name in self.router_outputs:
                 io.bind_output(name)
@@ -217,10 +239,22 @@ class Model:
             raise RunError(f"onnxruntime {ort.__version__} failed: {str(e).strip().splitlines()[0][:300]}") from None
         self._commit_state(first, b, stepped)
         outs = io.get_outputs()
+        if self._row_axis is not None:
+            self._write_rows(first, lengths, outs[1:1 + len(self.cache)])
         if self.expert_counts is not None:
             for j in range(len(self.router_outputs)):
                 np.add.at(self.expert_counts[j], outs[-len(self.router_outputs) + j].numpy().ravel(), 1)
         return outs[0].numpy()
+
+    def _write_rows(self, first: int, lengths: np.ndarray, presents) -> None:
+        """An int8 cache: each row's new codes and scales go in at that row's own length."""
+        for buf, axis, new in zip(self.cache, self._row_axis, presents):
+            x = new.numpy()
+            n = x.shape[axis]
+            for r, length in enumerate(lengths):
+                at = [first + r, slice(None), slice(None), slice(None)]
+                at[axis] = slice(int(length), int(length) + n)
+                buf[tuple(at)] = x[r]
 
     def _run_concat(self, first: int, ids: np.ndarray, lengths: np.ndarray, num_logits: int) -> np.ndarray:
         """The adapter for optimum-onnx's graphs (`export --via optimum`), whose past is an input

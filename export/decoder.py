@@ -165,7 +165,7 @@ class Decoder:
         num_logits = g.input("num_logits", TensorProto.INT64, [1])
         io = AttentionIO(g.input("seqlens_k", TensorProto.INT32, ["batch"]),
                          g.input("total_sequence_length", TensorProto.INT32, []),
-                         *G.rope_cache(g, *self.rope_for(context), dtype=G.KV_TYPES[recipe.kv_cache][1]),
+                         *G.rope_cache(g, *self.rope_for(context), dtype=np.float16 if recipe.kv_cache == "fp16" else np.float32),
                          half=recipe.kv_cache == "fp16")
 
         x = self.embed(g, ids)
@@ -345,28 +345,39 @@ class Decoder:
         elif self.qk_norm == "full":
             q = G.rms_norm(g, q, get(pre + "q_norm.weight"), self.eps, name + ".q_norm")
             k = G.rms_norm(g, k, get(pre + "k_norm.weight"), self.eps, name + ".k_norm")
-        past_k, past_v = self.cache_inputs(g, i)
         layer_io, options = self.attention_kind(g, i, io)
         window = options.pop("window", 0)
         if window:      # one mask for every layer with this window
             options["bias"] = self.shared(g, f"window{window}", lambda: G.window_bias(g, q, io, window, f"window{window}"))
-        out, present_k, present_v = G.gqa(g, q, k, v, past_k, past_v, layer_io, self.heads, self.kv_heads, self.attn_scale,
-                                          name, **options)
-        self.cache_outputs(g, i, present_k, present_v)
+        out = self.attend(g, i, q, k, v, layer_io, self.kv_heads, name, **options)
         o = pre + self.o_proj
         return G.linear(g, out, pad(get(o + ".weight"), 1), name + ".o_proj", self.recipe.bits, self.recipe.block_size,
                         get(o + ".bias") if o + ".bias" in self.ckpt else None)
 
-    def cache_inputs(self, g: Graph, i: int) -> tuple[str, str]:
-        shape = ["batch", self.kv_heads, "max_sequence", self.padded_head_dim]
-        kv = G.KV_TYPES[self.recipe.kv_cache][0]
-        return tuple(g.input(f"past_key_values.{i}.{kind}", kv, shape) for kind in ("key", "value"))
-
-    def cache_outputs(self, g: Graph, i: int, key: str, value: str) -> None:
-        """The runtime binds these to the same buffers as the inputs: the cache is updated in place."""
-        for src, kind in ((key, "key"), (value, "value")):
-            g.output(src, f"present.{i}.{kind}", G.KV_TYPES[self.recipe.kv_cache][0],
-                     ["batch", self.kv_heads, "max_sequence", self.padded_head_dim])
+    def attend(self, g: Graph, i: int, q: str, k: str, v: str, io: AttentionIO, kv_heads: int, name: str,
+               **options) -> str:
+        """Layer i's attention over its KV cache (inputs past_key_values.i.*, outputs present.i.*):
+        GroupQueryAttention on a cache the runtime binds as both past and present (fp32/fp16), or
+        the int8 cache's graph (`graph.int8_cache_attention`), whose presents are the new rows."""
+        kind, d = self.recipe.kv_cache, self.padded_head_dim
+        if kind != "int8":
+            shape = ["batch", kv_heads, "max_sequence", d]
+            past = [g.input(f"past_key_values.{i}.{n}", G.KV_TYPES[kind][0], shape) for n in ("key", "value")]
+            out, *presents = G.gqa(g, q, k, v, *past, io, self.heads, kv_heads, self.attn_scale, name, **options)
+            for src, n in zip(presents, ("key", "value")):
+                g.output(src, f"present.{i}.{n}", G.KV_TYPES[kind][0], shape)
+            return out
+        if options.get("sink"):
+            raise UnsupportedModel("--kv-cache int8 has no attention sinks (gpt-oss): use --kv-cache fp16 or fp32")
+        shapes = {"key": (TensorProto.INT8, [kv_heads, d, "T"]), "key_scale": (TensorProto.FLOAT, [kv_heads, 1, "T"]),
+                  "value": (TensorProto.INT8, [kv_heads, "T", d]), "value_scale": (TensorProto.FLOAT, [kv_heads, 1, "T"])}
+        past = [g.input(f"past_key_values.{i}.{n}", t, ["batch", *(x if x != "T" else "max_sequence" for x in shape)])
+                for n, (t, shape) in shapes.items()]
+        out, presents = G.int8_cache_attention(g, q, k, v, past, io, self.heads, kv_heads, d, self.attn_scale, name,
+                                               **options)
+        for src, (n, (t, shape)) in zip(presents, shapes.items()):
+            g.output(src, f"present.{i}.{n}", t, ["batch", *(x if x != "T" else "sequence" for x in shape)])
+        return out
 
     def ffn(self, g: Graph, i: int, x: str) -> str:
         return swiglu_mlp(g, self.ckpt, x, self.layer_prefix(i) + "mlp.", f"layers.{i}.mlp", self.recipe.bits,

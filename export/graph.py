@@ -328,7 +328,8 @@ class AttentionIO:
         return AttentionIO(self.seqlens_k, self.total_len, cos, sin, self.half)
 
 
-KV_TYPES = {"fp32": (TensorProto.FLOAT, np.float32), "fp16": (TensorProto.FLOAT16, np.float16)}
+KV_TYPES = {"fp32": (TensorProto.FLOAT, np.float32), "fp16": (TensorProto.FLOAT16, np.float16),
+            "int8": (TensorProto.INT8, np.int8)}
 
 
 def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: AttentionIO, heads: int, kv_heads: int,
@@ -351,6 +352,89 @@ def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: Attentio
     if io.half:
         out = g.op("Cast", [out], name + ".out32", to=TensorProto.FLOAT)
     return out, pk, pv
+
+
+def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: AttentionIO, heads: int, kv_heads: int,
+                         head_dim: int, scale: float, name: str, rotary: bool = True, bias: str = "") -> tuple[str, list]:
+    """Attention over an int8 KV cache, from standard ops and RotaryEmbedding (onnxruntime 1.22 has
+    them all). Each cached key and value row has one fp32 scale per head (|x| max / 127), so the
+    cache costs 1 + 4 / head_dim bytes per element against fp16's 2. Keys are cached transposed,
+    [B, kv_heads, head_dim, context], so the scores of the past are one MatMul of the grouped
+    queries against a Cast of the cached codes, and the key scales multiply the scores (one per
+    key) instead of the keys; the value scales likewise multiply the probabilities. The new rows
+    are quantized in the graph and attended to as stored; they are outputs (present.*, only the S
+    new rows), which the runtime writes into its cache at each row's own length.
+    past: (key codes, key scales [B, kv, 1, T], value codes [B, kv, T, D], value scales [B, kv, 1, T]).
+    Returns the attention output [B, S, heads * head_dim] and the four present outputs."""
+    i64, f32 = TensorProto.INT64, TensorProto.FLOAT
+    group, d = heads // kv_heads, head_dim
+    c = lambda label, value: g.const(f"{name}.{label}", np.array(value, np.int64))
+    seq = g.op("Shape", [q], name + ".seq", start=1, end=2)                                                  # [1]: S
+    total = g.op("Reshape", [g.op("Cast", [io.total_len], name + ".total64", to=i64), c("one_d", [1])], name + ".total")
+    past_len = g.op("Sub", [total, seq], name + ".past_len")                                                # [1]: P
+    lengths = g.op("Sub", [g.op("Add", [g.op("Cast", [io.seqlens_k], name + ".lens64", to=i64), c("one", 1)],
+                                name + ".row_total"), seq], name + ".lengths")                              # [B]: each row's past
+    if rotary:   # RotaryEmbedding at positions length + s, the tables GroupQueryAttention would use
+        pos = g.op("Add", [g.op("Unsqueeze", [lengths, c("ax1", [1])], name + ".lcol"),
+                           g.op("Range", [c("zero", 0), g.op("Squeeze", [seq], name + ".s0"), c("step", 1)], name + ".steps")],
+                   name + ".positions")                                                                      # [B, S]
+        q = g.ms("RotaryEmbedding", [q, pos, io.cos, io.sin], name + ".q_rot", interleaved=0, num_heads=heads)
+        k = g.ms("RotaryEmbedding", [k, pos, io.cos, io.sin], name + ".k_rot", interleaved=0, num_heads=kv_heads)
+    # queries grouped by the kv head they share: [B, kv, group * S, D] (row g * S + s)
+    q5 = g.op("Reshape", [q, c("q5", [0, 0, kv_heads, group, d])], name + ".q5")                            # [B, S, kv, G, D]
+    qg = g.op("Reshape", [g.op("Transpose", [q5], name + ".qt", perm=[0, 2, 3, 1, 4]), c("q4", [0, 0, -1, d])],
+              name + ".qg")
+    qg = g.op("Mul", [qg, g.const(name + ".scale", np.array(scale, np.float32))], name + ".qs")
+
+    def quantized(x, label):       # [B, S, kv * D] -> codes [B, kv, S, D] int8, scales [B, kv, S, 1], as stored
+        x = g.op("Transpose", [g.op("Reshape", [x, c(label + "4", [0, 0, kv_heads, d])], f"{name}.{label}4")],
+                 f"{name}.{label}t", perm=[0, 2, 1, 3])
+        s = g.op("Div", [g.op("ReduceMax", [g.op("Abs", [x], f"{name}.{label}abs")], f"{name}.{label}max", axes=[-1], keepdims=1),
+                         g.const(f"{name}.q127", np.array(127, np.float32))], f"{name}.{label}scale0")
+        s = g.op("Max", [s, g.const(f"{name}.tiny", np.array(1e-30, np.float32))], f"{name}.{label}scale")
+        codes = g.op("Cast", [g.op("Round", [g.op("Div", [x, s], f"{name}.{label}div")], f"{name}.{label}round")],
+                     f"{name}.{label}codes", to=TensorProto.INT8)
+        return codes, s, g.op("Mul", [g.op("Cast", [codes], f"{name}.{label}f", to=f32), s], f"{name}.{label}deq")
+
+    kc, ks, kd = quantized(k, "k")
+    vc, vs, vd = quantized(v, "v")
+    row = c("row_scales", [0, 0, 1, -1])
+    presents = [g.op("Transpose", [kc], name + ".k_present", perm=[0, 1, 3, 2]),                           # [B, kv, D, S]
+                g.op("Reshape", [ks, row], name + ".ks_present"), vc,                                        # [B, kv, 1, S]
+                g.op("Reshape", [vs, row], name + ".vs_present")]
+    # the past: cached codes up to the longest row's length; each row's own tail masked
+    zero, three, two = c("zero_d", [0]), c("ax3", [3]), c("ax2", [2])
+    kp = g.op("Cast", [g.op("Slice", [past[0], zero, past_len, three], name + ".kp8")], name + ".kp", to=f32)
+    ksp = g.op("Slice", [past[1], zero, past_len, three], name + ".ksp")
+    vp = g.op("Cast", [g.op("Slice", [past[2], zero, past_len, two], name + ".vp8")], name + ".vp", to=f32)
+    vsp = g.op("Slice", [past[3], zero, past_len, three], name + ".vsp")
+    keys = g.op("Range", [c("zero0", 0), g.op("Squeeze", [past_len], name + ".p0"), c("step1", 1)], name + ".keys")
+    hidden = g.op("Less", [keys, g.op("Unsqueeze", [lengths, c("ax1b", [1])], name + ".lcol2")], name + ".seen")
+    open_, shut = g.const(name + ".open", np.array(0, np.float32)), g.const(name + ".shut", np.array(-np.inf, np.float32))
+    past_mask = g.op("Unsqueeze", [g.op("Where", [hidden, open_, shut], name + ".pmask2"), c("ax12", [1, 2])],
+                     name + ".pmask")                                                                       # [B, 1, 1, P]
+    scores_past = g.op("Add", [g.op("Mul", [g.op("MatMul", [qg, kp], name + ".qk_past"), ksp], name + ".qk_scaled"),
+                               past_mask], name + ".scores_past")
+    # the new rows: causal among themselves (query row r is token r mod S)
+    rows = g.op("Mod", [g.op("Range", [c("zero1", 0), g.op("Mul", [g.op("Squeeze", [seq], name + ".s1"), c("group", group)],
+                                                                name + ".gs"), c("step2", 1)], name + ".rows"),
+                        g.op("Squeeze", [seq], name + ".s2")], name + ".row_token")
+    cols = g.op("Range", [c("zero2", 0), g.op("Squeeze", [seq], name + ".s3"), c("step3", 1)], name + ".cols")
+    causal = g.op("Where", [g.op("LessOrEqual", [cols, g.op("Unsqueeze", [rows, c("ax1c", [1])], name + ".rcol")],
+                                 name + ".causal_ok"), open_, shut], name + ".causal")                       # [G*S, S]
+    scores_new = g.op("Add", [g.op("MatMul", [qg, g.op("Transpose", [kd], name + ".kdt", perm=[0, 1, 3, 2])],
+                                   name + ".qk_new"), causal], name + ".scores_new")
+    scores = g.op("Concat", [scores_past, scores_new], name + ".scores", axis=-1)                          # [B, kv, G*S, T]
+    if bias:     # [B, 1, S, T] -> the grouped rows
+        scores = g.op("Add", [scores, g.op("Tile", [bias, c("tile", [1, 1, group, 1])], name + ".bias_g")], name + ".biased")
+    probs = g.op("Softmax", [scores], name + ".probs", axis=-1)
+    p_past = g.op("Slice", [probs, zero, past_len, three], name + ".p_past")
+    p_new = g.op("Slice", [probs, past_len, c("end", [2**62]), three], name + ".p_new")
+    out = g.op("Add", [g.op("MatMul", [g.op("Mul", [p_past, vsp], name + ".pv_scaled"), vp], name + ".pv_past"),
+                       g.op("MatMul", [p_new, vd], name + ".pv_new")], name + ".pv")                         # [B, kv, G*S, D]
+    out = g.op("Transpose", [g.op("Reshape", [out, c("o5", [0, 0, group, -1, d])], name + ".o5")], name + ".ot",
+               perm=[0, 3, 1, 2, 4])                                                                         # [B, S, kv, G, D]
+    return g.op("Reshape", [out, c("o3", [0, 0, heads * d])], name + ".out"), presents
 
 
 def window_bias(g: Graph, q: str, io: AttentionIO, window: int, name: str) -> str:

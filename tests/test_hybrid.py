@@ -265,9 +265,10 @@ def test_moe_strategies_agree_and_int4_top1(moe_case, exported):
     assert (plain.argmax(-1) == hf_logits(ref, prompt).argmax(-1)).mean() >= 0.4    # a layout or routing bug: ~1/vocab
     if QMOE:
         q = Model(art, context=512, threads=1, strategy="qmoe").forward(prompt, num_logits=len(prompt))
-        # equal until a routing near-tie flips one token's expert (the kernels round differently);
-        # the recurrent state carries that token's difference to every later position
-        same = np.abs(q - plain).max(-1) < 1e-3
+        # equal up to the kernels' rounding of int8 activations (one position may differ by ~0.014:
+        # measured on both models here), until a routing near-tie flips one token's expert; the
+        # recurrent state carries that token's difference to every later position
+        same = np.abs(q - plain).max(-1) < 0.05
         assert same[:32].all() and same.mean() >= 0.75, np.flatnonzero(~same)
 
 

@@ -112,9 +112,10 @@ def test_old_onnxruntime_gives_identical_tokens(tmp_path, exported, old_ort_pyth
                           num_key_value_heads=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
     prompt = [1, 403, 407, 261, 378]
     # bits 4 is the default export (int4 with int8 embeddings and lm_head, block 32)
-    cases = [(src, bits) for src in (BUNDLED_STORIES, qwen3, moe, moe2, mla) for bits in (32, 8, 4)]
-    jobs = [(str(exported(src, bits)), prompt) for src, bits in cases]
-    old, new = same_choices(old_ort_python, jobs, exact=[bits == 32 for _, bits in cases])
+    cases = [(src, bits, {}) for src in (BUNDLED_STORIES, qwen3, moe, moe2, mla) for bits in (32, 8, 4)]
+    cases += [(qwen3, bits, {"kv_cache": "int8"}) for bits in (32, 4)]      # the int8 cache's standard-op graph
+    jobs = [(str(exported(src, bits, **kw)), prompt) for src, bits, kw in cases]
+    old, new = same_choices(old_ort_python, jobs, exact=[bits == 32 for _, bits, _ in cases])
     assert old["version"].startswith("1.22"), old["version"]
     assert not old["has_tokenizers"], "the old-onnxruntime Python must lack tokenizers, as Termux does"
     assert "qmoe" not in old["strategies"] and "plain" in old["strategies"]

@@ -98,9 +98,7 @@ class Model(MoEDecoder):
                      name + ".v_pad")
         flat = g.const(name + ".flat", np.array([0, 0, -1], np.int64))
         k, v = g.op("Reshape", [k, flat], name + ".k"), g.op("Reshape", [v, flat], name + ".v")
-        past_k, past_v = self.cache_inputs(g, i)
-        out, pk, pv = G.gqa(g, q, k, v, past_k, past_v, io, self.heads, self.heads, self.attn_scale, name)
-        self.cache_outputs(g, i, pk, pv)
+        out = self.attend(g, i, q, k, v, io, self.heads, name)
         if self.v_dim < width:
             out = g.op("Slice", [g.op("Reshape", [out, heads4], name + ".out_heads"), g.const(name + ".s0", np.array([0], np.int64)),
                                  g.const(name + ".s1", np.array([self.v_dim], np.int64)),

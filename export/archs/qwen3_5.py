@@ -111,9 +111,7 @@ class Model(Decoder):
                              name + ".split", outputs=4, axis=-1)
         q = G.head_rms_norm(g, q, self.norm_weight(pre + "q_norm")[order], self.eps, hd, name + ".q_norm")
         k = G.head_rms_norm(g, k, self.norm_weight(pre + "k_norm")[order], self.eps, hd, name + ".k_norm")
-        past_k, past_v = self.cache_inputs(g, i)
-        out, present_k, present_v = G.gqa(g, q, k, v, past_k, past_v, io, self.heads, self.kv_heads, self.attn_scale, name)
-        self.cache_outputs(g, i, present_k, present_v)
+        out = self.attend(g, i, q, k, v, io, self.kv_heads, name)
         out = g.op("Mul", [out, g.op("Sigmoid", [gate], name + ".gate")], name + ".gated")
         return G.linear(g, out, get(pre + "o_proj.weight"), name + ".o_proj", self.recipe.bits, self.recipe.block_size)
 
