@@ -30,8 +30,8 @@ A cpuinfo that claims more than the emulated CPU has makes onnxruntime die of SI
 cortex-a72), so each machine gets the cpuinfo of its own CPU.
 
 Artifacts (exported on the host): the bundled stories260K at bits 32, 8, 4, and 4 with fp32 or int4
-embeddings/lm_head ("4e32", "4e4": no 8-bit tensor at all), and a tiny random Qwen3-MoE (16 experts, top-2; built with
-tests/conftest.py's make_checkpoint) at 4 and 4e32. MoE artifacts hold model.qmoe.onnx and
+embeddings/lm_head ("4e32", "4e4": no 8-bit tensor at all) or an int8 KV cache ("4kv8"), and a tiny random Qwen3-MoE (16 experts, top-2; built with
+tests/conftest.py's make_checkpoint) at 4, 4e32 and 4kv8. MoE artifacts hold model.qmoe.onnx and
 model.plain.onnx: the runtime picks plain below onnxruntime 1.23, qmoe from 1.23 on; on >= 1.23
 plain is also run, forced.
 
@@ -256,14 +256,17 @@ ARTIFACTS = [  # name, source, bits, extra export options
     ("stories260K", "stories", 4, {}),
     ("stories260K", "stories", 4, {"embed_bits": 32}),
     ("stories260K", "stories", 4, {"embed_bits": 4}),
+    ("stories260K", "stories", 4, {"kv_cache": "int8"}),      # the int8 cache's standard-op attention
     ("qwen3-moe-tiny", "moe", 4, {}),
     ("qwen3-moe-tiny", "moe", 4, {"embed_bits": 32}),
+    ("qwen3-moe-tiny", "moe", 4, {"kv_cache": "int8"}),
 ]
 MOE_CONFIG = dict(num_experts=16, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, head_dim=16)
 
 
 def bits_label(bits: int, opts: dict) -> str:
-    return f"{bits}e{opts['embed_bits']}" if "embed_bits" in opts else str(bits)
+    label = f"{bits}e{opts['embed_bits']}" if "embed_bits" in opts else str(bits)
+    return label + ("kv8" if opts.get("kv_cache") == "int8" else "")
 
 
 def tree_hash(base: Path, paths) -> str:

@@ -141,8 +141,9 @@ class Model:
         # they stay within 256 MB (a 152k vocabulary: 441 tokens); native graphs compute num_logits rows only
         self.feed_limit = max(16, (256 << 20) // (4 * self.vocab)) if self.io == "optimum" else None
         if self.manifest.get("quantization", {}).get("kv_cache") == "int8":
-            # the int8 cache's graph holds a chunk's fp32 scores [heads, tokens, context]: bound them to 32 MB
-            self.feed_limit = max(32, (32 << 20) // (4 * m["heads"] * self.context))
+            # the int8 cache's graph holds a chunk's fp32 scores [heads, tokens, context]: bound them to 64 MB,
+            # but feed at least 128 tokens (MatMulNBits is several times slower per token on short chunks)
+            self.feed_limit = max(128, (64 << 20) // (4 * m["heads"] * self.context))
         self.kv_cache = self.manifest.get("quantization", {}).get("kv_cache", "fp32")
         if self.kv_cache not in ("fp32", "fp16", "int8"):
             raise ArtifactError(f"{self.path}: edgert.json names an unknown KV cache {str(self.kv_cache)[:20]!r} "
