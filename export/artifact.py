@@ -106,7 +106,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     recipe: how int4 codes are chosen (quantize.RECIPES); calib: "self", "built-in" or a calibration
     text file for "gptq"; bits_per_weight: a byte budget for the projections (mixed precision).
     `checkpoint` replaces the folder's weights (synthetic.py); config and tokenizer still come from the folder.
-    kv_cache: the precision of the KV cache the graphs read and write, fp16 or fp32 (default: fp16,
+    kv_cache: the precision of the KV cache the graphs read and write, fp16, int8 or fp32 (default: fp16,
     fp32 for the unquantized --bits 32 reference).
     via: "native" (edgert's own builders), "optimum" (optimum-onnx's graph, onnxruntime's
     quantizer: optimum_route.py) or None: native when edgert builds the model_type, else optimum."""
