@@ -220,6 +220,15 @@ class Model:
         total = lengths.astype(np.int64) + n
         if total.max() > self.context:
             raise ContextFull(f"{int(total.max())} tokens do not fit the {self.context}-token context")
+        if self.feed_limit and n > self.feed_limit:     # a long feed from a caller that did not cut it (the engine does)
+            outs = []
+            for i in range(0, n, self.feed_limit):
+                m = min(self.feed_limit, n - i)
+                k = max(0, min(m, i + m - (n - num_logits)))    # this piece's share of the last num_logits positions
+                out = self.run(first, ids[:, i:i + m], lengths + i, max(k, 1), stepped)
+                if k:
+                    outs.append(out[:, -k:])
+            return np.concatenate(outs, axis=1)
         if self.io == "optimum":
             return self._run_concat(first, ids, lengths.astype(np.int64), num_logits)
         io = self._binding(first, first + b)

@@ -121,6 +121,13 @@ def test_int8_cache_is_the_same_however_it_is_fed(exported):
     model.reset()
     steps = np.concatenate([model.forward([t]) for t in ids])
     assert np.abs(chunks - one).max() < 1e-4 and np.abs(steps - one).max() < 1e-4
+    model.reset()
+    model.feed_limit = 5           # a long forward is cut at the model's own bound (the scores' memory)
+    runs, run = [], model.session.run_with_iobinding
+    model.session.run_with_iobinding = lambda *a, **k: (runs.append(1), run(*a, **k))[1]
+    cut = model.forward(ids, num_logits=7)
+    assert len(runs) == 4 and cut.shape == (7, one.shape[-1]) and np.abs(cut - one[-7:]).max() < 1e-4
+    model.feed_limit = None
     from edgert.model import Model
     batch = Model(art, context=64, slots=2)
     batch.run(0, ids[None, :9], np.array([0]))                      # row 0 holds 9 tokens,
