@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 
-def profiled_model(artifact: Path, threads: int, prefix: str, slots: int = 1):
+def profiled_model(artifact: Path, threads: int, prefix: str, slots: int = 1, context: int = 1024):
     """edgert's Model with profiling switched on: its session options come from ort.SessionOptions()."""
     from edgert.model import Model
 
@@ -35,7 +35,7 @@ def profiled_model(artifact: Path, threads: int, prefix: str, slots: int = 1):
 
     ort.SessionOptions = with_profiling
     try:
-        return Model(artifact, context=1024, threads=threads, slots=slots)
+        return Model(artifact, context=context, threads=threads, slots=slots)
     finally:
         ort.SessionOptions = plain
 
@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     if not (a.artifact / "edgert.json").is_file():
         ap.error(f"{a.artifact} is not an edgert artifact (no edgert.json)")
     with tempfile.TemporaryDirectory() as tmp:
-        m = profiled_model(a.artifact, a.threads, str(Path(tmp) / "prof"), a.batch)
+        m = profiled_model(a.artifact, a.threads, str(Path(tmp) / "prof"), a.batch,
+                           max(1024, a.prompt_len + 8 + 2 * a.decode))
         rng = np.random.default_rng(0)
         prompt = np.array([rng.integers(0, 1000, a.prompt_len)], np.int64)
         n = a.batch
@@ -95,10 +96,15 @@ def main(argv=None) -> int:
             sequence(4)
         sequence(a.decode)
         events = json.loads(Path(m.session.end_profiling()).read_text())
-    runs = [e for e in events if e.get("name") == "model_run"][-(n + a.decode):]
-    runs = runs[:1] + runs[n:]                  # slot 0's prefill, then the decode steps
-    per = group(events, runs)
-    pre, dec = per[0], per[1:]
+    k = -(-a.prompt_len // (m.feed_limit or a.prompt_len))     # runs per prefill (Model.run cuts long feeds)
+    runs = [e for e in events if e.get("name") == "model_run"][-(n * k + a.decode):]
+    per = group(events, runs[:k] + runs[n * k:])  # slot 0's prefill, then the decode steps
+    pre, dec = per[0], per[k:]
+    for p in per[1:k]:
+        pre["wall_us"] += p["wall_us"]
+        for key in ("ops", "nodes"):
+            for op, us in p[key].items():
+                pre[key][op] += us
     dec_ops, dec_nodes = defaultdict(float), defaultdict(float)
     for d in dec:
         for k, v in d["ops"].items():

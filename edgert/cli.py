@@ -64,10 +64,11 @@ def export(
     bits_per_weight: Optional[float] = typer.Option(None, help="Byte budget for the attention/MLP projections in bits per weight (e.g. 4.5; scales and zero points count): mixed int4 block sizes and int8 by measured sensitivity, recorded per tensor in edgert.json."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an edgert artifact (never another non-empty "
                                "folder, never the source)."),
-    kv_cache: Optional[str] = typer.Option(None, help="KV cache precision the graphs read and write: fp16 (half the "
-                                           "memory; on x86 ~7% slower decode, onnxruntime converts it per head), int8 (a "
-                                           "quarter of fp32 plus a scale per row and head; standard-op attention, faster than "
-                                           "fp16 at depth; no attention sinks) or fp32 [default: fp16; fp32 with --bits 32]."),
+    kv_cache: Optional[str] = typer.Option(None, help="KV cache precision the graphs read and write: int8 (a quarter "
+                                           "of fp32 plus a scale per row and head; standard-op attention, the fastest at "
+                                           "depth; prefill ~20% slower than fp16), fp16 (GroupQueryAttention; on x86 "
+                                           "onnxruntime converts it per head) or fp32 (twice fp16's memory, the fastest at "
+                                           "short context) [default: int8, fp16 for heads under 32 wide; fp32 with --bits 32]."),
     revision: Optional[str] = typer.Option(None, help="With a hub repo id: the branch, tag or commit [default: main]."),
     via: Optional[str] = typer.Option(None, help="native (edgert's own graph builders) or optimum (optimum-onnx's graph, "
                                       "quantized by onnxruntime; needs the [optimum] extra) [default: native when "

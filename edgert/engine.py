@@ -79,8 +79,7 @@ class Engine:
         n = shared[slot]
         if shared[source] > n:                       # a busy sequence holds more of it: copy its rows
             n = shared[source]
-            for buf in self.model.cache:
-                buf[slot, :, :n] = buf[source, :, :n]
+            self.model.copy_rows(source, slot, n)
         if self.recurrent:
             self._resume(slot, source if shared[source] == n and n > shared[slot] else slot, n)
         seq = Seq(slot, prompt_ids[:n])

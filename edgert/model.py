@@ -256,6 +256,13 @@ class Model:
                 np.add.at(self.expert_counts[j], outs[-len(self.router_outputs) + j].numpy().ravel(), 1)
         return outs[0].numpy()
 
+    def copy_rows(self, source: int, slot: int, n: int) -> None:
+        """The first n cache rows of slot `source` into `slot` (a prefix one sequence shares with another)."""
+        for i, buf in enumerate(self.cache):
+            at = [slice(None)] * 3
+            at[(self._row_axis[i] if self._row_axis else 2) - 1] = slice(0, n)     # int8 keys: positions last
+            buf[(slot, *at)] = buf[(source, *at)]
+
     def _write_rows(self, first: int, lengths: np.ndarray, presents) -> None:
         """An int8 cache: each row's new codes and scales go in at that row's own length."""
         for buf, axis, new in zip(self.cache, self._row_axis, presents):

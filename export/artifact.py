@@ -106,8 +106,8 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     recipe: how int4 codes are chosen (quantize.RECIPES); calib: "self", "built-in" or a calibration
     text file for "gptq"; bits_per_weight: a byte budget for the projections (mixed precision).
     `checkpoint` replaces the folder's weights (synthetic.py); config and tokenizer still come from the folder.
-    kv_cache: the precision of the KV cache the graphs read and write, fp16, int8 or fp32 (default: fp16,
-    fp32 for the unquantized --bits 32 reference).
+    kv_cache: the precision of the KV cache the graphs read and write, int8, fp16 or fp32 (default: int8,
+    fp16 for heads under 32 wide, fp32 for the unquantized --bits 32 reference: Decoder.default_kv_cache).
     via: "native" (edgert's own builders), "optimum" (optimum-onnx's graph, onnxruntime's
     quantizer: optimum_route.py) or None: native when edgert builds the model_type, else optimum."""
     t0 = time.time()
@@ -118,8 +118,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
                 "--bits-per-weight": bits_per_weight is not None, "--embed-bits": embed_bits != 8}
     if recipe not in RECIPES:
         raise ExportError(f"--recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
-    kv_cache = kv_cache or ("fp32" if bits == 32 else "fp16")
-    if kv_cache not in KV_TYPES:
+    if kv_cache is not None and kv_cache not in KV_TYPES:
         raise ExportError(f"--kv-cache must be one of {', '.join(KV_TYPES)}, not {kv_cache!r}")
     if calib and recipe != "gptq":
         raise ExportError(f"--calib is for --recipe gptq; --recipe {recipe} uses no calibration")
@@ -163,6 +162,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         raise ExportError(str(e)) from None
     if not (src / "tokenizer.json").is_file():
         raise ExportError(f"{src}: no tokenizer.json (the runtime needs the fast-tokenizer file)")
+    kv_cache = kv_cache or ("fp32" if bits == 32 else model.default_kv_cache)
     max_ctx = min(model.max_positions, DEFAULT_MAX_CONTEXT)
     context = context or max_ctx
     if context < 1 or context > model.max_positions:

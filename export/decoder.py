@@ -26,7 +26,7 @@ class Decoder:
     mlp_act = "silu"                    # the gate's activation: "silu" or "gelu_tanh" (Gemma)
     rope_interleaved = False            # rotary pairs (2j, 2j+1) instead of (j, j + D/2) (ERNIE 4.5)
     norm_names = ("input_layernorm", "post_attention_layernorm")   # the norms before attention and before the FFN
-    min_onnxruntime: str | None = None  # the oldest onnxruntime that runs the graph (manifest; gpt-oss: sinks)
+    gqa_min_onnxruntime: str | None = None  # the oldest GroupQueryAttention with what the model needs (gpt-oss: sinks)
     # An int8 lm_head over a large vocabulary is stored as two int4 planes and read as int4 for all
     # logits, then at int8 for this many best candidates per position (`graph.candidate_logits`):
     # decode reads 0.625 instead of 1.125 bytes per lm_head weight. Below split_head_min_vocab
@@ -223,6 +223,18 @@ class Decoder:
         sliding = i < len(types) and types[i] == "sliding_attention" and c.get("use_sliding_window", True)
         return int(c["sliding_window"]) if sliding and c.get("sliding_window") else 0
 
+    @property
+    def default_kv_cache(self) -> str:
+        """The KV cache a quantized export gets unless told: int8 where a head's row holds at least 32
+        values (llama.cpp's q8_0 block: its scale costs at most 1/8 byte per value, and the rounding
+        keeps the answers: README, --kv-cache), else fp16 (stories260K's 8-wide heads lose top-1 to it)."""
+        return "int8" if self.head_dim >= 32 else "fp16"
+
+    def min_onnxruntime(self, kv_cache: str) -> str | None:
+        """The oldest onnxruntime that runs the graph (the manifest's min_onnxruntime): what its
+        GroupQueryAttention needs; the int8 cache attends with standard ops and needs nothing new."""
+        return None if kv_cache == "int8" else self.gqa_min_onnxruntime
+
     def shared(self, g: Graph, key: str, make):
         """Something several layers share (other rotary tables, a window mask), made once per graph."""
         cache = self.__dict__.setdefault("_shared", {})
@@ -367,14 +379,14 @@ class Decoder:
             for src, n in zip(presents, ("key", "value")):
                 g.output(src, f"present.{i}.{n}", G.KV_TYPES[kind][0], shape)
             return out
-        if options.get("sink"):
-            raise UnsupportedModel("--kv-cache int8 has no attention sinks (gpt-oss): use --kv-cache fp16 or fp32")
         shapes = {"key": (TensorProto.INT8, [kv_heads, d, "T"]), "key_scale": (TensorProto.FLOAT, [kv_heads, 1, "T"]),
                   "value": (TensorProto.INT8, [kv_heads, "T", d]), "value_scale": (TensorProto.FLOAT, [kv_heads, 1, "T"])}
         past = [g.input(f"past_key_values.{i}.{n}", t, ["batch", *(x if x != "T" else "max_sequence" for x in shape)])
                 for n, (t, shape) in shapes.items()]
-        out, presents = G.int8_cache_attention(g, q, k, v, past, io, self.heads, kv_heads, d, self.attn_scale, name,
-                                               **options)
+        key = f"kv8_index{kv_heads}x{self.heads // kv_heads}x{d}"
+        index = self.shared(g, key, lambda: G.int8_cache_index(g, q, io, kv_heads, self.heads // kv_heads, d, key))
+        out, presents = G.int8_cache_attention(g, q, k, v, past, io, index, self.heads, kv_heads, d, self.attn_scale,
+                                               name, **options)
         for src, (n, (t, shape)) in zip(presents, shapes.items()):
             g.output(src, f"present.{i}.{n}", t, ["batch", *(x if x != "T" else "sequence" for x in shape)])
         return out

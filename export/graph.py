@@ -175,7 +175,7 @@ class Recipe:
     block_size: int = 32
     embed_bits: int = 8      # embeddings and lm_head: small models punish int4 here
     method: str = DEFAULT_RECIPE   # how int4 codes are chosen (quantize.RECIPES)
-    kv_cache: str = "fp16"   # keys and values in the cache: fp16 (half the bytes) or fp32
+    kv_cache: str = "int8"   # keys and values in the cache: int8 (+ a scale per row and head), fp16 or fp32
 
     def bits_for(self, tensor_class: str) -> int:
         if tensor_class == "router":
@@ -354,39 +354,74 @@ def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: Attentio
     return out, pk, pv
 
 
-def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: AttentionIO, heads: int, kv_heads: int,
-                         head_dim: int, scale: float, name: str, rotary: bool = True, bias: str = "") -> tuple[str, list]:
+def int8_cache_index(g: Graph, q: str, io: AttentionIO, kv_heads: int, group: int, head_dim: int, name: str) -> dict:
+    """What every layer of `int8_cache_attention` shares in one forward, made once per graph: the
+    new tokens' positions [B, S] (row r's past length + s), T = the longest row's total, where each
+    row's new keys and values go among the T cached ones (ScatterElements indices in the layouts of
+    keys [B, kv, D, S], values [B, kv, S, D] and scales [B, kv, 1, S]), and the mask of what each
+    query sees, [B, 1, S, 1, T] against the scores seen as [B, kv, S, G, T]: keys up to its own
+    position, none of another row's. q: any layer's queries (for B and S)."""
+    i64 = TensorProto.INT64
+    c = lambda label, value: g.const(f"{name}.{label}", np.array(value, np.int64))
+    seq = g.op("Shape", [q], name + ".seq", start=1, end=2)                                                  # [1]: S
+    s0 = g.op("Squeeze", [seq], name + ".s0")
+    total = g.op("Reshape", [g.op("Cast", [io.total_len], name + ".total64", to=i64), c("one_d", [1])], name + ".total")
+    lengths = g.op("Sub", [g.op("Add", [g.op("Cast", [io.seqlens_k], name + ".lens64", to=i64), c("one", 1)],
+                                name + ".row_total"), s0], name + ".lengths")                               # [B]: each row's past
+    pos = g.op("Add", [g.op("Unsqueeze", [lengths, c("ax1", [1])], name + ".lcol"),
+                       g.op("Range", [c("zero", 0), s0, c("step", 1)], name + ".steps")], name + ".positions")  # [B, S]
+    batch = g.op("Shape", [q], name + ".batch", start=0, end=1)
+    kv_d = lambda x: g.const(f"{name}.{x}", np.array([kv_heads, head_dim] if x == "kvd" else [kv_heads, 1], np.int64))
+    at = {"key": g.op("Expand", [g.op("Unsqueeze", [pos, c("ax12", [1, 2])], name + ".pos_k"),
+                                 g.op("Concat", [batch, kv_d("kvd"), seq], name + ".shape_k", axis=0)], name + ".at_key"),
+          "value": g.op("Expand", [g.op("Unsqueeze", [pos, c("ax13", [1, 3])], name + ".pos_v"),
+                                   g.op("Concat", [batch, g.const(name + ".kv", np.array([kv_heads], np.int64)), seq,
+                                                   g.const(name + ".d", np.array([head_dim], np.int64))], name + ".shape_v", axis=0)],
+                        name + ".at_value"),
+          "scale": g.op("Expand", [g.op("Unsqueeze", [pos, c("ax12s", [1, 2])], name + ".pos_s"),
+                                   g.op("Concat", [batch, kv_d("kv1"), seq], name + ".shape_s", axis=0)], name + ".at_scale")}
+    keys = g.op("Range", [c("zero0", 0), g.op("Squeeze", [total], name + ".t0"), c("step1", 1)], name + ".keys")  # [T]
+    seen = g.op("LessOrEqual", [keys, g.op("Unsqueeze", [pos, c("ax2", [2])], name + ".pcol")], name + ".seen")  # [B, S, T]
+    mask = g.op("Where", [seen, g.const(name + ".open", np.array(0, np.float32)), g.const(name + ".shut", np.array(-np.inf, np.float32))],
+                name + ".mask3")
+    mask = g.op("Unsqueeze", [mask, c("ax13m", [1, 3])], name + ".mask")                                   # [B, 1, S, 1, T]
+    rows5 = g.op("Concat", [c("rows5", [0, 0, -1, group]), total], name + ".rows5", axis=0)                 # [B, kv, S, G, T]
+    return {"seq": seq, "total": total, "positions": pos, "at": at, "mask": mask, "rows5": rows5,
+            "rows4": g.op("Concat", [c("rows4", [0, 0, -1]), total], name + ".rows4", axis=0)}
+
+
+def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: AttentionIO, index: dict, heads: int,
+                         kv_heads: int, head_dim: int, scale: float, name: str, rotary: bool = True,
+                         bias: str = "", sink: str = "") -> tuple[str, list]:
     """Attention over an int8 KV cache, from standard ops and RotaryEmbedding (onnxruntime 1.22 has
     them all). Each cached key and value row has one fp32 scale per head (|x| max / 127), so the
     cache costs 1 + 4 / head_dim bytes per element against fp16's 2. Keys are cached transposed,
-    [B, kv_heads, head_dim, context], so the scores of the past are one MatMul of the grouped
-    queries against a Cast of the cached codes, and the key scales multiply the scores (one per
-    key) instead of the keys; the value scales likewise multiply the probabilities. The new rows
-    are quantized in the graph and attended to as stored; they are outputs (present.*, only the S
-    new rows), which the runtime writes into its cache at each row's own length.
+    [B, kv_heads, head_dim, context], so the scores are one MatMul of the grouped queries against
+    a Cast of the codes, and the key scales multiply the scores (one per key) instead of the keys;
+    the value scales likewise multiply the probabilities. The new rows are quantized in the graph
+    and scattered into a copy of the cached rows 0..T-1 at each row's own positions, so that every
+    query attends to its keys in position order, as stored, from column 0, with only masked
+    columns after them: a row's result is the same bit for bit whether it runs alone or beside
+    longer rows, and whether its past came in one feed or several. The new rows are also outputs
+    (present.*, only the S new rows), which the runtime writes into its cache at the same places.
+    sink: one logit per head [H] that joins every softmax as one more column, dropped after it
+    (gpt-oss; the same as GroupQueryAttention's head_sink, with no onnxruntime 1.23 needed).
     past: (key codes, key scales [B, kv, 1, T], value codes [B, kv, T, D], value scales [B, kv, 1, T]).
-    Returns the attention output [B, S, heads * head_dim] and the four present outputs."""
-    i64, f32 = TensorProto.INT64, TensorProto.FLOAT
+    index: `int8_cache_index` (shared by the layers). Returns the attention output
+    [B, S, heads * head_dim] and the four present outputs."""
+    f32 = TensorProto.FLOAT
     group, d = heads // kv_heads, head_dim
     c = lambda label, value: g.const(f"{name}.{label}", np.array(value, np.int64))
-    seq = g.op("Shape", [q], name + ".seq", start=1, end=2)                                                  # [1]: S
-    total = g.op("Reshape", [g.op("Cast", [io.total_len], name + ".total64", to=i64), c("one_d", [1])], name + ".total")
-    past_len = g.op("Sub", [total, seq], name + ".past_len")                                                # [1]: P
-    lengths = g.op("Sub", [g.op("Add", [g.op("Cast", [io.seqlens_k], name + ".lens64", to=i64), c("one", 1)],
-                                name + ".row_total"), seq], name + ".lengths")                              # [B]: each row's past
     if rotary:   # RotaryEmbedding at positions length + s, the tables GroupQueryAttention would use
-        pos = g.op("Add", [g.op("Unsqueeze", [lengths, c("ax1", [1])], name + ".lcol"),
-                           g.op("Range", [c("zero", 0), g.op("Squeeze", [seq], name + ".s0"), c("step", 1)], name + ".steps")],
-                   name + ".positions")                                                                      # [B, S]
-        q = g.ms("RotaryEmbedding", [q, pos, io.cos, io.sin], name + ".q_rot", interleaved=0, num_heads=heads)
-        k = g.ms("RotaryEmbedding", [k, pos, io.cos, io.sin], name + ".k_rot", interleaved=0, num_heads=kv_heads)
-    # queries grouped by the kv head they share: [B, kv, group * S, D] (row g * S + s)
+        q = g.ms("RotaryEmbedding", [q, index["positions"], io.cos, io.sin], name + ".q_rot", interleaved=0, num_heads=heads)
+        k = g.ms("RotaryEmbedding", [k, index["positions"], io.cos, io.sin], name + ".k_rot", interleaved=0, num_heads=kv_heads)
+    # queries grouped by the kv head they share: [B, kv, S * group, D] (row s * G + j)
     q5 = g.op("Reshape", [q, c("q5", [0, 0, kv_heads, group, d])], name + ".q5")                            # [B, S, kv, G, D]
-    qg = g.op("Reshape", [g.op("Transpose", [q5], name + ".qt", perm=[0, 2, 3, 1, 4]), c("q4", [0, 0, -1, d])],
+    qg = g.op("Reshape", [g.op("Transpose", [q5], name + ".qt", perm=[0, 2, 1, 3, 4]), c("q4", [0, 0, -1, d])],
               name + ".qg")
     qg = g.op("Mul", [qg, g.const(name + ".scale", np.array(scale, np.float32))], name + ".qs")
 
-    def quantized(x, label):       # [B, S, kv * D] -> codes [B, kv, S, D] int8, scales [B, kv, S, 1], as stored
+    def quantized(x, label):       # [B, S, kv * D] -> codes [B, kv, S, D] int8, scales [B, kv, 1, S], as stored
         x = g.op("Transpose", [g.op("Reshape", [x, c(label + "4", [0, 0, kv_heads, d])], f"{name}.{label}4")],
                  f"{name}.{label}t", perm=[0, 2, 1, 3])
         s = g.op("Div", [g.op("ReduceMax", [g.op("Abs", [x], f"{name}.{label}abs")], f"{name}.{label}max", axes=[-1], keepdims=1),
@@ -394,46 +429,41 @@ def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: Atte
         s = g.op("Max", [s, g.const(f"{name}.tiny", np.array(1e-30, np.float32))], f"{name}.{label}scale")
         codes = g.op("Cast", [g.op("Round", [g.op("Div", [x, s], f"{name}.{label}div")], f"{name}.{label}round")],
                      f"{name}.{label}codes", to=TensorProto.INT8)
-        return codes, s, g.op("Mul", [g.op("Cast", [codes], f"{name}.{label}f", to=f32), s], f"{name}.{label}deq")
+        return codes, g.op("Reshape", [s, c("row_scales", [0, 0, 1, -1])], f"{name}.{label}_scales")
 
-    kc, ks, kd = quantized(k, "k")
-    vc, vs, vd = quantized(v, "v")
-    row = c("row_scales", [0, 0, 1, -1])
-    presents = [g.op("Transpose", [kc], name + ".k_present", perm=[0, 1, 3, 2]),                           # [B, kv, D, S]
-                g.op("Reshape", [ks, row], name + ".ks_present"), vc,                                        # [B, kv, 1, S]
-                g.op("Reshape", [vs, row], name + ".vs_present")]
-    # the past: cached codes up to the longest row's length; each row's own tail masked
-    zero, three, two = c("zero_d", [0]), c("ax3", [3]), c("ax2", [2])
-    kp = g.op("Cast", [g.op("Slice", [past[0], zero, past_len, three], name + ".kp8")], name + ".kp", to=f32)
-    ksp = g.op("Slice", [past[1], zero, past_len, three], name + ".ksp")
-    vp = g.op("Cast", [g.op("Slice", [past[2], zero, past_len, two], name + ".vp8")], name + ".vp", to=f32)
-    vsp = g.op("Slice", [past[3], zero, past_len, three], name + ".vsp")
-    keys = g.op("Range", [c("zero0", 0), g.op("Squeeze", [past_len], name + ".p0"), c("step1", 1)], name + ".keys")
-    hidden = g.op("Less", [keys, g.op("Unsqueeze", [lengths, c("ax1b", [1])], name + ".lcol2")], name + ".seen")
-    open_, shut = g.const(name + ".open", np.array(0, np.float32)), g.const(name + ".shut", np.array(-np.inf, np.float32))
-    past_mask = g.op("Unsqueeze", [g.op("Where", [hidden, open_, shut], name + ".pmask2"), c("ax12", [1, 2])],
-                     name + ".pmask")                                                                       # [B, 1, 1, P]
-    scores_past = g.op("Add", [g.op("Mul", [g.op("MatMul", [qg, kp], name + ".qk_past"), ksp], name + ".qk_scaled"),
-                               past_mask], name + ".scores_past")
-    # the new rows: causal among themselves (query row r is token r mod S)
-    rows = g.op("Mod", [g.op("Range", [c("zero1", 0), g.op("Mul", [g.op("Squeeze", [seq], name + ".s1"), c("group", group)],
-                                                                name + ".gs"), c("step2", 1)], name + ".rows"),
-                        g.op("Squeeze", [seq], name + ".s2")], name + ".row_token")
-    cols = g.op("Range", [c("zero2", 0), g.op("Squeeze", [seq], name + ".s3"), c("step3", 1)], name + ".cols")
-    causal = g.op("Where", [g.op("LessOrEqual", [cols, g.op("Unsqueeze", [rows, c("ax1c", [1])], name + ".rcol")],
-                                 name + ".causal_ok"), open_, shut], name + ".causal")                       # [G*S, S]
-    scores_new = g.op("Add", [g.op("MatMul", [qg, g.op("Transpose", [kd], name + ".kdt", perm=[0, 1, 3, 2])],
-                                   name + ".qk_new"), causal], name + ".scores_new")
-    scores = g.op("Concat", [scores_past, scores_new], name + ".scores", axis=-1)                          # [B, kv, G*S, T]
-    if bias:     # [B, 1, S, T] -> the grouped rows
-        scores = g.op("Add", [scores, g.op("Tile", [bias, c("tile", [1, 1, group, 1])], name + ".bias_g")], name + ".biased")
+    kc, ks = quantized(k, "k")
+    vc, vs = quantized(v, "v")
+    presents = [g.op("Transpose", [kc], name + ".k_present", perm=[0, 1, 3, 2]), ks, vc, vs]   # [B, kv, D, S], [B, kv, 1, S]
+    # the cached rows 0..T-1 with each row's new ones written at its own positions
+    zero, total, at = c("zero_d", [0]), index["total"], index["at"]
+    rows = [g.op("ScatterElements", [g.op("Slice", [buf, zero, total, c(f"ax{axis}", [axis])], f"{name}.{label}_past"),
+                                     at[kind], new], f"{name}.{label}_all", axis=axis)
+            for buf, new, label, kind, axis in zip(past, presents, ("k", "ks", "v", "vs"),
+                                                   ("key", "scale", "value", "scale"), (3, 3, 2, 3))]
+    keys, key_scales, values, value_scales = rows
+    scores = g.op("Mul", [g.op("MatMul", [qg, g.op("Cast", [keys], name + ".kf", to=f32)], name + ".qk"), key_scales],
+                  name + ".qk_scaled")                                                                      # [B, kv, S*G, T]
+    scores = g.op("Add", [g.op("Reshape", [scores, index["rows5"]], name + ".qk5"), index["mask"]], name + ".masked")
+    if bias:     # [B, 1, S, T] -> [B, 1, S, 1, T] (once for all layers)
+        if bias not in index:
+            index[bias] = g.op("Unsqueeze", [bias, g.const(f"{bias}.kv8_axis", np.array([3], np.int64))], f"{bias}.kv8")
+        scores = g.op("Add", [scores, index[bias]], name + ".biased")                                    # [B, kv, S, G, T]
+    if sink:     # head h = kv * G + j's logit, first in each row: [1, kv, 1, G, 1] -> [B, kv, S, G, 1]
+        if "sink_shape" not in index:
+            index["sink_shape"] = g.op("Concat", [g.op("Shape", [q], "kv8_sink.batch", start=0, end=1),
+                                                  g.const("kv8_sink.kv", np.array([kv_heads], np.int64)), index["seq"],
+                                                  g.const("kv8_sink.group", np.array([group, 1], np.int64))],
+                                       "kv8_sink.shape", axis=0)
+        grid = g.op("Reshape", [sink, c("sink5", [1, kv_heads, 1, group, 1])], name + ".sink5")
+        scores = g.op("Concat", [g.op("Expand", [grid, index["sink_shape"]], name + ".sink_col"), scores],
+                      name + ".with_sink", axis=-1)
     probs = g.op("Softmax", [scores], name + ".probs", axis=-1)
-    p_past = g.op("Slice", [probs, zero, past_len, three], name + ".p_past")
-    p_new = g.op("Slice", [probs, past_len, c("end", [2**62]), three], name + ".p_new")
-    out = g.op("Add", [g.op("MatMul", [g.op("Mul", [p_past, vsp], name + ".pv_scaled"), vp], name + ".pv_past"),
-                       g.op("MatMul", [p_new, vd], name + ".pv_new")], name + ".pv")                         # [B, kv, G*S, D]
-    out = g.op("Transpose", [g.op("Reshape", [out, c("o5", [0, 0, group, -1, d])], name + ".o5")], name + ".ot",
-               perm=[0, 3, 1, 2, 4])                                                                         # [B, S, kv, G, D]
+    if sink:
+        probs = g.op("Slice", [probs, c("one_col", [1]), c("end", [2**62]), c("ax4p", [4])], name + ".no_sink")
+    probs = g.op("Mul", [g.op("Reshape", [probs, index["rows4"]], name + ".probs4"), value_scales], name + ".pv_scaled")
+    out = g.op("MatMul", [probs, g.op("Cast", [values], name + ".vf", to=f32)], name + ".pv")              # [B, kv, S*G, D]
+    out = g.op("Transpose", [g.op("Reshape", [out, c("o5", [0, 0, -1, group, d])], name + ".o5")], name + ".ot",
+               perm=[0, 2, 1, 3, 4])                                                                         # [B, S, kv, G, D]
     return g.op("Reshape", [out, c("o3", [0, 0, heads * d])], name + ".out"), presents
 
 

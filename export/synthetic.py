@@ -382,7 +382,8 @@ def build(shape: str, bits: int = 4, context: int = 256, folder: Path | None = N
     longest = min(config.get("max_position_embeddings", 4096), DEFAULT_MAX_CONTEXT)   # what export gives it
     if context > longest:
         raise SyntheticError(f"--context must be at most {longest} for {shape} (the context its artifact is exported for)")
-    need = model_for(config).min_onnxruntime
+    shaped = model_for(config)
+    need = shaped.min_onnxruntime(shaped.default_kv_cache)
     if need:        # refused before gigabytes are written, not when the bench loads them
         from edgert.model import ort, ort_version
         if ort_version() < tuple(int(p) for p in need.split(".")):

@@ -61,8 +61,12 @@ def qwen2_int4(exported):
     return exported(QWEN2, bits=4)
 
 
-def test_batch_equals_each_alone_dense(qwen2_int4):
+@pytest.mark.parametrize("kv", ["int8", "fp16"])
+def test_batch_equals_each_alone_dense(exported, kv):
+    """The default int8 cache (its own attention graph, rows written by the runtime) and
+    GroupQueryAttention's fp16 cache: rows of different lengths stepped together, bit for bit."""
     import edgert
+    qwen2_int4 = exported(QWEN2, bits=4, kv_cache=kv)
     probs = task.held_out_problems()[:5]
     alone_llm = edgert.load(qwen2_int4, context=256)
     prompts = [alone_llm.encode(p.prompt) for p in probs]
@@ -100,8 +104,11 @@ def test_batch_on_the_nibble_twin(exported, tmp_path, monkeypatch):
     assert greedy_together(many, prompts, 12) == alone
 
 
-def test_prefix_reuse_copy_and_rewind_give_fresh_logits(qwen2_int4):
+@pytest.mark.parametrize("kv", ["int8", "fp16"])
+def test_prefix_reuse_copy_and_rewind_give_fresh_logits(exported, kv):
+    """Rows copied between slots (int8 keys hold positions on their last axis), cut back, re-fed."""
     import edgert
+    qwen2_int4 = exported(QWEN2, bits=4, kv_cache=kv)
     llm = edgert.load(qwen2_int4, context=128, slots=3)
     eng = llm.engine
     ids = llm.encode(task.held_out_problems()[0].prompt)

@@ -147,10 +147,16 @@ def test_old_onnxruntime_gives_identical_tokens(tmp_path, exported, old_ort_pyth
     assert old["strategies"][-1] == "plain"
 
 
-def test_old_onnxruntime_refuses_gpt_oss_in_one_line(tmp_path, exported, old_ort_python):
-    """gpt-oss's attention sinks need GroupQueryAttention's head_sink (onnxruntime 1.23): 1.22 says so."""
+def test_gpt_oss_on_old_onnxruntime(tmp_path, exported, old_ort_python):
+    """gpt-oss's attention sinks: with an fp16 cache they are GroupQueryAttention's head_sink
+    (onnxruntime 1.23), and 1.22 says so in one line; the int8 cache's graph (the default for real
+    gpt-oss, 64-wide heads) adds them itself, and 1.22 runs it (the plain expert graph) with the same
+    tokens as here."""
     name, overrides = MOE_CONFIGS["gpt_oss"]
-    art = exported(make_checkpoint(tmp_path / "gpt_oss", name, **overrides), 4)
+    src = make_checkpoint(tmp_path / "gpt_oss", name, **overrides)
+    old, _ = same_choices(old_ort_python, [(str(exported(src, 4, kv_cache="int8")), list(range(3, 40)))], exact=[False])
+    assert old["version"].startswith("1.22") and old["strategies"][-1] == "plain"
+    art = exported(src, 4, kv_cache="fp16")
     r = subprocess.run([old_ort_python, "-c", "from edgert.cli import main; main()", "run", str(art), "--raw", "hello"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode != 0 and r.stdout == ""
@@ -184,9 +190,14 @@ def test_synthetic_bench_shapes(tmp_path, shape, case, params):
 
 
 def test_synthetic_gpt_oss_refused_before_building_on_old_onnxruntime(tmp_path, monkeypatch):
+    """A shape that would need a newer onnxruntime is refused before gigabytes are written (gpt-oss
+    with a GroupQueryAttention cache; the default int8 cache runs on 1.22)."""
     import edgert.model
-    from edgert_export.synthetic import SyntheticError, build
+    from edgert_export import synthetic
+    from edgert_export.decoder import Decoder
     monkeypatch.setattr(edgert.model, "ort_version", lambda: (1, 22))
-    with pytest.raises(SyntheticError, match=r"^gpt-oss-20b needs onnxruntime >= 1\.23 \(this is "):
-        build("gpt-oss-20b", 4, folder=tmp_path)
+    monkeypatch.setattr(Decoder, "default_kv_cache", "fp16")
+    with pytest.raises(synthetic.SyntheticError, match=r"^gpt-oss-20b needs onnxruntime >= 1\.23 \(this is "):
+        synthetic.build("gpt-oss-20b", 4, folder=tmp_path)
     assert not list(tmp_path.iterdir())
+    assert synthetic.model_for(synthetic.SHAPES["gpt-oss-20b"]).min_onnxruntime("int8") is None

@@ -1,5 +1,6 @@
-"""gpt-oss (20b, 120b): learned attention sinks per head (GroupQueryAttention's head_sink, which
-onnxruntime has from 1.23: the artifact records that minimum and older ones refuse it), sliding
+"""gpt-oss (20b, 120b): learned attention sinks per head (with an fp16/fp32 cache GroupQueryAttention's
+head_sink, which onnxruntime has from 1.23: the artifact records that minimum and older ones refuse
+it; the default int8 cache's standard-op attention adds them itself and runs on 1.22), sliding
 window (128) and full attention alternating, q/k/v/o biases, YaRN; a router with a bias whose
 top-k logits are softmaxed; experts with biases, gate/up rows interleaved and a clamped SwiGLU
 ((up + 1) * gate * sigmoid(1.702 gate), gate <= 7, |up| <= 7). The hub's checkpoints store the
@@ -68,7 +69,7 @@ class ExactInt8:
 class Model(MoEDecoder):
     model_type = "gpt_oss"
     router_name = "router.weight"
-    min_onnxruntime = "1.23"        # GroupQueryAttention's head_sink input
+    gqa_min_onnxruntime = "1.23"    # GroupQueryAttention's head_sink input
 
     def __init__(self, config: dict):
         k = config.get("num_experts_per_tok") or config.get("experts_per_token")     # (the hub's config has both names)
@@ -104,4 +105,4 @@ class Model(MoEDecoder):
         # parameters, not stored elements: an MXFP4 byte holds two, the exponents are not parameters
         n = sum(int(np.prod(self.ckpt.shape(x))) * (2 if x.endswith("_blocks") else 0 if x.endswith("_scales") else 1)
                 for x in self.ckpt.names)
-        return {**super().extra_manifest(), "parameters": n, "min_onnxruntime": self.min_onnxruntime}
+        return {**super().extra_manifest(), "parameters": n, "min_onnxruntime": self.min_onnxruntime(self.recipe.kv_cache)}
