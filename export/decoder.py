@@ -385,10 +385,11 @@ class Decoder:
                 for n, (t, shape) in shapes.items()]
         key = f"kv8_index{kv_heads}x{self.heads // kv_heads}x{d}"
         index = self.shared(g, key, lambda: G.int8_cache_index(g, q, io, kv_heads, self.heads // kv_heads, d, key))
-        out, presents = G.int8_cache_attention(g, q, k, v, past, io, index, self.heads, kv_heads, d, self.attn_scale,
-                                               name, **options)
-        for src, (n, (t, shape)) in zip(presents, shapes.items()):
-            g.output(src, f"present.{i}.{n}", t, ["batch", *(x if x != "T" else "sequence" for x in shape)])
+        presents = [f"present.{i}.{n}" for n in shapes]
+        out = G.int8_cache_attention(g, q, k, v, past, io, index, self.heads, kv_heads, d, self.attn_scale, name,
+                                     presents, **options)
+        for present, (t, shape) in zip(presents, shapes.values()):
+            g.output(present, present, t, ["batch", *(x if x != "T" else "sequence" for x in shape)])
         return out
 
     def ffn(self, g: Graph, i: int, x: str) -> str:

@@ -391,8 +391,8 @@ def int8_cache_index(g: Graph, q: str, io: AttentionIO, kv_heads: int, group: in
 
 
 def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: AttentionIO, index: dict, heads: int,
-                         kv_heads: int, head_dim: int, scale: float, name: str, rotary: bool = True,
-                         bias: str = "", sink: str = "") -> tuple[str, list]:
+                         kv_heads: int, head_dim: int, scale: float, name: str, presents: list[str],
+                         rotary: bool = True, bias: str = "", sink: str = "") -> str:
     """Attention over an int8 KV cache, from standard ops and RotaryEmbedding (onnxruntime 1.22 has
     them all). Each cached key and value row has one fp32 scale per head (|x| max / 127), so the
     cache costs 1 + 4 / head_dim bytes per element against fp16's 2. Keys are cached transposed,
@@ -407,8 +407,9 @@ def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: Atte
     sink: one logit per head [H] that joins every softmax as one more column, dropped after it
     (gpt-oss; the same as GroupQueryAttention's head_sink, with no onnxruntime 1.23 needed).
     past: (key codes, key scales [B, kv, 1, T], value codes [B, kv, T, D], value scales [B, kv, 1, T]).
-    index: `int8_cache_index` (shared by the layers). Returns the attention output
-    [B, S, heads * head_dim] and the four present outputs."""
+    index: `int8_cache_index` (shared by the layers). presents: the names of the four new-row
+    outputs (key codes [B, kv, D, S], key scales [B, kv, 1, S], value codes [B, kv, S, D], value
+    scales). Returns the attention output [B, S, heads * head_dim]."""
     f32 = TensorProto.FLOAT
     group, d = heads // kv_heads, head_dim
     c = lambda label, value: g.const(f"{name}.{label}", np.array(value, np.int64))
@@ -421,24 +422,25 @@ def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: Atte
               name + ".qg")
     qg = g.op("Mul", [qg, g.const(name + ".scale", np.array(scale, np.float32))], name + ".qs")
 
-    def quantized(x, label):       # [B, S, kv * D] -> codes [B, kv, S, D] int8, scales [B, kv, 1, S], as stored
-        x = g.op("Transpose", [g.op("Reshape", [x, c(label + "4", [0, 0, kv_heads, d])], f"{name}.{label}4")],
-                 f"{name}.{label}t", perm=[0, 2, 1, 3])
-        s = g.op("Div", [g.op("ReduceMax", [g.op("Abs", [x], f"{name}.{label}abs")], f"{name}.{label}max", axes=[-1], keepdims=1),
-                         g.const(f"{name}.q127", np.array(127, np.float32))], f"{name}.{label}scale0")
-        s = g.op("Max", [s, g.const(f"{name}.tiny", np.array(1e-30, np.float32))], f"{name}.{label}scale")
-        codes = g.op("Cast", [g.op("Round", [g.op("Div", [x, s], f"{name}.{label}div")], f"{name}.{label}round")],
-                     f"{name}.{label}codes", to=TensorProto.INT8)
-        return codes, g.op("Reshape", [s, c("row_scales", [0, 0, 1, -1])], f"{name}.{label}_scales")
-
-    kc, ks = quantized(k, "k")
-    vc, vs = quantized(v, "v")
-    presents = [g.op("Transpose", [kc], name + ".k_present", perm=[0, 1, 3, 2]), ks, vc, vs]   # [B, kv, D, S], [B, kv, 1, S]
+    # the new keys and values as stored, quantized together: [B, S, 2 * kv * D] -> codes [B, 2 * kv, S, D]
+    # int8 and scales [B, 2 * kv, S, 1] (|x| max / 127 per row and head), then split into the presents
+    x = g.op("Transpose", [g.op("Reshape", [g.op("Concat", [k, v], name + ".kv", axis=-1), c("kv4", [0, 0, 2 * kv_heads, d])],
+                                name + ".kv4")], name + ".kvt", perm=[0, 2, 1, 3])
+    sc = g.op("Div", [g.op("ReduceMax", [g.op("Abs", [x], name + ".kvabs")], name + ".kvmax", axes=[-1], keepdims=1),
+                      g.const(name + ".q127", np.array(127, np.float32))], name + ".kvscale0")
+    sc = g.op("Max", [sc, g.const(name + ".tiny", np.array(1e-30, np.float32))], name + ".kvscale")
+    codes = g.op("Cast", [g.op("Round", [g.op("Div", [x, sc], name + ".kvdiv")], name + ".kvround")], name + ".kvcodes",
+                 to=TensorProto.INT8)
+    kc, vc = g.op("Split", [codes], name + ".codes_split", outputs=2, axis=1, outs=[name + ".kcodes", presents[2]])
+    ks, vs = g.op("Split", [g.op("Reshape", [sc, c("row_scales", [0, 0, 1, -1])], name + ".kv_scales")], name + ".scales_split",
+                  outputs=2, axis=1, outs=[presents[1], presents[3]])
+    kc = g.op("Transpose", [kc], name + ".k_present", perm=[0, 1, 3, 2], out=presents[0])                   # [B, kv, D, S]
+    new_rows = [kc, ks, vc, vs]
     # the cached rows 0..T-1 with each row's new ones written at its own positions
     zero, total, at = c("zero_d", [0]), index["total"], index["at"]
     rows = [g.op("ScatterElements", [g.op("Slice", [buf, zero, total, c(f"ax{axis}", [axis])], f"{name}.{label}_past"),
                                      at[kind], new], f"{name}.{label}_all", axis=axis)
-            for buf, new, label, kind, axis in zip(past, presents, ("k", "ks", "v", "vs"),
+            for buf, new, label, kind, axis in zip(past, new_rows, ("k", "ks", "v", "vs"),
                                                    ("key", "scale", "value", "scale"), (3, 3, 2, 3))]
     keys, key_scales, values, value_scales = rows
     scores = g.op("Mul", [g.op("MatMul", [qg, g.op("Cast", [keys], name + ".kf", to=f32)], name + ".qk"), key_scales],
@@ -464,7 +466,7 @@ def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: Atte
     out = g.op("MatMul", [probs, g.op("Cast", [values], name + ".vf", to=f32)], name + ".pv")              # [B, kv, S*G, D]
     out = g.op("Transpose", [g.op("Reshape", [out, c("o5", [0, 0, -1, group, d])], name + ".o5")], name + ".ot",
                perm=[0, 2, 1, 3, 4])                                                                         # [B, S, kv, G, D]
-    return g.op("Reshape", [out, c("o3", [0, 0, heads * d])], name + ".out"), presents
+    return g.op("Reshape", [out, c("o3", [0, 0, heads * d])], name + ".out")
 
 
 def window_bias(g: Graph, q: str, io: AttentionIO, window: int, name: str) -> str:
