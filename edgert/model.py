@@ -144,6 +144,10 @@ class Model:
             # the int8 cache's graph holds a chunk's fp32 scores [heads, tokens, context]: bound them to 64 MB,
             # but feed at least 128 tokens (MatMulNBits is several times slower per token on short chunks)
             self.feed_limit = max(128, (64 << 20) // (4 * m["heads"] * self.context))
+        elif self.io != "optimum":
+            # GroupQueryAttention's CPU kernel holds a forward's fp32 scores [heads, tokens, positions]
+            # too (an 8k prompt in one forward: 3.7 GB on Qwen2.5-0.5B): 512 tokens a forward, as the engine feeds
+            self.feed_limit = 512
         self.kv_cache = self.manifest.get("quantization", {}).get("kv_cache", "fp32")
         if self.kv_cache not in ("fp32", "fp16", "int8"):
             raise ArtifactError(f"{self.path}: edgert.json names an unknown KV cache {str(self.kv_cache)[:20]!r} "

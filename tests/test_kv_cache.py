@@ -146,3 +146,19 @@ def test_int8_cache_perplexity_on_stories(exported):
     from edgert.evaluate import evaluate
     ppl = {kv: evaluate(exported(BUNDLED_STORIES, bits=8, kv_cache=kv), window=256)["ppl"] for kv in ("fp32", "int8")}
     assert abs(ppl["int8"] / ppl["fp32"] - 1) < 0.01, ppl
+
+
+def test_groupqueryattention_feeds_are_cut_too(exported):
+    """A GroupQueryAttention artifact's long forward is cut at 512 tokens (its scratch holds the
+    chunk's scores: an uncut 8k prompt took 4.5 GB), with the logits of one piece."""
+    import edgert
+    model = edgert.load(exported(QWEN2, bits=4, kv_cache="fp16"), context=64).model
+    assert model.feed_limit == 512
+    ids = np.array([1, 403, 407, 261, 378, 300, 17, 42, 99, 5, 6, 7, 8, 9, 10, 11], np.int64)
+    one = model.forward(ids, num_logits=len(ids))
+    model.reset()
+    model.feed_limit = 5
+    runs, run = [], model.session.run_with_iobinding
+    model.session.run_with_iobinding = lambda *a, **k: (runs.append(1), run(*a, **k))[1]
+    cut = model.forward(ids, num_logits=7)
+    assert len(runs) == 4 and np.abs(cut - one[-7:]).max() < 1e-4
