@@ -65,8 +65,8 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an edgert artifact (never another non-empty "
                                "folder, never the source)."),
     kv_cache: Optional[str] = typer.Option(None, help="KV cache precision the graphs read and write: int8 (a quarter "
-                                           "of fp32 plus a scale per row and head; standard-op attention, the fastest at "
-                                           "depth; prefill ~20% slower than fp16), fp16 (GroupQueryAttention; on x86 "
+                                           "of fp32 plus a scale per row and head; standard-op attention, faster than fp16 at "
+                                           "depth; prefill ~10-15% slower than fp16), fp16 (GroupQueryAttention; on x86 "
                                            "onnxruntime converts it per head) or fp32 (twice fp16's memory, the fastest at "
                                            "short context) [default: int8, fp16 for heads under 32 wide; fp32 with --bits 32]."),
     revision: Optional[str] = typer.Option(None, help="With a hub repo id: the branch, tag or commit [default: main]."),

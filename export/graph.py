@@ -371,15 +371,14 @@ def int8_cache_index(g: Graph, q: str, io: AttentionIO, kv_heads: int, group: in
     pos = g.op("Add", [g.op("Unsqueeze", [lengths, c("ax1", [1])], name + ".lcol"),
                        g.op("Range", [c("zero", 0), s0, c("step", 1)], name + ".steps")], name + ".positions")  # [B, S]
     batch = g.op("Shape", [q], name + ".batch", start=0, end=1)
-    kv_d = lambda x: g.const(f"{name}.{x}", np.array([kv_heads, head_dim] if x == "kvd" else [kv_heads, 1], np.int64))
     at = {"key": g.op("Expand", [g.op("Unsqueeze", [pos, c("ax12", [1, 2])], name + ".pos_k"),
-                                 g.op("Concat", [batch, kv_d("kvd"), seq], name + ".shape_k", axis=0)], name + ".at_key"),
+                                 g.op("Concat", [batch, c("kvd", [kv_heads, head_dim]), seq], name + ".shape_k", axis=0)], name + ".at_key"),
           "value": g.op("Expand", [g.op("Unsqueeze", [pos, c("ax13", [1, 3])], name + ".pos_v"),
                                    g.op("Concat", [batch, g.const(name + ".kv", np.array([kv_heads], np.int64)), seq,
                                                    g.const(name + ".d", np.array([head_dim], np.int64))], name + ".shape_v", axis=0)],
                         name + ".at_value"),
           "scale": g.op("Expand", [g.op("Unsqueeze", [pos, c("ax12s", [1, 2])], name + ".pos_s"),
-                                   g.op("Concat", [batch, kv_d("kv1"), seq], name + ".shape_s", axis=0)], name + ".at_scale")}
+                                   g.op("Concat", [batch, c("kv1", [kv_heads, 1]), seq], name + ".shape_s", axis=0)], name + ".at_scale")}
     keys = g.op("Range", [c("zero0", 0), g.op("Squeeze", [total], name + ".t0"), c("step1", 1)], name + ".keys")  # [T]
     seen = g.op("LessOrEqual", [keys, g.op("Unsqueeze", [pos, c("ax2", [2])], name + ".pcol")], name + ".seen")  # [B, S, T]
     mask = g.op("Where", [seen, g.const(name + ".open", np.array(0, np.float32)), g.const(name + ".shut", np.array(-np.inf, np.float32))],
