@@ -176,14 +176,65 @@ SHAPES: dict[str, Shape] = {
             ),
             notes="Qwen3 dense with qwen3-moe-small's attention and a 4*512 FFN (same active parameters)",
         ),
+        Shape(
+            "lfm2.5-1.2b",
+            {   # the published config.json's numbers (export/synthetic.py has the same shape)
+                "architectures": ["Lfm2ForCausalLM"], "model_type": "lfm2", "hidden_size": 2048,
+                "intermediate_size": 12288, "block_ff_dim": 12288, "block_auto_adjust_ff_dim": True,
+                "block_ffn_dim_multiplier": 1.0, "block_multiple_of": 256, "num_hidden_layers": 16,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "conv_L_cache": 3, "conv_bias": False,
+                "layer_types": ["full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv" for i in range(16)],
+                "norm_eps": 1e-05, "vocab_size": 65536, "max_position_embeddings": 128000,
+                "rope_theta": 1000000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+            },
+            real_params=1_170_340_608,
+            notes="LiquidAI/LFM2.5-1.2B(-Thinking): 10 gated short-conv layers, 6 GQA layers",
+        ),
     ]
 }
+
+
+def lfm2_ffn_dim(config: dict) -> int:
+    """LFM2's FFN width: block_ff_dim, auto-adjusted to 2/3 of it rounded up to block_multiple_of."""
+    ffn = int(config.get("block_ff_dim") or config["intermediate_size"])
+    if config.get("block_auto_adjust_ff_dim", True):
+        m = config.get("block_multiple_of", 256)
+        ffn = m * -(-int(float(config.get("block_ffn_dim_multiplier") or 1.0) * int(2 * ffn / 3)) // m)
+    return ffn
+
+
+def lfm2_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """LFM2 in Hugging Face naming: conv blocks (in_proj to B, C, x; depthwise conv; out_proj) or
+    GQA with q/k layernorms, then the SwiGLU feed_forward (w1, w3, w2)."""
+    h, nh, nkv, v = (config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"))
+    hd, ffn = h // nh, lfm2_ffn_dim(config)
+    specs = [("model.embed_tokens.weight", (v, h), "weight")]
+    for i, kind in enumerate(config["layer_types"]):
+        p = f"model.layers.{i}."
+        specs.append((p + "operator_norm.weight", (h,), "norm"))
+        if kind == "conv":
+            specs += [(p + "conv.in_proj.weight", (3 * h, h), "weight"),
+                      (p + "conv.conv.weight", (h, 1, config["conv_L_cache"]), "weight"),
+                      (p + "conv.out_proj.weight", (h, h), "weight")]
+        else:
+            specs += [(p + "self_attn.q_proj.weight", (nh * hd, h), "weight"),
+                      (p + "self_attn.k_proj.weight", (nkv * hd, h), "weight"),
+                      (p + "self_attn.v_proj.weight", (nkv * hd, h), "weight"),
+                      (p + "self_attn.out_proj.weight", (h, nh * hd), "weight"),
+                      (p + "self_attn.q_layernorm.weight", (hd,), "norm"),
+                      (p + "self_attn.k_layernorm.weight", (hd,), "norm")]
+        specs += [(p + "ffn_norm.weight", (h,), "norm"), (p + "feed_forward.w1.weight", (ffn, h), "weight"),
+                  (p + "feed_forward.w3.weight", (ffn, h), "weight"), (p + "feed_forward.w2.weight", (h, ffn), "weight")]
+    specs.append(("model.embedding_norm.weight", (h,), "norm"))
+    return specs
 
 
 def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, kind) for every tensor of a Qwen2/Qwen3/Qwen3-MoE
     checkpoint, in Hugging Face naming.  kind is "weight", "bias" or "norm"."""
     mt = config["model_type"]
+    if mt == "lfm2":
+        return lfm2_specs(config)
     h = config["hidden_size"]
     nh = config["num_attention_heads"]
     nkv = config["num_key_value_heads"]

@@ -1,6 +1,6 @@
 """Task accuracy of the trained reasoning fixtures through edgert, against transformers fp32.
 
-    python benchmarks/reasoning_accuracy.py [--fixtures reasoning-qwen2,reasoning-qwen3moe]
+    python benchmarks/reasoning_accuracy.py [--fixtures reasoning-qwen2,reasoning-qwen3moe,reasoning-lfm2]
                                             [--bits 32,8,4] [--work DIR] [--json out.json]
                                             [--kv-cache fp16|fp32|int8] [--votes 5 --temperature 1.0]
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "fixtures"), str(ROOT)]
 import reasoning_task as task  # noqa: E402
 
-FIXTURES = ("reasoning-qwen2", "reasoning-qwen3moe")
+FIXTURES = ("reasoning-qwen2", "reasoning-qwen3moe", "reasoning-lfm2")
 
 
 def reference_texts(fixture: Path, problems) -> list[str]:
