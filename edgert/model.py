@@ -19,6 +19,7 @@ from .limits import check_threads
 
 DEFAULT_CONTEXT = 4096
 QMOE_SINCE = (1, 23)        # first onnxruntime with a CPU QMoE kernel
+FUSED_SINCE = (1, 25)       # first with CPU CausalConvWithState and LinearAttention (hybrid models' "fused" graphs)
 
 
 def ort_version() -> tuple[int, int]:
@@ -66,10 +67,14 @@ def choose_graph(graphs: dict, strategy: str | None, needs_int8: bool = False) -
             raise ArtifactError(f"--moe-strategy {strategy!r} is not in this artifact (it has: {', '.join(sorted(graphs))})")
         if strategy == "qmoe" and ort_version() < QMOE_SINCE:
             raise ArtifactError(f"--moe-strategy qmoe needs onnxruntime >= 1.23 (this is {ort.__version__}); use plain")
+        if strategy.endswith("fused") and ort_version() < FUSED_SINCE:
+            raise ArtifactError(f"--moe-strategy {strategy} needs onnxruntime >= 1.25 (this is {ort.__version__}); "
+                                f"use {strategy[:-len('+fused')] if '+' in strategy else 'default'}")
         ranked = [strategy]
-    else:
-        ranked = [name for name in ("default", "qmoe", "plain") if name in graphs
-                  and (name != "qmoe" or ort_version() >= QMOE_SINCE)]
+    else:   # a hybrid model's contrib-op graph first where this onnxruntime has the ops
+        ranked = [name for name in ("fused", "qmoe+fused", "default", "qmoe", "plain") if name in graphs
+                  and (not name.endswith("fused") or ort_version() >= FUSED_SINCE)
+                  and (not name.startswith("qmoe") or ort_version() >= QMOE_SINCE)]
     if needs_int8 and not int8_kernel_available():
         twins = [n if n.endswith("nibbles") else "nibbles" if n == "default" else f"{n}+nibbles" for n in ranked]
         ranked = [n for n in twins if n in graphs]

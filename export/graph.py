@@ -145,13 +145,17 @@ class Graph:
         """The graphs to write: name -> the tags it holds."""
         used = {t for tags, _ in self.nodes for t in tags}
         experts = sorted(used & {"qmoe", "plain"}) or [None]
+        fused = "fused" in used                  # a hybrid model's recurrent blocks, built both ways (`either`)
         graphs = {}
         for e in experts:
-            base = {e} - {None}
+            base = ({e, "scan"} if fused else {e}) - {None}
             graphs[e or "default"] = frozenset(base | {"int8"})
             # QMoE needs onnxruntime >= 1.23, whose ARM builds have the int8 kernel: no nibble twin
             if "nibbles" in used and e != "qmoe" and not self.int8_in_branches:
                 graphs[f"{e}+nibbles" if e else "nibbles"] = frozenset(base | {"nibbles"})
+        if fused:       # the contrib ops need onnxruntime >= 1.25, which has QMoE and the int8 kernel everywhere
+            e = "qmoe" if "qmoe" in experts else experts[0]         # (plain: an unquantized MoE has no QMoE graph)
+            graphs["qmoe+fused" if e == "qmoe" else "fused"] = frozenset(({e} - {None}) | {"fused", "int8"})
         return graphs
 
     def save(self, path: Path, producer: str, tags: frozenset = frozenset()) -> None:
@@ -760,3 +764,46 @@ def delta_rule_step(g: Graph, q: str, k: str, v: str, decay: str, beta: str, sta
     s2 = g.op("Add", [s1, g.op("MatMul", [k_col, delta], name + ".outer")], name + ".state")
     o = g.op("MatMul", [q_row, s2], name + ".o")                                                 # [B, H, 1, dv]
     return g.op("Reshape", [o, g.const(name + ".o_shape", np.array([0, 1, heads, dv], np.int64))], name + ".out"), s2
+
+
+# ---- the same recurrent blocks as onnxruntime contrib ops (>= 1.25), in graphs of their own ---------
+# An artifact of a hybrid model holds both graph kinds over one data file: the standard-op graph
+# (tag "scan"; any onnxruntime) and the fused one (tag "fused"), chosen at load (edgert/model.py).
+
+FUSED_SINCE = "1.25"     # first onnxruntime with CPU CausalConvWithState and LinearAttention
+
+
+def either(g: Graph, name: str, standard, fused) -> list[str]:
+    """A block built twice, from standard ops in the "scan" graphs and from contrib ops in the "fused"
+    ones, each pinned to the same output names (Identity, which onnxruntime folds away)."""
+    outs = []
+    for tag, build in (("scan", standard), ("fused", fused)):
+        with g.only(tag):
+            got = build()
+            outs = [g.op("Identity", [t], f"{name}.{tag}{j}", out=f"{name}.out{j}") for j, t in enumerate(got)]
+    return outs
+
+
+def causal_conv_fused(g: Graph, x: str, state: str, weight: np.ndarray, bias: np.ndarray | None, name: str,
+                      activation: str = "none") -> tuple[str, str]:
+    """`causal_conv` (same layouts in and out) as one CausalConvWithState, which works channel-first:
+    x [B, C, S], state [B, C, K-1], weight [C, 1, K]; activation "silu" folds a following SiLU in."""
+    c, k = weight.shape
+    ins = [g.op("Transpose", [x], name + ".x_cf", perm=[0, 2, 1]),
+           g.const(name + ".w", np.ascontiguousarray(weight.reshape(c, 1, k), np.float32)),
+           g.const(name + ".b", bias.astype(np.float32)) if bias is not None else "",
+           g.op("Transpose", [state], name + ".state_cf", perm=[0, 2, 1])]
+    y, new_state = g.ms("CausalConvWithState", ins, name + ".op", outputs=2, ndim=1, activation=activation)
+    return (g.op("Transpose", [y], name + ".y", perm=[0, 2, 1]),
+            g.op("Transpose", [new_state], name + ".new_state", perm=[0, 2, 1]))
+
+
+def gated_delta_rule_fused(g: Graph, q: str, k: str, v: str, log_decay: str, beta: str, state: str, heads: int,
+                           dk: int, dv: int, name: str) -> tuple[str, str]:
+    """`gated_delta_rule` (same arguments and results) as one LinearAttention, update_rule gated_delta,
+    which takes heads packed in the last axis and the log-space decay; q comes scaled (scale 1)."""
+    def packed(t, d, label):
+        return g.op("Reshape", [t, g.const(f"{name}.{label}_packed", np.array([0, 0, heads * d], np.int64))], f"{name}.{label}3")
+    out, final = g.ms("LinearAttention", [packed(q, dk, "q"), packed(k, dk, "k"), packed(v, dv, "v"), state, log_decay, beta],
+                      name + ".op", outputs=2, q_num_heads=heads, kv_num_heads=heads, update_rule="gated_delta", scale=1.0)
+    return g.op("Reshape", [out, g.const(name + ".heads", np.array([0, 0, heads, dv], np.int64))], name + ".out4"), final

@@ -172,6 +172,13 @@ MUTANTS = [
            'k_dec = g.op("Mul", [kc, col(g.op("Exp", [g.op("Sub", [cum_last, cum], name + ".to_end")]',
            'k_dec = g.op("Mul", [kc, col(g.op("Exp", [g.op("Sub", [cum_last, g.op("Sub", [cum, gc], name + ".off")], name + ".to_end")]',
            ("tests/test_hybrid.py", "-k", "fp32 and qwen3_5-300")),
+    Mutant("hybrid fused graph: LinearAttention without the delta rule", "export/graph.py",
+           'update_rule="gated_delta", scale=1.0)', 'update_rule="gated", scale=1.0)',
+           ("tests/test_hybrid.py", "-k", "fp32 and qwen3_5-7")),
+    Mutant("hybrid fused graph: the conv state read back in the wrong layout", "export/graph.py",
+           'g.op("Transpose", [new_state], name + ".new_state", perm=[0, 2, 1]))',
+           'g.op("Reshape", [new_state, g.const(name + ".flat", np.array([0, -1, c], np.int64))], name + ".new_state"))',
+           ("tests/test_hybrid.py", "-k", "carried and lfm2")),
 ]
 
 

@@ -70,10 +70,28 @@ def case(request, tmp_path_factory):
     return src, hf_model(src)
 
 
+GRAPHS = ("scan", "fused")
+
+
+def graph_of(art, kind: str) -> str:
+    """The artifact's graph of a kind: "scan", standard ops (any onnxruntime), or "fused", the
+    recurrent blocks as contrib ops (CausalConvWithState, LinearAttention: onnxruntime >= 1.25)."""
+    from edgert.artifact import read_manifest
+    from edgert.model import FUSED_SINCE, ort_version
+    graphs = read_manifest(art)["graphs"]
+    if kind == "fused":
+        if ort_version() < FUSED_SINCE:
+            pytest.skip("the fused graphs need onnxruntime >= 1.25")
+        return "fused" if "fused" in graphs else "qmoe+fused"
+    return next(n for n in ("default", "plain") if n in graphs)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("length", sorted(PROMPTS))
-def test_fp32_logits_and_greedy_match_transformers(case, exported, length):
+def test_fp32_logits_and_greedy_match_transformers(case, exported, length, graph):
     src, ref = case
-    model = Model(exported(src, 32), context=512, threads=1)
+    art = exported(src, 32)
+    model = Model(art, context=512, threads=1, strategy=graph_of(art, graph))
     prompt = PROMPTS[length]
     want = hf_logits(ref, prompt)
     got = model.forward(prompt, num_logits=length)
@@ -92,10 +110,12 @@ def greedy_no_eos(model, ids, n, eos=2):
     return out
 
 
-def test_state_carried_across_forward_calls(case, exported):
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_state_carried_across_forward_calls(case, exported, graph):
     """The prompt fed in pieces (a chunk, single tokens, a chunk) gives the logits of one pass."""
     src, ref = case
-    model = Model(exported(src, 32), context=512, threads=1)
+    art = exported(src, 32)
+    model = Model(art, context=512, threads=1, strategy=graph_of(art, graph))
     prompt = PROMPTS[300][:40]
     want = hf_logits(ref, prompt)
     cuts = [0, 9, 10, 11, 25, 40]
@@ -230,9 +250,12 @@ def test_old_onnxruntime_gives_identical_tokens(case, exported):
     import os
     from test_onnxruntime_versions import same_choices
     src, _ = case
+    from edgert.model import FUSED_SINCE, ort_version
     jobs = [(str(exported(src, bits)), PROMPTS[7]) for bits in (32, 4)]
-    old, _ = same_choices(os.environ["EDGERT_ORT_PYTHON"], jobs, exact=[True, False])
-    assert old["version"].startswith("1.22"), old["version"]
+    old, new = same_choices(os.environ["EDGERT_ORT_PYTHON"], jobs, exact=[True, False])
+    assert old["version"].startswith("1.22") and set(old["strategies"]) == {"default"}, old
+    if ort_version() >= FUSED_SINCE:      # so the standard-op graph on 1.22 against the contrib-op one here
+        assert set(new["strategies"]) == {"fused"}, new["strategies"]
 
 
 # ---- the MoE variants: the same recurrent layers, sparse experts from export/moe.py -------------
@@ -243,9 +266,11 @@ def moe_case(request, tmp_path_factory):
     return src, hf_model(src)
 
 
-def test_moe_fp32_matches_transformers(moe_case, exported):
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_moe_fp32_matches_transformers(moe_case, exported, graph):
     src, ref = moe_case
-    model = Model(exported(src, 32), context=512, threads=1)
+    art = exported(src, 32)
+    model = Model(art, context=512, threads=1, strategy=graph_of(art, graph))
     for prompt in (PROMPTS[7], PROMPTS[300]):
         model.reset()
         assert np.abs(model.forward(prompt, num_logits=len(prompt)) - hf_logits(ref, prompt)).max() < 1e-3
@@ -263,13 +288,40 @@ def test_moe_strategies_agree_and_int4_top1(moe_case, exported):
     prompt = PROMPTS[300][:64]
     plain = Model(art, context=512, threads=1, strategy="plain").forward(prompt, num_logits=len(prompt))
     assert (plain.argmax(-1) == hf_logits(ref, prompt).argmax(-1)).mean() >= 0.4    # a layout or routing bug: ~1/vocab
-    if QMOE:
-        q = Model(art, context=512, threads=1, strategy="qmoe").forward(prompt, num_logits=len(prompt))
+    from edgert.model import FUSED_SINCE, ort_version
+    for strategy in ("qmoe", "qmoe+fused")[:2 if ort_version() >= FUSED_SINCE else 1] if QMOE else ():
+        q = Model(art, context=512, threads=1, strategy=strategy).forward(prompt, num_logits=len(prompt))
         # equal up to the kernels' rounding of int8 activations (one position may differ by ~0.014:
         # measured on both models here), until a routing near-tie flips one token's expert; the
         # recurrent state carries that token's difference to every later position
         same = np.abs(q - plain).max(-1) < 0.05
-        assert same[:32].all() and same.mean() >= 0.75, np.flatnonzero(~same)
+        assert same[:32].all() and same.mean() >= 0.75, (strategy, np.flatnonzero(~same))
+
+
+def test_each_graph_kind_holds_its_ops_and_the_newest_onnxruntime_picks_fused(case, exported, monkeypatch):
+    """The standard-op graph has no contrib recurrent op (it must run on 1.22); the fused one has one
+    per recurrent block and no Scan; load picks fused where the ops exist and refuses it in one line
+    where they do not."""
+    import onnx
+    from edgert import model as model_module
+    from edgert.artifact import ArtifactError, read_manifest
+    src, ref = case
+    art = exported(src, 4)
+    graphs = read_manifest(art)["graphs"]
+    assert {"default", "fused"} <= set(graphs) <= {"default", "fused", "nibbles"}     # (nibbles: ARM's 1.22)
+    ops = {kind: [n.op_type for n in onnx.load(str(art / graphs[kind]), load_external_data=False).graph.node]
+           for kind in graphs}
+    convs = sum(k == "conv" or k == "linear_attention" for k in ref.config.layer_types)
+    assert ops["fused"].count("CausalConvWithState") == convs and "Scan" not in str(ops["fused"])
+    for kind in set(graphs) - {"fused"}:
+        assert "CausalConvWithState" not in ops[kind] and "LinearAttention" not in ops[kind]
+    assert ops["fused"].count("LinearAttention") == (convs if ref.config.model_type.startswith("qwen3_5") else 0)
+    if model_module.ort_version() >= model_module.FUSED_SINCE:
+        assert Model(art, context=64, threads=1).strategy == "fused"
+    monkeypatch.setattr(model_module, "ort_version", lambda: (1, 22))
+    assert model_module.choose_graph(graphs, None) == "default"
+    with pytest.raises(ArtifactError, match=r"needs onnxruntime >= 1.25 \(this is .*\); use default"):
+        model_module.choose_graph(graphs, "fused")
 
 
 @pytest.mark.skipif(not __import__("os").environ.get("EDGERT_ORT_PYTHON"),

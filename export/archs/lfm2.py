@@ -50,8 +50,9 @@ class Model(Decoder):
         b, c, xx = g.op("Split", [bcx, g.const(name + ".split", np.array([h, h, h], np.int64))], name + ".split",
                         outputs=3, axis=-1)
         shape = [self.conv_kernel - 1, h]
-        y, state = G.causal_conv(g, g.op("Mul", [b, xx], name + ".bx"), self.state(g, i, "conv", shape),
-                                 get(pre + "conv.weight").reshape(h, -1), bias(pre + "conv.bias"), name + ".conv")
+        conv = (g.op("Mul", [b, xx], name + ".bx"), self.state(g, i, "conv", shape),
+                get(pre + "conv.weight").reshape(h, -1), bias(pre + "conv.bias"), name + ".conv")
+        y, state = G.either(g, name + ".conv", lambda: G.causal_conv(g, *conv), lambda: G.causal_conv_fused(g, *conv))
         self.state_out(g, state, i, "conv", shape)
         y = g.op("Mul", [c, y], name + ".gated")
         return G.linear(g, y, get(pre + "out_proj.weight"), name + ".out_proj", bits, bs, bias(pre + "out_proj.bias"))

@@ -130,10 +130,13 @@ class Model(Decoder):
         b, a = g.op("Split", [g.op("MatMul", [x, g.const(name + ".ba_t", ba_t)], name + ".ba"),
                               g.const(name + ".split_ba", np.array([hv, hv], np.int64))], name + ".split_ba", outputs=2, axis=-1)
         shape = [self.conv_kernel - 1, conv_dim]
-        mixed, conv_state = G.causal_conv(g, qkv, self.state(g, i, "conv", shape),
-                                          get(pre + "conv1d.weight").reshape(conv_dim, -1), None, name + ".conv")
+        conv = (qkv, self.state(g, i, "conv", shape), get(pre + "conv1d.weight").reshape(conv_dim, -1), None, name + ".conv")
+
+        def standard_conv():
+            y, conv_state = G.causal_conv(g, *conv)
+            return g.ms("QuickGelu", [y], name + ".silu", alpha=1.0), conv_state
+        mixed, conv_state = G.either(g, name + ".conv", standard_conv, lambda: G.causal_conv_fused(g, *conv, activation="silu"))
         self.state_out(g, conv_state, i, "conv", shape)
-        mixed = g.ms("QuickGelu", [mixed], name + ".silu", alpha=1.0)
         q, k, v = g.op("Split", [mixed, g.const(name + ".qkv_split", np.array([key_dim, key_dim, value_dim], np.int64))],
                        name + ".qkv", outputs=3, axis=-1)
 
@@ -152,8 +155,8 @@ class Model(Decoder):
         sp = g.op("Softplus", [g.op("Add", [a, g.const(name + ".dt_bias", get(pre + "dt_bias"))], name + ".a_dt")], name + ".softplus")
         log_decay = g.op("Mul", [sp, g.const(name + ".neg_a", (-a_exp).astype(np.float32))], name + ".log_decay")
         sshape = [hv, dk, dv]
-        o, final = G.gated_delta_rule(g, q, k, v, log_decay, beta, self.state(g, i, "recurrent", sshape), hv, dk, dv,
-                                      name + ".rule")
+        rule = (q, k, v, log_decay, beta, self.state(g, i, "recurrent", sshape), hv, dk, dv, name + ".rule")
+        o, final = G.either(g, name + ".rule", lambda: G.gated_delta_rule(g, *rule), lambda: G.gated_delta_rule_fused(g, *rule))
         self.state_out(g, final, i, "recurrent", sshape)
         o = G.rms_norm(g, o, get(pre + "norm.weight"), self.eps, name + ".norm")                  # [B, S, hv, dv]
         o = g.op("Mul", [o, g.ms("QuickGelu", [heads(z, hv, dv, "z")], name + ".z_silu", alpha=1.0)], name + ".gated")
