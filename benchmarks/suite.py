@@ -272,7 +272,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="cache folder: checkpoints, exports, peers, venvs")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated [default: {','.join(SHAPES)}; "
+                    f"any of {', '.join(checkpoints.SHAPES)}]")
     ap.add_argument("--runners", default="", help="only runners whose name contains one of these (comma-separated)")
     ap.add_argument("--repeat", type=int, default=5, help="interleaved rounds; medians are reported")
     ap.add_argument("--threads", type=int, default=2)
@@ -289,9 +290,9 @@ def main(argv=None) -> int:
         if args.shapes == ",".join(SHAPES):
             args.shapes = SHAPES[0]
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    bad = [s for s in shapes if s not in SHAPES]
+    bad = [s for s in shapes if s not in checkpoints.SHAPES]
     if bad:
-        ap.error(f"unknown shape {bad[0]!r}; choose from {', '.join(SHAPES)}")
+        ap.error(f"unknown shape {bad[0]!r}; choose from {', '.join(checkpoints.SHAPES)}")
     if args.repeat < 1 or args.threads < 1 or args.prompt_len < 1 or args.decode < 1:
         ap.error("--repeat, --threads, --prompt-len and --decode must be >= 1")
     args.work = args.work.resolve()
