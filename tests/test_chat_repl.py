@@ -203,10 +203,25 @@ class Chat:
         return dict(zip(("prompt", "cached", "prefilled", "generated"), map(int, m.groups()[:4])), stop=m.group(5))
 
 
+WRITES = {"x86_64": ("1", "20"), "aarch64": ("64", "66")}     # write, writev syscall numbers
+
+
 def wait_blocked_on_terminal(pid: int) -> None:
-    """Until the process sleeps writing to its paused terminal (kernel wait channel wait_woken)."""
+    """Until the process sleeps writing to its paused terminal: in write(2) by /proc/PID/syscall (a
+    process waiting to read its input sleeps in the same kernel wait channel, wait_woken, and a
+    Ctrl+C then restarts the paused output: seen on a loaded box), else by the wait channel."""
     deadline = time.monotonic() + 120
+    writes = WRITES.get(__import__("platform").machine())
     while time.monotonic() < deadline:
+        try:
+            call = Path(f"/proc/{pid}/syscall").read_text().split()
+        except OSError:
+            call = []
+        if writes and call:
+            if call[0] in writes:
+                return
+            time.sleep(0.01)          # reading, or running ("running"): not yet
+            continue
         try:
             wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
         except OSError:
