@@ -260,6 +260,7 @@ ARTIFACTS = [  # name, source, bits, extra export options
     ("qwen3-moe-tiny", "moe", 4, {}),
     ("qwen3-moe-tiny", "moe", 4, {"embed_bits": 32}),
     ("qwen3-moe-tiny", "moe", 4, {"kv_cache": "int8"}),
+    ("reasoning-lfm2", "lfm2", 4, {}),     # hybrid: conv state; fused graph on >= 1.25, standard on 1.22; int8 KV
 ]
 MOE_CONFIG = dict(num_experts=16, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, head_dim=16)
 
@@ -293,7 +294,7 @@ def ensure_moe_checkpoint(work: Path) -> Path:
 def ensure_artifacts(work: Path, reexport: bool) -> list[dict]:
     from edgert_export import export
     exporter = tree_hash(PROJECT, (PROJECT / "export").rglob("*.py"))
-    sources = {"stories": STORIES}
+    sources = {"stories": STORIES, "lfm2": PROJECT / "export" / "data" / "reasoning-lfm2"}
     arts = []
     for name, src_key, bits, opts in ARTIFACTS:
         if src_key not in sources:
@@ -343,13 +344,7 @@ def worker(job_file: str) -> None:
                           moe_strategy=job["strategy"])
         out["load_s"] = time.perf_counter() - t0
         out["strategy"], out["tokenizer"] = llm.model.strategy, llm.tokenizer.backend
-        model, forward, captured = llm.model, llm.model.forward, []
-
-        def recording_forward(ids, num_logits=1):
-            logits = forward(ids, num_logits)
-            captured.append(np.array(logits[-1], dtype=np.float32))
-            return logits
-        model.forward = recording_forward
+        model = llm.model
         out["prompt_ids"] = llm.encode(job["prompt"], raw=True)
         if out["tokenizers_importable"]:      # host only: the Rust tokenizer must agree with the Python one
             from edgert.tokenizer import Tokenizer
@@ -359,18 +354,21 @@ def worker(job_file: str) -> None:
         toks = list(llm.generate(job["prompt"], raw=True, max_tokens=job["max_tokens"], temperature=0,
                                  ignore_eos=True))
         out["generate_s"] = time.perf_counter() - t0
-        model.forward = forward
         out["ids"] = [t.id for t in toks if t.id >= 0]      # id -1: held-back text flushed at the end
         out["text"] = "".join(t.text for t in toks)
-        logits = np.stack(captured[: len(out["ids"])])
+
+        def along(prompt, ids):
+            """The logits before each of ids, teacher-forced one token at a time (as generation fed them;
+            generation itself steps through the engine, which keeps no logits)."""
+            model.reset()
+            path = [model.forward(prompt)[-1]]
+            for t in ids[:-1]:
+                path.append(model.forward([t])[-1])
+            return np.stack(path).astype(np.float32)
+        logits = along(out["prompt_ids"], out["ids"])
         forced = job.get("forced")
         if forced is not None and forced != out["ids"]:
-            # the same tokens as the twin, teacher-forced: logits along its path
-            model.reset()
-            path = [model.forward(job["prompt_ids_forced"])[-1]]
-            for t in forced[:-1]:
-                path.append(model.forward([t])[-1])
-            forced_logits = np.stack(path).astype(np.float32)
+            forced_logits = along(job["prompt_ids_forced"], forced)    # the twin's tokens: logits along its path
         else:
             forced_logits = logits
         np.savez(job["npz"], logits=logits, forced_logits=forced_logits)
