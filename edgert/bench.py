@@ -204,7 +204,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3,
 def table(r: dict) -> str:
     arch = f"{r['architecture']}, {r['parameters'] / 1e6:.1f}M parameters"
     if r["active_parameters_per_token"] != r["parameters"]:
-        arch += f", {r['active_parameters_per_token'] / 1e6:.1f}M active per token ({r['strategy']} experts)"
+        arch += f", {r['active_parameters_per_token'] / 1e6:.1f}M active per token (graph {r['strategy']})"
 
     def spread(key, fmt, unit):
         return f"{r[key]:{fmt}} {unit} (min {r[key + '_min']:{fmt}}, max {r[key + '_max']:{fmt}})"

@@ -517,7 +517,7 @@ def serve(
 
 def format_expert_report(r: dict) -> str:
     lines = [f"parameters {r['parameters'] / 1e6:.1f}M, active per token {r['active_parameters_per_token'] / 1e6:.1f}M"
-             + (f", expert strategy {r['strategy']}" if r["strategy"] != "default" else "")]
+             + (f", graph {r['strategy']}" if r["strategy"] != "default" else "")]
     for layer, counts in (r.get("expert_usage") or {}).items():
         c = sorted(enumerate(counts), key=lambda t: -t[1])
         total = sum(counts) or 1
