@@ -209,18 +209,21 @@ WRITES = {"x86_64": ("1", "20"), "aarch64": ("64", "66")}     # write, writev sy
 def wait_blocked_on_terminal(pid: int) -> None:
     """Until the process sleeps writing to its paused terminal: in write(2) by /proc/PID/syscall (a
     process waiting to read its input sleeps in the same kernel wait channel, wait_woken, and a
-    Ctrl+C then restarts the paused output: seen on a loaded box), else by the wait channel."""
+    Ctrl+C then restarts the paused output: seen on a loaded box) and still there 50 ms later (not
+    a quick write elsewhere caught in passing); without /proc/PID/syscall, by the wait channel."""
     deadline = time.monotonic() + 120
     writes = WRITES.get(__import__("platform").machine())
+    held = 0
     while time.monotonic() < deadline:
         try:
             call = Path(f"/proc/{pid}/syscall").read_text().split()
         except OSError:
             call = []
         if writes and call:
-            if call[0] in writes:
+            held = held + 1 if call[0] in writes else 0
+            if held >= 6:
                 return
-            time.sleep(0.01)          # reading, or running ("running"): not yet
+            time.sleep(0.01)          # reading, running, or not blocked long enough yet
             continue
         try:
             wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
