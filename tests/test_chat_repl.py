@@ -175,6 +175,14 @@ def test_save_and_load_restore_the_conversation(artifact, fresh, tmp_path):
 
 # ---- `edgert chat` in a pseudo-terminal ----
 
+def default_sigint():
+    """In the chat's process before exec: Ctrl+C must raise there. A suite started in the background by a
+    non-interactive shell (`nohup ... &`, as CI scripts do) runs with SIGINT ignored, and an ignored
+    signal stays ignored across exec, so Python would never see the Ctrl+C."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Chat:
     def __init__(self, artifact, *args):
         pexpect = pytest.importorskip("pexpect")
@@ -184,7 +192,7 @@ class Chat:
         # (XOFF) before an answer starts, making "Ctrl+C mid-answer" deterministic
         self.p = pexpect.spawn(sys.executable, ["-m", "edgert.cli", "chat", str(artifact), "--temperature", "0",
                                                 "--threads", "1", *args], encoding="utf-8", timeout=120, echo=False,
-                               env=env, dimensions=(40, 400))
+                               env=env, dimensions=(40, 400), preexec_fn=default_sigint)
         self.banner = self.wait()
 
     def wait(self) -> str:
@@ -208,9 +216,8 @@ WRITES = {"x86_64": ("1", "20"), "aarch64": ("64", "66")}     # write, writev sy
 
 def wait_blocked_on_terminal(pid: int) -> None:
     """Until the process sleeps writing to its paused terminal: in write(2) by /proc/PID/syscall (a
-    process waiting to read its input sleeps in the same kernel wait channel, wait_woken, and a
-    Ctrl+C then restarts the paused output: seen on a loaded box) and still there 50 ms later (not
-    a quick write elsewhere caught in passing); without /proc/PID/syscall, by the wait channel."""
+    process waiting to read its input sleeps in the same kernel wait channel, wait_woken) and still
+    there 50 ms later (not a quick write elsewhere caught in passing); else by the wait channel."""
     deadline = time.monotonic() + 120
     writes = WRITES.get(__import__("platform").machine())
     held = 0
