@@ -195,12 +195,10 @@ SHAPES: dict[str, Shape] = {
 
 
 def lfm2_ffn_dim(config: dict) -> int:
-    """LFM2's FFN width: block_ff_dim, auto-adjusted to 2/3 of it rounded up to block_multiple_of."""
-    ffn = int(config.get("block_ff_dim") or config["intermediate_size"])
-    if config.get("block_auto_adjust_ff_dim", True):
-        m = config.get("block_multiple_of", 256)
-        ffn = m * -(-int(float(config.get("block_ffn_dim_multiplier") or 1.0) * int(2 * ffn / 3)) // m)
-    return ffn
+    """LFM2's FFN width (block_ff_dim, auto-adjusted to 2/3 of it rounded up to block_multiple_of): the
+    exporter's own rule, so the checkpoint holds what the export expects."""
+    from edgert_export.archs.lfm2 import Model
+    return Model(config).ffn_dim
 
 
 def lfm2_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:

@@ -104,3 +104,16 @@ def test_suite_cli_rejects_bad_shapes(tmp_path, capsys):
         suite.main(["--work", str(tmp_path), "--shapes", "gpt-9"])
     assert e.value.code != 0
     assert "unknown shape 'gpt-9'" in capsys.readouterr().err
+
+
+def test_lfm2_checkpoint_shape_is_transformers_own():
+    """The LFM2.5-1.2B benchmark checkpoint names and shapes every tensor as transformers' Lfm2 does
+    (built on the meta device: no memory), and counts the published 1.17B parameters."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = checkpoints.SHAPES["lfm2.5-1.2b"].config
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}     # tied
+    assert {name: shape for name, shape, _ in checkpoints.tensor_specs(config)} == want
+    assert checkpoints.param_count(config) == 1_170_340_608
