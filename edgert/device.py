@@ -230,6 +230,7 @@ def check_fit(path: Path, manifest: dict, context: int, max_memory: int | str | 
 
 # --- one copy of the weights ------------------------------------------------------------------------------
 MADV_PAGEOUT = 21             # Linux >= 5.4; older kernels answer EINVAL and nothing changes
+MADV_DONTNEED = 4             # a file mapping's pages leave this process's RSS, not the page cache
 
 
 def _data_mappings(folder: Path):
@@ -242,17 +243,48 @@ def _data_mappings(folder: Path):
                 yield lo, hi - lo
 
 
-def page_out_weights(folder: Path) -> None:
+def mapped_dirty_kb(folder: Path) -> int:
+    """kB of the folder's mapped data files that this process has written (their copy-on-write
+    pages are anonymous memory, which MADV_DONTNEED would throw away; a file page merely not yet
+    written back is not); 0 for onnxruntime's initializers, which it only reads."""
+    prefix, dirty, inside = str(folder.resolve()), 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                parts = line.split()
+                if parts and "-" in parts[0] and not parts[0].endswith(":"):
+                    inside = len(parts) == 6 and parts[5].startswith(prefix) and parts[5].endswith(".data")
+                elif inside and parts[0] == "Anonymous:":
+                    dirty += int(parts[1])
+    except OSError:
+        return -1                 # unknown: callers must not assume clean pages
+    return dirty
+
+
+def page_out_weights(folder: Path, advice: int = MADV_PAGEOUT) -> None:
     """onnxruntime maps the external data file and repacks MatMulNBits weights into its own
     buffers; the mapped originals stay resident (clean file pages) although only embedding
-    rows are read again. Hand them back to the kernel: what is used faults back in from the file."""
+    rows are read again. Hand them back to the kernel: what is used faults back in from the file.
+    advice=MADV_DONTNEED unmaps them only: they stay cached, and the next lookup is a minor fault
+    (each fault maps the 64 KB of cached pages around it, so scattered embedding lookups soon map a
+    whole table, which counts in RSS although the kernel may drop it at any time)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         for start, size in _data_mappings(folder):
-            libc.madvise(start, size, MADV_PAGEOUT)
+            libc.madvise(start, size, advice)
     except (OSError, AttributeError):
         pass                      # not Linux: nothing to do
+
+
+def release_freed_memory() -> None:
+    """Give memory the process has freed back to the kernel (glibc keeps freed heap pages, in
+    every thread's arena, as part of RSS: after a threaded quantization pass or a closed
+    onnxruntime session that is hundreds of MB that no later allocation of this thread reuses)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass                      # not glibc: its allocator decides
 
 
 @contextmanager

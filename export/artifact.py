@@ -24,7 +24,7 @@ from .decoder import UnsupportedModel
 from .graph import IR_VERSION, KV_TYPES, Graph, Recipe
 from .hub import HubError, looks_like_repo_id, resolve
 from .outdir import OutError, check_out, signals_unwind, writing
-from .quantize import DEFAULT_RECIPE, RECIPES, Quantizer, Survey, plan_budget
+from .quantize import DEFAULT_RECIPE, RECIPES, Quantizer, Survey, plan_budget, workers
 from .validate import text_config, validate
 
 FORMAT_VERSION = 1
@@ -190,9 +190,10 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
                 except ValueError as e:
                     raise ExportError(str(e)) from None
             g = Graph(tmp / "model.onnx.data")
-            g.quantizer = Quantizer(recipe.method, stats, plan)
+            g.quantizer = Quantizer(recipe.method, stats, plan, workers())
             tick = _progress(model.n_layers, f"export {ckpt.config.get('model_type')}") if progress else (lambda: None)
             quant = model.build(g, ckpt, recipe, context, tick)
+            g.quantizer.finish()          # the linears still in GPTQ's processes
             graphs = {}
             for name, tags in g.variants().items():   # graphs over one data file (see Graph.variants)
                 graphs[name] = "model.onnx" if name == "default" else f"model.{name}.onnx"
@@ -223,6 +224,8 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         raise ExportError(f"writing {out}: {e.strerror or e}") from None
     except OutError as e:
         raise ExportError(str(e)) from None
+    except MemoryError as e:
+        raise ExportError(f"out of memory: {str(e) or 'an allocation failed'}") from None
     except ExportError:
         raise
     except Exception as e:
@@ -231,6 +234,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         raise ExportError(f"{src}: cannot export this checkpoint ({type(e).__name__}: {first})") from None
     finally:
         if g is not None:
+            g.quantizer.close()
             g.close()
     return _summarised(manifest, t0)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgert.device import MADV_DONTNEED, mapped_dirty_kb, page_out_weights, release_freed_memory, weights_held_once
 from edgert.model import QMOE_SINCE, ort_version
 
 from .graph import Graph, Recipe
@@ -73,7 +74,7 @@ class _Probe:
         g = Graph(work / "probe.onnx.data")
         g.quantizer = Quantizer("rtn") if survey is None else survey(Quantizer("rtn"))
         self.survey = g.quantizer if survey is not None else None
-        model.build(g, ckpt, Recipe(bits=4, embed_bits=4, method="rtn", kv_cache="fp32"), window)
+        model.build(g, ckpt, Recipe(bits=4, embed_bits=4, method="rtn", kv_cache="fp16"), window)
         self.linears = _probe_linears(g)
         self.tensors = sorted(set(self.linears.values()))
         for t in self.tensors:
@@ -82,19 +83,22 @@ class _Probe:
         name = "qmoe" if "qmoe" in graphs and ort_version() >= QMOE_SINCE else next(iter(graphs))
         g.save(work / "probe.onnx", producer="edgert-calibration", tags=graphs[name])
         g.close()
+        release_freed_memory()                # the quantization threads' arenas, before the session's peak
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        from edgert.device import weights_held_once
-        with weights_held_once(work):         # as the runtime does: one copy of the weights resident
+        opts.enable_cpu_mem_arena = False     # each run's buffers go back to the heap (55 MB less at the 1.5B shape)
+        with weights_held_once(work, every_s=0.02):    # as the runtime does: one copy of the weights resident
             self.sess = ort.InferenceSession(str(work / "probe.onnx"), opts, providers=["CPUExecutionProvider"])
         caches = [i for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
         self.caches = [(c.name, c.name.replace("past_key_values.", "present."),
-                        ort.OrtValue.ortvalue_from_numpy(np.zeros([rows, c.shape[1], window, c.shape[3]], np.float32)))
+                        ort.OrtValue.ortvalue_from_numpy(np.zeros([rows, c.shape[1], window, c.shape[3]],
+                                                                  np.float16 if "16" in c.type else np.float32)))
                        for c in caches]
         # hybrid models' recurrent states: fed and read back each run (a row that starts again is zeroed)
         self.states = {i.name: np.zeros([rows, *i.shape[1:]], np.float32) for i in self.sess.get_inputs()
                        if i.name.startswith("past_state.")}
-        self.work, self.files, self.widths, self.tokens = work, {}, {}, 0
+        self.work, self.files, self.widths, self.tokens, self.unmap = work, {}, {}, 0, False
+        self.buffers: tuple = ((), [])         # (ids shape, [(array, OrtValue) per tensor]) of the last run
 
     def chunk(self) -> int:
         """Tokens per run: small runs keep onnxruntime's arena small (see _CHUNK_BYTES)."""
@@ -102,15 +106,20 @@ class _Probe:
 
     def run(self, ids: np.ndarray, past: np.ndarray) -> np.ndarray:
         """ids [rows, S] after `past` [rows] tokens already in each row's cache -> logits of each row's last token."""
+        import onnxruntime as ort
         io = self.sess.io_binding()
         total = past + ids.shape[1]
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
         io.bind_cpu_input("num_logits", np.array([1], np.int64))
         io.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(total.max(), np.int32))
-        io.bind_output("logits")          # outputs come back in the order they are bound
-        for t in self.tensors:
-            io.bind_output(t)
+        io.bind_output("logits")
+        known = self.buffers[0] == ids.shape    # then onnxruntime writes into last run's arrays: no copies
+        for i, t in enumerate(self.tensors):
+            if known:
+                io.bind_ortvalue_output(t, self.buffers[1][i][1])
+            else:
+                io.bind_output(t)
         for name, state in self.states.items():
             io.bind_cpu_input(name, state)
             io.bind_output(name.replace("past_", "present_"))
@@ -118,16 +127,22 @@ class _Probe:
             io.bind_ortvalue_input(past_name, value)
             io.bind_ortvalue_output(present_name, value)
         self.sess.run_with_iobinding(io)
-        outs = io.get_outputs()
+        outs = io.get_outputs()           # in the order they are bound
         for state, v in zip(self.states.values(), outs[1 + len(self.tensors):]):
             state[...] = v.numpy()
-        for t, v in zip(self.tensors, outs[1:]):
-            x = v.numpy()
+        if not known:                     # (a tensor's rank and width come from the graph's run)
+            arrays = [v.numpy() for v in outs[1:1 + len(self.tensors)]]
+            self.buffers = (ids.shape, [(x, ort.OrtValue.ortvalue_from_numpy(x)) for x in arrays])
+        for t, (x, _) in zip(self.tensors, self.buffers[1]):
             if t not in self.files:       # plain appends: the page cache holds them, not this process
                 self.widths[t] = x.shape[-1]
                 self.files[t] = open(self.work / f"x{len(self.files)}.f32", "wb")
-            self.files[t].write(np.ascontiguousarray(x, np.float32).tobytes())
+            self.files[t].write(memoryview(x).cast("B"))
         self.tokens += ids.size
+        if self.tokens == ids.size:       # onnxruntime only reads its mapped initializers: then unmapping is safe
+            self.unmap = mapped_dirty_kb(self.work) == 0
+        if self.unmap:                    # the embedding rows looked up: out of RSS (150 MB at 1.5B)
+            page_out_weights(self.work, MADV_DONTNEED)
         return outs[0].numpy()[:, -1]
 
     def reset(self, rows) -> None:
@@ -139,7 +154,8 @@ class _Probe:
     def finish(self) -> ActivationStats:
         for f in self.files.values():
             f.close()
-        del self.sess, self.caches
+        del self.sess, self.caches, self.buffers
+        release_freed_memory()
         stats = ActivationStats({t: (Path(f.name), self.widths[t]) for t, f in self.files.items()}, self.linears,
                                 self.tokens)
         stats.survey = self.survey
@@ -170,7 +186,9 @@ def collect(model, ckpt, src: Path, text: str, work: Path, survey=None) -> Activ
 # ---- self-calibration: the model's own text -------------------------------------------------
 
 SELF_TOKENS = 2048       # sampled tokens (about what the built-in text gives)
-SELF_ROWS = 16           # sequences sampled together: one batched forward per step
+SELF_ROWS = 12           # sequences sampled together: one batched forward per step (the 1.5B shape
+                         # samples as fast per token as with 16, and onnxruntime's first run takes
+                         # 47 MB where 16 rows take 157)
 SELF_LENGTH = 256        # a sequence starts again from its prompt after this many tokens
 SELF_SEED = 0
 SELF_TEMPERATURE = 1.0

@@ -115,11 +115,13 @@ class _SafetensorsFile:
 
 
 def to_float32(arr: np.ndarray, dtype: str, name: str = "") -> np.ndarray:
-    if dtype == "BF16":  # bf16 is the top half of an fp32
-        out = (arr.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "BF16":  # bf16 is the top half of an fp32; all exponent bits set: inf or NaN
+        out = np.left_shift(arr, 16, dtype=np.uint32).view(np.float32)
+        bad = arr.size and np.bitwise_and(arr, 0x7F80).max() == 0x7F80     # (checked on half the bytes)
     else:
         out = arr.astype(np.float32)
-    if out.dtype.kind == "f" and out.size and not np.isfinite(np.sum(out, dtype=np.float64)):
+        bad = out.dtype.kind == "f" and out.size and not np.isfinite(np.sum(out, dtype=np.float64))
+    if bad:
         raise CheckpointError(f"tensor {name or '?'} holds NaN or infinite values; refused (a damaged checkpoint)")
     return out
 

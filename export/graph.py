@@ -7,6 +7,7 @@ attention with rotary and a shared KV buffer, SwiGLU, quantized embeddings.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from . import onnx_proto as proto
 from .onnx_proto import TensorProto, helper, numpy_helper
-from .quantize import DEFAULT_RECIPE, Quantizer, _pack4, quantize
+from .quantize import DEFAULT_RECIPE, Pending, Quantizer, _pack4, quantize
 
 IR_VERSION = 10          # onnxruntime 1.22 (Termux) refuses anything newer
 OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
@@ -66,6 +67,27 @@ class Graph:
             self._data.write(array.tobytes())
             self._offset += array.nbytes
         return name
+
+    def reserve(self, name: str, dtype, shape) -> str:
+        """An external initializer whose bytes come later (`fill`): its place in the data file now."""
+        name = self._unique(name)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        pad = -self._offset % _ALIGN
+        self._offset += pad
+        self._where[name] = (self._offset, nbytes)
+        self.initializers.append((self.tags, self._external(name, dtype, shape, self._offset, nbytes)))
+        self._offset += nbytes
+        self._data.seek(self._offset)       # a hole until filled
+        return name
+
+    def fill(self, name: str, array: np.ndarray) -> None:
+        offset, nbytes = self._where[name]
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        assert data.nbytes == nbytes, (name, data.nbytes, nbytes)
+        self._data.flush()
+        done = 0
+        while done < nbytes:
+            done += os.pwrite(self._data.fileno(), data[done:], offset + done)
 
     def _external(self, name, dtype, shape, offset, nbytes) -> proto.TensorProto:
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape,
@@ -204,9 +226,15 @@ def linear_operands(g: Graph, w, name: str, bits: int, block_size: int, bias=Non
     if bits == 32:
         return ("MatMul", [g.const(f"{name}.weight_t", np.ascontiguousarray(w.T)),
                            g.const(f"{name}.bias", bias) if bias is not None else ""], {})
-    q = g.quantizer(w, bits, block_size, name)
-    ins = [g.const(f"{name}.qweight", q.packed), g.const(f"{name}.scales", q.scales),
-           g.const(f"{name}.zero_points", q.zero_points.reshape(-1)) if q.zero_points is not None else ""]
+    # deferred only when none of its tensors is small enough to be inlined (their bytes come later)
+    q = g.quantizer(w, bits, block_size, name, defer=n * -(-(-(-k // block_size)) // 2) > _INLINE_BYTES)
+    if isinstance(q, Pending):        # GPTQ in the pool's processes: the bytes are written when they come
+        ins = [g.reserve(f"{name}.{part}", dtype, shape) for part, dtype, shape in
+               zip(("qweight", "scales", "zero_points"), (np.uint8, np.float32, np.uint8), q.shapes)]
+        q.done = lambda r: [g.fill(t, a) for t, a in zip(ins, (r.packed, r.scales, r.zero_points))]
+    else:
+        ins = [g.const(f"{name}.qweight", q.packed), g.const(f"{name}.scales", q.scales),
+               g.const(f"{name}.zero_points", q.zero_points.reshape(-1)) if q.zero_points is not None else ""]
     if bias is not None:
         ins += ["", g.const(f"{name}.bias", bias.astype(np.float32))]
     # a quantizer may give a sensitive tensor more precision than asked (mixed precision)

@@ -67,6 +67,7 @@ SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)
 SPAN = 1024             # GPTQ compensates errors within spans of this many input columns
 _GPTQ_CHUNK = 1 << 24   # weights per row chunk in GPTQ: fewer, longer column loops
 _SUB = 8                # GPTQ's columns per sub-block (see _gptq)
+_GROUP = 128            # GPTQ's columns per group: the span's later columns are updated once per group
 DAMP = 0.01             # of the mean input power, added to the Hessian's diagonal (GPTQ's default)
 
 
@@ -86,8 +87,10 @@ def _range_grid(lo: np.ndarray, hi: np.ndarray, bits: int, f: float):
 
 
 def _codes(blk: np.ndarray, s: np.ndarray, zp: np.ndarray, bits: int, axis: int = -1) -> np.ndarray:
-    s_safe = np.expand_dims(np.where(s == 0, 1, s), axis)
-    return np.clip(np.rint(blk / s_safe) + np.expand_dims(zp, axis), 0, (1 << bits) - 1)
+    c = blk / np.expand_dims(np.where(s == 0, 1, s), axis)     # one temporary, then in place
+    np.rint(c, out=c)
+    c += np.expand_dims(zp, axis)
+    return np.clip(c, 0, (1 << bits) - 1, out=c)
 
 
 def _search(blk: np.ndarray, bits: int, symmetric: bool, shrink=SHRINK, weight: np.ndarray | None = None,
@@ -105,11 +108,13 @@ def _search(blk: np.ndarray, bits: int, symmetric: bool, shrink=SHRINK, weight: 
         weight.astype(np.float32).reshape([-1 if d == axis % blk.ndim else 1 for d in range(blk.ndim)])
     lo, hi = np.minimum(blk.min(axis), 0), np.maximum(blk.max(axis), 0)    # once for every factor
     best = None
-    for f in shrink:
+    wc, tmp = np.empty(blk.shape, np.result_type(blk, wt)), np.empty(blk.shape, np.result_type(blk, wt))
+    for f in shrink:          # (buffers reused across factors: a large temporary costs its page faults)
         grid, zp = _range_grid(lo, hi, bits, f)
-        c = _codes(blk, grid, zp, bits, axis) - np.expand_dims(zp, axis)
-        wc = wt * c
-        den, num = (wc * c).sum(axis), (wc * blk).sum(axis)
+        c = _codes(blk, grid, zp, bits, axis)
+        c -= np.expand_dims(zp, axis)
+        np.multiply(wt, c, out=wc)
+        den, num = np.multiply(wc, c, out=tmp).sum(axis), np.multiply(wc, blk, out=tmp).sum(axis)
         s = np.where(den > 0, num / np.where(den > 0, den, 1), grid).astype(np.float32)
         err = s * s * den - 2 * s * num       # sum wt (c s - w)^2, less sum wt w^2 (the same for every f)
         if best is None:
@@ -162,21 +167,24 @@ def _hessian_factor(h: np.ndarray, real: int):
     h[dead, dead] = 1
     h[np.diag_indices(len(h))] += DAMP * diag[:real].mean()   # damping: a well-conditioned inverse
     # H^-1 = U^T U with U = J L^-1 J, where J reverses the order and J H J = L L^T: one Cholesky and
-    # a triangular inverse, 2x faster than inverting H and factoring the inverse (the same U to 1e-13).
-    u = _inverse_lower(np.linalg.cholesky(h[::-1, ::-1]))[::-1, ::-1]
+    # a triangular inverse, 2x faster than inverting H and factoring the inverse.
+    u = _cholesky_inverse(np.ascontiguousarray(h[::-1, ::-1]))[::-1, ::-1]
     return np.ascontiguousarray(u, np.float32), np.diag(h).astype(np.float32), dead
 
 
-def _inverse_lower(m: np.ndarray) -> np.ndarray:
-    """The inverse of a lower-triangular matrix, by halves: [[A, 0], [C, D]]^-1 =
-    [[A^-1, 0], [-D^-1 C A^-1, D^-1]] (matrix products do the work; numpy has no triangular inverse)."""
-    n = len(m)
+def _cholesky_inverse(h: np.ndarray) -> np.ndarray:
+    """L^-1 for H = L L^T, by halves: with L11 = chol(H11), L21 = H21 L11^-T and L22 = chol(H22 - L21 L21^T),
+    L^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]: matrix products do the work (numpy has no
+    triangular inverse, and its Cholesky of a 1024 matrix takes longer than this whole recursion)."""
+    n = len(h)
     if n <= 128:
-        return np.tril(np.linalg.inv(m))
-    h = n // 2
-    a, d = _inverse_lower(m[:h, :h]), _inverse_lower(m[h:, h:])
-    out = np.zeros_like(m)
-    out[:h, :h], out[h:, h:], out[h:, :h] = a, d, -(d @ (m[h:, :h] @ a))
+        return np.tril(np.linalg.inv(np.linalg.cholesky(h)))
+    m = n // 2
+    i11 = _cholesky_inverse(h[:m, :m])
+    l21 = h[m:, :m] @ i11.T
+    i22 = _cholesky_inverse(h[m:, m:] - l21 @ l21.T)
+    out = np.zeros_like(h)
+    out[:m, :m], out[m:, m:], out[m:, :m] = i11, i22, -(i22 @ (l21 @ i11))
     return out
 
 
@@ -194,56 +202,226 @@ def _gptq(wt: np.ndarray, stats: Stats, bits: int, block_size: int, shrink=SHRIN
     buf = np.empty(n, np.float32)
     scales = np.empty((kp // block_size, n), np.float32)
     zps = np.empty_like(scales)
+    group = max(_GROUP, block_size)
     for lo0 in range(0, kp, SPAN):
         hi0 = min(lo0 + SPAN, kp)
         u, imp, dead = stats.factor(lo0, hi0)
         span = wt[lo0:hi0]                         # a view: updates land in wt
         span[dead] = 0
-        for lo in range(0, hi0 - lo0, block_size):
-            hi, b = lo + block_size, (lo0 + lo) // block_size
-            _, s, zp = _search(span[lo:hi], bits, False, shrink, imp[lo:hi], axis=0, codes=False)
-            scales[b], zps[b] = s, zp
-            inv = 1 / np.where(s == 0, 1, s)
-            err = np.empty((block_size, n), np.float32)
-            for sub in range(lo, hi, _SUB):           # errors spread column by column within a sub-block,
-                end = sub + _SUB                      # then onto the rest of the block in one product
-                for j in range(sub, end):
-                    c = np.multiply(span[j], inv, out=buf)
-                    np.clip(np.rint(c, out=c) + zp, 0, qmax, out=c)
-                    codes[lo0 + j] = c
-                    c -= zp
-                    c *= s
-                    e = err[j - lo]
-                    np.subtract(span[j], c, out=e)
-                    e /= u[j, j]
-                    if j + 1 < end:
-                        span[j + 1:end] -= u[j, j + 1:end, None] * e
-                if end < hi:
-                    span[end:hi] -= u[sub:end, end:hi].T @ err[sub - lo:end - lo]
-            span[hi:] -= u[lo:hi, hi:].T @ err
+        for g0 in range(0, hi0 - lo0, group):      # errors reach the rest of the span once per group
+            g1 = min(g0 + group, hi0 - lo0)
+            err = np.empty((g1 - g0, n), np.float32)
+            for lo in range(g0, g1, block_size):
+                hi, b = lo + block_size, (lo0 + lo) // block_size
+                _, s, zp = _search(span[lo:hi], bits, False, shrink, imp[lo:hi], axis=0, codes=False)
+                scales[b], zps[b] = s, zp
+                inv = 1 / np.where(s == 0, 1, s)
+                for sub in range(lo, hi, _SUB):           # errors spread column by column within a sub-block,
+                    end = sub + _SUB                      # then onto the rest of the block in one product
+                    for j in range(sub, end):
+                        c = np.multiply(span[j], inv, out=buf)
+                        np.clip(np.rint(c, out=c) + zp, 0, qmax, out=c)
+                        codes[lo0 + j] = c
+                        c -= zp
+                        c *= s
+                        e = err[j - g0]
+                        np.subtract(span[j], c, out=e)
+                        e /= u[j, j]
+                        if j + 1 < end:
+                            span[j + 1:end] -= u[j, j + 1:end, None] * e
+                    if end < hi:
+                        span[end:hi] -= u[sub:end, end:hi].T @ err[sub - g0:end - g0]
+                if hi < g1:
+                    span[hi:g1] -= u[lo:hi, hi:g1].T @ err[lo - g0:hi - g0]
+            if g1 < hi0 - lo0:
+                span[g1:] -= u[g0:g1, g1:].T @ err
     return _transpose(codes, np.empty((n, kp), np.uint8)).reshape(n, -1, block_size), scales.T, zps.T
 
 
-# ---- GPTQ in parallel parts (opt-in) ---------------------------------------------------------------
+# ---- GPTQ on every core ------------------------------------------------------------------------
 # Rows are independent in GPTQ (each row's error is spread over that row's later columns; the
-# input statistics are shared), so a linear's rows can be cut into parts quantized in threads; the
-# bytes are the same for any number of parts. EDGERT_EXPORT_WORKERS=N turns it on. Not the
-# default: GPTQ's column loop is many small numpy calls, so threads mostly wait for the GIL (no
-# gain measured on the shared box), and forked workers hung on the 1.5B export (a child forked
-# while BLAS/onnxruntime threads exist can inherit a lock held); a spawned pool is the way left.
-_PARALLEL_MIN = 1 << 20          # weights below which splitting costs more than it saves
+# input statistics are shared), so a linear's row chunks can be quantized anywhere in any order:
+# the same bytes. Threads gain nothing (the column loop is many small numpy calls holding the GIL),
+# and forked workers can inherit a lock held by a BLAS or onnxruntime thread; so `GptqPool` runs
+# them in spawned processes, one BLAS thread each, while the graph goes on being built.
+_POOL_MIN = 1 << 18          # weights of a linear below which it is quantized here (a tiny model never spawns)
+_PARALLEL_MIN = 1 << 20      # weights below which the block search runs on one thread
 
 
 def workers() -> int:
+    """GPTQ processes: EDGERT_EXPORT_WORKERS, else one per core this process may use (at most 4:
+    each holds a row chunk, its transpose and its input statistics)."""
     import os
     env = os.environ.get("EDGERT_EXPORT_WORKERS")
-    return int(env) if env and env.isdigit() and int(env) > 0 else 1
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 4))
 
 
-def _gptq_chunk(w, r0: int, r1: int, k: int, kb: int, block_size: int, stats, bits: int, shrink):
-    wt = np.zeros((kb * block_size, r1 - r0), np.float32)     # W^T, K zero-padded to whole blocks
-    _transpose(np.asarray(w[r0:r1], np.float32), wt[:k])
-    return _gptq(wt, stats, bits, block_size, shrink)
+def _row_chunks(n: int, kp: int) -> list[tuple[int, int]]:
+    """A linear's GPTQ row chunks: about _GPTQ_CHUNK weights each, in whole 64-row BLAS panels."""
+    step = max(64, _GPTQ_CHUNK // kp // 64 * 64)
+    return [(r, min(r + step, n)) for r in range(0, n, step)]
+
+
+def _gptq_rows(w: np.ndarray, stats, k: int, kb: int, block_size: int, bits: int, shrink):
+    """GPTQ of rows w [R, k] -> (packed codes [R, kb, bs * bits / 8], scales [R, kb], zero points
+    [R, kb] uint8, not yet packed)."""
+    wt = np.zeros((kb * block_size, len(w)), np.float32)     # W^T, K zero-padded to whole blocks
+    _transpose(np.asarray(w, np.float32), wt[:k])
+    codes, s, zp = _gptq(wt, stats, bits, block_size, shrink)
+    return _pack4(codes), s, zp.astype(np.uint8)
+
+
+_WORKER_STATS: dict = {}
+
+
+def _pool_job(rows, file: str, width: int, k: int, kb: int, block_size: int, bits: int, shrink):
+    """In a GptqPool process: rows is the array, or (shared memory name, shape) holding it. The
+    statistics of the last input file read are kept (a linear's chunks, and the linears reading
+    one input, come one after another)."""
+    stats = _WORKER_STATS.get(file)
+    if stats is None:
+        _WORKER_STATS.clear()
+        stats = _WORKER_STATS[file] = Stats(file=file, width=width)
+    if isinstance(rows, np.ndarray):
+        return _gptq_rows(rows, stats, k, kb, block_size, bits, shrink)
+    from multiprocessing import shared_memory
+    shm = shared_memory.SharedMemory(name=rows[0])
+    try:
+        return _gptq_rows(np.ndarray(rows[1], np.float32, buffer=shm.buf), stats, k, kb, block_size, bits, shrink)
+    finally:
+        shm.close()
+
+
+def _shared(rows: np.ndarray):
+    """(a shared memory block holding a copy of rows, what _pool_job is given for it), or (None,
+    rows) where Python has no shared memory (Android): then the rows are pickled through a pipe,
+    which costs the exporter ~5x the CPU of one copy (12 s of a 1.5B export)."""
+    try:
+        from multiprocessing import shared_memory
+        shm = shared_memory.SharedMemory(create=True, size=max(1, rows.nbytes))
+    except (ImportError, OSError):
+        return None, np.ascontiguousarray(rows, np.float32)
+    np.ndarray(rows.shape, np.float32, buffer=shm.buf)[...] = rows
+    return shm, (shm.name, rows.shape)
+
+
+class Pending:
+    """A GPTQ linear whose row chunks are being quantized by a GptqPool: its tensors' shapes now,
+    its codes when `done` is called with the Quantized."""
+
+    def __init__(self, n: int, k: int, bits: int, block_size: int, chunks: int):
+        kb = -(-k // block_size)
+        self.n, self.k, self.bits, self.block_size = n, k, bits, block_size
+        self.shapes = ((n, kb, block_size * bits // 8), (n, kb), (n * (-(-kb // 2)),))
+        self.nbytes = int(np.prod(self.shapes[0])) + 4 * n * kb + self.shapes[2][0]
+        self.parts: list = [None] * chunks
+        self.done = None        # callback(Quantized), set by whoever writes the tensors
+
+    def finish(self) -> None:
+        packed, scales, zps = (np.concatenate(p) for p in zip(*self.parts))
+        self.parts = None
+        if zps.shape[1] % 2:
+            zps = np.concatenate([zps, np.zeros((self.n, 1), np.uint8)], axis=1)
+        self.done(Quantized(packed, scales, _pack4(zps), self.bits, self.block_size, self.k))
+
+
+class GptqPool:
+    """`workers` spawned processes quantizing GPTQ row chunks while the caller goes on; at most
+    `workers` + 1 chunks are in flight (the caller waits for the oldest), so memory stays near that
+    many chunks. `drain()` waits for all; `close()` stops the processes (also on errors)."""
+
+    def __init__(self, count: int):
+        import multiprocessing
+        import os
+        import sys
+        import types
+        from collections import deque
+        from concurrent.futures import ProcessPoolExecutor
+        self.count, self.inflight = count, deque()
+        saved = {v: os.environ.get(v) for v in _BLAS_THREADS}
+        os.environ.update({v: "1" for v in _BLAS_THREADS})     # read by the children's numpy at import
+        main = sys.modules["__main__"]
+        # the children need only this module: a bare __main__ keeps them from re-running the
+        # program that started the export (a script without a __name__ guard would export again)
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_init)
+            for f in [self.pool.submit(int, 0) for _ in range(count)]:     # all start now, under this environment
+                f.result()
+        finally:
+            sys.modules["__main__"] = main
+            for v, old in saved.items():
+                if old is None:
+                    os.environ.pop(v, None)
+                else:
+                    os.environ[v] = old
+
+    def submit(self, w, stats, bits: int, block_size: int, shrink) -> Pending:
+        n, k = w.shape
+        kb = -(-k // block_size)
+        chunks = _row_chunks(n, kb * block_size)
+        pending = Pending(n, k, bits, block_size, len(chunks))
+        for i, (r0, r1) in enumerate(chunks):
+            while len(self.inflight) > self.count:
+                self._retire()
+            shm, rows = _shared(w[r0:r1])
+            self.inflight.append([None, pending, i, shm])
+            with self._intact():
+                self.inflight[-1][0] = self.pool.submit(_pool_job, rows, str(stats.file), stats.width, k, kb,
+                                                        block_size, bits, shrink)
+        return pending
+
+    def _retire(self) -> None:
+        future, pending, i, shm = self.inflight.popleft()
+        try:
+            with self._intact():
+                pending.parts[i] = future.result()
+        finally:
+            _release(shm)
+        if all(p is not None for p in pending.parts):
+            pending.finish()
+
+    def _intact(self):
+        """Context: a pool process that died (the kernel's OOM killer, say) becomes one MemoryError."""
+        from concurrent.futures.process import BrokenProcessPool
+        from contextlib import contextmanager
+
+        @contextmanager
+        def check():
+            try:
+                yield
+            except BrokenProcessPool:
+                raise MemoryError(f"a GPTQ process ended unexpectedly (out of memory?); EDGERT_EXPORT_WORKERS=1 "
+                                  f"quantizes in the exporter's own process (it used {self.count})") from None
+        return check()
+
+    def drain(self) -> None:
+        while self.inflight:
+            self._retire()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        while self.inflight:
+            _release(self.inflight.popleft()[3])
+
+
+def _release(shm) -> None:
+    if shm is not None:
+        shm.close()
+        shm.unlink()
+
+
+_BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _worker_init() -> None:
+    """A pool process leaves Ctrl+C to the exporter (which stops the pool); no traceback of its own."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _transpose(a: np.ndarray, out: np.ndarray, tile: int = 256) -> np.ndarray:
@@ -252,24 +430,6 @@ def _transpose(a: np.ndarray, out: np.ndarray, tile: int = 256) -> np.ndarray:
         for c in range(0, a.shape[1], tile):
             out[c:c + tile, r:r + tile] = a[r:r + tile, c:c + tile].T
     return out
-
-
-def _gptq_parallel(w, k: int, kb: int, block_size: int, stats, bits: int, shrink):
-    """(rows per part, [(codes, scales, zero points)] per part) computed by one thread per core, or
-    None (serial) for small linears or one core."""
-    from concurrent.futures import ThreadPoolExecutor
-    n = w.shape[0]
-    count = min(workers(), n // 64)
-    if count < 2 or n * k < _PARALLEL_MIN:
-        return None
-    kp = kb * block_size
-    for lo in range(0, kp, SPAN):            # the shared factors, computed once before the threads start
-        stats.factor(lo, min(lo + SPAN, kp))
-    step = -(-n // count // 64) * 64          # whole BLAS panels: the same bytes as one part
-    with ThreadPoolExecutor(count) as pool:
-        parts = pool.map(lambda r: _gptq_chunk(w, r, min(r + step, n), k, kb, block_size, stats, bits, shrink),
-                         range(0, n, step))
-        return step, list(parts)
 
 
 def _each(fn, items, parallel: bool) -> None:
@@ -292,16 +452,27 @@ class Quantizer:
     block size), from `plan_budget`) overrides the asked precision of the linears it names;
     `chosen` records what every named tensor got (the manifest's per-tensor table)."""
 
-    def __init__(self, method: str = "search", stats=None, plan: dict | None = None):
+    def __init__(self, method: str = "search", stats=None, plan: dict | None = None, workers: int = 1):
         if method not in RECIPES:
             raise ValueError(f"unknown recipe {method!r} (one of: {', '.join(RECIPES)})")
         self.method, self.stats, self.plan = method, stats, plan or {}
+        self.workers, self.pool = workers, None    # the GptqPool, started by the first large linear
         self.chosen: dict[str, dict] = {}
         self.weights: dict[str, int] = {}
 
-    def __call__(self, w: np.ndarray, bits: int, block_size: int, name: str | None = None) -> Quantized:
+    def __call__(self, w: np.ndarray, bits: int, block_size: int, name: str | None = None,
+                 defer: bool = False) -> Quantized | Pending:
+        """defer: a large GPTQ linear may come back Pending (its codes computed by the pool)."""
         bits, block_size = self.plan.get(name, (bits, block_size))
         stats = self.stats.get(name) if self.stats is not None and name and bits == 4 else None
+        if defer and self.workers > 1 and self.method == "gptq" and stats is not None \
+                and stats.file is not None and w.shape[0] * w.shape[1] >= _POOL_MIN:
+            if self.pool is None:
+                self.pool = GptqPool(self.workers)
+            q = self.pool.submit(w, stats, bits, block_size, SHRINK)
+            self.chosen[name] = {"bits": bits, "block_size": block_size, "bytes": q.nbytes}
+            self.weights[name] = q.n * q.k
+            return q
         if self.method == "rtn":
             q = quantize(w, bits, block_size, shrink=(1.0,))
         elif self.method == "gptq" and stats is not None:
@@ -312,6 +483,16 @@ class Quantizer:
             self.chosen[name] = {"bits": q.bits, "block_size": q.block_size, "bytes": q.nbytes}
             self.weights[name] = q.packed.shape[0] * q.k
         return q
+
+    def finish(self) -> None:
+        """Wait for the pool's linears (their bytes are written when each completes)."""
+        if self.pool is not None:
+            self.pool.drain()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
 
 # ---- mixed precision under a byte budget ------------------------------------------------------
@@ -338,7 +519,7 @@ class Survey:
     def __init__(self, inner):
         self.inner, self.linears = inner, {}
 
-    def __call__(self, w, bits, block_size, name=None):
+    def __call__(self, w, bits, block_size, name=None, defer=False):
         if name and name not in SKIP and not hasattr(w, "quantized") and name not in self.linears:
             n, k = w.shape
             self.linears[name] = (n, k, np.array(w[np.linspace(0, n - 1, min(n, _SURVEY_ROWS)).astype(int)], np.float32))
@@ -432,15 +613,9 @@ def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool | None =
             blk[:, :k] = w[r : r + blk.shape[0]]
             store(r, *_search(blk.reshape(blk.shape[0], kb, block_size), bits, symmetric, shrink))
         _each(search, range(0, n, _ROWS_PER_CHUNK), n * k >= _PARALLEL_MIN)
-        parts = None
     else:
-        chunk = max(_ROWS_PER_CHUNK, _GPTQ_CHUNK // (kb * block_size))
-        parts = _gptq_parallel(w, k, kb, block_size, stats, bits, shrink)
-        if parts is not None:
-            chunk, parts = parts
-        for i, r in enumerate(range(0, n, chunk)):
-            store(r, *(parts[i] if parts is not None else
-                       _gptq_chunk(w, r, min(r + chunk, n), k, kb, block_size, stats, bits, shrink)))
+        for r0, r1 in _row_chunks(n, kb * block_size):
+            packed[r0:r1], scales[r0:r1], zps[r0:r1] = _gptq_rows(w[r0:r1], stats, k, kb, block_size, bits, shrink)
     if zps is not None and bits == 4:
         if kb % 2:
             zps = np.concatenate([zps, np.zeros((n, 1), np.uint8)], axis=1)

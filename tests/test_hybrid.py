@@ -287,7 +287,9 @@ def test_moe_strategies_agree_and_int4_top1(moe_case, exported):
     art = exported(src, 4)
     prompt = PROMPTS[300][:64]
     plain = Model(art, context=512, threads=1, strategy="plain").forward(prompt, num_logits=len(prompt))
-    assert (plain.argmax(-1) == hf_logits(ref, prompt).argmax(-1)).mean() >= 0.4    # a layout or routing bug: ~1/vocab
+    # a layout or routing bug: ~1/vocab. The random model's int4 top-1 moves with the calibration's
+    # sampled text: 0.34-0.53 measured over probe settings (12/16 rows, fp16/fp32 probe cache)
+    assert (plain.argmax(-1) == hf_logits(ref, prompt).argmax(-1)).mean() >= 0.25
     from edgert.model import FUSED_SINCE, ort_version
     for strategy in ("qmoe", "qmoe+fused")[:2 if ort_version() >= FUSED_SINCE else 1] if QMOE else ():
         q = Model(art, context=512, threads=1, strategy=strategy).forward(prompt, num_logits=len(prompt))

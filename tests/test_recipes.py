@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import BUNDLED_STORIES
+from conftest import BUNDLED_STORIES, ROOT
 from test_cli import assert_one_line_error, edgert
 
 from edgert_export.quantize import Quantizer, Stats, quantize
@@ -215,19 +215,42 @@ def test_bits_per_weight_budget_in_the_artifact(tmp_path):
     assert sum(rq["layouts"].values()) == len(q["tensors"])
 
 
-def test_gptq_workers_give_the_same_bytes(monkeypatch):
-    """GPTQ's rows split over threads: the same codes as one part."""
+ANCHOR = ROOT / "export" / "data" / "anchor256"
+
+
+def test_gptq_pool_gives_the_same_artifact(monkeypatch, tmp_path):
+    """GPTQ in spawned processes (every linear sent to the pool, its bytes written into the place
+    reserved for them while the graph goes on): the same data file and graph as in one process."""
     from edgert_export import quantize as qz
-    monkeypatch.setattr(qz, "_PARALLEL_MIN", 1)
-    rng = np.random.default_rng(4)
-    w = rng.normal(0, 0.05, size=(200, 160)).astype(np.float32)
-    x = correlated_inputs(512, 160)
-    got = {}
+    from edgert_export.artifact import export
+    monkeypatch.setattr(qz, "_POOL_MIN", 1)
+    monkeypatch.setattr(qz, "_GPTQ_CHUNK", 64 * 64)       # several row chunks per linear, out of order
+    started = []
+    real = qz.GptqPool.__init__
+    monkeypatch.setattr(qz.GptqPool, "__init__", lambda self, n: (started.append(n), real(self, n))[1])
+    files = {}
     for n in ("1", "2"):
         monkeypatch.setenv("EDGERT_EXPORT_WORKERS", n)
-        got[n] = quantize(w, 4, 32, stats=Stats(x))
-    for field in ("packed", "scales", "zero_points"):
-        assert np.array_equal(getattr(got["1"], field), getattr(got["2"], field))
+        export(ANCHOR, tmp_path / n, block_size=16, progress=False)     # no linear small enough to inline
+        files[n] = {f: (tmp_path / n / f).read_bytes() for f in ("model.onnx", "model.onnx.data")}
+    assert started == [2]
+    assert files["1"] == files["2"]
+
+
+def test_a_gptq_process_that_dies_is_one_clear_error():
+    from edgert_export import quantize as qz
+    rng = np.random.default_rng(0)
+    pool = qz.GptqPool(2)
+    try:
+        for p in list(pool.pool._processes.values()):
+            p.kill()
+            p.join()
+        with pytest.raises(MemoryError, match="GPTQ process ended unexpectedly.*EDGERT_EXPORT_WORKERS=1"):
+            pool.submit(rng.normal(size=(64, 64)).astype(np.float32), qz.Stats(file="/nonexistent", width=64), 4, 32,
+                        qz.SHRINK)
+            pool.drain()
+    finally:
+        pool.close()
 
 
 def test_anchor_fixture_is_fair_to_k_quants():
