@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgert.device import MADV_DONTNEED, mapped_dirty_kb, page_out_weights, release_freed_memory, weights_held_once
-from edgert.model import QMOE_SINCE, ort_version
+from edgert.model import QMOE_SINCE, ort, ort_version
 
 from .graph import Graph, Recipe
 from .quantize import Quantizer, Stats
@@ -69,7 +69,6 @@ class _Probe:
     runtime does); every run appends each linear's input rows to a raw float32 file."""
 
     def __init__(self, model, ckpt, work: Path, window: int, rows: int = 1, survey=None):
-        import onnxruntime as ort
         work.mkdir(parents=True, exist_ok=True)
         g = Graph(work / "probe.onnx.data")
         g.quantizer = Quantizer("rtn") if survey is None else survey(Quantizer("rtn"))
@@ -106,7 +105,6 @@ class _Probe:
 
     def run(self, ids: np.ndarray, past: np.ndarray) -> np.ndarray:
         """ids [rows, S] after `past` [rows] tokens already in each row's cache -> logits of each row's last token."""
-        import onnxruntime as ort
         io = self.sess.io_binding()
         total = past + ids.shape[1]
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import onnx_proto as proto
 from .onnx_proto import TensorProto, helper, numpy_helper
-from .quantize import DEFAULT_RECIPE, Pending, Quantizer, _pack4, quantize
+from .quantize import DEFAULT_RECIPE, Pending, Quantized, Quantizer, _pack4, quantize
 
 IR_VERSION = 10          # onnxruntime 1.22 (Termux) refuses anything newer
 OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
@@ -227,11 +227,15 @@ def linear_operands(g: Graph, w, name: str, bits: int, block_size: int, bias=Non
         return ("MatMul", [g.const(f"{name}.weight_t", np.ascontiguousarray(w.T)),
                            g.const(f"{name}.bias", bias) if bias is not None else ""], {})
     # deferred only when none of its tensors is small enough to be inlined (their bytes come later)
-    q = g.quantizer(w, bits, block_size, name, defer=n * -(-(-(-k // block_size)) // 2) > _INLINE_BYTES)
+    q = g.quantizer(w, bits, block_size, name, defer_above=_INLINE_BYTES)
     if isinstance(q, Pending):        # GPTQ in the pool's processes: the bytes are written when they come
         ins = [g.reserve(f"{name}.{part}", dtype, shape) for part, dtype, shape in
                zip(("qweight", "scales", "zero_points"), (np.uint8, np.float32, np.uint8), q.shapes)]
-        q.done = lambda r: [g.fill(t, a) for t, a in zip(ins, (r.packed, r.scales, r.zero_points))]
+
+        def write(r: Quantized) -> None:
+            for tensor, array in zip(ins, (r.packed, r.scales, r.zero_points)):
+                g.fill(tensor, array)
+        q.done = write
     else:
         ins = [g.const(f"{name}.qweight", q.packed), g.const(f"{name}.scales", q.scales),
                g.const(f"{name}.zero_points", q.zero_points.reshape(-1)) if q.zero_points is not None else ""]

@@ -19,6 +19,7 @@ gptq +3.5% (benchmarks/quant_recipes.py, which also has the block-size and int8-
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,13 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
 
 def _pack4(q: np.ndarray) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _pack_zero_points(zps: np.ndarray) -> np.ndarray:
+    """int4 zero points [N, kb] -> [N, ceil(kb / 2)] bytes, two per byte (an odd count padded)."""
+    if zps.shape[1] % 2:
+        zps = np.concatenate([zps, np.zeros((len(zps), 1), np.uint8)], axis=1)
+    return _pack4(zps)
 
 
 SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)
@@ -323,9 +331,7 @@ class Pending:
     def finish(self) -> None:
         packed, scales, zps = (np.concatenate(p) for p in zip(*self.parts))
         self.parts = None
-        if zps.shape[1] % 2:
-            zps = np.concatenate([zps, np.zeros((self.n, 1), np.uint8)], axis=1)
-        self.done(Quantized(packed, scales, _pack4(zps), self.bits, self.block_size, self.k))
+        self.done(Quantized(packed, scales, _pack_zero_points(zps), self.bits, self.block_size, self.k))
 
 
 class GptqPool:
@@ -370,7 +376,7 @@ class GptqPool:
                 self._retire()
             shm, rows = _shared(w[r0:r1])
             self.inflight.append([None, pending, i, shm])
-            with self._intact():
+            with _alive(self.count):
                 self.inflight[-1][0] = self.pool.submit(_pool_job, rows, str(stats.file), stats.width, k, kb,
                                                         block_size, bits, shrink)
         return pending
@@ -378,26 +384,12 @@ class GptqPool:
     def _retire(self) -> None:
         future, pending, i, shm = self.inflight.popleft()
         try:
-            with self._intact():
+            with _alive(self.count):
                 pending.parts[i] = future.result()
         finally:
             _release(shm)
         if all(p is not None for p in pending.parts):
             pending.finish()
-
-    def _intact(self):
-        """Context: a pool process that died (the kernel's OOM killer, say) becomes one MemoryError."""
-        from concurrent.futures.process import BrokenProcessPool
-        from contextlib import contextmanager
-
-        @contextmanager
-        def check():
-            try:
-                yield
-            except BrokenProcessPool:
-                raise MemoryError(f"a GPTQ process ended unexpectedly (out of memory?); EDGERT_EXPORT_WORKERS=1 "
-                                  f"quantizes in the exporter's own process (it used {self.count})") from None
-        return check()
 
     def drain(self) -> None:
         while self.inflight:
@@ -407,6 +399,17 @@ class GptqPool:
         self.pool.shutdown(wait=True, cancel_futures=True)
         while self.inflight:
             _release(self.inflight.popleft()[3])
+
+
+@contextmanager
+def _alive(count: int):
+    """A pool process that died (the kernel's OOM killer, say) becomes one MemoryError."""
+    from concurrent.futures.process import BrokenProcessPool
+    try:
+        yield
+    except BrokenProcessPool:
+        raise MemoryError(f"a GPTQ process ended unexpectedly (out of memory?); EDGERT_EXPORT_WORKERS=1 "
+                          f"quantizes in the exporter's own process (it used {count})") from None
 
 
 def _release(shm) -> None:
@@ -461,12 +464,12 @@ class Quantizer:
         self.weights: dict[str, int] = {}
 
     def __call__(self, w: np.ndarray, bits: int, block_size: int, name: str | None = None,
-                 defer: bool = False) -> Quantized | Pending:
-        """defer: a large GPTQ linear may come back Pending (its codes computed by the pool)."""
+                 defer_above: int | None = None) -> Quantized | Pending:
+        """defer_above: a large GPTQ linear whose every tensor holds more bytes than this may come
+        back Pending (its codes computed by the pool, to be written where the caller reserves)."""
         bits, block_size = self.plan.get(name, (bits, block_size))
         stats = self.stats.get(name) if self.stats is not None and name and bits == 4 else None
-        if defer and self.workers > 1 and self.method == "gptq" and stats is not None \
-                and stats.file is not None and w.shape[0] * w.shape[1] >= _POOL_MIN:
+        if defer_above is not None and self._poolable(w, block_size, stats, defer_above):
             if self.pool is None:
                 self.pool = GptqPool(self.workers)
             q = self.pool.submit(w, stats, bits, block_size, SHRINK)
@@ -483,6 +486,13 @@ class Quantizer:
             self.chosen[name] = {"bits": q.bits, "block_size": q.block_size, "bytes": q.nbytes}
             self.weights[name] = q.packed.shape[0] * q.k
         return q
+
+    def _poolable(self, w, block_size: int, stats, defer_above: int) -> bool:
+        """A GPTQ linear worth a pool process, whose smallest tensor (its zero points) is over defer_above bytes."""
+        if self.workers < 2 or self.method != "gptq" or stats is None or stats.file is None or w.ndim != 2:
+            return False
+        n, k = w.shape
+        return n * k >= _POOL_MIN and n * -(-(-(-k // block_size)) // 2) > defer_above
 
     def finish(self) -> None:
         """Wait for the pool's linears (their bytes are written when each completes)."""
@@ -519,7 +529,7 @@ class Survey:
     def __init__(self, inner):
         self.inner, self.linears = inner, {}
 
-    def __call__(self, w, bits, block_size, name=None, defer=False):
+    def __call__(self, w, bits, block_size, name=None, defer_above=None):
         if name and name not in SKIP and not hasattr(w, "quantized") and name not in self.linears:
             n, k = w.shape
             self.linears[name] = (n, k, np.array(w[np.linspace(0, n - 1, min(n, _SURVEY_ROWS)).astype(int)], np.float32))
@@ -617,7 +627,5 @@ def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool | None =
         for r0, r1 in _row_chunks(n, kb * block_size):
             packed[r0:r1], scales[r0:r1], zps[r0:r1] = _gptq_rows(w[r0:r1], stats, k, kb, block_size, bits, shrink)
     if zps is not None and bits == 4:
-        if kb % 2:
-            zps = np.concatenate([zps, np.zeros((n, 1), np.uint8)], axis=1)
-        zps = _pack4(zps)
+        zps = _pack_zero_points(zps)
     return Quantized(packed, scales, zps, bits, block_size, k)
