@@ -141,3 +141,28 @@ def test_old_onnxruntime_without_tokenizers_gives_identical_text(tmp_path, expor
         assert o["text"] == n["text"] and len(n["text"]) > 10               # the same streamed text
         differ = [(i, n["margins"][i]) for i, (a, b) in enumerate(zip(o["greedy"], n["greedy"])) if a != b]
         assert all(margin < NEAR_TIE for _, margin in differ), differ      # the same choices but at near-ties
+
+
+def test_the_exporter_calibrates_on_old_onnxruntime(tmp_path, exported, old_ort_python):
+    """The exporter runs on the device too (Termux: onnxruntime 1.22, no tokenizers): its calibration
+    probe (fp16 cache, batched self-sampling, reused output arrays) must run there, and the artifact
+    must answer as the one calibrated on this onnxruntime (a trained fixture: its greedy answers)."""
+    fixture = ROOT / "export" / "data" / "reasoning-qwen2"
+    path = tmp_path / "path"               # the packages as the installed names, without installing
+    path.mkdir()
+    (path / "edgert").symlink_to(ROOT / "edgert")
+    (path / "edgert_export").symlink_to(ROOT / "export")
+    out = tmp_path / "old-export"
+    r = subprocess.run([old_ort_python, "-c", "import sys; from edgert_export.artifact import export; "
+                        "export(sys.argv[1], sys.argv[2], progress=False)", str(fixture), str(out)],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(path)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    q = json.loads((out / "edgert.json").read_text())["quantization"]
+    assert q["calibration"] == "self" and q["calibration_tokens"] >= 2048
+    from edgert.model import Model
+    here = Model(exported(fixture, 4), context=128, threads=1)
+    there = Model(out, context=128, threads=1)
+    for p in json.loads((fixture / "fixture.json").read_text())["held_out_ids"][:4]:       # problem + answer ids
+        a, b = (m.forward(p, num_logits=len(p)).argmax(-1) for m in (here, there))
+        here.reset(), there.reset()
+        assert (a == b).mean() >= 0.9, (a, b)
