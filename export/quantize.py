@@ -489,7 +489,7 @@ class Quantizer:
 
     def _poolable(self, w, block_size: int, stats, defer_above: int) -> bool:
         """A GPTQ linear worth a pool process, whose smallest tensor (its zero points) is over defer_above bytes."""
-        if self.workers < 2 or self.method != "gptq" or stats is None or stats.file is None or w.ndim != 2:
+        if self.workers < 2 or self.method != "gptq" or stats is None or stats.file is None or len(w.shape) != 2:
             return False
         n, k = w.shape
         return n * k >= _POOL_MIN and n * -(-(-(-k // block_size)) // 2) > defer_above
