@@ -156,7 +156,8 @@ class Stats:
             self._x = None
 
     def factor(self, lo: int, hi: int):
-        """GPTQ's factor for input columns lo:hi (past K: zero padding up to a whole block)."""
+        """GPTQ's factor for input columns lo:hi (past K: zero padding up to a whole block), in act
+        order: (U of the permuted H, H's damped diagonal and dead inputs in column order, the order)."""
         key = (lo, hi)
         if key not in self._factors:
             k = self.x.shape[1]
@@ -168,16 +169,21 @@ class Stats:
 
 
 def _hessian_factor(h: np.ndarray, real: int):
-    """(upper Cholesky factor of H^-1, H's damped diagonal, dead inputs): row j of the factor says
-    how column j's rounding error is spread over the later columns."""
+    """(upper Cholesky factor of the permuted H^-1, H's damped diagonal, dead inputs, order): the
+    columns are taken in act order, the largest input power first (GPTQ's act-order: the columns
+    that matter most are rounded while the most columns remain to absorb their error); row j of
+    the factor says how the j-th column's rounding error is spread over the later ones."""
     diag = np.diag(h).copy()
     dead = diag <= 0                              # an input that is always 0: its weights do not matter
     h[dead, dead] = 1
     h[np.diag_indices(len(h))] += DAMP * diag[:real].mean()   # damping: a well-conditioned inverse
+    imp = np.diag(h).copy()
+    order = np.argsort(-imp, kind="stable")
+    h = h[order][:, order]
     # H^-1 = U^T U with U = J L^-1 J, where J reverses the order and J H J = L L^T: one Cholesky and
     # a triangular inverse, 2x faster than inverting H and factoring the inverse.
     u = _cholesky_inverse(np.ascontiguousarray(h[::-1, ::-1]))[::-1, ::-1]
-    return np.ascontiguousarray(u, np.float32), np.diag(h).astype(np.float32), dead
+    return np.ascontiguousarray(u, np.float32), imp.astype(np.float32), dead, order
 
 
 def _cholesky_inverse(h: np.ndarray) -> np.ndarray:
@@ -197,12 +203,15 @@ def _cholesky_inverse(h: np.ndarray) -> np.ndarray:
 
 
 def _gptq(wt: np.ndarray, stats: Stats, bits: int, block_size: int, shrink=SHRINK):
-    """GPTQ (Frantar et al. 2022) on W^T [kb * block_size, R] (changed in place): columns are rounded in order, each
-    block's grid chosen (activation-weighted search) when the block is reached, and each column's
-    rounding error is compensated on the columns still to come of its span. Spans of SPAN columns
-    treat H as block-diagonal: the cost grows with K * SPAN instead of K^2 (a 8960-wide down
-    projection would need a 8960^2 inverse otherwise). The work is on W transposed, so that a
-    column is one contiguous vector (3x faster than strided columns).
+    """GPTQ (Frantar et al. 2022) on W^T [kb * block_size, R] (changed in place) with act order and
+    static grids: each block's grid is chosen first (activation-weighted search on the weights as
+    given), then the columns are rounded on those grids in act order (`_hessian_factor`), each
+    column's rounding error compensated on the columns still to come of its span (a block of
+    MatMulNBits is a run of adjacent columns, so grids chosen as act order reaches them could not
+    be stored; fixed grids can). Spans of SPAN columns treat H as block-diagonal: the cost grows
+    with K * SPAN instead of K^2 (a 8960-wide down projection would need a 8960^2 inverse
+    otherwise). The work is on W transposed, so that a column is one contiguous vector (3x faster
+    than strided columns), and in act order (a permuted copy of the span).
     Returns codes [R, kb, bs], scales, zero points."""
     kp, n = wt.shape
     qmax = (1 << bits) - 1
@@ -210,39 +219,42 @@ def _gptq(wt: np.ndarray, stats: Stats, bits: int, block_size: int, shrink=SHRIN
     buf = np.empty(n, np.float32)
     scales = np.empty((kp // block_size, n), np.float32)
     zps = np.empty_like(scales)
-    group = max(_GROUP, block_size)
     for lo0 in range(0, kp, SPAN):
         hi0 = min(lo0 + SPAN, kp)
-        u, imp, dead = stats.factor(lo0, hi0)
-        span = wt[lo0:hi0]                         # a view: updates land in wt
+        u, imp, dead, order = stats.factor(lo0, hi0)
+        span = wt[lo0:hi0]
         span[dead] = 0
-        for g0 in range(0, hi0 - lo0, group):      # errors reach the rest of the span once per group
-            g1 = min(g0 + group, hi0 - lo0)
+        for lo in range(0, hi0 - lo0, block_size):  # the grids, from the weights as given
+            b = (lo0 + lo) // block_size
+            _, scales[b], zps[b] = _search(span[lo:lo + block_size], bits, False, shrink, imp[lo:lo + block_size],
+                                           axis=0, codes=False)
+        first, last = lo0 // block_size, hi0 // block_size
+        inv = 1 / np.where(scales[first:last] == 0, 1, scales[first:last])
+        block_of = (lo0 + order) // block_size
+        work = span[order]                         # the span in act order (a copy)
+        m = hi0 - lo0
+        for g0 in range(0, m, _GROUP):             # errors reach the rest of the span once per group
+            g1 = min(g0 + _GROUP, m)
             err = np.empty((g1 - g0, n), np.float32)
-            for lo in range(g0, g1, block_size):
-                hi, b = lo + block_size, (lo0 + lo) // block_size
-                _, s, zp = _search(span[lo:hi], bits, False, shrink, imp[lo:hi], axis=0, codes=False)
-                scales[b], zps[b] = s, zp
-                inv = 1 / np.where(s == 0, 1, s)
-                for sub in range(lo, hi, _SUB):           # errors spread column by column within a sub-block,
-                    end = sub + _SUB                      # then onto the rest of the block in one product
-                    for j in range(sub, end):
-                        c = np.multiply(span[j], inv, out=buf)
-                        np.clip(np.rint(c, out=c) + zp, 0, qmax, out=c)
-                        codes[lo0 + j] = c
-                        c -= zp
-                        c *= s
-                        e = err[j - g0]
-                        np.subtract(span[j], c, out=e)
-                        e /= u[j, j]
-                        if j + 1 < end:
-                            span[j + 1:end] -= u[j, j + 1:end, None] * e
-                    if end < hi:
-                        span[end:hi] -= u[sub:end, end:hi].T @ err[sub - g0:end - g0]
-                if hi < g1:
-                    span[hi:g1] -= u[lo:hi, hi:g1].T @ err[lo - g0:hi - g0]
-            if g1 < hi0 - lo0:
-                span[g1:] -= u[g0:g1, g1:].T @ err
+            for sub in range(g0, g1, _SUB):        # errors spread column by column within a sub-block,
+                end = min(sub + _SUB, g1)          # then onto the rest of the group in one product
+                for j in range(sub, end):
+                    b = block_of[j]
+                    s, zp = scales[b], zps[b]
+                    c = np.multiply(work[j], inv[b - first], out=buf)
+                    np.clip(np.rint(c, out=c) + zp, 0, qmax, out=c)
+                    codes[lo0 + order[j]] = c
+                    c -= zp
+                    c *= s
+                    e = err[j - g0]
+                    np.subtract(work[j], c, out=e)
+                    e /= u[j, j]
+                    if j + 1 < end:
+                        work[j + 1:end] -= u[j, j + 1:end, None] * e
+                if end < g1:
+                    work[end:g1] -= u[sub:end, end:g1].T @ err[sub - g0:end - g0]
+            if g1 < m:
+                work[g1:] -= u[g0:g1, g1:].T @ err
     return _transpose(codes, np.empty((n, kp), np.uint8)).reshape(n, -1, block_size), scales.T, zps.T
 
 

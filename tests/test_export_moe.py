@@ -111,9 +111,11 @@ def test_strategies_agree_and_quantized_top1(case, exported, bits):
     if not QMOE:
         pytest.skip("QMoE needs onnxruntime >= 1.23")
     q = Model(art, strategy="qmoe")
-    # int4: the two kernels round differently and the difference reaches the next layer's router;
-    # 4e-3 with the self-calibrated mixtral weights (a layout or routing bug is O(1))
-    assert np.abs(q.forward(PROMPT, num_logits=len(PROMPT)) - got).max() < (1e-3 if bits == 8 else 1e-2)
+    # int4: the two kernels round int8 activations differently, which can move one position by
+    # ~0.02 (measured 0.004-0.018 with the self-calibrated mixtral weights); the others agree to
+    # 1e-3. A layout or routing bug is O(1) at most positions.
+    diff = np.abs(q.forward(PROMPT, num_logits=len(PROMPT)) - got).max(-1)
+    assert diff.max() < (1e-3 if bits == 8 else 0.05) and (diff < 1e-3).mean() >= 0.9, diff
     assert runtime_greedy(q, PROMPT, 16) == runtime_greedy(plain, PROMPT, 16)
 
 

@@ -274,30 +274,35 @@ def test_anchor_fixture_is_fair_to_k_quants():
 
 def reference_gptq(w: np.ndarray, x: np.ndarray, block: int) -> np.ndarray:
     """Textbook GPTQ (one span, full K x K inverse, every later column updated after each column)
-    with the exporter's damping, block grid search and asymmetric int4: the dequantized weights."""
+    with act order (largest input power first) and static grids (each block's grid searched on the
+    weights as given), the exporter's damping, block grid search and asymmetric int4: the
+    dequantized weights."""
     from edgert_export.quantize import DAMP, _search
     w = w.astype(np.float64).copy()
     h = x.T.astype(np.float64) @ x / len(x)
     imp = np.diag(h) + DAMP * np.diag(h).mean()
     h[np.diag_indices(len(h))] = imp
-    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    grids = [_search(w[:, lo:lo + block].astype(np.float32)[:, None, :], 4, False,
+                     weight=imp[lo:lo + block].astype(np.float32))[1:] for lo in range(0, w.shape[1], block)]
+    order = np.argsort(-imp, kind="stable")
+    u = np.linalg.cholesky(np.linalg.inv(h[order][:, order])).T
+    w = w[:, order]
     out = np.empty_like(w)
-    for lo in range(0, w.shape[1], block):
-        _, s, zp = _search(w[:, lo:lo + block].astype(np.float32)[:, None, :], 4, False,
-                           weight=imp[lo:lo + block].astype(np.float32))
+    for j, col in enumerate(order):
+        s, zp = grids[col // block]
         s, zp = s[:, 0].astype(np.float64), zp[:, 0]
-        for j in range(lo, lo + block):
-            q = (np.clip(np.rint(w[:, j] / np.where(s == 0, 1, s)) + zp, 0, 15) - zp) * s
-            out[:, j] = q
-            e = (w[:, j] - q) / u[j, j]
-            w[:, j + 1:] -= e[:, None] * u[j, j + 1:][None, :]
+        q = (np.clip(np.rint(w[:, j] / np.where(s == 0, 1, s)) + zp, 0, 15) - zp) * s
+        out[:, col] = q
+        e = (w[:, j] - q) / u[j, j]
+        w[:, j + 1:] -= e[:, None] * u[j, j + 1:][None, :]
     return out
 
 
 @pytest.mark.parametrize("k", [96, 256])
 def test_gptq_matches_the_textbook_algorithm(k):
-    """The exporter's GPTQ (W transposed, errors spread by sub-blocks and blocks as matrix products,
-    Hessian factor from a reversed Cholesky) is the textbook column-by-column algorithm: the same
+    """The exporter's GPTQ (W transposed and permuted to act order, errors spread by sub-blocks and
+    groups as matrix products, Hessian factor from a reversed Cholesky) is the textbook
+    column-by-column algorithm: the same
     weights up to float32 rounding (a code may flip where a value sits on a rounding boundary)."""
     rng = np.random.default_rng(7)
     w = rng.normal(0, 0.05, size=(64, k)).astype(np.float32)
@@ -312,18 +317,20 @@ def test_gptq_matches_the_textbook_algorithm(k):
 
 
 def test_hessian_factor_is_the_cholesky_factor_of_the_inverse():
-    """U with H^-1 = U^T U, upper triangular, as GPTQ defines it; a dead input (always 0) handled."""
+    """U with H^-1 = U^T U, upper triangular, as GPTQ defines it, with H's columns in act order
+    (largest damped diagonal first); a dead input (always 0) handled."""
     from edgert_export.quantize import DAMP, _hessian_factor
     rng = np.random.default_rng(5)
     for n in (40, 300):        # one block; several halvings of the triangular inverse
-        x = correlated_inputs(4 * n, n, seed=n)
+        x = correlated_inputs(4 * n, n, seed=n) * rng.uniform(0.2, 3, n)    # column powers apart
         x[:, 3] = 0
         h = x.T.astype(np.float64) @ x / len(x)
-        u, imp, dead = _hessian_factor(h.copy(), n)
+        u, imp, dead, order = _hessian_factor(h.copy(), n)
         ref = h.copy()
         ref[3, 3] = 1
         ref[np.diag_indices(n)] += DAMP * np.diag(h).mean()
-        want = np.linalg.cholesky(np.linalg.inv(ref)).T
+        assert order.tolist() == np.argsort(-np.diag(ref), kind="stable").tolist() and order[0] != 0
+        want = np.linalg.cholesky(np.linalg.inv(ref[order][:, order])).T
         assert dead.tolist() == [i == 3 for i in range(n)]
         assert np.array_equal(u, np.triu(u)) and np.allclose(imp, np.diag(ref))
         assert np.allclose(u, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
