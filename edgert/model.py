@@ -20,6 +20,7 @@ from .limits import check_threads
 DEFAULT_CONTEXT = 4096
 QMOE_SINCE = (1, 23)        # first onnxruntime with a CPU QMoE kernel
 FUSED_SINCE = (1, 25)       # first with CPU CausalConvWithState and LinearAttention (hybrid models' "fused" graphs)
+KV8GQA_SINCE = (1, 27)      # first whose CPU GroupQueryAttention reads and writes an int8 cache ("kv8gqa" graphs)
 
 
 def ort_version() -> tuple[int, int]:
@@ -67,6 +68,9 @@ def choose_graph(graphs: dict, strategy: str | None, needs_int8: bool = False) -
             raise ArtifactError(f"--moe-strategy {strategy!r} is not in this artifact (it has: {', '.join(sorted(graphs))})")
         if strategy == "qmoe" and ort_version() < QMOE_SINCE:
             raise ArtifactError(f"--moe-strategy qmoe needs onnxruntime >= 1.23 (this is {ort.__version__}); use plain")
+        if strategy.endswith("kv8gqa") and ort_version() < KV8GQA_SINCE:
+            raise ArtifactError(f"--moe-strategy {strategy} needs onnxruntime >= 1.27 (this is {ort.__version__}); "
+                                f"use {strategy[:-len('+kv8gqa')] if '+' in strategy else 'default'}")
         if strategy.endswith("fused") and ort_version() < FUSED_SINCE:
             raise ArtifactError(f"--moe-strategy {strategy} needs onnxruntime >= 1.25 (this is {ort.__version__}); "
                                 f"use {strategy[:-len('+fused')] if '+' in strategy else 'default'}")
@@ -75,6 +79,10 @@ def choose_graph(graphs: dict, strategy: str | None, needs_int8: bool = False) -
         ranked = [name for name in ("fused", "qmoe+fused", "default", "qmoe", "plain") if name in graphs
                   and (not name.endswith("fused") or ort_version() >= FUSED_SINCE)
                   and (not name.startswith("qmoe") or ort_version() >= QMOE_SINCE)]
+    if ort_version() >= KV8GQA_SINCE and os.environ.get("EDGERT_KV8_GRAPH") != "ops":
+        # the int8 cache in GroupQueryAttention where this onnxruntime has it (the twin of each graph)
+        twin = {n: "kv8gqa" if n == "default" else f"{n}+kv8gqa" for n in ranked}
+        ranked = [twin[n] for n in ranked if twin[n] in graphs] + ranked
     if needs_int8 and not int8_kernel_available():
         twins = [n if n.endswith("nibbles") else "nibbles" if n == "default" else f"{n}+nibbles" for n in ranked]
         ranked = [n for n in twins if n in graphs]
@@ -145,7 +153,7 @@ class Model:
         # optimum's graphs return logits for every position fed: bound a forward's tokens so that
         # they stay within 256 MB (a 152k vocabulary: 441 tokens); native graphs compute num_logits rows only
         self.feed_limit = max(16, (256 << 20) // (4 * self.vocab)) if self.io == "optimum" else None
-        if self.manifest.get("quantization", {}).get("kv_cache") == "int8":
+        if self.manifest.get("quantization", {}).get("kv_cache") == "int8" and not self.strategy.endswith("kv8gqa"):
             # the int8 cache's graph holds a chunk's fp32 scores [heads, tokens, context]: bound them to 64 MB,
             # but feed at least 128 tokens (MatMulNBits is several times slower per token on short chunks)
             self.feed_limit = max(128, (64 << 20) // (4 * m["heads"] * self.context))
@@ -159,7 +167,12 @@ class Model:
                                 "(made by a newer edgert?)")
         kv_layers = m.get("attention_layers", range(self.layers))      # hybrid models: only these attend
         h, t, d = m["kv_heads"], self.context, m["head_dim"]
-        if self.kv_cache == "int8":
+        self.kv_in_place = self.kv_cache != "int8" or self.strategy.endswith("kv8gqa")
+        if self.kv_cache == "int8" and self.kv_in_place:
+            # GroupQueryAttention's own int8 cache (onnxruntime >= 1.27): codes only, the per-channel
+            # scales are in the graph; bound in place like a float cache
+            layout = {"key": (np.int8, (h, t, d)), "value": (np.int8, (h, t, d))}
+        elif self.kv_cache == "int8":
             # codes and one fp32 scale per row and head; keys transposed (see graph.int8_cache_attention).
             # The graph returns only the new rows (present.*); run() writes them at each row's length.
             layout = {"key": (np.int8, (h, d, t)), "key_scale": (np.float32, (h, 1, t)),
@@ -172,7 +185,7 @@ class Model:
                              for layer in kv_layers for kind in layout]
         # the position axis of each buffer, where run() writes new rows (None: the graph writes in place)
         self._row_axis = [3 if kind != "value" else 2 for _ in kv_layers for kind in layout] \
-            if self.kv_cache == "int8" else None
+            if not self.kv_in_place else None
         self._init_state(m.get("state", []))
         self._bindings: dict[tuple[int, int], tuple] = {}
         # MoE artifacts also output the experts each token used (--stats); bound only when tracked.

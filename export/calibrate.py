@@ -43,6 +43,7 @@ class ActivationStats:
         self.stats = {t: Stats(file=path, width=width) for t, (path, width) in arrays.items()}
         self.linears, self.tokens = linears, tokens
         self.survey = None           # quantize.Survey when the probe measured layouts
+        self.kv_ranges: dict[str, np.ndarray] = {}   # the probe's largest keys and values (_Probe.kv_ranges)
         self._last: str | None = None
 
     def get(self, name: str) -> Stats | None:
@@ -89,10 +90,12 @@ class _Probe:
         with weights_held_once(work, every_s=0.02):    # as the runtime does: one copy of the weights resident
             self.sess = ort.InferenceSession(str(work / "probe.onnx"), opts, providers=["CPUExecutionProvider"])
         caches = [i for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
-        self.caches = [(c.name, c.name.replace("past_key_values.", "present."),
-                        ort.OrtValue.ortvalue_from_numpy(np.zeros([rows, c.shape[1], window, c.shape[3]],
-                                                                  np.float16 if "16" in c.type else np.float32)))
-                       for c in caches]
+        arrays = [np.zeros([rows, c.shape[1], window, c.shape[3]], np.float16 if "16" in c.type else np.float32)
+                  for c in caches]
+        self.caches = [(c.name, c.name.replace("past_key_values.", "present."), ort.OrtValue.ortvalue_from_numpy(x), x)
+                       for c, x in zip(caches, arrays)]
+        self.rotary_dim = model.rotary_dim
+        self.kv_ranges: dict[str, np.ndarray] = {}
         # hybrid models' recurrent states: fed and read back each run (a row that starts again is zeroed)
         self.states = {i.name: np.zeros([rows, *i.shape[1:]], np.float32) for i in self.sess.get_inputs()
                        if i.name.startswith("past_state.")}
@@ -121,10 +124,11 @@ class _Probe:
         for name, state in self.states.items():
             io.bind_cpu_input(name, state)
             io.bind_output(name.replace("past_", "present_"))
-        for past_name, present_name, value in self.caches:
+        for past_name, present_name, value, _ in self.caches:
             io.bind_ortvalue_input(past_name, value)
             io.bind_ortvalue_output(present_name, value)
         self.sess.run_with_iobinding(io)
+        self._kv_ranges(past, total)
         outs = io.get_outputs()           # in the order they are bound
         for state, v in zip(self.states.values(), outs[1 + len(self.tensors):]):
             state[...] = v.numpy()
@@ -143,6 +147,20 @@ class _Probe:
             page_out_weights(self.work, MADV_DONTNEED)
         return outs[0].numpy()[:, -1]
 
+    def _kv_ranges(self, past: np.ndarray, total: np.ndarray) -> None:
+        """The largest |value| per layer, kv head and channel among the rows just written; for keys,
+        the norm of each channel's rotary pair (i, i + rotary_dim / 2), which no position's rotation
+        changes (the int8 cache's GroupQueryAttention scales, decoder.kv_scales)."""
+        half = self.rotary_dim // 2
+        for name, _, _, x in self.caches:
+            new = np.concatenate([x[r, :, int(a):int(b)] for r, (a, b) in enumerate(zip(past, total))], axis=1)
+            new = np.abs(new.astype(np.float32))                 # [kv, tokens, d]
+            if name.endswith(".key") and half:
+                pair = np.hypot(new[..., :half], new[..., half:2 * half])
+                new[..., :half], new[..., half:2 * half] = pair, pair
+            top = new.max(axis=1)
+            self.kv_ranges[name] = top if name not in self.kv_ranges else np.maximum(self.kv_ranges[name], top)
+
     def reset(self, rows) -> None:
         """Rows that start a new sequence: their recurrent states back to zero (the KV cache needs
         nothing: a row's length says what it holds)."""
@@ -157,6 +175,7 @@ class _Probe:
         stats = ActivationStats({t: (Path(f.name), self.widths[t]) for t, f in self.files.items()}, self.linears,
                                 self.tokens)
         stats.survey = self.survey
+        stats.kv_ranges = self.kv_ranges
         return stats
 
 

@@ -8,12 +8,15 @@ those. The data path reads top to bottom in `build`: embed -> N x (norm, attenti
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import numpy as np
 from . import graph as G
 from .checkpoint import Checkpoint
 from .graph import AttentionIO, Graph, Recipe
 from .onnx_proto import TensorProto
+
+KV_HEADROOM = 1.25     # the int8 cache's GroupQueryAttention scales: the calibration's largest value x this
 
 
 class UnsupportedModel(Exception):
@@ -372,13 +375,40 @@ class Decoder:
         GroupQueryAttention on a cache the runtime binds as both past and present (fp32/fp16), or
         the int8 cache's graph (`graph.int8_cache_attention`), whose presents are the new rows."""
         kind, d = self.recipe.kv_cache, self.padded_head_dim
-        if kind != "int8":
+        scales = self.kv_scales(g, i, kv_heads) if kind == "int8" else None
+        if kind != "int8" or scales:
+            # GroupQueryAttention on the cache in place; an int8 cache with the calibrated per-channel
+            # scales (onnxruntime >= 1.27), beside the standard-op graph below as a twin
             shape = ["batch", kv_heads, "max_sequence", d]
-            past = [g.input(f"past_key_values.{i}.{n}", G.KV_TYPES[kind][0], shape) for n in ("key", "value")]
-            out, *presents = G.gqa(g, q, k, v, *past, io, self.heads, kv_heads, self.attn_scale, name, **options)
-            for src, n in zip(presents, ("key", "value")):
-                g.output(src, f"present.{i}.{n}", G.KV_TYPES[kind][0], shape)
-            return out
+            with g.only("kv8gqa") if scales else nullcontext():
+                past = [g.input(f"past_key_values.{i}.{n}", G.KV_TYPES[kind][0], shape) for n in ("key", "value")]
+                out, *presents = G.gqa(g, q, k, v, *past, io, self.heads, kv_heads, self.attn_scale, name,
+                                       scales=scales, out=f"{name}.attended" if scales else None, **options)
+                for src, n in zip(presents, ("key", "value")):
+                    g.output(src, f"present.{i}.{n}", G.KV_TYPES[kind][0], shape)
+            if not scales:
+                return out
+        with g.only("kv8ops") if scales else nullcontext():
+            return self._attend_int8(g, i, q, k, v, io, kv_heads, name, out=f"{name}.attended" if scales else None,
+                                     **options)
+
+    def kv_scales(self, g: Graph, i: int, kv_heads: int) -> tuple[str, str] | None:
+        """Layer i's int8 cache scales for GroupQueryAttention, [1, kv_heads, 1, head_dim] each, from
+        the calibration's largest keys and values (`calibrate.KVRanges`; None without calibration, or
+        for a hybrid model). A key channel's scale covers its rotary pair's norm, which no rotation
+        changes: a position the calibration never reached cannot leave the range."""
+        ranges = getattr(getattr(g.quantizer, "stats", None), "kv_ranges", None)
+        if not ranges or f"past_key_values.{i}.key" not in ranges or \
+                not all(self.is_attention(j) for j in range(self.n_layers)):
+            return None
+        key, value = (ranges[f"past_key_values.{i}.{n}"] for n in ("key", "value"))
+        return tuple(g.const(f"layers.{i}.attn.{n}_scale", (np.maximum(x, 1e-6) * KV_HEADROOM / 127)
+                             .astype(np.float32).reshape(1, kv_heads, 1, -1))
+                     for n, x in (("k", key), ("v", value)))
+
+    def _attend_int8(self, g: Graph, i: int, q: str, k: str, v: str, io: AttentionIO, kv_heads: int, name: str,
+                     out: str | None = None, **options) -> str:
+        d = self.padded_head_dim
         shapes = {"key": (TensorProto.INT8, [kv_heads, d, "T"]), "key_scale": (TensorProto.FLOAT, [kv_heads, 1, "T"]),
                   "value": (TensorProto.INT8, [kv_heads, "T", d]), "value_scale": (TensorProto.FLOAT, [kv_heads, 1, "T"])}
         past = [g.input(f"past_key_values.{i}.{n}", t, ["batch", *(x if x != "T" else "max_sequence" for x in shape)])
@@ -386,11 +416,11 @@ class Decoder:
         key = f"kv8_index{kv_heads}x{self.heads // kv_heads}x{d}"
         index = self.shared(g, key, lambda: G.int8_cache_index(g, q, io, kv_heads, self.heads // kv_heads, d, key))
         presents = [f"present.{i}.{n}" for n in shapes]
-        out = G.int8_cache_attention(g, q, k, v, past, io, index, self.heads, kv_heads, d, self.attn_scale, name,
-                                     presents, **options)
+        attended = G.int8_cache_attention(g, q, k, v, past, io, index, self.heads, kv_heads, d, self.attn_scale, name,
+                                          presents, out_name=out, **options)
         for present, (t, shape) in zip(presents, shapes.values()):
             g.output(present, present, t, ["batch", *(x if x != "T" else "sequence" for x in shape)])
-        return out
+        return attended
 
     def ffn(self, g: Graph, i: int, x: str) -> str:
         return swiglu_mlp(g, self.ckpt, x, self.layer_prefix(i) + "mlp.", f"layers.{i}.mlp", self.recipe.bits,

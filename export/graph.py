@@ -37,8 +37,9 @@ class Graph:
         self.tags: frozenset = frozenset()    # what op()/const() add to while set (see `only`)
         self._branch_depth = 0
         self._where: dict[str, tuple[int, int]] = {}   # external initializer -> (offset, bytes)
-        self.inputs: list[proto.ValueInfoProto] = []
-        self.outputs: list[proto.ValueInfoProto] = []
+        self.inputs: list[proto.ValueInfoProto] = []     # (an input or output added under `only`
+        self.outputs: list[proto.ValueInfoProto] = []    # belongs to those graphs only: _io_tags)
+        self._io_tags: dict[int, frozenset] = {}     # id(value info) -> tags
         self._names: set[str] = set()
         self.int8_in_branches = False   # int8 MatMulNBits inside If bodies: no nibble twin
         self.quantizer = Quantizer()         # the recipe's method (+ calibration statistics)
@@ -136,12 +137,14 @@ class Graph:
     def input(self, name: str, dtype, shape) -> str:
         self._names.add(name)
         self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        self._io_tags[id(self.inputs[-1])] = self.tags
         return name
 
     def output(self, src: str, name: str, dtype, shape) -> None:
         if src != name:
             self.op("Identity", [src], name)
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        self._io_tags[id(self.outputs[-1])] = self.tags
 
     def add_output(self, name: str) -> None:
         """Expose an existing float tensor as a graph output too (calibration probes)."""
@@ -167,22 +170,29 @@ class Graph:
         """The graphs to write: name -> the tags it holds."""
         used = {t for tags, _ in self.nodes for t in tags}
         experts = sorted(used & {"qmoe", "plain"}) or [None]
+        # the int8 KV cache as GroupQueryAttention's own (onnxruntime >= 1.27) beside the standard-op
+        # graph ("kv8gqa" / "kv8ops", see decoder.attend): a twin of each expert graph
+        kv = ["kv8ops", "kv8gqa"] if "kv8gqa" in used else [None]
         fused = "fused" in used                  # a hybrid model's recurrent blocks, built both ways (`either`)
         graphs = {}
         for e in experts:
             base = ({e, "scan"} if fused else {e}) - {None}
-            graphs[e or "default"] = frozenset(base | {"int8"})
+            graphs[e or "default"] = frozenset(base | {"int8"} | ({kv[0]} - {None}))
+            if kv[-1]:      # onnxruntime >= 1.27 has the 8-bit MatMulNBits kernel everywhere: no nibble twin
+                graphs[f"{e}+kv8gqa" if e else "kv8gqa"] = frozenset(base | {"int8", kv[-1]})
             # QMoE needs onnxruntime >= 1.23, whose ARM builds have the int8 kernel: no nibble twin
             if "nibbles" in used and e != "qmoe" and not self.int8_in_branches:
-                graphs[f"{e}+nibbles" if e else "nibbles"] = frozenset(base | {"nibbles"})
+                graphs[f"{e}+nibbles" if e else "nibbles"] = frozenset(base | {"nibbles"} | ({kv[0]} - {None}))
         if fused:       # the contrib ops need onnxruntime >= 1.25, which has QMoE and the int8 kernel everywhere
             e = "qmoe" if "qmoe" in experts else experts[0]         # (plain: an unquantized MoE has no QMoE graph)
-            graphs["qmoe+fused" if e == "qmoe" else "fused"] = frozenset(({e} - {None}) | {"fused", "int8"})
+            graphs["qmoe+fused" if e == "qmoe" else "fused"] = frozenset(({e} - {None}) | {"fused", "int8"} | ({kv[0]} - {None}))
         return graphs
 
     def save(self, path: Path, producer: str, tags: frozenset = frozenset()) -> None:
         self._data.flush()
-        graph = helper.make_graph([n for t, n in self.nodes if t <= tags], "decoder", self.inputs, self.outputs,
+        mine = lambda vi: self._io_tags.get(id(vi), frozenset()) <= tags
+        graph = helper.make_graph([n for t, n in self.nodes if t <= tags], "decoder",
+                                  [i for i in self.inputs if mine(i)], [o for o in self.outputs if mine(o)],
                                   [i for t, i in self.initializers if t <= tags])
         model = helper.make_model(graph, opset_imports=OPSETS, producer_name=producer)
         model.ir_version = IR_VERSION
@@ -369,25 +379,32 @@ KV_TYPES = {"fp32": (TensorProto.FLOAT, np.float32), "fp16": (TensorProto.FLOAT1
 
 
 def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: AttentionIO, heads: int, kv_heads: int,
-        scale: float, name: str, rotary: bool = True, bias: str = "", sink: str = "") -> tuple[str, str, str]:
+        scale: float, name: str, rotary: bool = True, bias: str = "", sink: str = "", scales: tuple | None = None,
+        out: str | None = None) -> tuple[str, str, str]:
     """GroupQueryAttention with rotary inside and the KV cache as one preallocated buffer that
     the runtime binds as both past and present (no copy of the cache per step).
     rotary=False: a layer without position encoding (SmolLM3's NoPE layers); bias: an additive
     attention mask [B, 1, S, T] (`window_bias`); sink: one logit per head [H] that joins every
     softmax and is dropped after it (gpt-oss; the head_sink input exists from onnxruntime 1.23).
     An fp16 cache makes the op fp16 (its T binds q, k, v, cache, rotary tables, bias and sinks
-    alike): its float inputs are cast, its output cast back."""
+    alike): its float inputs are cast, its output cast back. scales: an int8 cache's (key, value)
+    scales [1, kv_heads, 1, head_dim] (onnxruntime >= 1.27: the op quantizes the new rows as it
+    writes them and reads the codes with those scales). out: the output's name."""
     if io.half:
         q, k, v, bias, sink = (g.op("Cast", [t], f"{name}.{label}16", to=TensorProto.FLOAT16) if t else t
                                for t, label in ((q, "q"), (k, "k"), (v, "v"), (bias, "bias"), (sink, "sink")))
-    ins = [q, k, v, past_k, past_v, io.seqlens_k, io.total_len, *((io.cos, io.sin) if rotary else ("", "")), "", bias, sink]
+    ins = [q, k, v, past_k, past_v, io.seqlens_k, io.total_len, *((io.cos, io.sin) if rotary else ("", "")), "", bias, sink,
+           *(scales or ())]
     while not ins[-1]:
         ins.pop()
-    out, pk, pv = g.ms("GroupQueryAttention", ins, name, outputs=3, num_heads=heads, kv_num_heads=kv_heads,
-                       do_rotary=int(rotary), rotary_interleaved=0, scale=float(scale))
+    quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8) if scales else {}
+    attended, pk, pv = g.ms("GroupQueryAttention", ins, name, outputs=3, num_heads=heads, kv_num_heads=kv_heads,
+                            do_rotary=int(rotary), rotary_interleaved=0, scale=float(scale),
+                            outs=[out, f"{name}.present_k", f"{name}.present_v"] if out and not io.half else None,
+                            **quant)
     if io.half:
-        out = g.op("Cast", [out], name + ".out32", to=TensorProto.FLOAT)
-    return out, pk, pv
+        attended = g.op("Cast", [attended], name + ".out32", to=TensorProto.FLOAT, out=out)
+    return attended, pk, pv
 
 
 def int8_cache_index(g: Graph, q: str, io: AttentionIO, kv_heads: int, group: int, head_dim: int, name: str) -> dict:
@@ -427,7 +444,7 @@ def int8_cache_index(g: Graph, q: str, io: AttentionIO, kv_heads: int, group: in
 
 def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: AttentionIO, index: dict, heads: int,
                          kv_heads: int, head_dim: int, scale: float, name: str, presents: list[str],
-                         rotary: bool = True, bias: str = "", sink: str = "") -> str:
+                         rotary: bool = True, bias: str = "", sink: str = "", out_name: str | None = None) -> str:
     """Attention over an int8 KV cache, from standard ops and RotaryEmbedding (onnxruntime 1.22 has
     them all). Each cached key and value row has one fp32 scale per head (|x| max / 127), so the
     cache costs 1 + 4 / head_dim bytes per element against fp16's 2. Keys are cached transposed,
@@ -501,7 +518,7 @@ def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: Atte
     out = g.op("MatMul", [probs, g.op("Cast", [values], name + ".vf", to=f32)], name + ".pv")              # [B, kv, S*G, D]
     out = g.op("Transpose", [g.op("Reshape", [out, c("o5", [0, 0, -1, group, d])], name + ".o5")], name + ".ot",
                perm=[0, 2, 1, 3, 4])                                                                         # [B, S, kv, G, D]
-    return g.op("Reshape", [out, c("o3", [0, 0, heads * d])], name + ".out")
+    return g.op("Reshape", [out, c("o3", [0, 0, heads * d])], name + ".out", out=out_name)
 
 
 def window_bias(g: Graph, q: str, io: AttentionIO, window: int, name: str) -> str:

@@ -76,9 +76,10 @@ def test_bad_kv_cache_option_is_one_line(tmp_path):
 
 # ---- the int8 cache (graph.int8_cache_attention) ------------------------------------------------
 
-def test_int8_cache_holds_codes_and_a_scale_per_row(exported):
+def test_int8_cache_holds_codes_and_a_scale_per_row(exported, monkeypatch):
     import edgert
     from edgert.device import kv_bytes
+    monkeypatch.setenv("EDGERT_KV8_GRAPH", "ops")      # the standard-op graph (onnxruntime 1.22's)
     art = exported(QWEN2, bits=4, kv_cache="int8")
     assert json.loads((art / "edgert.json").read_text())["quantization"]["kv_cache"] == "int8"
     model = edgert.load(art, context=256).model
@@ -114,11 +115,18 @@ def test_int8_cache_logits_against_transformers(tmp_path, exported, case):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
-def test_int8_cache_is_the_same_however_it_is_fed(exported):
-    """The new rows are quantized in the graph and written by the runtime at each row's own length:
-    one prefill, chunks, token by token and a batch of rows of different lengths give the same logits."""
+@pytest.mark.parametrize("graph", ["ops", "gqa"])
+def test_int8_cache_is_the_same_however_it_is_fed(exported, monkeypatch, graph):
+    """The new rows are quantized in the graph and written by the runtime at each row's own length
+    (ops), or by GroupQueryAttention in place (gqa): one prefill, chunks, token by token and a batch
+    of rows of different lengths give the same logits."""
     import edgert
+    from edgert.model import KV8GQA_SINCE, ort_version
+    if graph == "gqa" and ort_version() < KV8GQA_SINCE:
+        pytest.skip("GroupQueryAttention's int8 cache needs onnxruntime >= 1.27")
+    monkeypatch.setenv("EDGERT_KV8_GRAPH", graph)
     art = exported(QWEN2, bits=4, kv_cache="int8")
+    assert edgert.load(art, context=64).model.strategy == {"ops": "default", "gqa": "kv8gqa"}[graph]
     ids = np.array([1, 403, 407, 261, 378, 300, 17, 42, 99, 5, 6, 7, 8, 9, 10, 11], np.int64)
     model = edgert.load(art, context=64).model
     one = model.forward(ids, num_logits=len(ids))
@@ -128,6 +136,7 @@ def test_int8_cache_is_the_same_however_it_is_fed(exported):
     steps = np.concatenate([model.forward([t]) for t in ids])
     assert np.abs(chunks - one).max() < 1e-4 and np.abs(steps - one).max() < 1e-4
     model.reset()
+    assert (model.feed_limit == 512) == (graph == "gqa")      # GroupQueryAttention's scratch bound, or the ops graph's
     model.feed_limit = 5           # a long forward is cut at the model's own bound (the scores' memory)
     runs, run = [], model.session.run_with_iobinding
     model.session.run_with_iobinding = lambda *a, **k: (runs.append(1), run(*a, **k))[1]
@@ -162,3 +171,69 @@ def test_groupqueryattention_feeds_are_cut_too(exported):
     model.session.run_with_iobinding = lambda *a, **k: (runs.append(1), run(*a, **k))[1]
     cut = model.forward(ids, num_logits=7)
     assert len(runs) == 4 and np.abs(cut - one[-7:]).max() < 1e-4
+
+
+# ---- the int8 cache in GroupQueryAttention (onnxruntime >= 1.27, the "kv8gqa" twin graphs) -------
+
+def test_int8_cache_scales_cover_every_rotation(exported, tmp_path):
+    """The calibration records each key channel's rotary-pair norm (equal for the pair: no rotation
+    changes it) and each value channel's largest |value|; the twin's scales are those x
+    KV_HEADROOM / 127, per layer and kv head, and an export without calibration has no twin."""
+    import onnx
+    from edgert_export.decoder import KV_HEADROOM
+    from edgert_export.calibrate import sample_self
+    from edgert_export.checkpoint import Checkpoint
+    from edgert_export.archs import model_for
+    ckpt = Checkpoint(QWEN2)
+    model = model_for(ckpt.config)
+    stats = sample_self(model, ckpt, QWEN2, tmp_path / "probe", tokens=64)
+    key, value = stats.kv_ranges["past_key_values.0.key"], stats.kv_ranges["past_key_values.0.value"]
+    half = model.rotary_dim // 2
+    assert key.shape == value.shape == (model.kv_heads, model.padded_head_dim) and (key > 0).all()
+    assert np.array_equal(key[:, :half], key[:, half:2 * half]) and not np.array_equal(value[:, :half], value[:, half:])
+    art = exported(QWEN2, bits=4)
+    graphs = json.loads((art / "edgert.json").read_text())["graphs"]
+    assert set(graphs) == {"default", "kv8gqa", "nibbles"}
+    g = onnx.load(str(art / graphs["kv8gqa"]), load_external_data=False).graph
+    consts = {t.name: t for t in g.initializer}
+    k_scale = onnx.numpy_helper.to_array(consts["layers.0.attn.k_scale"])
+    assert k_scale.shape == (1, model.kv_heads, 1, model.padded_head_dim)
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == model.n_layers and {a.name: a for a in gqa[0].attribute}["k_quant_type"].s == b"PER_CHANNEL"
+    assert not any(i.name.endswith("_scale") for i in g.input)                  # codes only in the cache
+    assert "kv8gqa" not in json.loads((exported(QWEN2, bits=8) / "edgert.json").read_text())["graphs"]
+    # the calibration of the export set them (it also restarts a row at EOS: a few values differ slightly)
+    full = sample_self(model, ckpt, QWEN2, tmp_path / "probe2")
+    want = np.maximum(full.kv_ranges["past_key_values.0.key"], 1e-6) * KV_HEADROOM / 127
+    assert np.allclose(k_scale[0, :, 0], want, rtol=0.02)
+
+
+def test_int8_cache_in_groupqueryattention_answers_like_the_fp32_cache(exported):
+    """The kv8gqa twin, which onnxruntime >= 1.27 runs by default, against the same weights with an
+    fp32 cache: logits within the int8 rounding, the same greedy answers on held-out problems,
+    several sequences of different lengths in one batch as each alone."""
+    import edgert
+    from edgert.model import KV8GQA_SINCE, Model, ort_version
+    if ort_version() < KV8GQA_SINCE:
+        pytest.skip("GroupQueryAttention's int8 cache needs onnxruntime >= 1.27")
+    art, full = exported(QWEN2, bits=4), exported(QWEN2, bits=4, kv_cache="fp32")
+    model, ref = Model(art, context=256), Model(full, context=256)
+    assert model.strategy == "kv8gqa" and all(c.dtype == np.int8 for c in model.cache)
+    ids = edgert.load(art, context=256).tokenizer.encode(" ".join(p.prompt for p in task.held_out_problems()[:6]))
+    got, want = model.forward(ids, num_logits=len(ids)), ref.forward(ids, num_logits=len(ids))
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert 1e-6 < err < 0.05, err
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+    llm, llm32 = edgert.load(art, context=256), edgert.load(full, context=256)
+    problems = task.held_out_problems()[24:40]
+    answers = [["".join(t.text for t in m.generate(p.prompt, max_tokens=80, temperature=0)) for p in problems]
+               for m in (llm, llm32)]
+    assert [task.extract_answer(a) for a in answers[0]] == [task.extract_answer(a) for a in answers[1]]
+    batch = Model(art, context=64, slots=3)
+    seq = np.array(ids[:12], np.int64)
+    alone = Model(art, context=64).forward(seq, num_logits=len(seq))
+    for slot, n in enumerate((9, 4, 11)):
+        batch.run(slot, seq[None, :n], np.array([0]))
+    rows = batch.run(0, seq[None, [9, 4, 11]].T, np.array([9, 4, 11]))
+    for r, n in enumerate((9, 4, 11)):
+        assert np.abs(rows[r, -1] - alone[n]).max() < 1e-4
