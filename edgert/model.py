@@ -153,7 +153,9 @@ class Model:
         # optimum's graphs return logits for every position fed: bound a forward's tokens so that
         # they stay within 256 MB (a 152k vocabulary: 441 tokens); native graphs compute num_logits rows only
         self.feed_limit = max(16, (256 << 20) // (4 * self.vocab)) if self.io == "optimum" else None
-        if self.manifest.get("quantization", {}).get("kv_cache") == "int8" and not self.strategy.endswith("kv8gqa"):
+        self.kv_cache = self.manifest.get("quantization", {}).get("kv_cache", "fp32")
+        self.kv_in_place = self.kv_cache != "int8" or self.strategy.endswith("kv8gqa")   # GroupQueryAttention's cache
+        if not self.kv_in_place:
             # the int8 cache's graph holds a chunk's fp32 scores [heads, tokens, context]: bound them to 64 MB,
             # but feed at least 128 tokens (MatMulNBits is several times slower per token on short chunks)
             self.feed_limit = max(128, (64 << 20) // (4 * m["heads"] * self.context))
@@ -161,13 +163,11 @@ class Model:
             # GroupQueryAttention's CPU kernel holds a forward's fp32 scores [heads, tokens, positions]
             # too (an 8k prompt in one forward: 3.7 GB on Qwen2.5-0.5B): 512 tokens a forward, as the engine feeds
             self.feed_limit = 512
-        self.kv_cache = self.manifest.get("quantization", {}).get("kv_cache", "fp32")
         if self.kv_cache not in ("fp32", "fp16", "int8"):
             raise ArtifactError(f"{self.path}: edgert.json names an unknown KV cache {str(self.kv_cache)[:20]!r} "
                                 "(made by a newer edgert?)")
         kv_layers = m.get("attention_layers", range(self.layers))      # hybrid models: only these attend
         h, t, d = m["kv_heads"], self.context, m["head_dim"]
-        self.kv_in_place = self.kv_cache != "int8" or self.strategy.endswith("kv8gqa")
         if self.kv_cache == "int8" and self.kv_in_place:
             # GroupQueryAttention's own int8 cache (onnxruntime >= 1.27): codes only, the per-channel
             # scales are in the graph; bound in place like a float cache

@@ -373,7 +373,9 @@ class Decoder:
                **options) -> str:
         """Layer i's attention over its KV cache (inputs past_key_values.i.*, outputs present.i.*):
         GroupQueryAttention on a cache the runtime binds as both past and present (fp32/fp16), or
-        the int8 cache's graph (`graph.int8_cache_attention`), whose presents are the new rows."""
+        the int8 cache's graph (`graph.int8_cache_attention`), whose presents are the new rows; with
+        calibrated scales (`kv_scales`), both: GroupQueryAttention on the int8 cache in the "kv8gqa"
+        graphs, the standard ops in the others, with one output name."""
         kind, d = self.recipe.kv_cache, self.padded_head_dim
         scales = self.kv_scales(g, i, kv_heads) if kind == "int8" else None
         if kind != "int8" or scales:
@@ -394,7 +396,7 @@ class Decoder:
 
     def kv_scales(self, g: Graph, i: int, kv_heads: int) -> tuple[str, str] | None:
         """Layer i's int8 cache scales for GroupQueryAttention, [1, kv_heads, 1, head_dim] each, from
-        the calibration's largest keys and values (`calibrate.KVRanges`; None without calibration, or
+        the calibration's largest keys and values (`calibrate._Probe._kv_ranges`; None without calibration, or
         for a hybrid model). A key channel's scale covers its rotary pair's norm, which no rotation
         changes: a position the calibration never reached cannot leave the range."""
         ranges = getattr(getattr(g.quantizer, "stats", None), "kv_ranges", None)

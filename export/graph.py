@@ -172,20 +172,21 @@ class Graph:
         experts = sorted(used & {"qmoe", "plain"}) or [None]
         # the int8 KV cache as GroupQueryAttention's own (onnxruntime >= 1.27) beside the standard-op
         # graph ("kv8gqa" / "kv8ops", see decoder.attend): a twin of each expert graph
-        kv = ["kv8ops", "kv8gqa"] if "kv8gqa" in used else [None]
+        twin = "kv8gqa" in used
+        ops = {"kv8ops"} if twin else set()     # what every other graph holds
         fused = "fused" in used                  # a hybrid model's recurrent blocks, built both ways (`either`)
         graphs = {}
         for e in experts:
             base = ({e, "scan"} if fused else {e}) - {None}
-            graphs[e or "default"] = frozenset(base | {"int8"} | ({kv[0]} - {None}))
-            if kv[-1]:      # onnxruntime >= 1.27 has the 8-bit MatMulNBits kernel everywhere: no nibble twin
-                graphs[f"{e}+kv8gqa" if e else "kv8gqa"] = frozenset(base | {"int8", kv[-1]})
+            graphs[e or "default"] = frozenset(base | {"int8"} | ops)
+            if twin:        # onnxruntime >= 1.27 has the 8-bit MatMulNBits kernel everywhere: no nibble twin
+                graphs[f"{e}+kv8gqa" if e else "kv8gqa"] = frozenset(base | {"int8", "kv8gqa"})
             # QMoE needs onnxruntime >= 1.23, whose ARM builds have the int8 kernel: no nibble twin
             if "nibbles" in used and e != "qmoe" and not self.int8_in_branches:
-                graphs[f"{e}+nibbles" if e else "nibbles"] = frozenset(base | {"nibbles"} | ({kv[0]} - {None}))
+                graphs[f"{e}+nibbles" if e else "nibbles"] = frozenset(base | {"nibbles"} | ops)
         if fused:       # the contrib ops need onnxruntime >= 1.25, which has QMoE and the int8 kernel everywhere
             e = "qmoe" if "qmoe" in experts else experts[0]         # (plain: an unquantized MoE has no QMoE graph)
-            graphs["qmoe+fused" if e == "qmoe" else "fused"] = frozenset(({e} - {None}) | {"fused", "int8"} | ({kv[0]} - {None}))
+            graphs["qmoe+fused" if e == "qmoe" else "fused"] = frozenset(({e} - {None}) | {"fused", "int8"} | ops)
         return graphs
 
     def save(self, path: Path, producer: str, tags: frozenset = frozenset()) -> None:
