@@ -190,8 +190,86 @@ SHAPES: dict[str, Shape] = {
             real_params=1_170_340_608,
             notes="LiquidAI/LFM2.5-1.2B(-Thinking): 10 gated short-conv layers, 6 GQA layers",
         ),
+        Shape(
+            "qwen3.5-0.8b",
+            {   # the published text model's numbers (export/synthetic.py has the same shape): 18 Gated DeltaNet
+                # layers, 6 gated attention layers (every 4th); the text-only layout of the multimodal checkpoint
+                "architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", "hidden_size": 1024,
+                "intermediate_size": 3584, "num_hidden_layers": 24, "num_attention_heads": 8, "num_key_value_heads": 2,
+                "head_dim": 256, "linear_num_key_heads": 16, "linear_num_value_heads": 16, "linear_key_head_dim": 128,
+                "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+                "layer_types": ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(24)],
+                "vocab_size": 248320, "max_position_embeddings": 262144, "rms_norm_eps": 1e-06,
+                "tie_word_embeddings": True, "hidden_act": "silu", "attn_output_gate": True,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25},
+            },
+            notes="Qwen/Qwen3.5-0.8B's text model: 18 Gated DeltaNet + 6 attention layers",
+        ),
+        Shape(
+            "gpt-oss-20b-8x",
+            {   # the published config.json's numbers but num_local_experts (32 -> 8): the same 3.6B parameters
+                # a token reads (top-4 experts of 2880, the attention, the 201k lm_head), 6.6B in all (13 GB in bf16)
+                "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880,
+                "intermediate_size": 2880, "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8,
+                "head_dim": 64, "num_local_experts": 8, "num_experts_per_tok": 4, "experts_per_token": 4,
+                "vocab_size": 201088, "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"] * 12,
+                "max_position_embeddings": 131072, "rope_theta": 150000.0,
+                "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "original_max_position_embeddings": 4096, "truncate": False},
+                "rms_norm_eps": 1e-05, "tie_word_embeddings": False, "attention_bias": True, "attention_dropout": 0.0,
+                "swiglu_limit": 7.0, "hidden_act": "silu", "initial_context_length": 4096, "router_aux_loss_coef": 0.9,
+                "output_router_logits": False, "use_cache": True,
+                "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+                    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+            },
+            notes="openai/gpt-oss-20b with 8 of its 32 experts per layer: the same top-4 decode reads",
+        ),
     ]
 }
+
+
+def gpt_oss_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """gpt-oss as the hub stores it: attention with biases and one sink per head, a router with a bias,
+    the experts in MXFP4 (per expert, the linear's [out, in] rows as blocks of 32 4-bit floats, 16 bytes,
+    and one power-of-two exponent per block, + 127; gate/up rows interleaved) with bf16 biases."""
+    h, nh, nkv, hd, v = (config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                                             "vocab_size"))
+    e, inter = config["num_local_experts"], config["intermediate_size"]
+    specs = [("model.embed_tokens.weight", (v, h), "weight")]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        specs.append((p + "input_layernorm.weight", (h,), "norm"))
+        for proj, rows, cols in (("q_proj", nh * hd, h), ("k_proj", nkv * hd, h), ("v_proj", nkv * hd, h),
+                                 ("o_proj", h, nh * hd)):
+            specs += [(p + f"self_attn.{proj}.weight", (rows, cols), "weight"), (p + f"self_attn.{proj}.bias", (rows,), "bias")]
+        specs += [(p + "self_attn.sinks", (nh,), "bias"), (p + "post_attention_layernorm.weight", (h,), "norm"),
+                  (p + "mlp.router.weight", (e, h), "weight"), (p + "mlp.router.bias", (e,), "bias"),
+                  (p + "mlp.experts.gate_up_proj_blocks", (e, 2 * inter, h // 32, 16), "mxfp4_blocks"),
+                  (p + "mlp.experts.gate_up_proj_scales", (e, 2 * inter, h // 32), "mxfp4_scales"),
+                  (p + "mlp.experts.gate_up_proj_bias", (e, 2 * inter), "bias"),
+                  (p + "mlp.experts.down_proj_blocks", (e, h, inter // 32, 16), "mxfp4_blocks"),
+                  (p + "mlp.experts.down_proj_scales", (e, h, inter // 32), "mxfp4_scales"),
+                  (p + "mlp.experts.down_proj_bias", (e, h), "bias")]
+    specs += [("model.norm.weight", (h,), "norm"), ("lm_head.weight", (v, h), "weight")]
+    return specs
+
+
+def meta_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """Any other model_type: the names and shapes transformers gives its model (built on the meta
+    device: no memory). Qwen3.5 stores its RMSNorm weights as w for 1 + w: those start near 0."""
+    import torch
+    import transformers
+    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    one_plus = config["model_type"].startswith("qwen3_5")
+    specs = []
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        norm = t.dim() == 1 and "norm" in name and not (one_plus and "linear_attn.norm" not in name)
+        specs.append((name, tuple(t.shape), "norm" if norm else "bias" if t.dim() == 1 else "weight"))
+    return specs
 
 
 def lfm2_ffn_dim(config: dict) -> int:
@@ -233,6 +311,10 @@ def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     mt = config["model_type"]
     if mt == "lfm2":
         return lfm2_specs(config)
+    if mt == "gpt_oss":
+        return gpt_oss_specs(config)
+    if mt not in ("qwen2", "qwen3", "qwen3_moe"):
+        return meta_specs(config)
     h = config["hidden_size"]
     nh = config["num_attention_heads"]
     nkv = config["num_key_value_heads"]
@@ -283,16 +365,18 @@ def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 def param_count(config: dict) -> int:
-    return sum(int(np.prod(s)) for _, s, _ in tensor_specs(config))
+    """Parameters, not stored elements: an MXFP4 byte holds two, its exponents are none."""
+    per = {"mxfp4_blocks": 2, "mxfp4_scales": 0}
+    return sum(int(np.prod(s)) * per.get(kind, 1) for _, s, kind in tensor_specs(config))
 
 
 def active_param_count(config: dict) -> int:
     """Parameters touched per token (MoE: router + top-k experts only)."""
     total = 0
-    for name, s, _ in tensor_specs(config):
-        n = int(np.prod(s))
+    for name, s, kind in tensor_specs(config):
+        n = int(np.prod(s)) * {"mxfp4_blocks": 2, "mxfp4_scales": 0}.get(kind, 1)
         if ".mlp.experts." in name:
-            n = n * config["num_experts_per_tok"] // config["num_experts"]
+            n = n * config["num_experts_per_tok"] // (config.get("num_experts") or config["num_local_experts"])
         total += n
     return total
 
@@ -328,19 +412,30 @@ def _tensor_chunks(name: str, shape: tuple[int, ...], kind: str, seed: int, dtyp
     done = 0
     while done < n:
         m = min(_CHUNK, n - done)
+        done += m
+        if kind == "mxfp4_blocks":      # any two 4-bit float codes per byte
+            yield rng.integers(0, 256, m, dtype=np.uint8).tobytes()
+            continue
+        if kind == "mxfp4_scales":      # 2^-8..2^-6 x codes up to 6: values of the other weights' size
+            yield rng.integers(119, 122, m, dtype=np.uint8).tobytes()
+            continue
         x = rng.standard_normal(m, dtype=np.float32)
         x *= np.float32(0.02)
         if kind == "norm":
             x += np.float32(1.0)
         yield _encode(x, dtype)
-        done += m
+
+
+def _stored(kind: str, dtype: str) -> tuple[str, int]:
+    """(safetensors dtype, bytes per element) of a tensor of this kind."""
+    return ("U8", 1) if kind.startswith("mxfp4") else _DTYPES[dtype]
 
 
 def _write_safetensors(path: Path, specs, seed: int, dtype: str) -> int:
-    st_dtype, width = _DTYPES[dtype]
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0
-    for name, shape, _ in specs:
+    for name, shape, kind in specs:
+        st_dtype, width = _stored(kind, dtype)
         nbytes = int(np.prod(shape)) * width
         header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
         off += nbytes
@@ -359,8 +454,7 @@ def _write_safetensors(path: Path, specs, seed: int, dtype: str) -> int:
 
 def write_weights(out_dir: Path, config: dict, seed: int, dtype: str, shard_bytes: int = SHARD_BYTES) -> None:
     specs = tensor_specs(config)
-    width = _DTYPES[dtype][1]
-    sizes = [int(np.prod(s)) * width for _, s, _ in specs]
+    sizes = [int(np.prod(s)) * _stored(kind, dtype)[1] for _, s, kind in specs]
     total = sum(sizes)
     if total <= shard_bytes:
         _write_safetensors(out_dir / "model.safetensors", specs, seed, dtype)

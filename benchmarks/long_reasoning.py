@@ -7,7 +7,8 @@
     python benchmarks/long_reasoning.py --from-json benchmarks/long_reasoning.json --results benchmarks/RESULTS.md
 
 Runners (prepared and cached by suite.py's machinery): edgert int4 (its default KV cache: int8
-since 2026-12-02, fp16 before), edgert int4 with an fp16 cache and with an fp32 cache, onnxruntime-genai int4, llama.cpp Q4_0 with its default f16
+since 2026-12-02, fp16 before; on onnxruntime >= 1.27 in GroupQueryAttention, the kv8gqa graph),
+the same artifact's standard-op int8 attention (onnxruntime 1.22's graph), edgert int4 with an fp16 cache and with an fp32 cache, onnxruntime-genai int4, llama.cpp Q4_0 with its default f16
 cache and with a q8_0 cache (flash attention on). For each position P a fresh process per
 runner prefills P prompt tokens and times 32 greedy decode steps (decode tok/s at ~P); then
 each runner generates --mean-tokens tokens after a 128-token prompt (the mean over a long
@@ -45,6 +46,15 @@ def prepare(shape: str, work: Path, skip: list[str]) -> list[suite.Prepared]:
         out.append(p)
 
     add(BASE, lambda: suite._edgert(src, work, shape, 4))
+
+    def edgert_ops():           # the same artifact, the graph whose int8 cache is standard ops (onnxruntime 1.22's)
+        p = suite._edgert(src, work, shape, 4)
+        graphs = json.loads((Path(p.path) / "edgert.json").read_text())["graphs"]
+        if not any(n.endswith("kv8gqa") for n in graphs):
+            raise RuntimeError("the default export has no kv8gqa twin: its default graph is this one")
+        p.options = {"strategy": next(n for n in ("fused", "qmoe+fused", "default", "qmoe", "plain") if n in graphs)}
+        return p
+    add(OPS, edgert_ops)
 
     def edgert_kv(kv):          # round-to-nearest int4: the same bytes and speed as GPTQ's, a fraction of the export time
         art = work / "edgert" / f"{shape}-int4-rtn-kv{kv[-2:].lstrip('t')}"
@@ -93,6 +103,7 @@ def measure(runners, positions, mean_tokens, repeat, threads) -> dict:
 
 
 BASE = "edgert int4 (default: int8 KV)"
+OPS = "edgert int4 (int8 KV, standard-op attention)"
 
 
 def base_of(res: dict) -> str:

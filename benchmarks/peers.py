@@ -60,7 +60,7 @@ from pathlib import Path
 # common
 # --------------------------------------------------------------------------
 
-LLAMA_QTYPES = ("Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "BF16", "F16", "F32")
+LLAMA_QTYPES = ("Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "MXFP4_MOE", "BF16", "F16", "F32")
 
 
 def timing(n_prompt: int, n_decode: int, t0: float, t1: float, t2: float) -> dict:
@@ -414,6 +414,8 @@ def prepare_llamacpp(hf_dir, work_dir, qtype: str = "Q4_0", outtype: str = "bf16
         tmp = base.with_suffix(".tmp")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_convert-gguf", str(conv),
                str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+        if json.loads((Path(hf_dir) / "config.json").read_text()).get("model_type", "").startswith("qwen3_5"):
+            cmd.append("--no-mtp")      # a text-only Qwen3.5 checkpoint has no multi-token-prediction head
         dt = _run_logged(cmd, work_dir / f"llamacpp-{outtype}.log", "convert_hf_to_gguf.py")
         tmp.rename(base)
         base_meta = {"key": base_key, "convert_s": round(dt, 1), "command": " ".join(cmd), "bytes": _dir_size(base)}
@@ -521,6 +523,7 @@ def _quantize_main(argv: list[str]) -> int:
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
     p.nthread = nthread
+    p.allow_requantize = True       # gpt-oss's MXFP4 experts (kept as MXFP4 by the converter) into Q4_0 etc.
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
     if rc != 0:
         print(f"RuntimeError: llama_model_quantize returned {rc}", file=sys.stderr)

@@ -70,28 +70,35 @@ def checkpoint(shape: str, work: Path) -> Path:
 
 
 def export_edgert(src: Path, out: Path, bits: int = 4, embed_bits: int = 8, block_size: int = 32,
-                  kv_cache: str | None = None) -> tuple[Path, float]:
+                  kv_cache: str | None = None, recipe: str | None = None) -> tuple[Path, float]:
     """Export once (cached); returns the artifact and the export's wall time."""
     from edgert_export import export as do_export
     # cached per exporter source, options and checkpoint: a changed exporter exports again
     sources = sorted((ROOT / "export").rglob("*.py"))
-    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + repr((bits, embed_bits, block_size, kv_cache)).encode()
+    options = (bits, embed_bits, block_size, kv_cache) + ((recipe,) if recipe else ())
+    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + repr(options).encode()
                            + (src / "config.json").read_bytes()).hexdigest()
     if not (out / "edgert.json").is_file() or not (out / "export_stamp").is_file() \
             or (out / "export_stamp").read_text() != stamp:
         t0 = time.time()
         do_export(src, out, bits=bits, force=True, progress=False, embed_bits=embed_bits, block_size=block_size,
-                  kv_cache=kv_cache)
+                  kv_cache=kv_cache, **({"recipe": recipe} if recipe else {}))
         (out / "export_seconds").write_text(str(time.time() - t0))
         (out / "export_stamp").write_text(stamp)
     return out, float((out / "export_seconds").read_text()) if (out / "export_seconds").is_file() else 0.0
 
 
+# Above this many parameters the int4 export rounds to nearest instead of GPTQ: the same bytes and decode
+# speed (random weights have no quality to keep) without GPTQ's calibration pass over a multi-GB model
+RTN_ABOVE = 4_000_000_000
+
+
 def _edgert(src, work, shape, bits):
-    art, secs = export_edgert(src, work / "edgert" / f"{shape}-int{bits}", bits=bits)
+    rtn = bits == 4 and checkpoints.param_count(_config(src)) > RTN_ABOVE
+    art, secs = export_edgert(src, work / "edgert" / f"{shape}-int{bits}", bits=bits, recipe="rtn" if rtn else None)
     return Prepared("", "edgert", str(art), disk_bytes=peers._dir_size(art),
                     bytes_per_token=weight_bytes.onnx_bytes_per_token(art, _expert_share(src)),
-                    notes=f"export {secs:.0f} s")
+                    notes=f"export {secs:.0f} s" + (" (round-to-nearest int4)" if rtn else ""))
 
 
 def _genai(src, work, shape, precision):
@@ -102,6 +109,8 @@ def _genai(src, work, shape, precision):
 
 
 def _llamacpp(src, work, shape, qtype):
+    if qtype == "MXFP4_MOE" and _config(src).get("quantization_config", {}).get("quant_method") != "mxfp4":
+        return None     # llama.cpp's own gpt-oss form: the checkpoint's MXFP4 experts kept, the rest Q8_0
     r = peers.prepare_llamacpp(src, work / "peers" / shape, qtype=qtype, src_dir=work)
     r.close()
     gguf = work / "peers" / shape / f"llamacpp-{qtype}.gguf"
@@ -150,7 +159,7 @@ def _expert_share(src: Path) -> float:
 RUNNERS = [(BASELINE, _edgert, 4), ("edgert int8", _edgert, 8),
            ("onnxruntime-genai int4", _genai, "int4"), ("onnxruntime-genai int8", _genai, "int8"),
            ("llama.cpp Q4_0", _llamacpp, "Q4_0"), ("llama.cpp Q4_K_M", _llamacpp, "Q4_K_M"),
-           ("llama.cpp Q8_0", _llamacpp, "Q8_0"),
+           ("llama.cpp Q8_0", _llamacpp, "Q8_0"), ("llama.cpp MXFP4_MOE", _llamacpp, "MXFP4_MOE"),
            ("optimum-onnx fp32", _optimum, "fp32"), ("optimum-onnx int8 dynamic", _optimum, "int8"),
            ("transformers fp32", _transformers, None)]
 
@@ -164,6 +173,8 @@ def prepare_all(shape: str, work: Path, wanted) -> tuple[Path, list[Prepared]]:
         t0 = time.perf_counter()
         try:
             p = fn(src, work, shape, arg)
+            if p is None:       # a runner for other checkpoints only
+                continue
             p.name = label
         except (RuntimeError, ValueError, OSError) as e:
             p = Prepared(label, refused=str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__)

@@ -86,7 +86,8 @@ def memory_bandwidth(threads: int, seconds: float = 1.0, size: int = 512 * 2**20
 
 # ---- what a decode step reads ---------------------------------------------------------------
 
-def decode_bytes_per_token(manifest: dict, config: dict, data_bytes: int, position: float) -> float:
+def decode_bytes_per_token(manifest: dict, config: dict, data_bytes: int, position: float,
+                           graph: str | None = None) -> float:
     """Bytes one decode step reads: the data file minus what a single token does not touch (the
     embedding table but one row, unless a tied lm_head reads all of it; the idle experts; the
     rotary tables but one row), plus the KV cache up to `position` and a hybrid model's recurrent state."""
@@ -98,7 +99,7 @@ def decode_bytes_per_token(manifest: dict, config: dict, data_bytes: int, positi
     unread += m.get("idle_expert_parameters", 0) * bytes_per_weight(q["mlp"], bs)
     el = 2 if q.get("kv_cache") == "fp16" else 4       # the rotary tables: fp16 with an fp16 cache, else fp32
     unread += 2 * el * (manifest["context_length"] - 1) * hd // 2
-    kv = kv_bytes(manifest, 1) * position
+    kv = kv_bytes(manifest, 1, graph) * position
     state = 4 * state_bytes(manifest)       # hybrid models: the step reads and writes the state, the copy back again
     return data_bytes - unread + kv + state
 
@@ -173,7 +174,7 @@ def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3,
     m = model.manifest
     config = read_json(path, "config.json")
     data_bytes = (path / "model.onnx.data").stat().st_size
-    per_token = decode_bytes_per_token(m, config, data_bytes, prompt_tokens + gen_tokens / 2)
+    per_token = decode_bytes_per_token(m, config, data_bytes, prompt_tokens + gen_tokens / 2, model.strategy)
     result = {
         "artifact": str(path), "architecture": m["architecture"], "parameters": m["model"]["parameters"],
         "active_parameters_per_token": experts["active_parameters_per_token"], "quantization": m["quantization"],

@@ -108,7 +108,7 @@ def run(
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: the fast physical cores]."),
     think_budget: Optional[int] = typer.Option(None, min=0, help="Close the <think> reasoning after N tokens and answer."),
     system: Optional[str] = typer.Option(None, help="System message for the chat template."),
-    moe_strategy: Optional[str] = typer.Option(None, help="Which graph of the artifact: qmoe or plain (MoE), fused or default (hybrid models; fused needs onnxruntime >= 1.25) [default: the fastest for this onnxruntime]."),
+    moe_strategy: Optional[str] = typer.Option(None, help="Which graph of the artifact: qmoe or plain (MoE), fused or default (hybrid models; fused needs onnxruntime >= 1.25); each with a +kv8gqa twin in int8-cache artifacts (onnxruntime >= 1.27) [default: the fastest for this onnxruntime]."),
     stats: bool = typer.Option(False, "--stats", help="Report active parameters per token and per-layer expert usage."),
     max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
     votes: int = typer.Option(1, min=1, max=64, help="Self-consistency: sample N answers together (one batched forward "
@@ -213,7 +213,7 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     context: Optional[int] = typer.Option(None, min=1, help="KV cache size in tokens, the conversation's memory [default: min(model, 4096)]."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: the fast physical cores]."),
-    moe_strategy: Optional[str] = typer.Option(None, help="Which graph of the artifact: qmoe or plain (MoE), fused or default (hybrid models; fused needs onnxruntime >= 1.25) [default: the fastest for this onnxruntime]."),
+    moe_strategy: Optional[str] = typer.Option(None, help="Which graph of the artifact: qmoe or plain (MoE), fused or default (hybrid models; fused needs onnxruntime >= 1.25); each with a +kv8gqa twin in int8-cache artifacts (onnxruntime >= 1.27) [default: the fastest for this onnxruntime]."),
     max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
 ):
     """Talk with a model in the terminal, turn after turn. The history stays in the KV cache: each turn
@@ -367,7 +367,7 @@ def bench(
     json_out: Optional[str] = typer.Option(None, "--json", metavar="[FILE]",
                                            help="Print one JSON object instead of the table; with FILE, print the table "
                                                 "and write the JSON there."),
-    moe_strategy: Optional[str] = typer.Option(None, help="Which graph of the artifact: qmoe or plain (MoE), fused or default (hybrid models; fused needs onnxruntime >= 1.25) (default: the fastest this onnxruntime has)."),
+    moe_strategy: Optional[str] = typer.Option(None, help="Which graph of the artifact: qmoe or plain (MoE), fused or default (hybrid models; fused needs onnxruntime >= 1.25); each with a +kv8gqa twin in int8-cache artifacts (onnxruntime >= 1.27) (default: the fastest this onnxruntime has)."),
     max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
     batch: int = typer.Option(1, min=1, max=64, help="Also measure N sequences decoded together (one forward per step): "
                               "aggregate tok/s and its ratio to one sequence."),

@@ -154,16 +154,19 @@ def weight_bytes(manifest: dict) -> int:
     return sum(info["bytes"] for name, info in manifest.get("files", {}).items() if name.endswith(".data"))
 
 
-def kv_bytes(manifest: dict, context: int) -> int:
+def kv_bytes(manifest: dict, context: int, graph: str | None = None) -> int:
     m = manifest["model"]
     layers = len(m["attention_layers"]) if "attention_layers" in m else m["layers"]    # hybrid models: attention layers only
-    return int(layers * 2 * m["kv_heads"] * context * m["head_dim"] * kv_element_bytes(manifest))
+    return int(layers * 2 * m["kv_heads"] * context * m["head_dim"] * kv_element_bytes(manifest, graph))
 
 
-def kv_element_bytes(manifest: dict) -> float:
-    """Bytes per cached key or value element: 2 for an fp16 cache, 1 + 4 / head_dim for int8 (a
-    code, and an fp32 scale per row and head), 4 for fp32 (older artifacts)."""
+def kv_element_bytes(manifest: dict, graph: str | None = None) -> float:
+    """Bytes per cached key or value element: 2 for an fp16 cache, 4 for fp32 (older artifacts);
+    int8: 1 in GroupQueryAttention's own cache (the graph named `...kv8gqa`: its scales are constants
+    of the graph), else 1 + 4 / head_dim (a code, and an fp32 scale per row and head)."""
     kind = manifest.get("quantization", {}).get("kv_cache")
+    if kind == "int8" and graph and graph.endswith("kv8gqa"):
+        return 1
     return {"fp16": 2, "int8": 1 + 4 / manifest["model"]["head_dim"]}.get(kind, 4)
 
 
@@ -194,16 +197,17 @@ class Need:
                 f"+ runtime {self.runtime / MB:.0f})")
 
 
-def memory_need(manifest: dict, context: int, sequences: int = 1) -> Need:
-    return Need(int(weight_bytes(manifest) * WEIGHT_FACTOR), kv_bytes(manifest, context), RUNTIME_BYTES,
+def memory_need(manifest: dict, context: int, sequences: int = 1, graph: str | None = None) -> Need:
+    return Need(int(weight_bytes(manifest) * WEIGHT_FACTOR), kv_bytes(manifest, context, graph), RUNTIME_BYTES,
                 state_bytes(manifest) * STATE_COPIES * sequences)
 
 
 def check_fit(path: Path, manifest: dict, context: int, max_memory: int | str | None = None,
-              root: Path = Path("/"), sequences: int = 1) -> Need:
+              root: Path = Path("/"), sequences: int = 1, graph: str | None = None) -> Need:
     """Refuse, before anything is loaded, an artifact + KV cache that the memory budget cannot hold.
-    max_memory: bytes or a size such as "2G" (a fixed budget), "off" (no check), None (what is available)."""
-    need = memory_need(manifest, context, sequences)
+    max_memory: bytes or a size such as "2G" (a fixed budget), "off" (no check), None (what is available).
+    graph: the graph variant that will run (its KV cache layout)."""
+    need = memory_need(manifest, context, sequences, graph)
     if isinstance(max_memory, str) and max_memory.strip().lower() == "off":
         return need
     if max_memory is not None:
@@ -215,7 +219,7 @@ def check_fit(path: Path, manifest: dict, context: int, max_memory: int | str | 
         budget, where = found
     if need.total <= budget:
         return need
-    per_token = kv_bytes(manifest, 1)
+    per_token = kv_bytes(manifest, 1, graph)
     fits = (budget - need.weights - need.runtime - need.state) // per_token // CONTEXT_STEP * CONTEXT_STEP
     if fits >= CONTEXT_STEP:
         advice = f"--context {fits} fits"

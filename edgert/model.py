@@ -124,7 +124,6 @@ class Model:
         self.context = context or min(max_ctx, DEFAULT_CONTEXT)
         if not 1 <= self.context <= max_ctx:
             raise ArtifactError(f"--context must be between 1 and {max_ctx} (the context this artifact was exported for), not {self.context}")
-        self.memory_need = check_fit(self.path, self.manifest, self.context * slots, max_memory, sequences=slots)
         self.threads = check_threads(threads) or default_threads()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
@@ -133,6 +132,8 @@ class Model:
         opts.log_severity_level = 3
         graphs = self.manifest.get("graphs", {"default": "model.onnx"})
         self.strategy = choose_graph(graphs, strategy, uses_int8_matmul(self.manifest))
+        self.memory_need = check_fit(self.path, self.manifest, self.context * slots, max_memory, sequences=slots,
+                                     graph=self.strategy)
         try:
             with weights_held_once(self.path):
                 self.session = ort.InferenceSession(str(self.path / graphs[self.strategy]), opts,

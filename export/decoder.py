@@ -396,12 +396,11 @@ class Decoder:
 
     def kv_scales(self, g: Graph, i: int, kv_heads: int) -> tuple[str, str] | None:
         """Layer i's int8 cache scales for GroupQueryAttention, [1, kv_heads, 1, head_dim] each, from
-        the calibration's largest keys and values (`calibrate._Probe._kv_ranges`; None without calibration, or
-        for a hybrid model). A key channel's scale covers its rotary pair's norm, which no rotation
-        changes: a position the calibration never reached cannot leave the range."""
+        the calibration's largest keys and values (`calibrate._Probe._kv_ranges`; None without calibration).
+        A key channel's scale covers its rotary pair's norm, which no rotation changes: a position the
+        calibration never reached cannot leave the range."""
         ranges = getattr(getattr(g.quantizer, "stats", None), "kv_ranges", None)
-        if not ranges or f"past_key_values.{i}.key" not in ranges or \
-                not all(self.is_attention(j) for j in range(self.n_layers)):
+        if not ranges or f"past_key_values.{i}.key" not in ranges:
             return None
         key, value = (ranges[f"past_key_values.{i}.{n}"] for n in ("key", "value"))
         return tuple(g.const(f"layers.{i}.attn.{n}_scale", (np.maximum(x, 1e-6) * KV_HEADROOM / 127)

@@ -186,7 +186,10 @@ class Graph:
                 graphs[f"{e}+nibbles" if e else "nibbles"] = frozenset(base | {"nibbles"} | ops)
         if fused:       # the contrib ops need onnxruntime >= 1.25, which has QMoE and the int8 kernel everywhere
             e = "qmoe" if "qmoe" in experts else experts[0]         # (plain: an unquantized MoE has no QMoE graph)
-            graphs["qmoe+fused" if e == "qmoe" else "fused"] = frozenset(({e} - {None}) | {"fused", "int8"} | ops)
+            name, base = "qmoe+fused" if e == "qmoe" else "fused", ({e} - {None}) | {"fused", "int8"}
+            graphs[name] = frozenset(base | ops)
+            if twin:
+                graphs[f"{name}+kv8gqa"] = frozenset(base | {"kv8gqa"})
         return graphs
 
     def save(self, path: Path, producer: str, tags: frozenset = frozenset()) -> None:

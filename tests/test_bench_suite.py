@@ -117,3 +117,40 @@ def test_lfm2_checkpoint_shape_is_transformers_own():
     want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}     # tied
     assert {name: shape for name, shape, _ in checkpoints.tensor_specs(config)} == want
     assert checkpoints.param_count(config) == 1_170_340_608
+
+
+def test_gpt_oss_checkpoint_is_the_hubs_mxfp4_layout(tmp_path, monkeypatch):
+    """The gpt-oss benchmark checkpoint stores its experts as the hub does (MXFP4 blocks + exponents,
+    which onnxruntime-genai's builder requires): transformers loads a small one with nothing missing or
+    left over, counts the parameters checkpoints.py counts, and gives finite logits; edgert exports it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = {**checkpoints.SHAPES["gpt-oss-20b-8x"].config, "hidden_size": 64, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+              "num_local_experts": 4, "num_experts_per_tok": 2, "experts_per_token": 2, "vocab_size": 2048,
+              "layer_types": ["sliding_attention", "full_attention"], "max_position_embeddings": 4096}
+    monkeypatch.setitem(checkpoints.SHAPES, "gpt-oss-tiny", checkpoints.Shape("gpt-oss-tiny", config))
+    src = checkpoints.make_checkpoint("gpt-oss-tiny", tmp_path / "ckpt")
+    from safetensors import safe_open
+    with safe_open(str(src / "model.safetensors"), "np") as f:
+        names = set(f.keys())
+    assert {n for n in names if "experts" in n} >= {"model.layers.0.mlp.experts.gate_up_proj_blocks",
+                                                    "model.layers.0.mlp.experts.down_proj_scales"}
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(src, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert sum(p.numel() for p in model.parameters()) == checkpoints.param_count(config)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    from edgert_export import export
+    export(src, tmp_path / "art", bits=4, recipe="rtn", progress=False)
+    assert json.loads((tmp_path / "art" / "edgert.json").read_text())["model"]["parameters"] == checkpoints.param_count(config)
+
+
+def test_llamacpp_mxfp4_runner_only_for_mxfp4_checkpoints(tmp_path, monkeypatch):
+    """llama.cpp's own gpt-oss form (MXFP4 experts kept) is a runner only where the checkpoint holds
+    MXFP4 experts; for any other checkpoint prepare_all leaves it out instead of listing a refusal."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    assert suite._llamacpp(tmp_path, tmp_path, "x", "MXFP4_MOE") is None
+    monkeypatch.setattr(suite, "checkpoint", lambda shape, work: tmp_path)
+    labels = [p.name for p in suite.prepare_all("x", tmp_path, lambda label: label == "llama.cpp MXFP4_MOE")[1]]
+    assert labels == []

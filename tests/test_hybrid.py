@@ -242,6 +242,37 @@ def test_two_turn_chat_reuses_the_turn_boundary(case, exported):
     assert got[:len(want)] == want
 
 
+def test_int8_cache_in_groupqueryattention_beside_the_state(case, exported):
+    """The int8 KV cache in GroupQueryAttention (onnxruntime >= 1.27, the twin the runtime picks)
+    against the same weights with an fp32 cache; a prompt fed at once, in pieces and
+    token by token (cache rows and recurrent state carried together) gives the same logits; rows of
+    different lengths in one batch as each alone."""
+    from edgert.model import KV8GQA_SINCE, ort_version
+    if ort_version() < KV8GQA_SINCE:
+        pytest.skip("GroupQueryAttention's int8 cache needs onnxruntime >= 1.27")
+    src, _ = case
+    art = exported(src, 4, kv_cache="int8")
+    model = Model(art, context=512, threads=1)
+    assert model.strategy == "fused+kv8gqa" and all(c.dtype == np.int8 for c in model.cache)
+    ref = Model(exported(src, 4, kv_cache="fp32"), context=512, threads=1, strategy="fused")
+    prompt = PROMPTS[300]
+    got, want = model.forward(prompt, num_logits=len(prompt)), ref.forward(prompt, num_logits=len(prompt))
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert 1e-6 < rel < 0.02, rel
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+    model.reset()
+    pieces = np.concatenate([model.forward(prompt[:100], num_logits=100), model.forward(prompt[100:107], num_logits=7)]
+                            + [model.forward([t]) for t in prompt[107:120]])
+    assert np.abs(pieces - got[:120]).max() < 1e-4
+    batch = Model(art, context=64, threads=1, slots=3)
+    seq = np.array(prompt[:12], np.int64)
+    for slot, n in enumerate((9, 4, 11)):
+        batch.run(slot, seq[None, :n], np.array([0]))
+    rows = batch.run(0, seq[None, [9, 4, 11]].T, np.array([9, 4, 11]))
+    for r, n in enumerate((9, 4, 11)):
+        assert np.abs(rows[r, -1] - got[n]).max() < 1e-4
+
+
 @pytest.mark.skipif(not __import__("os").environ.get("EDGERT_ORT_PYTHON"),
                     reason="set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
 def test_old_onnxruntime_gives_identical_tokens(case, exported):
@@ -250,12 +281,15 @@ def test_old_onnxruntime_gives_identical_tokens(case, exported):
     import os
     from test_onnxruntime_versions import same_choices
     src, _ = case
-    from edgert.model import FUSED_SINCE, ort_version
+    from edgert.artifact import read_manifest
+    from edgert.model import FUSED_SINCE, KV8GQA_SINCE, ort_version
     jobs = [(str(exported(src, bits)), PROMPTS[7]) for bits in (32, 4)]
     old, new = same_choices(os.environ["EDGERT_ORT_PYTHON"], jobs, exact=[True, False])
     assert old["version"].startswith("1.22") and set(old["strategies"]) == {"default"}, old
     if ort_version() >= FUSED_SINCE:      # so the standard-op graph on 1.22 against the contrib-op one here
-        assert set(new["strategies"]) == {"fused"}, new["strategies"]
+        int8 = read_manifest(exported(src, 4))["quantization"]["kv_cache"] == "int8"   # (qwen3_5's 32-wide heads)
+        gqa = "fused+kv8gqa" if int8 and ort_version() >= KV8GQA_SINCE else "fused"  # and its int8 cache in GQA
+        assert new["strategies"] == ["fused", gqa], new["strategies"]
 
 
 # ---- the MoE variants: the same recurrent layers, sparse experts from export/moe.py -------------
@@ -308,18 +342,28 @@ def test_each_graph_kind_holds_its_ops_and_the_newest_onnxruntime_picks_fused(ca
     from edgert import model as model_module
     from edgert.artifact import ArtifactError, read_manifest
     src, ref = case
-    art = exported(src, 4)
+    art = exported(src, 4, kv_cache="int8")
     graphs = read_manifest(art)["graphs"]
-    assert {"default", "fused"} <= set(graphs) <= {"default", "fused", "nibbles"}     # (nibbles: ARM's 1.22)
+    # each with its twin on GroupQueryAttention's int8 cache (nibbles: ARM's 1.22)
+    assert {"default", "fused", "kv8gqa", "fused+kv8gqa"} <= set(graphs) <= \
+        {"default", "fused", "nibbles", "kv8gqa", "fused+kv8gqa"}
     ops = {kind: [n.op_type for n in onnx.load(str(art / graphs[kind]), load_external_data=False).graph.node]
            for kind in graphs}
     convs = sum(k == "conv" or k == "linear_attention" for k in ref.config.layer_types)
-    assert ops["fused"].count("CausalConvWithState") == convs and "Scan" not in str(ops["fused"])
-    for kind in set(graphs) - {"fused"}:
+    attends = len(ref.config.layer_types) - convs
+    for kind in ("fused", "fused+kv8gqa"):
+        assert ops[kind].count("CausalConvWithState") == convs and "Scan" not in str(ops[kind])
+        assert ops[kind].count("LinearAttention") == (convs if ref.config.model_type.startswith("qwen3_5") else 0)
+    for kind in set(graphs) - {"fused", "fused+kv8gqa"}:
         assert "CausalConvWithState" not in ops[kind] and "LinearAttention" not in ops[kind]
-    assert ops["fused"].count("LinearAttention") == (convs if ref.config.model_type.startswith("qwen3_5") else 0)
-    if model_module.ort_version() >= model_module.FUSED_SINCE:
+    for kind in graphs:     # the int8 cache in GroupQueryAttention only in the twins, standard ops elsewhere
+        assert ops[kind].count("GroupQueryAttention") == (attends if kind.endswith("kv8gqa") else 0), kind
+    if model_module.ort_version() >= model_module.KV8GQA_SINCE:
+        assert Model(art, context=64, threads=1).strategy == "fused+kv8gqa"
+    elif model_module.ort_version() >= model_module.FUSED_SINCE:
         assert Model(art, context=64, threads=1).strategy == "fused"
+    monkeypatch.setattr(model_module, "ort_version", lambda: (1, 26))
+    assert model_module.choose_graph(graphs, None) == "fused"
     monkeypatch.setattr(model_module, "ort_version", lambda: (1, 22))
     assert model_module.choose_graph(graphs, None) == "default"
     with pytest.raises(ArtifactError, match=r"needs onnxruntime >= 1.25 \(this is .*\); use default"):

@@ -217,8 +217,12 @@ def test_int8_cache_in_groupqueryattention_answers_like_the_fp32_cache(exported)
     if ort_version() < KV8GQA_SINCE:
         pytest.skip("GroupQueryAttention's int8 cache needs onnxruntime >= 1.27")
     art, full = exported(QWEN2, bits=4), exported(QWEN2, bits=4, kv_cache="fp32")
+    from edgert.device import kv_bytes
     model, ref = Model(art, context=256), Model(full, context=256)
     assert model.strategy == "kv8gqa" and all(c.dtype == np.int8 for c in model.cache)
+    # the memory check and bench's roofline count what this graph's cache holds: codes, no scales
+    assert kv_bytes(model.manifest, 256, model.strategy) == sum(c.nbytes for c in model.cache) < kv_bytes(model.manifest, 256)
+    assert model.memory_need.kv == sum(c.nbytes for c in model.cache)
     ids = edgert.load(art, context=256).tokenizer.encode(" ".join(p.prompt for p in task.held_out_problems()[:6]))
     got, want = model.forward(ids, num_logits=len(ids)), ref.forward(ids, num_logits=len(ids))
     err = np.abs(got - want).max() / np.abs(want).max()
