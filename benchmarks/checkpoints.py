@@ -364,17 +364,19 @@ def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     return specs
 
 
+# Parameters per stored element, where not one: an MXFP4 byte holds two, its exponents are none
+_PARAMS_PER_ELEMENT = {"mxfp4_blocks": 2, "mxfp4_scales": 0}
+
+
 def param_count(config: dict) -> int:
-    """Parameters, not stored elements: an MXFP4 byte holds two, its exponents are none."""
-    per = {"mxfp4_blocks": 2, "mxfp4_scales": 0}
-    return sum(int(np.prod(s)) * per.get(kind, 1) for _, s, kind in tensor_specs(config))
+    return sum(int(np.prod(s)) * _PARAMS_PER_ELEMENT.get(kind, 1) for _, s, kind in tensor_specs(config))
 
 
 def active_param_count(config: dict) -> int:
     """Parameters touched per token (MoE: router + top-k experts only)."""
     total = 0
     for name, s, kind in tensor_specs(config):
-        n = int(np.prod(s)) * {"mxfp4_blocks": 2, "mxfp4_scales": 0}.get(kind, 1)
+        n = int(np.prod(s)) * _PARAMS_PER_ELEMENT.get(kind, 1)
         if ".mlp.experts." in name:
             n = n * config["num_experts_per_tok"] // (config.get("num_experts") or config["num_local_experts"])
         total += n

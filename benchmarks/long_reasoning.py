@@ -48,11 +48,12 @@ def prepare(shape: str, work: Path, skip: list[str]) -> list[suite.Prepared]:
     add(BASE, lambda: suite._edgert(src, work, shape, 4))
 
     def edgert_ops():           # the same artifact, the graph whose int8 cache is standard ops (onnxruntime 1.22's)
+        from edgert.model import choose_graph
         p = suite._edgert(src, work, shape, 4)
-        graphs = json.loads((Path(p.path) / "edgert.json").read_text())["graphs"]
-        if not any(n.endswith("kv8gqa") for n in graphs):
-            raise RuntimeError("the default export has no kv8gqa twin: its default graph is this one")
-        p.options = {"strategy": next(n for n in ("fused", "qmoe+fused", "default", "qmoe", "plain") if n in graphs)}
+        twin = choose_graph(json.loads((Path(p.path) / "edgert.json").read_text())["graphs"], None)
+        if not twin.endswith("kv8gqa"):
+            raise RuntimeError(f"this onnxruntime runs no kv8gqa twin of the default export: {twin} is already this graph")
+        p.options = {"strategy": "default" if twin == "kv8gqa" else twin[:-len("+kv8gqa")]}
         return p
     add(OPS, edgert_ops)
 

@@ -176,20 +176,20 @@ class Graph:
         ops = {"kv8ops"} if twin else set()     # what every other graph holds
         fused = "fused" in used                  # a hybrid model's recurrent blocks, built both ways (`either`)
         graphs = {}
+
+        def add(name: str, tags: set) -> None:     # a graph, and its twin on GroupQueryAttention's int8 cache
+            graphs[name] = frozenset(tags | ops)
+            if twin:    # onnxruntime >= 1.27 has the 8-bit MatMulNBits kernel everywhere: the twin has no nibble one
+                graphs["kv8gqa" if name == "default" else f"{name}+kv8gqa"] = frozenset(tags | {"kv8gqa"})
         for e in experts:
             base = ({e, "scan"} if fused else {e}) - {None}
-            graphs[e or "default"] = frozenset(base | {"int8"} | ops)
-            if twin:        # onnxruntime >= 1.27 has the 8-bit MatMulNBits kernel everywhere: no nibble twin
-                graphs[f"{e}+kv8gqa" if e else "kv8gqa"] = frozenset(base | {"int8", "kv8gqa"})
+            add(e or "default", base | {"int8"})
             # QMoE needs onnxruntime >= 1.23, whose ARM builds have the int8 kernel: no nibble twin
             if "nibbles" in used and e != "qmoe" and not self.int8_in_branches:
                 graphs[f"{e}+nibbles" if e else "nibbles"] = frozenset(base | {"nibbles"} | ops)
         if fused:       # the contrib ops need onnxruntime >= 1.25, which has QMoE and the int8 kernel everywhere
             e = "qmoe" if "qmoe" in experts else experts[0]         # (plain: an unquantized MoE has no QMoE graph)
-            name, base = "qmoe+fused" if e == "qmoe" else "fused", ({e} - {None}) | {"fused", "int8"}
-            graphs[name] = frozenset(base | ops)
-            if twin:
-                graphs[f"{name}+kv8gqa"] = frozenset(base | {"kv8gqa"})
+            add("qmoe+fused" if e == "qmoe" else "fused", ({e} - {None}) | {"fused", "int8"})
         return graphs
 
     def save(self, path: Path, producer: str, tags: frozenset = frozenset()) -> None:
