@@ -69,7 +69,7 @@ def checkpoint(shape: str, work: Path) -> Path:
     return path
 
 
-def export_edgert(src: Path, out: Path, bits: int = 4, embed_bits: int = 8, block_size: int = 32,
+def export_edgert(src: Path, out: Path, bits: int = 4, embed_bits: int = 8, block_size: int | None = None,
                   kv_cache: str | None = None, recipe: str | None = None) -> tuple[Path, float]:
     """Export once (cached); returns the artifact and the export's wall time."""
     from edgert_export import export as do_export

@@ -102,6 +102,7 @@ def check_manifest(manifest, where: str = "edgert.json") -> dict:
         need_int(m, "experts_per_token", 1, experts, "model.experts_per_token")
         need_int(m, "expert_ffn", 1, 1 << 20, "model.expert_ffn", optional=True)
         need_int(m, "idle_expert_parameters", 0, params, "model.idle_expert_parameters", optional=True)
+        need_int(m, "expert_block_size", 16, 256, "model.expert_block_size", optional=True)
         moe = m.get("moe_layers", [])
         if not isinstance(moe, list) or len(moe) > layers or not all(_int(i) and 0 <= i < layers for i in moe):
             bad("model.moe_layers", f"a list of layer numbers below {layers}")

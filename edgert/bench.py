@@ -96,7 +96,7 @@ def decode_bytes_per_token(manifest: dict, config: dict, data_bytes: int, positi
     embed = vocab * hidden * bytes_per_weight(q["embed"], bs)
     shared = bool(config.get("tie_word_embeddings")) and q["embed"] == q["lm_head"] != 32
     unread = 0 if shared else embed * (1 - 1 / vocab)
-    unread += m.get("idle_expert_parameters", 0) * bytes_per_weight(q["mlp"], bs)
+    unread += m.get("idle_expert_parameters", 0) * bytes_per_weight(q["mlp"], m.get("expert_block_size", bs))
     el = 2 if q.get("kv_cache") == "fp16" else 4       # the rotary tables: fp16 with an fp16 cache, else fp32
     unread += 2 * el * (manifest["context_length"] - 1) * hd // 2
     kv = kv_bytes(manifest, 1, graph) * position

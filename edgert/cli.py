@@ -56,7 +56,7 @@ def export(
                                     "or a hub repo id ORG/NAME (downloaded, or from the local cache when offline)."),
     out: Path = typer.Option(..., "-o", "--out", help="Artifact folder to write (atomically)."),
     bits: int = typer.Option(4, help="Weight bits for attention and MLP/expert projections: 4, 8, or 32 (fp32 reference)."),
-    block_size: int = typer.Option(32, help="Quantization block size along the input dimension (16-256, power of two)."),
+    block_size: Optional[int] = typer.Option(None, help="Quantization block size along the input dimension (16-256, power of two) [default: int8 32; int4 per projection, 128 where its input width holds at least two blocks of 128, else 64 by the same rule, else 32; embeddings and lm_head 32; the optimum route 32]."),
     embed_bits: int = typer.Option(8, help="Bits for embeddings and lm_head: 8, 32, or 4 (faster decode, less faithful; ignored with --bits 32)."),
     context: Optional[int] = typer.Option(None, help="Longest context the artifact supports [default: model's, at most 32768]."),
     recipe: str = typer.Option("gptq", help="How int4 weights are chosen: gptq (calibrated, most accurate), search (block clipping search, no calibration) or rtn (plain round-to-nearest)."),
@@ -358,7 +358,7 @@ def bench(
                                             "r1-distill-qwen-1.5b, r1-distill-qwen-7b, qwen3-0.6b, olmoe-1b-7b, phi-4-mini, "
                                             "gemma-3-1b, gpt-oss-20b, lfm2.5-1.2b, qwen3.5-0.8b."),
     bits: Optional[int] = typer.Option(None, help="With --synthetic: weight bits, 4 or 8 (default 4; embeddings/lm_head "
-                                                  "int8, block 32, as export does)."),
+                                                  "int8, blocks as export chooses them)."),
     prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (synthetic tokens)."),
     gen_tokens: int = typer.Option(64, min=2, help="Tokens to generate (the first comes from prefill, the rest are decode steps)."),
     repeat: int = typer.Option(3, min=1, help="Timed rounds (after one warm-up); median, min and max are reported."),

@@ -24,7 +24,7 @@ from .decoder import UnsupportedModel
 from .graph import IR_VERSION, KV_TYPES, Graph, Recipe
 from .hub import HubError, looks_like_repo_id, resolve
 from .outdir import OutError, check_out, signals_unwind, writing
-from .quantize import DEFAULT_RECIPE, RECIPES, Quantizer, Survey, plan_budget, workers
+from .quantize import DEFAULT_RECIPE, RECIPES, TABLE_BLOCK, Quantizer, Survey, plan_budget, workers
 from .validate import text_config, validate
 
 FORMAT_VERSION = 1
@@ -97,12 +97,13 @@ def _special_tokens(src: Path, ckpt: Checkpoint) -> dict:
     return out
 
 
-def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | None = None, force: bool = False,
+def export(model_dir, out, bits: int = 4, block_size: int | None = None, context: int | None = None, force: bool = False,
            embed_bits: int = 8, progress: bool = True, recipe: str = DEFAULT_RECIPE, calib=None,
            checkpoint=None, kv_cache: str | None = None, revision: str | None = None,
            bits_per_weight: float | None = None, via: str | None = None) -> dict:
     """Export a Hugging Face folder (or a hub repo id ORG/NAME, at `revision`: see hub.py) to an
     edgert artifact folder; returns the manifest.
+    block_size: the projections' block (None: each linear's own, quantize.auto_block; the tables 32).
     recipe: how int4 codes are chosen (quantize.RECIPES); calib: "self", "built-in" or a calibration
     text file for "gptq"; bits_per_weight: a byte budget for the projections (mixed precision).
     `checkpoint` replaces the folder's weights (synthetic.py); config and tokenizer still come from the folder.
@@ -135,7 +136,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
                               "and --recipe gptq")
         if not 4.0 < bits_per_weight <= 9.0:
             raise ExportError(f"--bits-per-weight must be above 4 and at most 9 (int8 blocks of 64), not {bits_per_weight:g}")
-    if block_size not in (16, 32, 64, 128, 256):
+    if block_size is not None and block_size not in (16, 32, 64, 128, 256):
         raise ExportError(f"--block-size must be one of 16, 32, 64, 128, 256, not {block_size}")
     if checkpoint is None and looks_like_repo_id(model_dir):
         try:
@@ -153,7 +154,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
         if native_only:
             raise ExportError(f"{', '.join(native_only)}: native export only; the optimum route quantizes with "
                               f"onnxruntime's round-to-nearest MatMulNBits and keeps an fp32 KV cache")
-        return _export_optimum(src, out, bits, block_size, context, force, progress, t0)
+        return _export_optimum(src, out, bits, block_size or TABLE_BLOCK, context, force, progress, t0)
     try:
         ckpt = Checkpoint(src) if checkpoint is None else checkpoint
         validate(ckpt, tensors=checkpoint is None)     # before any graph, temporary folder or large array
@@ -171,7 +172,7 @@ def export(model_dir, out, bits: int = 4, block_size: int = 32, context: int | N
     g = None
     try:
         with signals_unwind(), writing(out, force, src) as (tmp, commit):
-            recipe = Recipe(bits=bits, block_size=block_size, embed_bits=embed_bits, method=recipe, kv_cache=kv_cache)
+            recipe = Recipe(bits=bits, block_size=block_size or 0, embed_bits=embed_bits, method=recipe, kv_cache=kv_cache)
             calibrated = recipe.method == "gptq" and bits != 32 and 4 in (bits, embed_bits)
             stats, plan = None, None
             survey = Survey if bits_per_weight is not None else None

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import onnx_proto as proto
 from .onnx_proto import TensorProto, helper, numpy_helper
-from .quantize import DEFAULT_RECIPE, Pending, Quantized, Quantizer, _pack4, quantize
+from .quantize import DEFAULT_RECIPE, TABLE_BLOCK, Pending, Quantized, Quantizer, _pack4, auto_block, quantize
 
 IR_VERSION = 10          # onnxruntime 1.22 (Termux) refuses anything newer
 OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
@@ -212,10 +212,19 @@ class Graph:
 class Recipe:
     """Which precision each class of tensor gets. 32 means fp32 (unquantized)."""
     bits: int = 4            # attention and MLP / expert projections
-    block_size: int = 32
+    block_size: int = 0      # 0: each linear's own (quantize.auto_block), the tables TABLE_BLOCK
     embed_bits: int = 8      # embeddings and lm_head: small models punish int4 here
     method: str = DEFAULT_RECIPE   # how int4 codes are chosen (quantize.RECIPES)
     kv_cache: str = "int8"   # keys and values in the cache: int8 (+ a scale per row and head), fp16 or fp32
+
+    @property
+    def table_block(self) -> int:
+        """The block of the embedding and lm_head tables."""
+        return self.block_size or TABLE_BLOCK
+
+    def block_for(self, *widths: int) -> int:
+        """The block of a linear (or of a layer's experts) with these input widths."""
+        return self.block_size or auto_block(*widths, bits=self.bits)
 
     def bits_for(self, tensor_class: str) -> int:
         if tensor_class == "router":

@@ -121,6 +121,7 @@ class ExpertWeights:
     `experts` yields (gate, up, down) or, with biases, (gate, up, down, gate_bias, up_bias, down_bias)."""
 
     def __init__(self, g: Graph, experts, hidden: int, ffn: int, bits: int, block_size: int, name: str):
+        block_size = block_size or G.auto_block(hidden, ffn, bits=bits)     # one block for fc1 and fc2 (QMoE's)
         self.hidden, self.ffn, self.bits, self.block_size, self.name = hidden, ffn, bits, block_size, name
         self.arrays, self.fp32 = {}, []
         self.qmoe_ok = bits != 32 and hidden % block_size == 0 and ffn % block_size == 0
@@ -362,5 +363,7 @@ class MoEDecoder(Decoder):
     def extra_manifest(self) -> dict:
         sparse = [i for i in range(self.n_layers) if self.is_sparse(i)]
         idle = (self.routing.experts - self.routing.top_k) * 3 * self.hidden * self.expert_ffn * len(sparse)
+        block = self.recipe.bits != 32 and self.recipe.block_for(self.hidden, self.expert_ffn)
         return {"experts": self.routing.experts, "experts_per_token": self.routing.top_k,
-                "expert_ffn": self.expert_ffn, "moe_layers": sparse, "idle_expert_parameters": idle}
+                "expert_ffn": self.expert_ffn, "moe_layers": sparse, "idle_expert_parameters": idle,
+                **({"expert_block_size": block} if block else {})}

@@ -34,7 +34,7 @@ from .quantize import Quantized, _pack4
 
 STD = 0.02              # the random checkpoints' weight scale
 PLANE_CHUNK = 4096      # rows of split int8 planes generated per step (bounds the temporaries)
-GENERATOR_VERSION = 2   # bump when the weights or the layout change: cached artifacts are rebuilt
+GENERATOR_VERSION = 3   # bump when the weights or the layout change: cached artifacts are rebuilt
 
 
 def _qwen2(**kw) -> dict:
@@ -332,9 +332,10 @@ def weight_bytes(config: dict, recipe: Recipe) -> int:
             continue
         cls = "embed" if name == "model.embed_tokens.weight" else "lm_head" if name == "lm_head.weight" else "mlp"
         if len(shape) == 3:     # stacked experts [E, in, out] (gpt-oss)
-            total += shape[0] * quantized_bytes(shape[2], shape[1], recipe.bits, recipe.block_size)
+            total += shape[0] * quantized_bytes(shape[2], shape[1], recipe.bits, recipe.block_for(shape[1]))
             continue
-        total += quantized_bytes(*shape, recipe.bits_for(cls), recipe.block_size)   # (a tied table is stored once)
+        block = recipe.block_for(shape[1]) if cls == "mlp" else recipe.table_block
+        total += quantized_bytes(*shape, recipe.bits_for(cls), block)   # (a tied table is stored once)
     context = min(m.max_positions, DEFAULT_MAX_CONTEXT)
     return total + 2 * 4 * context * m.padded_head_dim // 2      # + the rotary tables
 

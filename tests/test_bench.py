@@ -116,7 +116,7 @@ def test_builtin_shapes_have_the_real_parameter_counts():
 
 
 def test_refuses_when_memory_is_short(tmp_path):
-    with pytest.raises(SyntheticError, match=r"needs 6\.\d GiB of memory \(weights \+ KV cache \+ runtime\) but 1\.0 GiB is available") as e:
+    with pytest.raises(SyntheticError, match=r"needs 5\.\d GiB of memory \(weights \+ KV cache \+ runtime\) but 1\.0 GiB is available") as e:
         build("r1-distill-qwen-7b", 4, folder=tmp_path, available=2**30)
     assert "\n" not in str(e.value) and not list(tmp_path.iterdir())        # refused before writing anything
     with pytest.raises(SyntheticError, match="unknown shape 'nope'; built-in shapes: qwen2.5-0.5b"):

@@ -251,10 +251,11 @@ def test_int8_cache_in_groupqueryattention_beside_the_state(case, exported):
     if ort_version() < KV8GQA_SINCE:
         pytest.skip("GroupQueryAttention's int8 cache needs onnxruntime >= 1.27")
     src, _ = case
-    art = exported(src, 4, kv_cache="int8")
+    # blocks of 32, as when the 2% bound was measured (the default gives this case's 128-wide rows blocks of 64)
+    art = exported(src, 4, kv_cache="int8", block_size=32)
     model = Model(art, context=512, threads=1)
     assert model.strategy == "fused+kv8gqa" and all(c.dtype == np.int8 for c in model.cache)
-    ref = Model(exported(src, 4, kv_cache="fp32"), context=512, threads=1, strategy="fused")
+    ref = Model(exported(src, 4, kv_cache="fp32", block_size=32), context=512, threads=1, strategy="fused")
     prompt = PROMPTS[300]
     got, want = model.forward(prompt, num_logits=len(prompt)), ref.forward(prompt, num_logits=len(prompt))
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)

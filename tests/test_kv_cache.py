@@ -125,7 +125,9 @@ def test_int8_cache_is_the_same_however_it_is_fed(exported, monkeypatch, graph):
     if graph == "gqa" and ort_version() < KV8GQA_SINCE:
         pytest.skip("GroupQueryAttention's int8 cache needs onnxruntime >= 1.27")
     monkeypatch.setenv("EDGERT_KV8_GRAPH", graph)
-    art = exported(QWEN2, bits=4, kv_cache="int8")
+    # blocks of 32: there onnxruntime's one-row and many-row int4 kernels agree bitwise; at 64 and 128
+    # they differ by float rounding (~1e-7 relative), which can move an int8 code of the cache by one
+    art = exported(QWEN2, bits=4, kv_cache="int8", block_size=32)
     assert edgert.load(art, context=64).model.strategy == {"ops": "default", "gqa": "kv8gqa"}[graph]
     ids = np.array([1, 403, 407, 261, 378, 300, 17, 42, 99, 5, 6, 7, 8, 9, 10, 11], np.int64)
     model = edgert.load(art, context=64).model

@@ -6,7 +6,7 @@ top-k logits are softmaxed; experts with biases, gate/up rows interleaved and a 
 ((up + 1) * gate * sigmoid(1.702 gate), gate <= 7, |up| <= 7). The hub's checkpoints store the
 experts as MXFP4 (blocks of 32 4-bit floats sharing a power-of-two scale); they are decoded
 exactly to fp32 one expert at a time, then quantized like any other weight, except at
-`--bits 8 --block-size 32`, where int8 holds them exactly (`ExactInt8`)."""
+`--bits 8` (blocks of 32, its default), where int8 holds them exactly (`ExactInt8`)."""
 import numpy as np
 
 from ..moe import GLU, MoEDecoder, Routing
@@ -90,7 +90,7 @@ class Model(MoEDecoder):
         pre = self.layer_prefix(i) + "mlp.experts."
         rows = self.ckpt.rows
         packed = pre + "gate_up_proj_blocks" in self.ckpt
-        exact = packed and (self.recipe.bits, self.recipe.block_size) == (8, 32)
+        exact = packed and (self.recipe.bits, self.recipe.block_for(self.hidden)) == (8, 32)
         for e in range(self.routing.experts):
             if packed:      # stored as the linear's [out, in]
                 gate_up, down = ((ExactInt8.from_mxfp4 if exact else mxfp4)(
