@@ -1,7 +1,7 @@
 """Export time and peak memory for a real-shape checkpoint (goal for R1-Distill-Qwen-1.5B int4 with the
 defaults on a 2-core box: <= 120 s, <= 1.5 GB peak RSS; measured: benchmarks/export_cost.json).
 
-    python benchmarks/export_cost.py [--shape r1-distill-qwen-1.5b] [--bits 4] [--recipe NAME] [--work DIR] [--json OUT]
+    python benchmarks/export_cost.py [--shape r1-distill-qwen-1.5b] [--bits 4] [--recipe NAME] [--block-size N] [--work DIR] [--json OUT]
 
 The export runs as `edgert export` in a child process. Peak memory is the largest sum, sampled every
 50 ms, over that child and its GPTQ processes (`EDGERT_EXPORT_WORKERS`, one per core by default) of
@@ -50,6 +50,7 @@ def main(argv=None):
     ap.add_argument("--shape", default="r1-distill-qwen-1.5b")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--recipe", help="int4 recipe (edgert export --recipe) [default: the exporter's]")
+    ap.add_argument("--block-size", type=int, help="edgert export --block-size [default: the exporter's]")
     ap.add_argument("--work", type=Path, default=Path("bench-out"))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -58,7 +59,8 @@ def main(argv=None):
         checkpoints.make_checkpoint(args.shape, src)
     out = args.work / f"export-{args.shape}-int{args.bits}"
     t0 = time.time()
-    recipe = ["--recipe", args.recipe] if args.recipe else []
+    recipe = (["--recipe", args.recipe] if args.recipe else []) + (["--block-size", str(args.block_size)]
+                                                                    if args.block_size else [])
     with tempfile.TemporaryFile("w+") as log:       # (a pipe nobody reads while sampling could fill)
         child = subprocess.Popen([sys.executable, "-m", "edgert.cli", "export", str(src), "-o", str(out), "--bits",
                                   str(args.bits), "--force", *recipe], stdout=subprocess.DEVNULL, stderr=log, text=True)

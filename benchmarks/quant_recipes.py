@@ -1,7 +1,7 @@
 """Quantization recipes on trained models: perplexity over fp32 on held-out text, KL, top-1, bytes.
 
     python benchmarks/quant_recipes.py [MODEL_DIR ...] [--recipes a,b] [--llamacpp] [--plot PNG] [--json OUT]
-    python benchmarks/quant_recipes.py --frontier          # the anchor table + benchmarks/frontier.png
+    python benchmarks/quant_recipes.py --frontier          # the anchor table + benchmarks/frontier.png and .json
 
 MODEL_DIR defaults to the bundled stories260K. What is scored (text the exporter never saw):
   * story models: edgert/data/stories.txt (original children's stories, disjoint from the built-in
@@ -330,6 +330,7 @@ def main(argv=None):
         args.recipes = args.recipes or ",".join(FRONTIER_SET)
         args.llamacpp = True
         args.plot = args.plot or HERE / "frontier.png"
+        args.json = args.json or HERE / "frontier.json"
     models = args.models or [DEFAULT_MODEL]
     spec = args.recipes or ",".join(CANDIDATES)
     names = CALIB_SET if spec == "calib" else [n.strip() for n in spec.split(",") if n.strip()]
