@@ -20,6 +20,7 @@ from . import graph as G
 from .decoder import Decoder
 from .graph import Graph
 from .onnx_proto import TensorProto, helper, numpy_helper
+from .quantize import auto_block
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class ExpertWeights:
     `experts` yields (gate, up, down) or, with biases, (gate, up, down, gate_bias, up_bias, down_bias)."""
 
     def __init__(self, g: Graph, experts, hidden: int, ffn: int, bits: int, block_size: int, name: str):
-        block_size = block_size or G.auto_block(hidden, ffn, bits=bits)     # one block for fc1 and fc2 (QMoE's)
+        block_size = block_size or auto_block(hidden, ffn, bits=bits)     # one block for fc1 and fc2 (QMoE's)
         self.hidden, self.ffn, self.bits, self.block_size, self.name = hidden, ffn, bits, block_size, name
         self.arrays, self.fp32 = {}, []
         self.qmoe_ok = bits != 32 and hidden % block_size == 0 and ffn % block_size == 0
