@@ -228,6 +228,9 @@ def test_gptq_pool_gives_the_same_artifact(monkeypatch, tmp_path):
     started = []
     real = qz.GptqPool.__init__
     monkeypatch.setattr(qz.GptqPool, "__init__", lambda self, n: (started.append(n), real(self, n))[1])
+    blocks = []                                           # the shared memory block of every chunk
+    shared = qz._shared
+    monkeypatch.setattr(qz, "_shared", lambda rows, free: (lambda r: (blocks.append(r[1][0]), r)[1])(shared(rows, free)))
     files = {}
     for n in ("1", "2"):
         monkeypatch.setenv("EDGERT_EXPORT_WORKERS", n)
@@ -235,6 +238,12 @@ def test_gptq_pool_gives_the_same_artifact(monkeypatch, tmp_path):
         files[n] = {f: (tmp_path / n / f).read_bytes() for f in ("model.onnx", "model.onnx.data")}
     assert started == [2]
     assert files["1"] == files["2"]
+    # blocks are reused across chunks and linears (larger ones holding smaller chunks), and none is left behind
+    assert len(blocks) > 20 and len(set(blocks)) <= len(blocks) // 4
+    from multiprocessing import shared_memory
+    for name in set(blocks):
+        with pytest.raises(FileNotFoundError):
+            shared_memory.SharedMemory(name=name)
 
 
 def test_a_gptq_process_that_dies_is_one_clear_error():
@@ -334,6 +343,10 @@ def test_hessian_factor_is_the_cholesky_factor_of_the_inverse():
         assert dead.tolist() == [i == 3 for i in range(n)]
         assert np.array_equal(u, np.triu(u)) and np.allclose(imp, np.diag(ref))
         assert np.allclose(u, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+        # in float32, as Stats.factor computes it: the same order and factor to float32's precision
+        u32, imp32, dead32, order32 = _hessian_factor(h.astype(np.float32), n)
+        assert order32.tolist() == order.tolist() and dead32.tolist() == dead.tolist()
+        assert np.allclose(u32, want, rtol=2e-3, atol=2e-4 * np.abs(want).max())
 
 
 def test_block_search_on_threads_gives_the_same_bytes(monkeypatch):
