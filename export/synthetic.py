@@ -100,8 +100,16 @@ SHAPES["qwen3.5-0.8b"] = dict(model_type="qwen3_5_text", hidden_size=1024, inter
                               max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=True,
                               rope_parameters=dict(rope_type="default", rope_theta=10000000, partial_rotary_factor=0.25),
                               hidden_act="silu", eos_token_id=248044)
+# Qwen3.5-35B-A3B's text model: 30 Gated DeltaNet + 10 gated attention layers, every FFN 256 experts
+# (top 8, 512 wide) and a 512-wide shared expert; ~3B parameters read per token of 35B
+SHAPES["qwen3.5-35b-a3b"] = dict(SHAPES["qwen3.5-0.8b"], model_type="qwen3_5_moe_text", hidden_size=2048,
+                                 num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2,
+                                 linear_num_value_heads=32, num_experts=256, num_experts_per_tok=8,
+                                 moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                                 tie_word_embeddings=False)
+del SHAPES["qwen3.5-35b-a3b"]["intermediate_size"]
 SUPPORTED = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "phi3", "gemma3_text", "gpt_oss",
-             "lfm2", "qwen3_5")
+             "lfm2", "qwen3_5", "qwen3_5_moe")
 
 
 class SyntheticError(Exception):
@@ -192,7 +200,7 @@ def tensor_shapes(m: Decoder) -> dict[str, tuple[int, ...]]:
     """Every tensor of the Hugging Face checkpoint of model m, by the architecture's own names."""
     if m.model_type not in SUPPORTED:
         raise SyntheticError(f"synthetic weights for {m.model_type} are not supported ({', '.join(SUPPORTED)})")
-    if m.model_type in ("lfm2", "qwen3_5"):
+    if m.model_type in ("lfm2", "qwen3_5", "qwen3_5_moe"):
         return _hybrid_shapes(m)
     h, q, kv = m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim
     out = {"model.embed_tokens.weight": (m.vocab, h)}
@@ -254,8 +262,7 @@ def _hybrid_shapes(m: Decoder) -> dict[str, tuple[int, ...]]:
                         d + "in_proj_b.weight": (hv, h), d + "in_proj_a.weight": (hv, h),
                         d + "conv1d.weight": (2 * key + value, 1, m.conv_kernel), d + "dt_bias": (hv,), d + "A_log": (hv,),
                         d + "norm.weight": (m.lin_dv,), d + "out_proj.weight": (h, value)})
-        out.update(_swiglu_shapes(p + "feed_forward.", m.ffn_dim, h, ("w1", "w3", "w2")) if lfm else
-                   _swiglu_shapes(p + "mlp.", m.ffn_dim, h))
+        out.update(_swiglu_shapes(p + "feed_forward.", m.ffn_dim, h, ("w1", "w3", "w2")) if lfm else _ffn_shapes(m, i))
     if not m.tied:
         out["lm_head.weight"] = (m.vocab, h)
     return out
@@ -274,7 +281,7 @@ def _ffn_shapes(m: Decoder, i: int) -> dict:
     for e in range(m.routing.experts):
         out.update(_swiglu_shapes(pre, m.expert_ffn, h, tuple(n.format(e=e) for n in m.expert_names)))
     shared = m.config.get("shared_expert_intermediate_size")
-    if m.model_type == "qwen2_moe" and shared:
+    if m.model_type in ("qwen2_moe", "qwen3_5_moe") and shared:
         out.update(_swiglu_shapes(pre + "shared_expert.", shared, h))
         out[pre + "shared_expert_gate.weight"] = (1, h)
     return out

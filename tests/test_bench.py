@@ -113,6 +113,7 @@ def test_builtin_shapes_have_the_real_parameter_counts():
     assert round(counts["r1-distill-qwen-7b"] / 1e9, 2) == 7.62
     assert round(counts["qwen3-0.6b"] / 1e9, 2) == 0.60
     assert round(counts["olmoe-1b-7b"] / 1e9, 2) == 6.92
+    assert round(counts["qwen3.5-35b-a3b"] / 1e9, 2) == 34.66    # Qwen3.5-35B-A3B's text model
 
 
 def test_refuses_when_memory_is_short(tmp_path):

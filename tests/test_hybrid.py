@@ -462,3 +462,19 @@ def test_serve_choices_and_turns(case, exported):
     finally:
         server.stop()
     assert "Traceback" not in server.output(), server.output()[-3000:]
+
+
+@pytest.mark.parametrize("name,shape", [("qwen3_5", "qwen3.5-0.8b"), ("qwen3_5_moe", "qwen3.5-35b-a3b"),
+                                        ("lfm2", "lfm2.5-1.2b")])
+def test_synthetic_shapes_name_the_tensors_transformers_saves(name, shape, tmp_path):
+    """`edgert bench --synthetic` builds a hybrid shape from shape-only weights under the names and
+    shapes it generates: a transformers checkpoint of the family (a small config) must hold exactly
+    those tensors, experts and shared expert included; the shape's own settings (expert count, top-k,
+    tying) are the real ones."""
+    from edgert_export.checkpoint import Checkpoint
+    from edgert_export.synthetic import SHAPES, SyntheticCheckpoint
+    real = Checkpoint(checkpoint(tmp_path, name))
+    fake = SyntheticCheckpoint(real.config)
+    assert {n: real.shape(n) for n in real.names} == {n: fake.shape(n) for n in fake.names}
+    full = SyntheticCheckpoint(SHAPES[shape])
+    assert full.config["model_type"].startswith(real.config["model_type"].removesuffix("_text"))
