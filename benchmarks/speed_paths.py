@@ -1,12 +1,13 @@
 """Where dense int4 time goes, and the lm_head read as int4 + int8 candidates, side by side.
 
-    python benchmarks/speed_paths.py kernels            # MatMulNBits layouts vs int8 GEMM on Qwen2.5-0.5B's projections
+    python benchmarks/speed_paths.py kernels [--batch 4] # MatMulNBits layouts vs int8 GEMM on Qwen2.5-0.5B's projections
     python benchmarks/speed_paths.py head --work DIR    # int8 lm_head: one int8 MatMulNBits vs split planes (+ embed 4)
 Options: --threads 2 --repeat 5 --json OUT (head: --shape qwen2.5-0.5b|r1-distill-qwen-1.5b --prompt-len 128 --decode 64)
 
 `kernels` times 24 layers of the four projections (qkv 896->1152, o 896->896, gate_up
-896->9728, down 4864->896) at M=1 (decode) and M=128 (prefill) for each way ONNX Runtime can read
-them; with --threads 1 it reports CPU time, which the other processes of a shared machine disturb
+896->9728, down 4864->896) at M=1 (decode), M=--batch (a decode step of that many sequences:
+`--votes`, `serve`'s concurrent requests; its cost in M=1 steps is shown) and M=128 (prefill) for
+each way ONNX Runtime can read them; with --threads 1 it reports CPU time, which the other processes of a shared machine disturb
 least. GB/s counts the weight bytes a decode step reads.
 Per-op-type time shares of a prefill and a decode step: benchmarks/op_profile.py ART.
 """
@@ -57,10 +58,10 @@ def _fp32(rng, k, n):
 
 
 KERNELS = {
-    "int4 block 32 (default)": lambda r, k, n: _nbits(r, k, n, 4, 32, 4),
+    "int4 block 32": lambda r, k, n: _nbits(r, k, n, 4, 32, 4),
     "int4 block 32, symmetric": lambda r, k, n: _nbits(r, k, n, 4, 32, 4, False),
     "int4 block 64": lambda r, k, n: _nbits(r, k, n, 4, 64, 4),
-    "int4 block 128": lambda r, k, n: _nbits(r, k, n, 4, 128, 4),
+    "int4 block 128 (default)": lambda r, k, n: _nbits(r, k, n, 4, 128, 4),
     "int4 block 32, accuracy 0 (fp32)": lambda r, k, n: _nbits(r, k, n, 4, 32, 0),
     "int8 block 32": lambda r, k, n: _nbits(r, k, n, 8, 32, 4, False),
     "int8 per column, int8 GEMM": _int8_gemm,
@@ -103,7 +104,7 @@ def kernels(args) -> dict:
     ops = 2 * args.layers * sum(k * n for _, k, n in PROJECTIONS)
     rng = np.random.default_rng(1)
     rows = {name: {} for name in sessions}
-    for m in (1, args.prompt_len):
+    for m in (1, args.batch, args.prompt_len):
         feed = {"x": rng.standard_normal((m, HIDDEN), dtype=np.float32), "x_ffn": rng.standard_normal((m, FFN), dtype=np.float32)}
         times = collections.defaultdict(list)
         for s in sessions.values():
@@ -118,12 +119,14 @@ def kernels(args) -> dict:
             rows[name][m] = {"ms": t * 1e3, "gop_s": ops * m / t / 1e9, "gb_s": sizes[name] / t / 1e9}
     print(f"\n{args.layers} layers of Qwen2.5-0.5B projections, {args.threads} thread(s) "
           f"({'CPU' if args.threads == 1 else 'wall'} time), medians; GB/s = weight bytes / time")
-    print(f"{'':34} {'MB':>6} {'M=1 ms':>8} {'GB/s':>6} {'M=' + str(args.prompt_len) + ' ms':>10} {'GOP/s':>7} {'vs default':>10}")
-    base = rows["int4 block 32 (default)"][args.prompt_len]["ms"]
+    b = args.batch
+    print(f"{'':34} {'MB':>6} {'M=1 ms':>8} {'GB/s':>6} {f'M={b} ms':>8} {f'/ M=1':>6} {'M=' + str(args.prompt_len) + ' ms':>10} "
+          f"{'GOP/s':>7} {'vs block 32':>11}")
+    base = rows["int4 block 32"][args.prompt_len]["ms"]
     for name, r in rows.items():
         d, p = r[1], r[args.prompt_len]
-        print(f"{name:34} {sizes[name] / 1e6:6.0f} {d['ms']:8.2f} {d['gb_s']:6.1f} {p['ms']:10.1f} {p['gop_s']:7.0f} "
-              f"{base / p['ms']:9.2f}x")
+        print(f"{name:34} {sizes[name] / 1e6:6.0f} {d['ms']:8.2f} {d['gb_s']:6.1f} {r[b]['ms']:8.2f} {r[b]['ms'] / d['ms']:6.2f} "
+              f"{p['ms']:10.1f} {p['gop_s']:7.0f} {base / p['ms']:10.2f}x")
     return {"threads": args.threads, "layers": args.layers, "weight_bytes": sizes, "rows": rows}
 
 
@@ -153,6 +156,7 @@ def main(argv=None):
     ap.add_argument("--shape", default="qwen2.5-0.5b", choices=["qwen2.5-0.5b", "r1-distill-qwen-1.5b"])
     ap.add_argument("--layers", type=int, default=LAYERS)
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4, help="kernels: rows of a batched decode step")
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
