@@ -1,6 +1,6 @@
 """Where an edgert prefill and decode step go: onnxruntime's profiler, grouped per op type.
 
-    python benchmarks/op_profile.py ART [--threads 2] [--prompt-len 128] [--decode 32] [--batch N] [--json out.json]
+    python benchmarks/op_profile.py ART [--threads 2] [--prompt-len 128] [--decode 32] [--batch N] [--graph NAME] [--json out.json]
 
 Prints, per op type, the milliseconds of one prefill and of one decode step (the mean over the
 decode steps) and their share, plus the largest node groups (the layer index folded out, so the
@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 
-def profiled_model(artifact: Path, threads: int, prefix: str, slots: int = 1, context: int = 1024):
+def profiled_model(artifact: Path, threads: int, prefix: str, slots: int = 1, context: int = 1024, graph=None):
     """edgert's Model with profiling switched on: its session options come from ort.SessionOptions()."""
     from edgert.model import Model
 
@@ -35,7 +35,7 @@ def profiled_model(artifact: Path, threads: int, prefix: str, slots: int = 1, co
 
     ort.SessionOptions = with_profiling
     try:
-        return Model(artifact, context=context, threads=threads, slots=slots)
+        return Model(artifact, context=context, threads=threads, slots=slots, strategy=graph)
     finally:
         ort.SessionOptions = plain
 
@@ -73,13 +73,14 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--rows", type=int, default=12, help="node groups to list")
     ap.add_argument("--batch", type=int, default=1, help="decode steps of N sequences together (one forward)")
+    ap.add_argument("--graph", help="which of the artifact's graphs (edgert.json 'graphs', as --moe-strategy) [default: the runtime's choice]")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     if not (a.artifact / "edgert.json").is_file():
         ap.error(f"{a.artifact} is not an edgert artifact (no edgert.json)")
     with tempfile.TemporaryDirectory() as tmp:
         m = profiled_model(a.artifact, a.threads, str(Path(tmp) / "prof"), a.batch,
-                           max(1024, a.prompt_len + 8 + 2 * a.decode))
+                           max(1024, a.prompt_len + 8 + 2 * a.decode), a.graph)
         rng = np.random.default_rng(0)
         prompt = np.array([rng.integers(0, 1000, a.prompt_len)], np.int64)
         n = a.batch
