@@ -111,7 +111,11 @@ def test_int8_cache_logits_against_transformers(tmp_path, exported, case):
     model = edgert.load(exported(src, bits=32, kv_cache="int8"), context=64).model
     got = np.concatenate([model.forward(ids[:13], num_logits=13)] + [model.forward([t]) for t in ids[13:]])
     err = np.abs(got - ref).max() / np.abs(ref).max()
-    assert 1e-6 < err < 0.06, err          # measured 0.013 / 0.036 / 0.006; without the window mask 0.39, the sinks 0.75
+    # measured 0.0167 / 0.0338 / 0.0069 (the queries rounded to 8 bits for the integer scores; 0.013 / 0.036 /
+    # 0.006 with fp32 scores); the query codes' zero point off by one: 0.022 / 0.047 / 0.015; without the
+    # window mask 0.39, the sinks 0.75
+    bound = {"qwen3": 0.02, "gemma3-window": 0.042, "gpt_oss-sinks": 0.011}[case]
+    assert 1e-6 < err < bound, err
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
