@@ -493,11 +493,16 @@ def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: Atte
     x = g.op("Transpose", [g.op("Reshape", [g.op("Concat", [k, v], name + ".kv", axis=-1), c("kv4", [0, 0, 2 * kv_heads, d])],
                                 name + ".kv4")], name + ".kvt", perm=[0, 2, 1, 3])
     q127, tiny = g.const(name + ".q127", np.array(127, np.float32)), g.const(name + ".tiny", np.array(1e-30, np.float32))
-    sc = g.op("Div", [g.op("ReduceMax", [g.op("Abs", [x], name + ".kvabs")], name + ".kvmax", axes=[-1], keepdims=1), q127],
-              name + ".kvscale0")
-    sc = g.op("Max", [sc, tiny], name + ".kvscale")
-    codes = g.op("Cast", [g.op("Round", [g.op("Div", [x, sc], name + ".kvdiv")], name + ".kvround")], name + ".kvcodes",
-                 to=TensorProto.INT8)
+
+    def per_row(x: str, tag: str) -> tuple[str, str]:
+        """(scale |x| max / 127 per row [..., 1], x / scale rounded): a row's int8 codes before their Cast."""
+        sc = g.op("Div", [g.op("ReduceMax", [g.op("Abs", [x], f"{name}.{tag}abs")], f"{name}.{tag}max", axes=[-1],
+                                keepdims=1), q127], f"{name}.{tag}scale0")
+        sc = g.op("Max", [sc, tiny], f"{name}.{tag}scale")
+        return sc, g.op("Round", [g.op("Div", [x, sc], f"{name}.{tag}div")], f"{name}.{tag}round")
+
+    sc, rounded = per_row(x, "kv")
+    codes = g.op("Cast", [rounded], name + ".kvcodes", to=TensorProto.INT8)
     kc, vc = g.op("Split", [codes], name + ".codes_split", outputs=2, axis=1, outs=[name + ".kcodes", presents[2]])
     ks, vs = g.op("Split", [g.op("Reshape", [sc, c("row_scales", [0, 0, 1, -1])], name + ".kv_scales")], name + ".scales_split",
                   outputs=2, axis=1, outs=[presents[1], presents[3]])
@@ -514,10 +519,8 @@ def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: Atte
     # row, as llama.cpp's q8_0 query against a q8_0 cache), one integer MatMul (exact: |sum| < 2^24), then the
     # query's and the key's scales. 2.5x faster than widening the keys to fp32 for a fp32 MatMul (4k keys:
     # 110 against 270 us per layer and kv pair on onnxruntime 1.22 and 1.32), and no fp32 copy of the keys.
-    q_sc = g.op("Max", [g.op("Div", [g.op("ReduceMax", [g.op("Abs", [qg], name + ".qabs")], name + ".qmax", axes=[-1],
-                                          keepdims=1), q127], name + ".qscale0"), tiny], name + ".qscale")  # [B, kv, S*G, 1]
-    q_codes = g.op("Cast", [g.op("Add", [g.op("Round", [g.op("Div", [qg, q_sc], name + ".qdiv")], name + ".qround"),
-                                         g.const(name + ".q128", np.array(128, np.float32))], name + ".qshift")],
+    q_sc, q_rounded = per_row(qg, "q")                                                                     # [B, kv, S*G, 1]
+    q_codes = g.op("Cast", [g.op("Add", [q_rounded, g.const(name + ".q128", np.array(128, np.float32))], name + ".qshift")],
                    name + ".qcodes", to=TensorProto.UINT8)
     dot = g.op("MatMulInteger", [q_codes, keys, g.const(name + ".zp128", np.array(128, np.uint8))], name + ".qk_int")
     scores = g.op("Mul", [g.op("Mul", [g.op("Cast", [dot], name + ".qk", to=f32), q_sc], name + ".qk_q"), key_scales],

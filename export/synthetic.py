@@ -102,12 +102,11 @@ SHAPES["qwen3.5-0.8b"] = dict(model_type="qwen3_5_text", hidden_size=1024, inter
                               hidden_act="silu", eos_token_id=248044)
 # Qwen3.5-35B-A3B's text model: 30 Gated DeltaNet + 10 gated attention layers, every FFN 256 experts
 # (top 8, 512 wide) and a 512-wide shared expert; ~3B parameters read per token of 35B
-SHAPES["qwen3.5-35b-a3b"] = dict(SHAPES["qwen3.5-0.8b"], model_type="qwen3_5_moe_text", hidden_size=2048,
-                                 num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2,
-                                 linear_num_value_heads=32, num_experts=256, num_experts_per_tok=8,
-                                 moe_intermediate_size=512, shared_expert_intermediate_size=512,
-                                 tie_word_embeddings=False)
-del SHAPES["qwen3.5-35b-a3b"]["intermediate_size"]
+SHAPES["qwen3.5-35b-a3b"] = dict({k: v for k, v in SHAPES["qwen3.5-0.8b"].items() if k != "intermediate_size"},
+                                 model_type="qwen3_5_moe_text", hidden_size=2048, num_hidden_layers=40,
+                                 num_attention_heads=16, num_key_value_heads=2, linear_num_value_heads=32,
+                                 num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                                 shared_expert_intermediate_size=512, tie_word_embeddings=False)
 SUPPORTED = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "phi3", "gemma3_text", "gpt_oss",
              "lfm2", "qwen3_5", "qwen3_5_moe")
 
