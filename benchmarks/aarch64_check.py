@@ -450,11 +450,15 @@ def short_error(error: str, stderr: str) -> str:
 
 def strategies_for(art: dict, ort: str) -> list[str | None]:
     """auto, plus the other MoE graph this onnxruntime can run (plain on >= 1.23), plus the int8
+    cache's standard-op graphs where auto runs its GroupQueryAttention twin (>= 1.27), plus the int8
     weights' nibble twins (what auto picks where the 8-bit kernel is missing: 1.22 on ARM)."""
     out = [None]
     major_minor = tuple(int(p) for p in ort.split(".")[:2])
     if "qmoe" in art["graphs"] and "plain" in art["graphs"] and major_minor >= (1, 23):
         out.append("plain")
+    if major_minor >= (1, 27):    # the int8 cache: auto runs GroupQueryAttention's; its standard-op graph too
+        out += [g for g in (g[:-len("+kv8gqa")] if "+" in g else "default" for g in sorted(art["graphs"])
+                            if g.endswith("kv8gqa")) if g not in out]
     return out + sorted(g for g in art["graphs"] if g.endswith("nibbles"))
 
 

@@ -162,10 +162,12 @@ def kv_bytes(manifest: dict, context: int, graph: str | None = None) -> int:
 
 def kv_element_bytes(manifest: dict, graph: str | None = None) -> float:
     """Bytes per cached key or value element: 2 for an fp16 cache, 4 for fp32 (older artifacts);
-    int8: 1 in GroupQueryAttention's own cache (the graph named `...kv8gqa`: its scales are constants
-    of the graph), else 1 + 4 / head_dim (a code, and an fp32 scale per row and head)."""
-    kind = manifest.get("quantization", {}).get("kv_cache")
-    if kind == "int8" and graph and graph.endswith("kv8gqa"):
+    int8: 1 with calibrated per-channel scales (constants of the graph: GroupQueryAttention's own cache,
+    the graphs named `...kv8gqa`, and since the manifest's kv_scales every graph of the artifact), else
+    1 + 4 / head_dim (a code, and an fp32 scale per row and head)."""
+    q = manifest.get("quantization", {})
+    kind = q.get("kv_cache")
+    if kind == "int8" and (graph and graph.endswith("kv8gqa") or q.get("kv_scales") == "per-channel"):
         return 1
     return {"fp16": 2, "int8": 1 + 4 / manifest["model"]["head_dim"]}.get(kind, 4)
 

@@ -79,8 +79,9 @@ def choose_graph(graphs: dict, strategy: str | None, needs_int8: bool = False) -
         ranked = [name for name in ("fused", "qmoe+fused", "default", "qmoe", "plain") if name in graphs
                   and (not name.endswith("fused") or ort_version() >= FUSED_SINCE)
                   and (not name.startswith("qmoe") or ort_version() >= QMOE_SINCE)]
-    if ort_version() >= KV8GQA_SINCE and os.environ.get("EDGERT_KV8_GRAPH") != "ops":
-        # the int8 cache in GroupQueryAttention where this onnxruntime has it (the twin of each graph)
+    if not strategy and ort_version() >= KV8GQA_SINCE and os.environ.get("EDGERT_KV8_GRAPH") != "ops":
+        # the int8 cache in GroupQueryAttention where this onnxruntime has it (the twin of each graph;
+        # a graph asked for by name is run as named)
         twin = {n: "kv8gqa" if n == "default" else f"{n}+kv8gqa" for n in ranked}
         ranked = [twin[n] for n in ranked if twin[n] in graphs] + ranked
     if needs_int8 and not int8_kernel_available():
@@ -173,6 +174,10 @@ class Model:
             # GroupQueryAttention's own int8 cache (onnxruntime >= 1.27): codes only, the per-channel
             # scales are in the graph; bound in place like a float cache
             layout = {"key": (np.int8, (h, t, d)), "value": (np.int8, (h, t, d))}
+        elif self.kv_cache == "int8" and self.manifest["quantization"].get("kv_scales") == "per-channel":
+            # the standard-op graph with the calibrated per-channel scales (constants of the graph, as in
+            # GroupQueryAttention's): codes only, keys transposed (see graph.int8_cache_attention)
+            layout = {"key": (np.int8, (h, d, t)), "value": (np.int8, (h, t, d))}
         elif self.kv_cache == "int8":
             # codes and one fp32 scale per row and head; keys transposed (see graph.int8_cache_attention).
             # The graph returns only the new rows (present.*); run() writes them at each row's length.

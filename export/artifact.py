@@ -211,6 +211,8 @@ def export(model_dir, out, bits: int = 4, block_size: int | None = None, context
                 "context_length": context,
                 "quantization": {**quant, "router": 32, "int4": "asymmetric (zero point per block)",
                                  "int8": "symmetric", "accuracy_level": 4, "recipe": recipe.method,
+                                 # the int8 cache's calibrated scales: every graph's cache is codes only
+                                 **({"kv_scales": "per-channel"} if any(n.endswith("kv8gqa") for n in graphs) else {}),
                                  **({"calibration": _calib_name(calib), "calibration_tokens": stats.tokens,
                                      **({"calibration_seed": SELF_SEED} if self_calib else {})} if stats else {}),
                                  **_tensor_table(g.quantizer, bits_per_weight)}})

@@ -149,15 +149,18 @@ class _Probe:
 
     def _kv_ranges(self, past: np.ndarray, total: np.ndarray) -> None:
         """The largest |value| per layer, kv head and channel among the rows just written; for keys,
-        the norm of each channel's rotary pair (i, i + rotary_dim / 2), which no position's rotation
-        changes (the int8 cache's GroupQueryAttention scales, decoder.kv_scales)."""
+        the norm of each channel's rotary pair, which no position's rotation changes (the int8 cache's
+        per-channel scales, decoder.kv_scales). The cache holds a head as GroupQueryAttention rotates
+        it, halves [rotated | pass-through or padding] twice: the pairs are (i, i + D / 2) for
+        i < rotary_dim / 2, D the cached (padded) head width (Decoder._rotary_first, rope_for)."""
         half = self.rotary_dim // 2
         for name, _, _, x in self.caches:
             new = np.concatenate([x[r, :, int(a):int(b)] for r, (a, b) in enumerate(zip(past, total))], axis=1)
             new = np.abs(new.astype(np.float32))                 # [kv, tokens, d]
             if name.endswith(".key") and half:
-                pair = np.hypot(new[..., :half], new[..., half:2 * half])
-                new[..., :half], new[..., half:2 * half] = pair, pair
+                mid = new.shape[-1] // 2
+                pair = np.hypot(new[..., :half], new[..., mid:mid + half])
+                new[..., :half], new[..., mid:mid + half] = pair, pair
             top = new.max(axis=1)
             self.kv_ranges[name] = top if name not in self.kv_ranges else np.maximum(self.kv_ranges[name], top)
 

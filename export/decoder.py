@@ -393,7 +393,7 @@ class Decoder:
                 return out
         with g.only("kv8ops") if scales else nullcontext():
             return self._attend_int8(g, i, q, k, v, io, kv_heads, name, out=f"{name}.attended" if scales else None,
-                                     **options)
+                                     scales=scales, **options)
 
     def kv_scales(self, g: Graph, i: int, kv_heads: int) -> tuple[str, str] | None:
         """Layer i's int8 cache scales for GroupQueryAttention, [1, kv_heads, 1, head_dim] each, from
@@ -409,17 +409,21 @@ class Decoder:
                      for n, x in (("k", key), ("v", value)))
 
     def _attend_int8(self, g: Graph, i: int, q: str, k: str, v: str, io: AttentionIO, kv_heads: int, name: str,
-                     out: str | None = None, **options) -> str:
+                     out: str | None = None, scales: tuple | None = None, **options) -> str:
+        """The standard-op graph's int8 cache: codes and a scale per row and head, or codes only with
+        the calibrated per-channel scales (the twin GroupQueryAttention graph's, 1 byte per element)."""
         d = self.padded_head_dim
         shapes = {"key": (TensorProto.INT8, [kv_heads, d, "T"]), "key_scale": (TensorProto.FLOAT, [kv_heads, 1, "T"]),
                   "value": (TensorProto.INT8, [kv_heads, "T", d]), "value_scale": (TensorProto.FLOAT, [kv_heads, 1, "T"])}
+        if scales:
+            del shapes["key_scale"], shapes["value_scale"]
         past = [g.input(f"past_key_values.{i}.{n}", t, ["batch", *(x if x != "T" else "max_sequence" for x in shape)])
                 for n, (t, shape) in shapes.items()]
         key = f"kv8_index{kv_heads}x{self.heads // kv_heads}x{d}"
         index = self.shared(g, key, lambda: G.int8_cache_index(g, q, io, kv_heads, self.heads // kv_heads, d, key))
         presents = [f"present.{i}.{n}" for n in shapes]
         attended = G.int8_cache_attention(g, q, k, v, past, io, index, self.heads, kv_heads, d, self.attn_scale, name,
-                                          presents, out_name=out, **options)
+                                          presents, out_name=out, scales=scales, **options)
         for present, (t, shape) in zip(presents, shapes.values()):
             g.output(present, present, t, ["batch", *(x if x != "T" else "sequence" for x in shape)])
         return attended

@@ -457,7 +457,8 @@ def int8_cache_index(g: Graph, q: str, io: AttentionIO, kv_heads: int, group: in
 
 def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: AttentionIO, index: dict, heads: int,
                          kv_heads: int, head_dim: int, scale: float, name: str, presents: list[str],
-                         rotary: bool = True, bias: str = "", sink: str = "", out_name: str | None = None) -> str:
+                         rotary: bool = True, bias: str = "", sink: str = "", out_name: str | None = None,
+                         scales: tuple | None = None) -> str:
     """Attention over an int8 KV cache, from standard ops and RotaryEmbedding (onnxruntime 1.22 has
     them all). Each cached key and value row has one fp32 scale per head (|x| max / 127), so the
     cache costs 1 + 4 / head_dim bytes per element against fp16's 2. Keys are cached transposed,
@@ -475,7 +476,11 @@ def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: Atte
     past: (key codes, key scales [B, kv, 1, T], value codes [B, kv, T, D], value scales [B, kv, 1, T]).
     index: `int8_cache_index` (shared by the layers). presents: the names of the four new-row
     outputs (key codes [B, kv, D, S], key scales [B, kv, 1, S], value codes [B, kv, S, D], value
-    scales). Returns the attention output [B, S, heads * head_dim]."""
+    scales). Returns the attention output [B, S, heads * head_dim].
+    scales: calibrated per-channel (key, value) scales [1, kv, 1, D] (`decoder.kv_scales`, the same
+    as GroupQueryAttention's): the cache is then codes only, 1 byte per element, past = (key codes,
+    value codes) and presents their two new rows; the key scales fold into the queries before they
+    are quantized and the value scales multiply the output, so no per-key scale is read at all."""
     f32 = TensorProto.FLOAT
     group, d = heads // kv_heads, head_dim
     c = lambda label, value: g.const(f"{name}.{label}", np.array(value, np.int64))
@@ -501,20 +506,29 @@ def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: Atte
         sc = g.op("Max", [sc, tiny], f"{name}.{tag}scale")
         return sc, g.op("Round", [g.op("Div", [x, sc], f"{name}.{tag}div")], f"{name}.{tag}round")
 
-    sc, rounded = per_row(x, "kv")
+    if scales:   # codes = x / its channel's scale, rounded and saturated: [B, 2 * kv, S, D]
+        both = g.op("Concat", list(scales), name + ".kv_channel_scales", axis=1)                          # [1, 2kv, 1, D]
+        rounded = g.op("Clip", [g.op("Round", [g.op("Div", [x, both], name + ".kvdiv")], name + ".kvround"),
+                                g.const(name + ".lo", np.array(-127, np.float32)), q127], name + ".kvclip")
+    else:
+        sc, rounded = per_row(x, "kv")
     codes = g.op("Cast", [rounded], name + ".kvcodes", to=TensorProto.INT8)
-    kc, vc = g.op("Split", [codes], name + ".codes_split", outputs=2, axis=1, outs=[name + ".kcodes", presents[2]])
-    ks, vs = g.op("Split", [g.op("Reshape", [sc, c("row_scales", [0, 0, 1, -1])], name + ".kv_scales")], name + ".scales_split",
-                  outputs=2, axis=1, outs=[presents[1], presents[3]])
+    vpresent = presents[1] if scales else presents[2]
+    kc, vc = g.op("Split", [codes], name + ".codes_split", outputs=2, axis=1, outs=[name + ".kcodes", vpresent])
     kc = g.op("Transpose", [kc], name + ".k_present", perm=[0, 1, 3, 2], out=presents[0])                   # [B, kv, D, S]
-    new_rows = [kc, ks, vc, vs]
+    new_rows, kinds = [kc, vc], [("k", "key", 3), ("v", "value", 2)]
+    if not scales:
+        ks, vs = g.op("Split", [g.op("Reshape", [sc, c("row_scales", [0, 0, 1, -1])], name + ".kv_scales")],
+                      name + ".scales_split", outputs=2, axis=1, outs=[presents[1], presents[3]])
+        new_rows, kinds = [kc, ks, vc, vs], [("k", "key", 3), ("ks", "scale", 3), ("v", "value", 2), ("vs", "scale", 3)]
     # the cached rows 0..T-1 with each row's new ones written at its own positions
     zero, total, at = c("zero_d", [0]), index["total"], index["at"]
     rows = [g.op("ScatterElements", [g.op("Slice", [buf, zero, total, c(f"ax{axis}", [axis])], f"{name}.{label}_past"),
                                      at[kind], new], f"{name}.{label}_all", axis=axis)
-            for buf, new, label, kind, axis in zip(past, new_rows, ("k", "ks", "v", "vs"),
-                                                   ("key", "scale", "value", "scale"), (3, 3, 2, 3))]
-    keys, key_scales, values, value_scales = rows
+            for buf, new, (label, kind, axis) in zip(past, new_rows, kinds)]
+    keys, key_scales, values, value_scales = rows if not scales else (rows[0], None, rows[1], None)
+    if scales:   # q . k = (q * key scale) . key codes, channel by channel
+        qg = g.op("Mul", [qg, scales[0]], name + ".q_keyscaled")
     # the scores from the key codes as stored: each query row quantized to uint8 around 128 (|q| max / 127 per
     # row, as llama.cpp's q8_0 query against a q8_0 cache), one integer MatMul (exact: |sum| < 2^24), then the
     # query's and the key's scales. 2.5x faster than widening the keys to fp32 for a fp32 MatMul (4k keys:
@@ -523,8 +537,9 @@ def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: Atte
     q_codes = g.op("Cast", [g.op("Add", [q_rounded, g.const(name + ".q128", np.array(128, np.float32))], name + ".qshift")],
                    name + ".qcodes", to=TensorProto.UINT8)
     dot = g.op("MatMulInteger", [q_codes, keys, g.const(name + ".zp128", np.array(128, np.uint8))], name + ".qk_int")
-    scores = g.op("Mul", [g.op("Mul", [g.op("Cast", [dot], name + ".qk", to=f32), q_sc], name + ".qk_q"), key_scales],
-                  name + ".qk_scaled")                                                                      # [B, kv, S*G, T]
+    scores = g.op("Mul", [g.op("Cast", [dot], name + ".qk", to=f32), q_sc], name + ".qk_q")
+    if key_scales:
+        scores = g.op("Mul", [scores, key_scales], name + ".qk_scaled")                                     # [B, kv, S*G, T]
     scores = g.op("Add", [g.op("Reshape", [scores, index["rows5"]], name + ".qk5"), index["mask"]], name + ".masked")
     if bias:     # [B, 1, S, T] -> [B, 1, S, 1, T] (once for all layers)
         if bias not in index:
@@ -542,8 +557,12 @@ def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: Atte
     probs = g.op("Softmax", [scores], name + ".probs", axis=-1)
     if sink:
         probs = g.op("Slice", [probs, c("one_col", [1]), c("end", [2**62]), c("ax4p", [4])], name + ".no_sink")
-    probs = g.op("Mul", [g.op("Reshape", [probs, index["rows4"]], name + ".probs4"), value_scales], name + ".pv_scaled")
+    probs = g.op("Reshape", [probs, index["rows4"]], name + ".probs4")
+    if value_scales:
+        probs = g.op("Mul", [probs, value_scales], name + ".pv_scaled")
     out = g.op("MatMul", [probs, g.op("Cast", [values], name + ".vf", to=f32)], name + ".pv")              # [B, kv, S*G, D]
+    if scales:
+        out = g.op("Mul", [out, scales[1]], name + ".pv_valscaled")
     out = g.op("Transpose", [g.op("Reshape", [out, c("o5", [0, 0, -1, group, d])], name + ".o5")], name + ".ot",
                perm=[0, 2, 1, 3, 4])                                                                         # [B, S, kv, G, D]
     return g.op("Reshape", [out, c("o3", [0, 0, heads * d])], name + ".out", out=out_name)
