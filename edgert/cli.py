@@ -64,9 +64,10 @@ def export(
     bits_per_weight: Optional[float] = typer.Option(None, help="Byte budget for the attention/MLP projections in bits per weight (e.g. 4.5; scales and zero points count): mixed int4 block sizes and int8 by measured sensitivity, recorded per tensor in edgert.json."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an edgert artifact (never another non-empty "
                                "folder, never the source)."),
-    kv_cache: Optional[str] = typer.Option(None, help="KV cache precision the graphs read and write: int8 (a quarter "
-                                           "of fp32 plus a scale per row and head; standard-op attention, faster than fp16 at "
-                                           "depth; prefill ~10-15% slower than fp16), fp16 (GroupQueryAttention; on x86 "
+    kv_cache: Optional[str] = typer.Option(None, help="KV cache precision the graphs read and write: int8 (1 byte "
+                                           "per element with the calibrated per-channel scales of int4 GPTQ exports, in "
+                                           "GroupQueryAttention on onnxruntime >= 1.27 and standard ops before; exports "
+                                           "without calibration add a scale per row and head), fp16 (GroupQueryAttention; on x86 "
                                            "onnxruntime converts it per head) or fp32 (twice fp16's memory, the fastest at "
                                            "short context) [default: int8, fp16 for heads under 32 wide; fp32 with --bits 32]."),
     revision: Optional[str] = typer.Option(None, help="With a hub repo id: the branch, tag or commit [default: main]."),

@@ -460,12 +460,12 @@ def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: Atte
                          rotary: bool = True, bias: str = "", sink: str = "", out_name: str | None = None,
                          scales: tuple | None = None) -> str:
     """Attention over an int8 KV cache, from standard ops and RotaryEmbedding (onnxruntime 1.22 has
-    them all). Each cached key and value row has one fp32 scale per head (|x| max / 127), so the
-    cache costs 1 + 4 / head_dim bytes per element against fp16's 2. Keys are cached transposed,
-    [B, kv_heads, head_dim, context], so the scores are one integer MatMul of the grouped queries,
-    quantized per row, against the codes as stored, and the key scales multiply the scores (one per
-    key) instead of the keys;
-    the value scales likewise multiply the probabilities. The new rows are quantized in the graph
+    them all). Without `scales` each cached key and value row has one fp32 scale per head
+    (|x| max / 127), so the cache costs 1 + 4 / head_dim bytes per element against fp16's 2. Keys are
+    cached transposed, [B, kv_heads, head_dim, context], so the scores are one integer MatMul of the
+    grouped queries, quantized per row, against the codes as stored, and the key scales multiply the
+    scores (one per key) instead of the keys; the value scales likewise multiply the probabilities
+    (with `scales`, see below, the queries and the output instead). The new rows are quantized in the graph
     and scattered into a copy of the cached rows 0..T-1 at each row's own positions, so that every
     query attends to its keys in position order, as stored, from column 0, with only masked
     columns after them: a row's result is the same bit for bit whether it runs alone or beside
@@ -526,9 +526,11 @@ def int8_cache_attention(g: Graph, q: str, k: str, v: str, past: tuple, io: Atte
     rows = [g.op("ScatterElements", [g.op("Slice", [buf, zero, total, c(f"ax{axis}", [axis])], f"{name}.{label}_past"),
                                      at[kind], new], f"{name}.{label}_all", axis=axis)
             for buf, new, (label, kind, axis) in zip(past, new_rows, kinds)]
-    keys, key_scales, values, value_scales = rows if not scales else (rows[0], None, rows[1], None)
     if scales:   # q . k = (q * key scale) . key codes, channel by channel
+        (keys, values), key_scales, value_scales = rows, None, None
         qg = g.op("Mul", [qg, scales[0]], name + ".q_keyscaled")
+    else:
+        keys, key_scales, values, value_scales = rows
     # the scores from the key codes as stored: each query row quantized to uint8 around 128 (|q| max / 127 per
     # row, as llama.cpp's q8_0 query against a q8_0 cache), one integer MatMul (exact: |sum| < 2^24), then the
     # query's and the key's scales. 2.5x faster than widening the keys to fp32 for a fp32 MatMul (4k keys:
