@@ -117,6 +117,20 @@ def _qwen3_moe_config(num_experts: int) -> dict:
     )
 
 
+# Qwen/Qwen3.5-0.8B's text model, the published numbers (export/synthetic.py has the same shape): 18 Gated
+# DeltaNet layers, 6 gated attention layers (every 4th); the text-only layout of the multimodal checkpoint
+_QWEN3_5_08B = {
+    "architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", "hidden_size": 1024,
+    "intermediate_size": 3584, "num_hidden_layers": 24, "num_attention_heads": 8, "num_key_value_heads": 2,
+    "head_dim": 256, "linear_num_key_heads": 16, "linear_num_value_heads": 16, "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+    "layer_types": ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(24)],
+    "vocab_size": 248320, "max_position_embeddings": 262144, "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": True, "hidden_act": "silu", "attn_output_gate": True,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25},
+}
+
+
 SHAPES: dict[str, Shape] = {
     s.name: s
     for s in [
@@ -192,18 +206,17 @@ SHAPES: dict[str, Shape] = {
         ),
         Shape(
             "qwen3.5-0.8b",
-            {   # the published text model's numbers (export/synthetic.py has the same shape): 18 Gated DeltaNet
-                # layers, 6 gated attention layers (every 4th); the text-only layout of the multimodal checkpoint
-                "architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", "hidden_size": 1024,
-                "intermediate_size": 3584, "num_hidden_layers": 24, "num_attention_heads": 8, "num_key_value_heads": 2,
-                "head_dim": 256, "linear_num_key_heads": 16, "linear_num_value_heads": 16, "linear_key_head_dim": 128,
-                "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
-                "layer_types": ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(24)],
-                "vocab_size": 248320, "max_position_embeddings": 262144, "rms_norm_eps": 1e-06,
-                "tie_word_embeddings": True, "hidden_act": "silu", "attn_output_gate": True,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25},
-            },
+            _QWEN3_5_08B,
             notes="Qwen/Qwen3.5-0.8B's text model: 18 Gated DeltaNet + 6 attention layers",
+        ),
+        Shape(
+            "qwen3.5-2b",
+            {   # the 0.8B layout at Qwen3.5-2B's published sizes (model cards: hidden 2048, FFN 6144, 24 layers,
+                # DeltaNet 16 QK / 16 V heads of 128, attention 8 Q / 2 KV heads of 256, rotary 64); its
+                # config.json was not reachable here, so the tied table is the 0.8B's choice: 1.88B parameters
+                **_QWEN3_5_08B, "hidden_size": 2048, "intermediate_size": 6144,
+            },
+            notes="Qwen/Qwen3.5-2B's text model (sizes from its model card): 18 Gated DeltaNet + 6 attention layers",
         ),
         Shape(
             "gpt-oss-20b-8x",

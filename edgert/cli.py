@@ -357,7 +357,7 @@ def bench(
     synthetic: Optional[str] = typer.Option(None, help="Bench a built-in shape with random weights instead, built here "
                                             "without a download and cached (EDGERT_SYNTHETIC_DIR): qwen2.5-0.5b, "
                                             "r1-distill-qwen-1.5b, r1-distill-qwen-7b, qwen3-0.6b, olmoe-1b-7b, phi-4-mini, "
-                                            "gemma-3-1b, gpt-oss-20b, lfm2.5-1.2b, qwen3.5-0.8b, qwen3.5-35b-a3b."),
+                                            "gemma-3-1b, gpt-oss-20b, lfm2.5-1.2b, qwen3.5-0.8b, qwen3.5-2b, qwen3.5-35b-a3b."),
     bits: Optional[int] = typer.Option(None, help="With --synthetic: weight bits, 4 or 8 (default 4; embeddings/lm_head "
                                                   "int8, blocks as export chooses them)."),
     prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (synthetic tokens)."),

@@ -100,6 +100,8 @@ SHAPES["qwen3.5-0.8b"] = dict(model_type="qwen3_5_text", hidden_size=1024, inter
                               max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=True,
                               rope_parameters=dict(rope_type="default", rope_theta=10000000, partial_rotary_factor=0.25),
                               hidden_act="silu", eos_token_id=248044)
+# Qwen3.5-2B's text model: the 0.8B layout at the model card's sizes (its config.json was not reachable here)
+SHAPES["qwen3.5-2b"] = dict(SHAPES["qwen3.5-0.8b"], hidden_size=2048, intermediate_size=6144)
 # Qwen3.5-35B-A3B's text model: 30 Gated DeltaNet + 10 gated attention layers, every FFN 256 experts
 # (top 8, 512 wide) and a 512-wide shared expert; ~3B parameters read per token of 35B
 SHAPES["qwen3.5-35b-a3b"] = dict({k: v for k, v in SHAPES["qwen3.5-0.8b"].items() if k != "intermediate_size"},

@@ -114,6 +114,8 @@ def test_builtin_shapes_have_the_real_parameter_counts():
     assert round(counts["qwen3-0.6b"] / 1e9, 2) == 0.60
     assert round(counts["olmoe-1b-7b"] / 1e9, 2) == 6.92
     assert round(counts["qwen3.5-35b-a3b"] / 1e9, 2) == 34.66    # Qwen3.5-35B-A3B's text model
+    assert counts["qwen3.5-0.8b"] == 752_393_024                  # Qwen3.5-0.8B's text model
+    assert counts["qwen3.5-2b"] == 1_881_825_088                  # the 2B's model-card sizes, tied as the 0.8B
 
 
 def test_refuses_when_memory_is_short(tmp_path):
