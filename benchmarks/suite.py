@@ -203,7 +203,9 @@ def run_worker(p: Prepared, prompt: list[int], n_decode: int, threads: int) -> d
     if lines:
         return json.loads(lines[-1])
     tail = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    return {"error": f"worker exited {r.returncode}: {tail[-1][:300] if tail else 'no output'}"}
+    why = {-4: " (SIGILL: built for an instruction this CPU lacks? llama.cpp's GGML_AVX_VNNI on an AVX-512-VNNI-only "
+                "CPU such as AMD Zen 4: see benchmarks/README.md)"}.get(r.returncode, "")
+    return {"error": f"worker exited {r.returncode}{why}: {tail[-1][:300] if tail else 'no output'}"}
 
 
 def interleave(runners: list[Prepared], prompt, n_decode, repeat, threads, shape) -> dict[str, list[dict]]:
