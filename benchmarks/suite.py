@@ -203,8 +203,8 @@ def run_worker(p: Prepared, prompt: list[int], n_decode: int, threads: int) -> d
     if lines:
         return json.loads(lines[-1])
     tail = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    why = {-4: " (SIGILL: built for an instruction this CPU lacks? llama.cpp's GGML_AVX_VNNI on an AVX-512-VNNI-only "
-                "CPU such as AMD Zen 4: see benchmarks/README.md)"}.get(r.returncode, "")
+    why = (" (SIGILL: built for an instruction this CPU lacks? llama.cpp's GGML_AVX_VNNI on an AVX-512-VNNI-only "
+           "CPU such as AMD Zen 4: see benchmarks/README.md)") if r.returncode == -4 else ""
     return {"error": f"worker exited {r.returncode}{why}: {tail[-1][:300] if tail else 'no output'}"}
 
 
