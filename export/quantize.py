@@ -157,7 +157,8 @@ def _search(blk: np.ndarray, bits: int, symmetric: bool, shrink=SHRINK, weight: 
 
 class Stats:
     """What a calibration text says about one linear's input: x [tokens, K], given or read from a
-    raw float32 file when first needed. GPTQ needs H = E[x x^T] only in diagonal spans of SPAN
+    raw file when first needed (float32, or bfloat16 when its name ends in .bf16: the calibration
+    probe's, half the bytes to write and read back). GPTQ needs H = E[x x^T] only in diagonal spans of SPAN
     columns (see `_gptq`), so no K x K matrix is ever formed; the factors are kept until
     release(), since MoE experts share one input."""
 
@@ -167,7 +168,8 @@ class Stats:
     @property
     def x(self) -> np.ndarray:
         if self._x is None:
-            self._x = np.fromfile(self.file, np.float32).reshape(-1, self.width)
+            self._x = (_read_bf16(self.file) if str(self.file).endswith(".bf16")
+                       else np.fromfile(self.file, np.float32)).reshape(-1, self.width)
         return self._x
 
     def release(self) -> None:
@@ -186,6 +188,19 @@ class Stats:
             h[:x.shape[1], :x.shape[1]] = x.T @ x / len(x)
             self._factors[key] = _hessian_factor(h, x.shape[1])
         return self._factors[key]
+
+
+def _read_bf16(path, chunk: int = 1 << 20) -> np.ndarray:
+    """A raw bfloat16 file as float32 (a bfloat16 is the top half of a float32), widened a chunk
+    at a time: the whole file is never held twice (the 1.5B shape's down projection inputs are
+    73 MB as float32)."""
+    import os
+    out = np.empty(os.path.getsize(path) // 2, np.uint32)
+    with open(path, "rb") as f:
+        for at in range(0, len(out), chunk):
+            part = np.fromfile(f, np.uint16, count=min(chunk, len(out) - at))
+            np.left_shift(part, 16, out=out[at:at + len(part)], dtype=np.uint32)
+    return out.view(np.float32)
 
 
 def _hessian_factor(h: np.ndarray, real: int):
@@ -380,8 +395,11 @@ class Pending:
 
 class GptqPool:
     """`workers` spawned processes quantizing GPTQ row chunks while the caller goes on; at most
-    `workers` + 1 chunks are in flight (the caller waits for the oldest), so memory stays near that
-    many chunks. `drain()` waits for all; `close()` stops the processes (also on errors)."""
+    `workers` + 1 chunks are in flight, so memory stays near that many chunks. A new chunk goes in
+    as soon as any one is done, not the oldest: chunks differ up to 6x in size (a layer's o_proj
+    against its gate_up), and waiting for the oldest left a process idle behind a long one (the
+    1.5B shape's processes were busy ~80% of the build, ~95% now). `drain()` waits for all;
+    `close()` stops the processes (also on errors)."""
 
     def __init__(self, count: int):
         import multiprocessing
@@ -417,7 +435,7 @@ class GptqPool:
         pending = Pending(n, k, bits, block_size, len(chunks))
         for i, (r0, r1) in enumerate(chunks):
             while len(self.inflight) > self.count:
-                self._retire()
+                self._retire(first_done=True)
             shm, rows = _shared(w[r0:r1], self.free)
             self.inflight.append([None, pending, i, shm])
             with _alive(self.count):
@@ -425,8 +443,16 @@ class GptqPool:
                                                         block_size, bits, shrink)
         return pending
 
-    def _retire(self) -> None:
-        future, pending, i, shm = self.inflight.popleft()
+    def _retire(self, first_done: bool = False) -> None:
+        """Collect one chunk: the oldest, or with first_done whichever finishes first."""
+        at = 0
+        if first_done:
+            from concurrent.futures import FIRST_COMPLETED, wait
+            with _alive(self.count):
+                done, _ = wait([j[0] for j in self.inflight], return_when=FIRST_COMPLETED)
+            at = next(n for n, j in enumerate(self.inflight) if j[0] in done)
+        future, pending, i, shm = self.inflight[at]
+        del self.inflight[at]
         try:
             with _alive(self.count):
                 pending.parts[i] = future.result()

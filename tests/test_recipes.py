@@ -218,6 +218,24 @@ def test_bits_per_weight_budget_in_the_artifact(tmp_path):
 ANCHOR = ROOT / "export" / "data" / "anchor256"
 
 
+def test_calibration_writes_each_run_before_its_arrays_are_reused(monkeypatch, tmp_path):
+    """The probe writes a run's inputs on a thread while onnxruntime computes the next run into the
+    other set of arrays; a slow disk must not let a set be overwritten before it is written."""
+    import time
+    from edgert_export import calibrate
+    from edgert_export.archs import model_for
+    from edgert_export.checkpoint import Checkpoint
+    ckpt = Checkpoint(BUNDLED_STORIES)
+    sample = lambda work: calibrate.sample_self(model_for(ckpt.config), ckpt, BUNDLED_STORIES, work, tokens=64, rows=4)
+    fast = sample(tmp_path / "fast")                     # 16 runs of one token per row
+    append = calibrate._Probe._append
+    monkeypatch.setattr(calibrate._Probe, "_append", lambda self, jobs: (time.sleep(0.02), append(self, jobs))[1])
+    slow = sample(tmp_path / "slow")
+    assert fast.tokens == slow.tokens == 64
+    for t in fast.stats:
+        assert np.array_equal(fast.stats[t].x, slow.stats[t].x)
+
+
 def test_gptq_pool_gives_the_same_artifact(monkeypatch, tmp_path):
     """GPTQ in spawned processes (every linear sent to the pool, its bytes written into the place
     reserved for them while the graph goes on): the same data file and graph as in one process."""
@@ -260,6 +278,47 @@ def test_a_gptq_process_that_dies_is_one_clear_error():
             pool.drain()
     finally:
         pool.close()
+
+
+def test_gptq_pool_takes_the_next_chunk_when_any_one_is_done(tmp_path):
+    """A large chunk does not hold up the small ones behind it: with two processes busy and one
+    chunk waiting, the next submit collects whichever chunk finished (here the small one sent
+    after the large), not the oldest. Waiting for the oldest left a process idle behind a long
+    chunk (the 1.5B export's GPTQ processes were busy 80% of the time)."""
+    from edgert_export import quantize as qz
+    rng = np.random.default_rng(0)
+    x = correlated_inputs(256, 1024)
+    x.tofile(tmp_path / "x.f32")
+    stats = Stats(file=tmp_path / "x.f32", width=1024)
+    done, pool = [], qz.GptqPool(2)
+    try:
+        for name, rows in (("large", 4096), ("small1", 8), ("small2", 8), ("small3", 8)):
+            p = pool.submit(rng.normal(size=(rows, 1024)).astype(np.float32), stats, 4, 32, qz.SHRINK)
+            p.done = lambda q, name=name: done.append(name)
+        pool.drain()
+    finally:
+        pool.close()
+    assert sorted(done) == ["large", "small1", "small2", "small3"]
+    assert done.index("small1") < done.index("large")
+
+
+def test_calibration_inputs_round_trip_as_bfloat16(tmp_path):
+    """The probe appends each linear's inputs as bfloat16, rounded to nearest; Stats reads a .bf16
+    file back as float32: every value within half a bfloat16 step of what onnxruntime computed."""
+    import types
+    from edgert_export import calibrate
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(3, 5, 64)) * np.exp(rng.normal(0, 4, size=64))).astype(np.float32)
+    x[0, 0, :4] = [0, -0.0, 1 + 2 ** -8, -(1 + 3 * 2 ** -9)]     # a tie (rounds away from zero) and a non-tie
+    probe = types.SimpleNamespace(scratch=np.empty(0, np.uint16))
+    with open(tmp_path / "x.bf16", "wb") as f:
+        calibrate._Probe._append(probe, [(f, x.copy()), (f, x[1:].copy())])
+    got = Stats(file=tmp_path / "x.bf16", width=64).x
+    want = np.concatenate([x.reshape(-1, 64), x[1:].reshape(-1, 64)])
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert not (got.view(np.uint32) & 0xFFFF).any()                    # bfloat16 values
+    assert (np.abs(got - want) <= np.abs(want) * 2.0 ** -8).all()      # the nearest of them
+    assert list(got[0, :4]) == [0, 0, 1 + 2 ** -7, -(1 + 2 ** -7)]
 
 
 def test_anchor_fixture_is_fair_to_k_quants():
