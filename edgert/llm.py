@@ -69,14 +69,15 @@ class LLM:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self.encode_messages(messages)
 
-    def encode_messages(self, messages: list[dict], **template_kwargs) -> list[int]:
+    def encode_messages(self, messages: list[dict], suffix: str = "", **template_kwargs) -> list[int]:
         """A conversation through the chat template (sandboxed) with the generation prompt, as token ids.
-        template_kwargs reach the template (e.g. enable_thinking=False). A text that cannot fit the
-        context raises PromptTooLong before it is tokenized."""
+        suffix: text after the rendering, tokenized with it (the tokens at the seam are the ones the
+        whole text has). template_kwargs reach the template (e.g. enable_thinking=False). A text that
+        cannot fit the context raises PromptTooLong before it is tokenized."""
         if not self.chat_template:
             raise ValueError(f"{self.path}: this model has no chat template")
         text = render_chat(self.chat_template, messages, add_generation_prompt=True,
-                           **{**self._template_vars, **template_kwargs})
+                           **{**self._template_vars, **template_kwargs}) + suffix
         check_prompt_length(text, self.context)
         return self.tokenizer.encode(text, add_special_tokens=False)
 

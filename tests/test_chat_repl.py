@@ -98,7 +98,10 @@ def test_thinking_off_closes_the_reasoning_in_the_prompt(artifact, fresh):
     import edgert
     conv = edgert.load(artifact, threads=1).chat(thinking=False)
     got = list(conv.send(QUESTIONS[0], temperature=0))
-    _, gen, text = fresh([{"role": "user", "content": QUESTIONS[0]}], close_thinking=True)
+    prompt, gen, text = fresh([{"role": "user", "content": QUESTIONS[0]}], close_thinking=True)
+    # the closing is tokenized with the rendering: "<think>\n" + "\n</think>" meet in one "\n\n" token
+    assert conv.prompt_ids([{"role": "user", "content": QUESTIONS[0]}]) == prompt
+    assert conv.stats.prompt_tokens == len(prompt)
     assert [t.id for t in got] == gen and not any(t.reasoning for t in got)
     assert conv.messages[-1] == {"role": "assistant", "content": text}
 
