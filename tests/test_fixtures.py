@@ -150,8 +150,12 @@ def test_edgert_export_answers_as_transformers_fp32(fixture, bits, exported):
 # measured with the self-calibrated default: qwen2 int4 0.0059, int8 0.0002; qwen3moe int4 0.0127, int8
 # 0.0008; lfm2 (hybrid: conv state + int8 KV) int4 0.0072, int8 0.00025. Two experts swapped in the MoE's last layer at int4 raise it to 0.0191 (the answers stay
 # right: the KL is what sees it), hence the MoE's int4 bound at 1.22x (re-measure if calibration changes).
+# Re-measured 2026-12-03 with the bfloat16 calibration inputs (c446626 in brackets): qwen2 int4 0.0026;
+# qwen3moe int4 0.0063 default, 0.0060 plain and QMoE (0.0059), int8 0.0017; lfm2 int4 0.0062, int8
+# 0.00026. The swapped experts now give 0.0133-0.0137, under the old MoE bound of 0.0155: that bound
+# is 0.0100 now, 1.6x the measurement and 0.75x the swap.
 KL_BOUND = {("reasoning-qwen2", 4): 0.0067, ("reasoning-qwen2", 8): 0.0005,
-            ("reasoning-qwen3moe", 4): 0.0155, ("reasoning-qwen3moe", 8): 0.0020,
+            ("reasoning-qwen3moe", 4): 0.0100, ("reasoning-qwen3moe", 8): 0.0020,
             ("reasoning-lfm2", 4): 0.0086, ("reasoning-lfm2", 8): 0.0003}
 
 
