@@ -435,7 +435,7 @@ class GptqPool:
         pending = Pending(n, k, bits, block_size, len(chunks))
         for i, (r0, r1) in enumerate(chunks):
             while len(self.inflight) > self.count:
-                self._retire(first_done=True)
+                self._retire()
             shm, rows = _shared(w[r0:r1], self.free)
             self.inflight.append([None, pending, i, shm])
             with _alive(self.count):
@@ -443,14 +443,12 @@ class GptqPool:
                                                         block_size, bits, shrink)
         return pending
 
-    def _retire(self, first_done: bool = False) -> None:
-        """Collect one chunk: the oldest, or with first_done whichever finishes first."""
-        at = 0
-        if first_done:
-            from concurrent.futures import FIRST_COMPLETED, wait
-            with _alive(self.count):
-                done, _ = wait([j[0] for j in self.inflight], return_when=FIRST_COMPLETED)
-            at = next(n for n, j in enumerate(self.inflight) if j[0] in done)
+    def _retire(self) -> None:
+        """Collect one chunk: whichever finishes first."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+        with _alive(self.count):
+            done, _ = wait([j[0] for j in self.inflight], return_when=FIRST_COMPLETED)
+        at = next(n for n, j in enumerate(self.inflight) if j[0] in done)
         future, pending, i, shm = self.inflight[at]
         del self.inflight[at]
         try:
