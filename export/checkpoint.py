@@ -94,8 +94,9 @@ class _SafetensorsFile:
                 raise CheckpointError(f"{path.name}: tensors {n0[:60]} and {n1[:60]} overlap in the file (corrupt header)")
         self._fd = None
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, str]:
-        """Rows start:stop (along the first axis) of a tensor, in its stored dtype."""
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+        """Rows start:stop (along the first axis) of a tensor, in its stored dtype (into `out`'s
+        memory when given: a 1-D uint8 array of at least that many bytes)."""
         if self._fd is None:
             with _OPEN:                       # quantize reads rows from several threads
                 if self._fd is None:
@@ -104,7 +105,11 @@ class _SafetensorsFile:
         shape, dtype = list(t["shape"]) or [1], np.dtype(_DTYPES[t["dtype"]])
         row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         stop = shape[0] if stop is None else min(stop, shape[0])
-        out = np.empty((stop - start, *shape[1:]), dtype)
+        want = (stop - start, *shape[1:])
+        if out is None:
+            out = np.empty(want, dtype)
+        else:
+            out = out.view(np.uint8)[:int(np.prod(want)) * dtype.itemsize].view(dtype).reshape(want)
         view, offset, done = memoryview(out.reshape(-1).view(np.uint8)), self.start + t["data_offsets"][0] + start * row, 0
         while done < len(view):
             n = os.preadv(self._fd, [view[done:]], offset + done)
@@ -114,12 +119,17 @@ class _SafetensorsFile:
         return out.reshape(t["shape"]) if not t["shape"] else out, t["dtype"]
 
 
-def to_float32(arr: np.ndarray, dtype: str, name: str = "") -> np.ndarray:
+def to_float32(arr: np.ndarray, dtype: str, name: str = "", out: np.ndarray | None = None) -> np.ndarray:
+    """A tensor as read (its stored dtype) -> float32, into `out` when given (arr's shape). arr is
+    scratch: a bfloat16 one is overwritten by the check for NaN."""
     if dtype == "BF16":  # bf16 is the top half of an fp32; all exponent bits set: inf or NaN
-        out = np.left_shift(arr, 16, dtype=np.uint32).view(np.float32)
-        bad = arr.size and np.bitwise_and(arr, 0x7F80).max() == 0x7F80     # (checked on half the bytes)
+        out = np.left_shift(arr, 16, dtype=np.uint32, out=None if out is None else out.view(np.uint32)).view(np.float32)
+        bad = arr.size and np.bitwise_and(arr, 0x7F80, out=arr).max() == 0x7F80     # (checked on half the bytes)
     else:
-        out = arr.astype(np.float32)
+        if out is None:
+            out = arr.astype(np.float32)
+        else:
+            out[...] = arr
         bad = out.dtype.kind == "f" and out.size and not np.isfinite(np.sum(out, dtype=np.float64))
     if bad:
         raise CheckpointError(f"tensor {name or '?'} holds NaN or infinite values; refused (a damaged checkpoint)")
@@ -144,6 +154,7 @@ class Checkpoint:
         if not isinstance(self.generation_config, dict):
             raise CheckpointError(f"{gen}: not a JSON object")
         self._where: dict[str, _SafetensorsFile] = {}
+        self._buffers: dict = {}          # (see linear)
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             weight_map = _read_json(index)
@@ -196,6 +207,38 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir.name}: tensor {name} is missing from the checkpoint")
         arr, dtype = self._where[name].read(name)
         return to_float32(arr, dtype, name)
+
+    def linear(self, *names: str) -> np.ndarray:
+        """The named 2-D tensors' rows one after another (a fused projection: gate | up) as
+        float32, in a buffer kept for the next call of the same shape: the caller is done with it
+        (has quantized, copied or written it) before it asks again. A fresh array of a layer's size
+        costs its page faults on every layer (on a gVisor sandbox more than the reading: 7 s of the
+        1.5B shape's 23 s probe build went to joining gate and up); reused, once. `release()`
+        gives the buffers back."""
+        for name in names:
+            if name not in self._where:
+                raise CheckpointError(f"{self.dir.name}: tensor {name} is missing from the checkpoint")
+        shapes = [self.shape(n) for n in names]
+        if any(len(s) != 2 or s[1] != shapes[0][1] for s in shapes):
+            raise CheckpointError(f"{self.dir.name}: {', '.join(names)} are not matrices of one width {shapes}")
+        shape = (sum(s[0] for s in shapes), shapes[0][1])
+        out = self._buffers.get(shape)
+        if out is None:
+            out = self._buffers[shape] = np.empty(shape, np.float32)
+        raw = self._buffers.setdefault("raw", np.empty(0, np.uint8))
+        at = 0
+        for name, (rows, width) in zip(names, shapes):
+            nbytes = rows * width * np.dtype(_DTYPES[self.dtype(name)]).itemsize
+            if raw.nbytes < nbytes:
+                raw = self._buffers["raw"] = np.empty(nbytes, np.uint8)
+            arr, dtype = self._where[name].read(name, out=raw)
+            to_float32(arr, dtype, name, out=out[at:at + rows])
+            at += rows
+        return out
+
+    def release(self) -> None:
+        """Free the buffers `linear` keeps."""
+        self._buffers.clear()
 
 
 class Rows:

@@ -193,6 +193,7 @@ class Decoder:
                               g.const("logits_end", np.array([2**62], np.int64)), g.const("seq_axis", np.array([1], np.int64))],
                     "last_positions")
         g.output(self.lm_head(g, last), "logits", TensorProto.FLOAT, ["batch", "num_logits", self.vocab])
+        ckpt.release()                    # the buffers of ckpt.linear
         split = {"lm_head_int8_candidates": self.lm_head_candidates} if self._split_head() else {}   # int4 planes, see above
         return {"attention": recipe.bits, "mlp": recipe.bits, "kv_cache": recipe.kv_cache, "embed": recipe.bits_for("embed"),
                 "lm_head": recipe.bits_for("lm_head"), "block_size": recipe.table_block,
@@ -437,10 +438,8 @@ def swiglu_mlp(g: Graph, ckpt: Checkpoint, x: str, pre: str, name: str, bits: in
                names=("gate_proj", "up_proj", "down_proj"), act: str = "silu") -> str:
     """down(act(gate(x)) * up(x)); gate and up run as one projection. names[1] None: names[0] is
     the fused gate_up projection (Phi-3)."""
-    if names[1] is None:
-        gate_up = ckpt.get(pre + names[0] + ".weight")
-    else:
-        gate_up = np.concatenate([ckpt.get(pre + names[0] + ".weight"), ckpt.get(pre + names[1] + ".weight")])
+    gate_up = ckpt.linear(*(pre + n + ".weight" for n in names[:2] if n))    # (a buffer reused: see linear)
+    width = gate_up.shape[0] // 2
     gu = G.linear_operands(g, gate_up, name + ".gate_up", bits, block_size)
-    down = G.linear_operands(g, ckpt.get(pre + names[2] + ".weight"), name + ".down", bits, block_size)
-    return G.swiglu(g, x, gu, down, gate_up.shape[0] // 2, name, act)
+    down = G.linear_operands(g, ckpt.linear(pre + names[2] + ".weight"), name + ".down", bits, block_size)
+    return G.swiglu(g, x, gu, down, width, name, act)

@@ -65,7 +65,7 @@ class Graph:
             self._offset += pad
             self._where[name] = (self._offset, array.nbytes)
             self.initializers.append((self.tags, self._external(name, array.dtype, array.shape, self._offset, array.nbytes)))
-            self._data.write(array.tobytes())
+            self._data.write(memoryview(array).cast("B"))     # (tobytes() would copy it first)
             self._offset += array.nbytes
         return name
 

@@ -322,6 +322,12 @@ class SyntheticCheckpoint:
 
     rows = get      # the embedding path reads tables through rows(); a placeholder serves both
 
+    def linear(self, *names: str):
+        return np.concatenate([self.get(n) for n in names])
+
+    def release(self) -> None:
+        pass
+
 
 # ---- sizes and the memory check -------------------------------------------------------------
 

@@ -58,6 +58,59 @@ def test_bf16_fp16_and_sharded_checkpoints(tmp_path, exported, dtype, shard):
     assert np.abs(model.forward(PROMPT, num_logits=len(PROMPT)) - hf_logits(ref, PROMPT)).max() < 1e-3
 
 
+def _safetensors(path, tensors: dict) -> None:
+    """name -> (safetensors dtype, array of that dtype's bytes) as one .safetensors file."""
+    import json
+    import struct
+    header, at = {}, 0
+    for name, (dtype, a) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [at, at + a.nbytes]}
+        at += a.nbytes
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(a.tobytes() for _, a in tensors.values()))
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_checkpoint_linear_reuses_one_buffer_per_shape(tmp_path, dtype):
+    """Checkpoint.linear (how the exporter reads gate | up and down): exactly get()'s values stacked,
+    written into one buffer per shape that the next layer's call reuses (a fresh layer-sized array
+    per layer costs its page faults every time); get() stays a fresh array; a NaN is refused."""
+    from edgert_export.checkpoint import Checkpoint, CheckpointError
+    rng = np.random.default_rng(0)
+    values, tensors = {}, {}
+    for i in range(2):
+        for part, shape in (("gate", (48, 32)), ("up", (48, 32)), ("down", (32, 48))):
+            w = rng.normal(0, 1, shape).astype(np.float32)
+            if dtype == "BF16":
+                raw = (w.view(np.uint32) >> 16).astype(np.uint16)
+                w = (raw.astype(np.uint32) << 16).view(np.float32)
+            else:
+                raw = w.astype(np.float16 if dtype == "F16" else np.float32)
+                w = raw.astype(np.float32)
+            values[f"{part}{i}"], tensors[f"{part}{i}"] = w, (dtype, raw)
+    tensors["nan"] = (dtype, np.full((4, 32), np.nan, {"BF16": np.float32, "F16": np.float16, "F32": np.float32}[dtype]))
+    if dtype == "BF16":
+        tensors["nan"] = ("BF16", (tensors["nan"][1].view(np.uint32) >> 16).astype(np.uint16))
+    (tmp_path / "config.json").write_text("{}")
+    _safetensors(tmp_path / "model.safetensors", tensors)
+    ckpt = Checkpoint(tmp_path)
+    first = ckpt.linear("gate0", "up0")
+    assert first.dtype == np.float32 and np.array_equal(first, np.concatenate([values["gate0"], values["up0"]]))
+    down = ckpt.linear("down0")
+    assert np.array_equal(down, values["down0"]) and not np.shares_memory(down, first)
+    again = ckpt.linear("gate1", "up1")
+    assert np.shares_memory(again, first) and np.array_equal(again, np.concatenate([values["gate1"], values["up1"]]))
+    assert np.shares_memory(ckpt.linear("down1"), down) and np.array_equal(down, values["down1"])
+    fresh = ckpt.get("up1")
+    assert np.array_equal(fresh, values["up1"]) and not np.shares_memory(fresh, again)
+    with pytest.raises(CheckpointError, match="NaN"):
+        ckpt.linear("nan")
+    with pytest.raises(CheckpointError, match="missing"):
+        ckpt.linear("gate0", "nope")
+    ckpt.release()
+    assert not np.shares_memory(ckpt.linear("gate0", "up0"), first)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_exports_stay_close(case, exported, bits):
     """Random weights make a harsh test for int4; the bound catches layout bugs (which give ~100% error)."""

@@ -37,6 +37,12 @@ class TextWeights:
     def rows(self, name):
         return self.ckpt.rows(self._name(name))
 
+    def linear(self, *names):
+        return self.ckpt.linear(*map(self._name, names))
+
+    def release(self):
+        self.ckpt.release()
+
     def shape(self, name):
         return self.ckpt.shape(self._name(name))
 

@@ -37,6 +37,9 @@ class LanguageModel:
     def rows(self, name):
         return self._ckpt.rows(self._name(name))
 
+    def linear(self, *names):
+        return self._ckpt.linear(*map(self._name, names))
+
     def shape(self, name):
         return self._ckpt.shape(self._name(name))
 
