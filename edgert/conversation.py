@@ -97,16 +97,7 @@ class Conversation:
     def prompt_ids(self, history: list[dict]) -> list[int]:
         """The token ids of a conversation ending with a user message, ready for the answer."""
         head = [{"role": "system", "content": self.system}] if self.system else []
-        kw = {} if self.thinking else {"enable_thinking": False}
-        ids = self.llm.encode_messages(head + history, **kw)
-        start, end = self.llm.think
-        if not self.thinking and start is not None and end is not None:
-            opened = max((i for i, t in enumerate(ids) if t in (start, end)), default=None)
-            if opened is not None and ids[opened] == start:      # the template opened <think> (R1): close it,
-                # as text: the rendering's last "\n" and the closing's first are one token, as in an empty
-                # think block the model was trained on (encoding the two apart gave a token more)
-                ids = self.llm.encode_messages(head + history, suffix="\n</think>\n\n", **kw)
-        return ids
+        return self.llm.encode_messages(head + history, thinking=self.thinking)
 
     def send(self, text: str, max_tokens: int | None = None, temperature: float | None = None,
              top_p: float | None = None, top_k: int | None = None, seed: int | None = None) -> Iterator[Token]:

@@ -13,6 +13,8 @@ from .limits import check_prompt_length
 from .model import ContextFull, Model
 from .tokenizer import StreamDecoder, Tokenizer
 
+CLOSE_THINKING = "\n</think>\n\n"      # what ends a reasoning block before the answer
+
 
 class PromptTooLong(Exception):
     pass
@@ -69,17 +71,30 @@ class LLM:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self.encode_messages(messages)
 
-    def encode_messages(self, messages: list[dict], suffix: str = "", **template_kwargs) -> list[int]:
+    def encode_messages(self, messages: list[dict], thinking: bool = True, **template_kwargs) -> list[int]:
         """A conversation through the chat template (sandboxed) with the generation prompt, as token ids.
-        suffix: text after the rendering, tokenized with it (the tokens at the seam are the ones the
-        whole text has). template_kwargs reach the template (e.g. enable_thinking=False). A text that
-        cannot fit the context raises PromptTooLong before it is tokenized."""
+        template_kwargs reach the template. thinking=False: an answer without reasoning. The template
+        gets enable_thinking=False (Qwen3 renders an empty think block), and where the rendering still
+        opens <think> (R1-style templates do in the generation prompt) the block is closed as text,
+        tokenized with the rendering: its last "\n" and the closing's first are one token, as in the
+        empty think blocks the model was trained on (fed as tokens, the closing had one more). A text
+        that cannot fit the context raises PromptTooLong before it is tokenized."""
         if not self.chat_template:
             raise ValueError(f"{self.path}: this model has no chat template")
+        if not thinking:
+            template_kwargs = {"enable_thinking": False, **template_kwargs}
         text = render_chat(self.chat_template, messages, add_generation_prompt=True,
-                           **{**self._template_vars, **template_kwargs}) + suffix
+                           **{**self._template_vars, **template_kwargs})
         check_prompt_length(text, self.context)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        start, end = self.think
+        if not thinking and start is not None and end is not None:
+            opened = max((i for i, t in enumerate(ids) if t in (start, end)), default=None)
+            if opened is not None and ids[opened] == start:
+                text += CLOSE_THINKING
+                check_prompt_length(text, self.context)
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids
 
     def turn_boundary(self, messages: list[dict], ids: list[int], render=None, **template_kwargs) -> tuple[int, ...]:
         """Recurrent models: where the next turn's prompt will depart from `ids`, the rendering of
@@ -117,7 +132,7 @@ class LLM:
 
     def close_think_ids(self) -> list[int]:
         """What a think budget feeds to end the reasoning."""
-        return self.tokenizer.encode("\n</think>\n\n", add_special_tokens=False) if self.think[1] is not None else []
+        return self.tokenizer.encode(CLOSE_THINKING, add_special_tokens=False) if self.think[1] is not None else []
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None, raw: bool = False,

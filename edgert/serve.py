@@ -407,8 +407,7 @@ class Server:
         try:
             kw = dict(self.load_args)
             llm = edgert.load(self.artifact, slots=self.parallel, **kw)
-            self.close_ids = (llm.tokenizer.encode("\n</think>\n\n", add_special_tokens=False)
-                              if llm.think[1] is not None else [])
+            self.close_ids = llm.close_think_ids()
             self.scheduler = Scheduler(llm.engine, self.max_queue)
             self.llm = llm
         except Exception as e:
@@ -496,8 +495,8 @@ class Server:
                     raise bad(f"chat_template_kwargs: {k!r} cannot be set", "chat_template_kwargs")
             if not llm.chat_template:
                 raise bad("this model has no chat template: use /v1/completions", "messages")
-            try:
-                ids = llm.encode_messages(messages, **kwargs)
+            try:       # no reasoning asked for: the prompt closes the think block (see encode_messages)
+                ids = llm.encode_messages(messages, thinking=not self._no_thinking(body), **kwargs)
             except PromptTooLong as e:
                 raise bad(str(e), "messages", "context_length_exceeded") from None
             except ValueError as e:                     # the template failed (syntax, raise_exception, sandbox)
@@ -567,10 +566,7 @@ class Server:
         stream = field_(body, "stream", bool, False)
         stream_options = field_(body, "stream_options", dict, {})
         include_usage = field_(stream_options, "include_usage", bool, False)
-        budget = field_(body, "thinking_budget_tokens", int, lo=0)
-        effort = field_(body, "reasoning_effort", str, choices=tuple(EFFORT))
-        if effort is not None:
-            budget = EFFORT[effort] if budget is None else min(budget, EFFORT[effort])
+        budget = self._thinking_budget(body)
         deadline_ms = field_(body, "thinking_deadline_ms", float, lo=0.0)
         thinking = llm.think[1] is not None
         if thinking and (budget is not None or deadline_ms is not None):
@@ -581,6 +577,18 @@ class Server:
         return dict(limit=limit, sampling=sampling, n=n, stops=stops, logprobs=top if want else None,
                     stream=stream, include_usage=include_usage, budget=budget if thinking else None,
                     deadline_ms=deadline_ms if thinking else None)
+
+    @staticmethod
+    def _thinking_budget(body) -> int | None:
+        """thinking_budget_tokens and reasoning_effort, the smaller (None: no limit)."""
+        budget = field_(body, "thinking_budget_tokens", int, lo=0)
+        effort = field_(body, "reasoning_effort", str, choices=tuple(EFFORT))
+        if effort is not None:
+            budget = EFFORT[effort] if budget is None else min(budget, EFFORT[effort])
+        return budget
+
+    def _no_thinking(self, body) -> bool:
+        return self.llm.think[1] is not None and self._thinking_budget(body) == 0
 
     # -- generation ------------------------------------------------------------------------------
     async def _generate(self, request: Request, chat: bool):
@@ -598,7 +606,7 @@ class Server:
         deadline = None if o["deadline_ms"] is None else work.arrived + o["deadline_ms"] / 1000
         work.decodings = [Decoding(ids, o["limit"], s, stop_ids=llm.eos_ids, think=llm.think, think_budget=o["budget"],
                                    close_think_ids=self.close_ids, deadline=deadline) for s in o["sampling"]]
-        if o["budget"] == 0:
+        if o["budget"] == 0:                # (a chat prompt closed it already: _prompt)
             for dec in work.decodings:      # no thinking at all: </think> before the first token
                 dec.close_thinking()
         self.scheduler.submit(work)

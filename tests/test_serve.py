@@ -267,7 +267,12 @@ def test_thinking_budget_effort_and_deadline(server, client):
     assert m.content.startswith("The answer is")
     r = ask(client, DEMO, reasoning_effort="none")
     assert not r.choices[0].message.reasoning_content and r.choices[0].message.content.startswith("The answer is")
-    assert ask(client, DEMO, reasoning_effort="high").choices[0].message.content == f"The answer is {DEMO.answer}."
+    high = ask(client, DEMO, reasoning_effort="high")
+    assert high.choices[0].message.content == f"The answer is {DEMO.answer}."
+    # no reasoning: the prompt closes the think block as text, as `edgert chat` with /think off does (the
+    # template's last "\n" and the closing's first are one token); nothing of it is generated
+    assert r.usage.prompt_tokens == high.usage.prompt_tokens + close - 1
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
     # a budget keeps room for the answer inside max_tokens; without one, reasoning is never cut
     r = ask(client, DEMO, max_tokens=24, extra_body={"thinking_budget_tokens": 1000})
     assert r.choices[0].message.content.startswith("The answer is") and r.usage.completion_tokens <= 24
