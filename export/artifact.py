@@ -182,6 +182,8 @@ def export(model_dir, out, bits: int = 4, block_size: int | None = None, context
                                     progress=_progress_tokens("calibration: sampling the model's own text") if progress else None)
             elif calibrated:
                 stats = collect(model, ckpt, src, calib_text, tmp / "calibration", survey=survey)
+            if stats is None and hasattr(ckpt, "kv_ranges"):    # random weights (synthetic.py): the ranges
+                stats = ckpt.kv_ranges(model)                     # calibration would find, for the int8 cache
             if survey is not None:
                 surveyed = stats.survey if stats is not None else None
                 if not surveyed or not surveyed.linears:
@@ -214,7 +216,7 @@ def export(model_dir, out, bits: int = 4, block_size: int | None = None, context
                                  # the int8 cache's calibrated scales: every graph's cache is codes only
                                  **({"kv_scales": "per-channel"} if any(n.endswith("kv8gqa") for n in graphs) else {}),
                                  **({"calibration": _calib_name(calib), "calibration_tokens": stats.tokens,
-                                     **({"calibration_seed": SELF_SEED} if self_calib else {})} if stats else {}),
+                                     **({"calibration_seed": SELF_SEED} if self_calib else {})} if stats and stats.tokens else {}),
                                  **_tensor_table(g.quantizer, bits_per_weight)}})
             commit()
     except (CheckpointError, UnsupportedModel) as e:

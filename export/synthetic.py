@@ -34,7 +34,7 @@ from .quantize import Quantized, _pack4
 
 STD = 0.02              # the random checkpoints' weight scale
 PLANE_CHUNK = 4096      # rows of split int8 planes generated per step (bounds the temporaries)
-GENERATOR_VERSION = 3   # bump when the weights or the layout change: cached artifacts are rebuilt
+GENERATOR_VERSION = 4   # bump when the weights or the layout change: cached artifacts are rebuilt
 
 
 def _qwen2(**kw) -> dict:
@@ -321,6 +321,19 @@ class SyntheticCheckpoint:
         return x + np.float32(1) if "norm" in name else x
 
     rows = get      # the embedding path reads tables through rows(); a placeholder serves both
+
+    def kv_ranges(self, model: Decoder):
+        """What calibration gives the int8 KV cache, for these weights: its per-channel ranges, so that
+        the artifact has the kv8gqa graphs a real export has (GroupQueryAttention on the int8 cache:
+        the bench times what a user's export runs). A key or value here is ~N(0, hidden * STD^2):
+        4 sigma, and sqrt(2) more for a key's rotary pair."""
+        from .calibrate import ActivationStats
+        stats = ActivationStats({}, {}, 0)
+        sigma = STD * model.hidden ** 0.5
+        for i in range(model.n_layers):
+            for n, top in (("key", 4 * sigma * 2 ** 0.5), ("value", 4 * sigma)):
+                stats.kv_ranges[f"past_key_values.{i}.{n}"] = np.full((model.kv_heads, model.padded_head_dim), top, np.float32)
+        return stats
 
     def linear(self, *names: str):
         return np.concatenate([self.get(n) for n in names])

@@ -63,6 +63,38 @@ def test_every_shape_builds_and_runs_at_its_real_vocabulary(shape, tmp_path):
         assert (model.expert_counts > 0).sum() >= config["num_experts"] // 2, model.expert_counts
 
 
+def test_a_synthetic_int8_cache_gets_the_kv8gqa_graph_a_real_export_has(tmp_path):
+    """No calibration pass, yet the int8 cache's per-channel scales (synthetic.kv_ranges): the artifact has
+    the kv8gqa graph of a calibrated export, which onnxruntime >= 1.27 runs by default, so `bench
+    --synthetic` times what a user's export runs (before, the standard-op int8 graph). The ranges
+    fit the random weights: both graphs within 5% of the same weights with an fp32 cache (1.3%
+    measured; all ranges 10x too small clip, 43%; 30x too large, 21%). Random weights attend almost
+    uniformly, so it is the values' ranges that move the logits here, not the keys'."""
+    from edgert.model import KV8GQA_SINCE, ort_version
+    from edgert_export.artifact import BUNDLED_MODEL, export
+    from edgert_export.synthetic import SyntheticCheckpoint
+    config = dict(tiny("qwen2.5-0.5b"), num_attention_heads=2, num_key_value_heads=1)   # 32-wide heads: int8 cache
+    art = build("qwen2.5-0.5b", 4, folder=tmp_path, config=config, progress=False)
+    manifest = json.loads((art / "edgert.json").read_text())
+    q = manifest["quantization"]
+    assert q["kv_cache"] == "int8" and q["kv_scales"] == "per-channel" and "calibration" not in q
+    assert "kv8gqa" in manifest["graphs"]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(config))
+    shutil.copyfile(BUNDLED_MODEL / "tokenizer.json", src / "tokenizer.json")
+    export(src, tmp_path / "fp32-cache", bits=4, recipe="rtn", checkpoint=SyntheticCheckpoint(config),
+           kv_cache="fp32", progress=False)
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, config["vocab_size"], 24)]
+    ref = Model(tmp_path / "fp32-cache", context=64).forward(ids, num_logits=len(ids))
+    graphs = ["default"] + (["kv8gqa"] if ort_version() >= KV8GQA_SINCE else [])
+    assert Model(art, context=64).strategy == graphs[-1]
+    for graph in graphs:
+        got = Model(art, context=64, strategy=graph).forward(ids, num_logits=len(ids))
+        rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        assert rel < 0.05, (graph, rel)
+
+
 def test_bench_cli_on_a_full_size_synthetic_shape(tmp_path):
     """The command of the bug report: `edgert bench --synthetic qwen2.5-0.5b --bits 4` (151,936-token
     tied int8 table stored as split planes), built from scratch and run, in a fresh process.
