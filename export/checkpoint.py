@@ -197,16 +197,17 @@ class Checkpoint:
     def rows(self, name: str) -> "Rows":
         """A 2-D tensor that is widened to fp32 only slice by slice (embedding tables are the
         largest tensors: 151936 x 1536 is 0.9 GB in fp32)."""
-        if name not in self._where:
-            raise CheckpointError(f"{self.dir.name}: tensor {name} is missing from the checkpoint")
-        return Rows(self._where[name], name)
+        return Rows(self._file(name), name)
 
     def get(self, name: str) -> np.ndarray:
         """One tensor as a fresh float32 array (the only copy of it that export holds)."""
+        arr, dtype = self._file(name).read(name)
+        return to_float32(arr, dtype, name)
+
+    def _file(self, name: str) -> _SafetensorsFile:
         if name not in self._where:
             raise CheckpointError(f"{self.dir.name}: tensor {name} is missing from the checkpoint")
-        arr, dtype = self._where[name].read(name)
-        return to_float32(arr, dtype, name)
+        return self._where[name]
 
     def linear(self, *names: str) -> np.ndarray:
         """The named 2-D tensors' rows one after another (a fused projection: gate | up) as
@@ -215,9 +216,7 @@ class Checkpoint:
         costs its page faults on every layer (on a gVisor sandbox more than the reading: 7 s of the
         1.5B shape's 23 s probe build went to joining gate and up); reused, once. `release()`
         gives the buffers back."""
-        for name in names:
-            if name not in self._where:
-                raise CheckpointError(f"{self.dir.name}: tensor {name} is missing from the checkpoint")
+        files = [self._file(n) for n in names]
         shapes = [self.shape(n) for n in names]
         if any(len(s) != 2 or s[1] != shapes[0][1] for s in shapes):
             raise CheckpointError(f"{self.dir.name}: {', '.join(names)} are not matrices of one width {shapes}")
@@ -227,11 +226,11 @@ class Checkpoint:
             out = self._buffers[shape] = np.empty(shape, np.float32)
         raw = self._buffers.setdefault("raw", np.empty(0, np.uint8))
         at = 0
-        for name, (rows, width) in zip(names, shapes):
+        for name, file, (rows, width) in zip(names, files, shapes):
             nbytes = rows * width * np.dtype(_DTYPES[self.dtype(name)]).itemsize
             if raw.nbytes < nbytes:
                 raw = self._buffers["raw"] = np.empty(nbytes, np.uint8)
-            arr, dtype = self._where[name].read(name, out=raw)
+            arr, dtype = file.read(name, out=raw)
             to_float32(arr, dtype, name, out=out[at:at + rows])
             at += rows
         return out

@@ -21,14 +21,15 @@ from edgert_export.synthetic import SHAPES, SyntheticError, build, weight_bytes
 TINY_DIMS = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 
-def tiny(shape: str) -> dict:
+def tiny(shape: str, heads: int = 4) -> dict:
     """The shape's config with small dimensions and everything else real: vocabulary, tying, type,
-    expert count and top-k, explicit head_dim (scaled to 16), kv heads (GQA or not)."""
-    c = dict(SHAPES[shape], **TINY_DIMS)
+    expert count and top-k, explicit head_dim (scaled to 64 / heads), kv heads (GQA or not). heads 2:
+    32-wide heads, which get the int8 KV cache (narrower ones get fp16: Decoder.default_kv_cache)."""
+    c = dict(SHAPES[shape], **{**TINY_DIMS, "num_attention_heads": heads})
     full = SHAPES[shape]
-    c["num_key_value_heads"] = 4 if full["num_key_value_heads"] == full["num_attention_heads"] else 2
+    c["num_key_value_heads"] = heads if full["num_key_value_heads"] == full["num_attention_heads"] else heads // 2
     if "head_dim" in full:
-        c["head_dim"] = 16 if "linear_num_key_heads" not in full else 32    # Qwen3.5: a quarter of it rotates
+        c["head_dim"] = 64 // heads if "linear_num_key_heads" not in full else 32    # Qwen3.5: a quarter of it rotates
     if "full_attn_idxs" in full:                     # LFM2: a conv layer, then attention
         c["full_attn_idxs"] = [1]
     if "linear_num_key_heads" in full:               # Qwen3.5: a Gated DeltaNet layer, then attention
@@ -73,7 +74,7 @@ def test_a_synthetic_int8_cache_gets_the_kv8gqa_graph_a_real_export_has(tmp_path
     from edgert.model import KV8GQA_SINCE, ort_version
     from edgert_export.artifact import BUNDLED_MODEL, export
     from edgert_export.synthetic import SyntheticCheckpoint
-    config = dict(tiny("qwen2.5-0.5b"), num_attention_heads=2, num_key_value_heads=1)   # 32-wide heads: int8 cache
+    config = tiny("qwen2.5-0.5b", heads=2)         # 32-wide heads: the int8 cache
     art = build("qwen2.5-0.5b", 4, folder=tmp_path, config=config, progress=False)
     manifest = json.loads((art / "edgert.json").read_text())
     q = manifest["quantization"]
@@ -93,6 +94,24 @@ def test_a_synthetic_int8_cache_gets_the_kv8gqa_graph_a_real_export_has(tmp_path
         got = Model(art, context=64, strategy=graph).forward(ids, num_logits=len(ids))
         rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
         assert rel < 0.05, (graph, rel)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_shape_with_the_int8_cache_builds_and_runs_its_kv8gqa_graph(shape, tmp_path):
+    """The synthetic int8-cache ranges across every family's attention (MoE, hybrid, sliding window,
+    partial rotary, sinks): the artifact has per-channel scales, a kv8gqa twin of each graph, and
+    the graph the runtime picks runs at the shape's real vocabulary."""
+    from edgert.model import KV8GQA_SINCE, ort_version
+    config = tiny(shape, heads=2)
+    art = build(shape, 4, folder=tmp_path, config=config, progress=False)
+    manifest = json.loads((art / "edgert.json").read_text())
+    assert manifest["quantization"]["kv_cache"] == "int8" and manifest["quantization"]["kv_scales"] == "per-channel"
+    graphs = manifest["graphs"]
+    assert all(("kv8gqa" if n == "default" else f"{n}+kv8gqa") in graphs for n in graphs if not n.endswith("kv8gqa"))
+    model = Model(art, context=64)
+    assert model.strategy.endswith("kv8gqa") == (ort_version() >= KV8GQA_SINCE)
+    logits = model.forward(list(range(1, 9)), num_logits=8)
+    assert np.isfinite(logits).all() and 0.005 < float(logits.std()) < 5, float(logits.std())
 
 
 def test_bench_cli_on_a_full_size_synthetic_shape(tmp_path):
