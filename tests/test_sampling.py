@@ -76,8 +76,7 @@ def _nucleus(p, top_p) -> np.ndarray:
 @pytest.mark.parametrize("vocab,spread", [(6, None), (2000, 4.0), (2000, 0.3)])
 @pytest.mark.parametrize("top_p", [0.5, 0.8, 0.95])
 def test_top_p_never_leaves_the_nucleus(vocab, spread, top_p):
-    """vocab 2000 exercises both of _nucleus's paths: a peaked distribution (the 512 best hold
-    top_p: partial sort) and a flat one (full sort)."""
+    """Small vocabularies (a full sort); large ones: test_nucleus_of_a_large_vocabulary_is_the_full_sorts."""
     rng = np.random.default_rng(vocab + int(100 * top_p))
     logits = LOGITS if spread is None else rng.normal(0, spread, vocab)
     temperature = 0.8
@@ -98,6 +97,63 @@ def test_top_k_and_top_p_together():
     keep = _nucleus(p4, 0.6)                                  # the nucleus of the top-4 distribution
     got = empirical(s, LOGITS, 5000)
     assert set(np.flatnonzero(got)) == set(keep.tolist())
+
+
+VOCAB = 151_936       # Qwen2's: where a draw's arithmetic is worth its scratch arrays
+
+
+@pytest.mark.parametrize("vocab,temperature", [(6, 1.0), (VOCAB, 1.0), (VOCAB, 0.6)])
+def test_draws_are_numpy_choices_with_the_same_seed(vocab, temperature):
+    """The sampler repeats rng.choice(p=softmax(z / T))'s cumulative-sum search in arrays it keeps
+    (without choice's checks of p): token for token the same draws from the same seed."""
+    rng = np.random.default_rng(1)
+    s, ref = Sampling(temperature, seed=9), np.random.default_rng(9)
+    for _ in range(40 if vocab > 6 else 400):
+        z = rng.normal(0, 3, vocab).astype(np.float32)
+        assert s(z) == int(ref.choice(vocab, p=softmax(z.astype(np.float64) / temperature)))
+
+
+@pytest.mark.parametrize("case", ["peaked", "thin head", "flat"])
+@pytest.mark.parametrize("top_p", [0.5, 0.95])
+def test_nucleus_of_a_large_vocabulary_is_the_full_sorts(case, top_p):
+    """_nucleus sorts only the ids at least a millionth as likely as the best, when those hold top_p:
+    a peaked distribution (that path); one whose likely ids hold 0.9 and whose 152k others, each
+    below a millionth of the best, the rest (below 0.95 the head is not the nucleus); a flat one."""
+    rng = np.random.default_rng(2)
+    if case == "peaked":
+        logits = rng.normal(0, 1, VOCAB)
+        logits[rng.choice(VOCAB, 40, replace=False)] += rng.uniform(8, 16, 40)
+        p = softmax(logits)
+    elif case == "thin head":
+        p = rng.uniform(0.8, 1.2, VOCAB)
+        p *= 0.1 / p.sum()
+        p[[7, 90_000]] = [0.85, 0.05]
+    else:
+        p = softmax(rng.normal(0, 0.5, VOCAB))
+    got = Sampling(1.0, top_p=top_p)._nucleus(p)
+    want = _nucleus(p, top_p)
+    assert set(got.tolist()) == set(want.tolist())
+    assert np.all(np.diff(p[got]) <= 0)                      # most likely first
+
+
+def test_log_probabilities_are_log_softmax_whatever_was_drawn_before():
+    """A vote's log-probability (Decoding(logprobs=True)) is log softmax(z)[token] at temperature 1,
+    computed in the sampler's scratch arrays, which the previous draw (other logits, another
+    temperature) and a smaller vocabulary before it must not leak into; the arrays are kept."""
+    from edgert.generate import Decoding
+    rng = np.random.default_rng(3)
+    s = Sampling(0.7, seed=1)
+    s(rng.normal(0, 1, 6).astype(np.float32))
+    dec = Decoding([1, 2], 10, s, logprobs=True)
+    arrays = set()
+    for _ in range(5):
+        z = rng.normal(0, 4, VOCAB).astype(np.float32)
+        step = dec.next(z)
+        ref = z.astype(np.float64) - z.max()
+        ref -= np.log(np.exp(ref).sum())
+        assert dec.logprobs[-1] == pytest.approx(ref[step.id], abs=1e-9)
+        arrays.add(id(s._z))
+    assert len(arrays) == 1
 
 
 @pytest.fixture(scope="module")
