@@ -71,13 +71,17 @@ class Sampling:
         return int(cdf.searchsorted(self.rng.random(), side="right"))
 
     def logprob(self, logits: np.ndarray, token: int) -> float:
-        """log softmax(logits)[token] (temperature 1), in the scratch arrays."""
+        """log softmax(logits)[token] (temperature 1)."""
+        return float(self.log_softmax_at(logits, token))
+
+    def log_softmax_at(self, logits: np.ndarray, ids):
+        """log softmax(logits)[ids] (temperature 1), computed in the scratch arrays."""
         z, _ = self._scratch(logits.size)
         np.copyto(z, logits.reshape(-1))
         top = z.max()
-        picked = z[token] - top
+        picked = z[ids] - top
         z -= top
-        return float(picked - np.log(np.exp(z, out=z).sum()))
+        return picked - np.log(np.exp(z, out=z).sum())
 
 
 @dataclass

@@ -124,13 +124,13 @@ class Work:
             pass
 
 
-def _top_logprobs(logits: np.ndarray, token: int, k: int):
-    z = logits.astype(np.float64)
-    m = z.max()
-    lp = z - (m + np.log(np.exp(z - m).sum()))
-    top = np.argpartition(-lp, k)[:k] if 0 < k < lp.size else np.arange(lp.size if k else 0)
-    top = top[np.argsort(-lp[top])]
-    return float(lp[token]), [(int(t), float(lp[t])) for t in top]
+def _top_logprobs(sampling, logits: np.ndarray, token: int, k: int):
+    """The token's log-probability and the k likeliest (id, log-probability), best first: log softmax
+    at those ids only, in the sampler's scratch arrays (no vocabulary-sized array per token)."""
+    top = np.argpartition(logits, -k)[-k:] if 0 < k < logits.size else np.arange(logits.size if k else 0)
+    lp = sampling.log_softmax_at(logits, np.concatenate([[token], top]).astype(np.int64))
+    order = np.argsort(-lp[1:], kind="stable")
+    return float(lp[0]), [(int(top[i]), float(lp[1 + i])) for i in order]
 
 
 class Scheduler:
@@ -244,7 +244,7 @@ class Scheduler:
                 if step is None:
                     self._finish(job, job.dec.stop_reason)
                     continue
-                lp = _top_logprobs(lg, step.id, job.req.logprobs) if job.req.logprobs is not None else None
+                lp = _top_logprobs(job.dec.sampling, lg, step.id, job.req.logprobs) if job.req.logprobs is not None else None
                 job.req.emit("token", job.index, step, lp)
                 self.stats["generated_tokens"] += 1
                 if job.dec.stop_reason is not None:

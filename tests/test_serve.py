@@ -304,6 +304,28 @@ def test_logprobs(server, client):
     assert len(c.choices[0].logprobs.tokens) == 4 and all(len(t) == 2 for t in c.choices[0].logprobs.top_logprobs)
 
 
+def test_logprobs_are_the_models_log_softmax(server, client, art):
+    """Each token's logprob and its top_logprobs are log softmax of the model's logits at that
+    position: edgert in this process feeds the same prompt ids, then each greedy token one at a
+    time, as the server decodes (int4 kernels round alike; 1e-3 leaves room for a batch's rows)."""
+    import numpy as np
+    import edgert
+    llm = edgert.load(art)
+    ids = llm.tokenizer.encode("1+2=", add_special_tokens=True)
+    c = server.client().completions.create(model=MODEL(client), prompt=ids, max_tokens=5, temperature=0, logprobs=3)
+    got = c.choices[0].logprobs
+    logits = llm.model.forward(ids)[-1].astype(np.float64)
+    for text, lp, tops in zip(got.tokens, got.token_logprobs, got.top_logprobs):
+        ref = logits - logits.max()
+        ref -= np.log(np.exp(ref).sum())
+        token = int(np.argmax(ref))
+        assert text == llm.tokenizer.decode([token])
+        assert lp == pytest.approx(ref[token], abs=1e-3)
+        assert sorted(tops.values(), reverse=True) == pytest.approx(np.sort(ref)[::-1][:len(tops)], abs=1e-3)
+        logits = llm.model.forward([token])[-1].astype(np.float64)
+    assert len(got.tokens) == 5
+
+
 def test_multi_turn_reuses_the_cached_prefix(server, client):
     first = [{"role": "user", "content": PROBLEMS[5].prompt}]
     a = ask(client, PROBLEMS[5])
