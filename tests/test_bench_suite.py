@@ -154,3 +154,19 @@ def test_llamacpp_mxfp4_runner_only_for_mxfp4_checkpoints(tmp_path, monkeypatch)
     monkeypatch.setattr(suite, "checkpoint", lambda shape, work: tmp_path)
     labels = [p.name for p in suite.prepare_all("x", tmp_path, lambda label: label == "llama.cpp MXFP4_MOE")[1]]
     assert labels == []
+
+
+def test_votes_cost_times_one_answer_and_the_votes_of_each_round(tmp_path, exported):
+    """benchmarks/votes_cost.py on a tiny model: each round times one answer and N votes of at most
+    the asked length (a vote may end at EOS), and the ratio it reports is of the medians."""
+    import statistics
+
+    import votes_cost
+    art = exported(make_checkpoint(tmp_path / "ck", "qwen2"), 4)
+    out = tmp_path / "votes.json"
+    assert votes_cost.main([str(art), "--votes", "3", "--tokens", "6", "--rounds", "3", "--threads", "1",
+                            "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert len(r["one_s"]) == len(r["votes_s"]) == 3 and all(len(v) == 3 for v in r["vote_lengths"])
+    assert all(1 <= n <= 6 for v in r["vote_lengths"] for n in v)
+    assert r["ratio"] == pytest.approx(statistics.median(r["votes_s"]) / statistics.median(r["one_s"]), abs=5e-4)
