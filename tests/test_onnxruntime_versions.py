@@ -65,6 +65,15 @@ for art, prompt, raw, forced in json.loads(sys.argv[1]):
     out["runs"].append({"ids": ids, "greedy": greedy, "margins": margins, "text": text})
 print(json.dumps(out))
 """
+# `run --votes`: sampled paths stepped together in one batch, each vote's tokens and summed log-probability
+VOTES_SCRIPT = HEADER + """
+import edgert
+for art, prompt in json.loads(sys.argv[1]):
+    llm = edgert.load(art, context=128, threads=1, slots=3)
+    r = llm.vote(prompt, 3, max_tokens=16, temperature=0.9, top_p=0.95, seed=5)
+    out["runs"].append([[v["tokens"], v["logprob"]] for v in r["votes"]])
+print(json.dumps(out))
+"""
 # int4/int8 MatMulNBits (accuracy_level 4) logits differ between onnxruntime 1.22 and 1.32 by up to
 # ~0.3 on these models (fp32 artifacts agree exactly), so a top-2 margin below this is a near-tie.
 NEAR_TIE = 0.5
@@ -171,3 +180,15 @@ def test_the_exporter_calibrates_on_old_onnxruntime(tmp_path, exported, old_ort_
         a, b = (m.forward(p, num_logits=len(p)).argmax(-1) for m in (here, there))
         here.reset(), there.reset()
         assert (a == b).mean() >= 0.9, (a, b)
+
+
+def test_old_onnxruntime_draws_the_same_votes(exported, old_ort_python):
+    """Seeded votes (the batch engine, the sampler's top-p draw and each vote's log-probability, numpy
+    alone) on onnxruntime 1.22 and this one: an fp32 artifact, whose logits agree exactly across
+    versions, gives the same tokens and log-probabilities."""
+    job = [(str(exported(BUNDLED_STORIES, 32)), [1, 403, 407, 261, 378])]
+    old, new = run_on(old_ort_python, VOTES_SCRIPT, job), run_on(sys.executable, VOTES_SCRIPT, job)
+    assert old["version"].startswith("1.22"), old["version"]
+    (o,), (n,) = old["runs"], new["runs"]
+    assert [t for t, _ in o] == [t for t, _ in n] and len({tuple(t) for t, _ in n}) > 1   # the votes differ
+    assert [lp for _, lp in o] == pytest.approx([lp for _, lp in n], abs=1e-4)
