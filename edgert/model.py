@@ -6,6 +6,7 @@ new rows in place, nothing is copied or reallocated per token.
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 from pathlib import Path
@@ -343,7 +344,15 @@ class Model:
     # only fed a dummy token keeps its state), the state's size, far below a step's reads.
     def _init_state(self, specs: list[dict]) -> None:
         self._parity = 0
-        shapes = [(self.slots, *spec["shape"]) for spec in specs]
+        # laid out as the graph running declares it (a fused graph holds a convolution's state
+        # channel-first, CausalConvWithState's layout; the same numbers either way)
+        declared = {i.name: i.shape[1:] for i in self.session.get_inputs() if i.name.startswith("past_state.")}
+        shapes = []
+        for spec in specs:
+            dims = declared.get(f"past_state.{spec['layer']}.{spec['name']}")
+            if not dims or not all(isinstance(d, int) for d in dims) or math.prod(dims) != math.prod(spec["shape"]):
+                dims = spec["shape"]
+            shapes.append((self.slots, *dims))
         self.state = [np.zeros(shape, np.float32) for shape in shapes]
         self._state_next = [np.zeros(shape, np.float32) for shape in shapes]
         self._state_names = [(f"past_state.{s['layer']}.{s['name']}", f"present_state.{s['layer']}.{s['name']}")

@@ -7,6 +7,7 @@ those. The data path reads top to bottom in `build`: embed -> N x (norm, attenti
 """
 from __future__ import annotations
 
+
 import math
 from contextlib import nullcontext
 
@@ -91,14 +92,33 @@ class Decoder:
             return {}
         return {"attention_layers": [i for i in range(self.n_layers) if self.is_attention(i)], "state": self.states}
 
-    def state(self, g: Graph, i: int, name: str, shape: list[int]) -> str:
+    def state(self, g: Graph, i: int, name: str, shape: list[int], fused_shape: list[int] | None = None) -> str:
         """A recurrent state of layer i: graph input past_state.{i}.{name} [batch, *shape]; the
-        layer must give its new value to `state_out`. The runtime holds one per slot (zeros at first)."""
+        layer must give its new value to `state_out`. The runtime holds one per slot (zeros at first),
+        shaped as the graph it runs declares: fused_shape, if given, is the fused graphs' layout."""
         self.states.append({"layer": i, "name": name, "shape": list(shape), "dtype": "float32"})
-        return g.input(f"past_state.{i}.{name}", TensorProto.FLOAT, ["batch", *shape])
+        for tag, dims in self._layouts(shape, fused_shape):
+            with g.only(tag) if tag else nullcontext():
+                g.input(f"past_state.{i}.{name}", TensorProto.FLOAT, ["batch", *dims])
+        return f"past_state.{i}.{name}"
 
-    def state_out(self, g: Graph, src: str, i: int, name: str, shape: list[int]) -> None:
-        g.output(src, f"present_state.{i}.{name}", TensorProto.FLOAT, ["batch", *shape])
+    def state_out(self, g: Graph, src: str, i: int, name: str, shape: list[int], fused_shape: list[int] | None = None) -> None:
+        out = f"present_state.{i}.{name}"
+        g.op("Identity", [src], out, out=out)
+        for tag, dims in self._layouts(shape, fused_shape):
+            with g.only(tag) if tag else nullcontext():
+                g.output(out, out, TensorProto.FLOAT, ["batch", *dims])
+
+    @staticmethod
+    def _layouts(shape, fused_shape) -> list[tuple[str, list[int]]]:
+        return [("", shape)] if fused_shape is None else [("scan", shape), ("fused", fused_shape)]
+
+    def conv_state(self, g: Graph, i: int, kernel: int, channels: int) -> tuple[str, tuple]:
+        """A short convolution's state: [K-1, C] in the standard-op graphs (`graph.causal_conv`),
+        channel-first [C, K-1] in the fused ones, CausalConvWithState's own layout (no transposes of
+        the state per step). Returns the input and the (shape, fused_shape) to give `state_out`."""
+        layouts = ([kernel - 1, channels], [channels, kernel - 1])
+        return self.state(g, i, "conv", *layouts), layouts
 
     def counts(self, name: str) -> bool:
         """Whether a checkpoint tensor is a parameter of the model exported (not of a vision tower, say)."""

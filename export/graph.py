@@ -740,12 +740,11 @@ def causal_conv(g: Graph, x: str, state: str, weight: np.ndarray, bias: np.ndarr
     return y, new_state
 
 
-def l2_normalize(g: Graph, x: str, eps: float, name: str) -> str:
-    """x / sqrt(sum(x^2) + eps) over the last axis (the FLA l2norm Gated DeltaNet uses)."""
-    ss = g.op("ReduceSum", [g.op("Mul", [x, x], name + ".sq"), g.const(name + ".axis", np.array([-1], np.int64))],
-              name + ".ss", keepdims=1)
-    return g.op("Div", [x, g.op("Sqrt", [g.op("Add", [ss, g.const(name + ".eps", np.array(eps, np.float32))], name + ".sse")],
-                                name + ".norm")], name)
+def l2_normalize(g: Graph, x: str, width: int, eps: float, name: str, scale: float = 1.0) -> str:
+    """scale * x / sqrt(sum(x^2) + eps) over the last axis, `width` wide (the FLA l2norm Gated DeltaNet
+    uses), as one RMSNorm node: x / sqrt(sum + eps) = x / sqrt(mean + eps / width) / sqrt(width), so
+    the weight is scale / sqrt(width) and the epsilon eps / width (one node, not five and a Mul)."""
+    return rms_norm(g, x, np.full(width, scale / np.sqrt(width), np.float32), eps / width, name)
 
 
 DELTA_CHUNK = 64         # tokens per chunk of the chunked delta rule (prefill)
@@ -884,16 +883,16 @@ def either(g: Graph, name: str, standard, fused) -> list[str]:
 
 def causal_conv_fused(g: Graph, x: str, state: str, weight: np.ndarray, bias: np.ndarray | None, name: str,
                       activation: str = "none") -> tuple[str, str]:
-    """`causal_conv` (same layouts in and out) as one CausalConvWithState, which works channel-first:
-    x [B, C, S], state [B, C, K-1], weight [C, 1, K]; activation "silu" folds a following SiLU in."""
+    """`causal_conv` as one CausalConvWithState, which works channel-first: x [B, S, C] in and y
+    [B, S, C] out as there, but the state is held channel-first, [B, C, K-1] in and out (the fused
+    graphs declare it so: `Decoder.conv_state`), so that a step transposes only its own feed.
+    weight [C, 1, K]; activation "silu" folds a following SiLU in."""
     c, k = weight.shape
     ins = [g.op("Transpose", [x], name + ".x_cf", perm=[0, 2, 1]),
            g.const(name + ".w", np.ascontiguousarray(weight.reshape(c, 1, k), np.float32)),
-           g.const(name + ".b", bias.astype(np.float32)) if bias is not None else "",
-           g.op("Transpose", [state], name + ".state_cf", perm=[0, 2, 1])]
+           g.const(name + ".b", bias.astype(np.float32)) if bias is not None else "", state]
     y, new_state = g.ms("CausalConvWithState", ins, name + ".op", outputs=2, ndim=1, activation=activation)
-    return (g.op("Transpose", [y], name + ".y", perm=[0, 2, 1]),
-            g.op("Transpose", [new_state], name + ".new_state", perm=[0, 2, 1]))
+    return g.op("Transpose", [y], name + ".y", perm=[0, 2, 1]), new_state
 
 
 def gated_delta_rule_fused(g: Graph, q: str, k: str, v: str, log_decay: str, beta: str, state: str, heads: int,

@@ -34,7 +34,7 @@ from .quantize import Quantized, _pack4
 
 STD = 0.02              # the random checkpoints' weight scale
 PLANE_CHUNK = 4096      # rows of split int8 planes generated per step (bounds the temporaries)
-GENERATOR_VERSION = 4   # bump when the weights or the layout change: cached artifacts are rebuilt
+GENERATOR_VERSION = 5   # bump when the weights or the layout change: cached artifacts are rebuilt
 
 
 def _qwen2(**kw) -> dict:

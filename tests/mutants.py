@@ -210,6 +210,9 @@ MUTANTS = [
     Mutant("votes_cost: the ratio of means, not medians", "benchmarks/votes_cost.py",
            "ratio = statistics.median(many) / statistics.median(one)", "ratio = statistics.mean(many) / statistics.mean(one)",
            ("tests/test_bench_suite.py", "-k", "votes_cost")),
+    Mutant("ab_decode: the ratio of one order only (its bias kept)", "benchmarks/ab_decode.py",
+           '"ratio": math.sqrt(a_first * b_first) if rounds > 1 else a_first}', '"ratio": a_first}',
+           ("tests/test_bench_suite.py", "-k", "ab_decode")),
     Mutant("sampling defaults: generation_config temperature ignored", "edgert/llm.py",
            'temperature = gen.get("temperature", 1.0) if gen.get("do_sample") else 0.0',
            'temperature = 1.0 if gen.get("do_sample") else 0.0',
@@ -271,9 +274,16 @@ MUTANTS = [
            'update_rule="gated_delta", scale=1.0)', 'update_rule="gated", scale=1.0)',
            ("tests/test_hybrid.py", "-k", "fp32 and qwen3_5-7")),
     Mutant("hybrid fused graph: the conv state read back in the wrong layout", "export/graph.py",
-           'g.op("Transpose", [new_state], name + ".new_state", perm=[0, 2, 1]))',
-           'g.op("Reshape", [new_state, g.const(name + ".flat", np.array([0, -1, c], np.int64))], name + ".new_state"))',
+           'return g.op("Transpose", [y], name + ".y", perm=[0, 2, 1]), new_state',
+           'return g.op("Transpose", [y], name + ".y", perm=[0, 2, 1]), g.op("Reshape", [g.op("Transpose", [new_state], '
+           'name + ".t", perm=[0, 2, 1]), g.const(name + ".cf", np.array([0, c, k - 1], np.int64))], name + ".scrambled")',
            ("tests/test_hybrid.py", "-k", "carried and lfm2")),
+    Mutant("hybrid: the runtime holds the manifest's state layout, not the graph's", "edgert/model.py",
+           "dims = declared.get(f\"past_state.{spec['layer']}.{spec['name']}\")", "dims = None",
+           ("tests/test_hybrid.py", "-k", "channel_first")),
+    Mutant("hybrid: Gated DeltaNet's l2norm as an RMSNorm without its width", "export/graph.py",
+           "np.full(width, scale / np.sqrt(width), np.float32)", "np.full(width, scale, np.float32)",
+           ("tests/test_hybrid.py", "-k", "fp32 and qwen3_5-7")),
 ]
 
 

@@ -170,3 +170,30 @@ def test_votes_cost_times_one_answer_and_the_votes_of_each_round(tmp_path, expor
     assert len(r["one_s"]) == len(r["votes_s"]) == 3 and all(len(v) == 3 for v in r["vote_lengths"])
     assert all(1 <= n <= 6 for v in r["vote_lengths"] for n in v)
     assert r["ratio"] == pytest.approx(statistics.median(r["votes_s"]) / statistics.median(r["one_s"]), abs=5e-4)
+
+
+def test_ab_decode_alternates_and_cancels_the_order(tmp_path, exported, capsys):
+    """benchmarks/ab_decode.py: both artifacts decode in one process, each round in the other order;
+    the ratio is the geometric mean of the two orders' median per-round ratios, so a bias of going
+    first cancels. Two builds of different vocabularies are refused in one line."""
+    import math
+    import statistics
+
+    import ab_decode
+    art = exported(make_checkpoint(tmp_path / "ck", "qwen2"), 4)
+    out = tmp_path / "ab.json"
+    assert ab_decode.main([str(art), str(art), "--rounds", "4", "--steps", "3", "--prompt-len", "5", "--threads", "1",
+                           "--context", "64", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert len(r["a_ms"]) == len(r["b_ms"]) == 4 and min(r["a_ms"] + r["b_ms"]) > 0
+    per_round = [b / a for a, b in zip(r["a_ms"], r["b_ms"])]
+    assert r["ratio_a_first"] == pytest.approx(statistics.median(per_round[0::2]))
+    assert r["ratio_b_first"] == pytest.approx(statistics.median(per_round[1::2]))
+    assert r["ratio"] == pytest.approx(math.sqrt(r["ratio_a_first"] * r["ratio_b_first"]))
+    assert r["a_median_ms"] == pytest.approx(statistics.median(r["a_ms"]))
+    assert ab_decode.main([str(art), str(art), "--rounds", "30", "--context", "64"]) == 2      # does not fit
+    other = exported(make_checkpoint(tmp_path / "ck2", "qwen2", vocab_size=640), 4)
+    capsys.readouterr()
+    assert ab_decode.main([str(art), str(other), "--rounds", "2", "--steps", "2", "--context", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "different vocabularies" in err

@@ -371,6 +371,33 @@ def test_each_graph_kind_holds_its_ops_and_the_newest_onnxruntime_picks_fused(ca
         model_module.choose_graph(graphs, "fused")
 
 
+def test_fused_graphs_hold_the_convolution_state_channel_first(case, exported):
+    """CausalConvWithState works channel-first: the fused graphs declare a convolution's state
+    [batch, C, K-1] and feed it to the op as it is (no Transpose of the state per step, which cost
+    ~1 ms a step on the 2B shape); the standard-op graphs keep [batch, K-1, C]. The runtime holds
+    each graph's own layout, and both graphs continue a state alike (the other tests: transformers)."""
+    import onnx
+    from edgert.artifact import read_manifest
+    from edgert.model import FUSED_SINCE, ort_version
+    src, ref = case
+    art = exported(src, 4)
+    graphs = read_manifest(art)["graphs"]
+    kernel = ref.config.conv_L_cache if hasattr(ref.config, "conv_L_cache") else ref.config.linear_conv_kernel_dim
+    for kind, path in graphs.items():
+        g = onnx.load(str(art / path), load_external_data=False).graph
+        dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim[1:]] for v in [*g.input, *g.output]}
+        convs = [n for n in dims if n.endswith(".conv")]
+        assert convs and all(dims[n][1 if "fused" in kind else 0] + 1 == kernel for n in convs), (kind, dims)
+        readers = {n.op_type for n in g.node for i in n.input if i.startswith("past_state.") and i.endswith(".conv")}
+        assert readers == ({"CausalConvWithState"} if "fused" in kind else {"Concat"}), (kind, readers)
+    if ort_version() >= FUSED_SINCE:
+        model = Model(art, context=64, threads=1, slots=2)
+        assert "fused" in model.strategy
+        held = [s.shape for s, spec in zip(model.state, read_manifest(art)["model"]["state"]) if spec["name"] == "conv"]
+        assert held and all(shape[0] == 2 and shape[2] + 1 == kernel for shape in held), held
+        model.run(0, np.array([[1, 5, 9], [1, 7, 3]]), np.array([0, 0]))      # runs with the state so held
+
+
 @pytest.mark.skipif(not __import__("os").environ.get("EDGERT_ORT_PYTHON"),
                     reason="set EDGERT_ORT_PYTHON to a Python with onnxruntime 1.22.x (.ci/run does)")
 def test_moe_old_onnxruntime_gives_identical_tokens(moe_case, exported):

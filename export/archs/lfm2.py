@@ -49,11 +49,11 @@ class Model(Decoder):
         bcx = G.linear(g, x, get(pre + "in_proj.weight"), name + ".in_proj", bits, bs, bias(pre + "in_proj.bias"))
         b, c, xx = g.op("Split", [bcx, g.const(name + ".split", np.array([h, h, h], np.int64))], name + ".split",
                         outputs=3, axis=-1)
-        shape = [self.conv_kernel - 1, h]
-        conv = (g.op("Mul", [b, xx], name + ".bx"), self.state(g, i, "conv", shape),
+        state, layouts = self.conv_state(g, i, self.conv_kernel, h)
+        conv = (g.op("Mul", [b, xx], name + ".bx"), state,
                 get(pre + "conv.weight").reshape(h, -1), bias(pre + "conv.bias"), name + ".conv")
-        y, state = G.either(g, name + ".conv", lambda: G.causal_conv(g, *conv), lambda: G.causal_conv_fused(g, *conv))
-        self.state_out(g, state, i, "conv", shape)
+        y, y_state = G.either(g, name + ".conv", lambda: G.causal_conv(g, *conv), lambda: G.causal_conv_fused(g, *conv))
+        self.state_out(g, y_state, i, "conv", *layouts)
         y = g.op("Mul", [c, y], name + ".gated")
         return G.linear(g, y, get(pre + "out_proj.weight"), name + ".out_proj", bits, bs, bias(pre + "out_proj.bias"))
 

@@ -132,22 +132,21 @@ class Model(Decoder):
         ba_t = np.ascontiguousarray(np.concatenate([get(pre + "in_proj_b.weight"), get(pre + "in_proj_a.weight")]).T)
         b, a = g.op("Split", [g.op("MatMul", [x, g.const(name + ".ba_t", ba_t)], name + ".ba"),
                               g.const(name + ".split_ba", np.array([hv, hv], np.int64))], name + ".split_ba", outputs=2, axis=-1)
-        shape = [self.conv_kernel - 1, conv_dim]
-        conv = (qkv, self.state(g, i, "conv", shape), get(pre + "conv1d.weight").reshape(conv_dim, -1), None, name + ".conv")
+        state, layouts = self.conv_state(g, i, self.conv_kernel, conv_dim)
+        conv = (qkv, state, get(pre + "conv1d.weight").reshape(conv_dim, -1), None, name + ".conv")
 
         def standard_conv():
             y, conv_state = G.causal_conv(g, *conv)
             return g.ms("QuickGelu", [y], name + ".silu", alpha=1.0), conv_state
         mixed, conv_state = G.either(g, name + ".conv", standard_conv, lambda: G.causal_conv_fused(g, *conv, activation="silu"))
-        self.state_out(g, conv_state, i, "conv", shape)
+        self.state_out(g, conv_state, i, "conv", *layouts)
         q, k, v = g.op("Split", [mixed, g.const(name + ".qkv_split", np.array([key_dim, key_dim, value_dim], np.int64))],
                        name + ".qkv", outputs=3, axis=-1)
 
         def heads(t, n, d, label):
             return g.op("Reshape", [t, g.const(f"{name}.{label}_heads", np.array([0, 0, n, d], np.int64))], f"{name}.{label}4")
-        q = G.l2_normalize(g, heads(q, hk, dk, "q"), 1e-6, name + ".q_l2")
-        k = G.l2_normalize(g, heads(k, hk, dk, "k"), 1e-6, name + ".k_l2")
-        q = g.op("Mul", [q, g.const(name + ".q_scale", np.array(dk ** -0.5, np.float32))], name + ".q_scaled")
+        q = G.l2_normalize(g, heads(q, hk, dk, "q"), dk, 1e-6, name + ".q_l2", scale=dk ** -0.5)   # scaled as attention's q
+        k = G.l2_normalize(g, heads(k, hk, dk, "k"), dk, 1e-6, name + ".k_l2")
         if hv != hk:                    # each key head serves hv / hk consecutive value heads
             idx = g.const(name + ".repeat", np.arange(hv, dtype=np.int64) // (hv // hk))
             q, k = (g.op("Gather", [t, idx], f"{name}.{label}_rep", axis=2) for t, label in ((q, "q"), (k, "k")))
