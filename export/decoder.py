@@ -216,7 +216,7 @@ class Decoder:
         ckpt.release()                    # the buffers of ckpt.linear
         split = {"lm_head_int8_candidates": self.lm_head_candidates} if self._split_head() else {}   # int4 planes, see above
         return {"attention": recipe.bits, "mlp": recipe.bits, "kv_cache": recipe.kv_cache, "embed": recipe.bits_for("embed"),
-                "lm_head": recipe.bits_for("lm_head"), "block_size": recipe.table_block,
+                "lm_head": recipe.bits_for("lm_head"), "block_size": recipe.table_block(self.hidden),
                 **({} if recipe.block_size else {"linear_block_size": "auto"}), **split}
 
     def recurrent(self, g: Graph, i: int, x: str) -> str:
@@ -321,7 +321,7 @@ class Decoder:
             x = g.op("Gather", [g.const("embed_tokens.weight", full), ids], "embed")
             del full
         else:
-            bs = self.recipe.table_block
+            bs = self.recipe.table_block(self.hidden)
             planes = self.tied and self._split_head() and self.recipe.bits_for("lm_head") == bits
             self._embed_q = G.quantized_rows(g, table, "embed_tokens", bits, bs, planes)
             x = G.gather_quantized_rows(g, ids, *self._embed_q[:3], bits, self.hidden, -(-self.hidden // bs) * bs, "embed",
@@ -337,7 +337,7 @@ class Decoder:
                 and self.vocab >= self.split_head_min_vocab)
 
     def lm_head(self, g: Graph, h: str) -> str:
-        bits, bs = self.recipe.bits_for("lm_head"), self.recipe.table_block
+        bits, bs = self.recipe.bits_for("lm_head"), self.recipe.table_block(self.hidden)
         if self._split_head():
             shared = self.tied and self.recipe.bits_for("embed") == bits
             table = self._embed_q if shared else G.quantized_rows(

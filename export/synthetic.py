@@ -361,7 +361,7 @@ def weight_bytes(config: dict, recipe: Recipe) -> int:
         if len(shape) == 3:     # stacked experts [E, in, out] (gpt-oss)
             total += shape[0] * quantized_bytes(shape[2], shape[1], recipe.bits, recipe.block_for(shape[1]))
             continue
-        block = recipe.block_for(shape[1]) if cls == "mlp" else recipe.table_block
+        block = recipe.block_for(shape[1]) if cls == "mlp" else recipe.table_block(shape[1])
         total += quantized_bytes(*shape, recipe.bits_for(cls), block)   # (a tied table is stored once)
     context = min(m.max_positions, DEFAULT_MAX_CONTEXT)
     return total + 2 * 4 * context * m.padded_head_dim // 2      # + the rotary tables

@@ -172,11 +172,12 @@ def test_votes_cost_times_one_answer_and_the_votes_of_each_round(tmp_path, expor
     assert r["ratio"] == pytest.approx(statistics.median(r["votes_s"]) / statistics.median(r["one_s"]), abs=5e-4)
 
 
-def test_ab_decode_alternates_and_cancels_the_order(tmp_path, exported, capsys):
-    """benchmarks/ab_decode.py: both artifacts decode in one process, each round in the other order;
-    the ratio is the geometric mean of the two orders' median per-round ratios, so a bias of going
-    first cancels. Two builds of different vocabularies are refused in one line."""
-    import math
+def test_ab_decode_alternates_and_compares_each_turn_with_the_turns_around_it(tmp_path, exported, capsys):
+    """benchmarks/ab_decode.py: two legs (A loaded first, then B), in each the two artifacts decode
+    in one process strictly X Y X Y ... X; each Y turn is compared with the mean of the X turns on
+    either side, a leg's ratio is the median of those, and the result is the geometric mean of both
+    legs as B / A. Two builds of different vocabularies, or more turns than the context holds, are
+    refused in one line."""
     import statistics
 
     import ab_decode
@@ -185,15 +186,19 @@ def test_ab_decode_alternates_and_cancels_the_order(tmp_path, exported, capsys):
     assert ab_decode.main([str(art), str(art), "--rounds", "4", "--steps", "3", "--prompt-len", "5", "--threads", "1",
                            "--context", "64", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert len(r["a_ms"]) == len(r["b_ms"]) == 4 and min(r["a_ms"] + r["b_ms"]) > 0
-    per_round = [b / a for a, b in zip(r["a_ms"], r["b_ms"])]
-    assert r["ratio_a_first"] == pytest.approx(statistics.median(per_round[0::2]))
-    assert r["ratio_b_first"] == pytest.approx(statistics.median(per_round[1::2]))
-    assert r["ratio"] == pytest.approx(math.sqrt(r["ratio_a_first"] * r["ratio_b_first"]))
-    assert r["a_median_ms"] == pytest.approx(statistics.median(r["a_ms"]))
-    assert ab_decode.main([str(art), str(art), "--rounds", "30", "--context", "64"]) == 2      # does not fit
+    for leg in r["legs"]:
+        x, y = leg["first_ms"], leg["second_ms"]
+        assert len(x) == 5 and len(y) == 4 and min(x + y) > 0
+        want = [y[i] / ((x[i] + x[i + 1]) / 2) for i in range(4)]
+        assert leg["ratios"] == pytest.approx(want) and leg["ratio"] == pytest.approx(statistics.median(want))
+    ab, ba = r["legs"]
+    assert r["ratio_by_leg"] == pytest.approx([ab["ratio"], 1 / ba["ratio"]])     # both as B / A
+    assert r["ratio"] == pytest.approx((ab["ratio"] / ba["ratio"]) ** 0.5)
+    assert r["a_median_ms"] == pytest.approx(statistics.median(ab["first_ms"] + ba["second_ms"]))
     other = exported(make_checkpoint(tmp_path / "ck2", "qwen2", vocab_size=640), 4)
-    capsys.readouterr()
-    assert ab_decode.main([str(art), str(other), "--rounds", "2", "--steps", "2", "--context", "64"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "different vocabularies" in err
+    for argv, why in (([str(art), str(art), "--rounds", "30", "--context", "64"], "do not fit the context"),
+                      ([str(art), str(other), "--rounds", "2", "--steps", "2", "--context", "64"], "different vocabularies")):
+        capsys.readouterr()
+        assert ab_decode.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], err

@@ -433,8 +433,9 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def test_default_blocks_follow_each_projections_width(tmp_path):
     """Without --block-size a projection gets blocks of 128 where its input width holds two of them,
-    else 64, else 32 (a layer's experts one block for both their matrices: QMoE's attribute); the
-    embedding and lm_head tables 32. On anchor256, every width a multiple of 256, that is 128 for
+    else 64, else 32 (a layer's experts one block for both their matrices: QMoE's attribute); an int8
+    embedding / lm_head table of the hidden width the same (its coarse int4 plane is read every
+    decode step), an int4 table 32. On anchor256, every width a multiple of 256, that is 128 for
     every projection: 4.28 bits per weight, under llama.cpp Q4_K_M's 4.80 there (README, issue 14),
     and the logits stay near transformers fp32 on held-out text (quant_recipes.py over 10k tokens:
     top-1 96.7%, KL 0.0039; a block layout bug is far off)."""
@@ -448,16 +449,19 @@ def test_default_blocks_follow_each_projections_width(tmp_path):
     assert auto_block(2048, 768) == 128 and auto_block(2880, 2880) == 64 and auto_block(256, 128) == 64
     assert auto_block(896, bits=8) == 32 and export(ANCHOR, tmp_path / "i8", bits=8, progress=False,
                                                    recipe="rtn")["quantization"]["tensors"]["layers.0.mlp.down"]["block_size"] == 32
+    from edgert_export.graph import Recipe
+    assert [Recipe().table_block(w) for w in (896, 2048, 128, 64)] == [128, 128, 64, 32]
+    assert Recipe(embed_bits=4).table_block(896) == 32 and Recipe(block_size=64).table_block(896) == 64
     m = export(ANCHOR, tmp_path / "auto", progress=False)
     q = m["quantization"]
-    assert q["block_size"] == 32 and q["linear_block_size"] == "auto"
+    assert q["block_size"] == 128 and q["linear_block_size"] == "auto"
     projections = {t: v for t, v in q["tensors"].items() if t.startswith("layers.")}
     assert len(projections) == 8 and {v["block_size"] for v in projections.values()} == {128}
     assert abs(q["linear_bits_per_weight"] - (4 + (32 + 4) / 128)) < 1e-3 and q["linear_bits_per_weight"] < 4.80
     graph = onnx.load(str(tmp_path / "auto" / "model.onnx"), load_external_data=False).graph
     blocks = {n.name: {a.name: a.i for a in n.attribute}["block_size"] for n in graph.node if n.op_type == "MatMulNBits"}
     assert {b for n, b in blocks.items() if n[2:] in projections} == {128}
-    assert {b for n, b in blocks.items() if n[2:] not in projections} == {32}      # lm_head
+    assert {b for n, b in blocks.items() if n[2:] not in projections} == {128}     # lm_head
     fixed = export(ANCHOR, tmp_path / "b32", progress=False, block_size=32)["quantization"]
     assert fixed["block_size"] == 32 and "linear_block_size" not in fixed
     assert {v["block_size"] for v in fixed["tensors"].values()} == {32}
