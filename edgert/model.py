@@ -142,6 +142,13 @@ class Model:
                                                     providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types with long texts
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "hardlink" in first.replace(" ", "").lower():
+                # newer onnxruntime refuses external data with several links (inside If subgraphs),
+                # a reason its message gives only after the node and tensor names
+                links = os.stat(self.path / "model.onnx.data").st_nlink if (self.path / "model.onnx.data").exists() else 0
+                raise ArtifactError(f"{self.path}: onnxruntime {ort.__version__} refuses model.onnx.data because it has "
+                                    f"{links} hard links (its guard against hard-link attacks): copy the artifact "
+                                    f"(cp -r, not cp -l or ln) and load the copy") from None
             raise ArtifactError(f"{self.path}: onnxruntime {ort.__version__} cannot load the model: {first[:300]}") from None
         # One preallocated buffer per layer and kind, [slots, kv_heads, context, head_dim]: slot b
         # holds sequence b's rows. A forward over slots [a, b) binds the view buf[a:b] (zero-copy)

@@ -371,6 +371,28 @@ def test_each_graph_kind_holds_its_ops_and_the_newest_onnxruntime_picks_fused(ca
         model_module.choose_graph(graphs, "fused")
 
 
+def test_a_hard_linked_data_file_gets_one_clear_line(case, exported, tmp_path):
+    """onnxruntime 1.32 refuses external data with several hard links for the tensors inside If
+    subgraphs (the standard-op graph's chunked delta rule / decode step), naming the reason only after
+    the node and tensor names, past the 300 characters a load error keeps: edgert says it first."""
+    from edgert.artifact import ArtifactError
+    from edgert.model import ort_version
+    src, ref = case
+    if not ref.config.model_type.startswith("qwen3_5"):
+        pytest.skip("LFM2's graphs have no If subgraph, where onnxruntime checks the links")
+    art = tmp_path / "art"
+    shutil.copytree(exported(src, 4), art)
+    (tmp_path / "second_name").hardlink_to(art / "model.onnx.data")
+    try:
+        model = Model(art, context=64, threads=1, strategy="default")
+    except ArtifactError as e:
+        msg = str(e)
+        assert "\n" not in msg and "has 2 hard links" in msg and "cp -r" in msg and str(art) in msg, msg
+    else:
+        assert ort_version() < (1, 32), "onnxruntime >= 1.32 loaded a hard-linked data file: the check moved?"
+        assert model.forward([1, 5]).shape == (1, model.vocab)
+
+
 def test_fused_graphs_hold_the_convolution_state_channel_first(case, exported):
     """CausalConvWithState works channel-first: the fused graphs declare a convolution's state
     [batch, C, K-1] and feed it to the op as it is (no Transpose of the state per step, which cost
