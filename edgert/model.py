@@ -145,8 +145,10 @@ class Model:
             if "hardlink" in first.replace(" ", "").lower():
                 # newer onnxruntime refuses external data with several links (inside If subgraphs),
                 # a reason its message gives only after the node and tensor names
-                links = os.stat(self.path / "model.onnx.data").st_nlink if (self.path / "model.onnx.data").exists() else 0
-                raise ArtifactError(f"{self.path}: onnxruntime {ort.__version__} refuses model.onnx.data because it has "
+                linked = [(n, (self.path / n).stat().st_nlink) for n in self.manifest.get("files", {})
+                          if (self.path / n).is_file() and (self.path / n).stat().st_nlink > 1] or [("its data file", 2)]
+                name, links = max(linked, key=lambda f: f[1])
+                raise ArtifactError(f"{self.path}: onnxruntime {ort.__version__} refuses {name} because it has "
                                     f"{links} hard links (its guard against hard-link attacks): copy the artifact "
                                     f"(cp -r, not cp -l or ln) and load the copy") from None
             raise ArtifactError(f"{self.path}: onnxruntime {ort.__version__} cannot load the model: {first[:300]}") from None

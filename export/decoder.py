@@ -7,7 +7,6 @@ those. The data path reads top to bottom in `build`: embed -> N x (norm, attenti
 """
 from __future__ import annotations
 
-
 import math
 from contextlib import nullcontext
 

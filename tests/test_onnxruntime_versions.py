@@ -192,3 +192,22 @@ def test_old_onnxruntime_draws_the_same_votes(exported, old_ort_python):
     (o,), (n,) = old["runs"], new["runs"]
     assert [t for t, _ in o] == [t for t, _ in n] and len({tuple(t) for t, _ in n}) > 1   # the votes differ
     assert [lp for _, lp in o] == pytest.approx([lp for _, lp in n], abs=1e-4)
+
+
+def test_wide_tables_on_old_onnxruntime(tmp_path, exported, old_ort_python, monkeypatch):
+    """Crossing the tables' blocks of 128 (rows 256 wide, as every real shape's) with onnxruntime 1.22:
+    the split int8 lm_head of a 20k vocabulary (coarse int4 plane + int8 candidates) and the plain
+    int8 lm_head of a 512-token one, and that one's nibble twin (ARM's 1.22 has no 8-bit kernel)."""
+    wide = dict(hidden_size=256, intermediate_size=128, tie_word_embeddings=True)
+    split = make_checkpoint(tmp_path / "split", "qwen2", vocab_size=20000, **wide)
+    small = make_checkpoint(tmp_path / "small", "qwen2", **wide)
+    arts = [exported(src, 4) for src in (split, small)]
+    for art, candidates in zip(arts, (True, False)):
+        q = json.loads((art / "edgert.json").read_text())["quantization"]
+        assert q["block_size"] == 128 and ("lm_head_int8_candidates" in q) == candidates
+    prompt = [1, 403, 407, 261, 378]
+    old, new = same_choices(old_ort_python, [(str(a), prompt) for a in arts], exact=[False, False])
+    assert old["version"].startswith("1.22")
+    monkeypatch.setenv("EDGERT_INT8_KERNEL", "0")
+    old, new = same_choices(old_ort_python, [(str(arts[1]), prompt)], exact=[False])
+    assert old["strategies"] == new["strategies"] == ["nibbles"]
