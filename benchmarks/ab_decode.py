@@ -5,7 +5,8 @@
 
 Separate bench processes on a shared box drift by 10% and more between runs, which buries a
 2-3% change. Here both models are loaded into one process, fed the same seeded prompt, and then
-take turns, strictly X, Y, X, Y, ..., X: each turn times `steps` greedy decode steps. Every turn
+take turns, strictly X, Y, X, Y, ..., X: each turn is the prompt and `steps` greedy decode steps
+through edgert's generate loop, and times the decode steps. Every turn
 follows a turn of the other model, so both start equally cold (a model that runs twice in a row
 finds its own bytes in the caches, up to 20% faster on this box). Each Y turn is compared with the
 mean of the X turns on either side of it, which cancels a drift of the box that is linear over a
@@ -18,17 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import numpy as np
 
 
-def steps(model, token: int, n: int) -> tuple[float, int]:
-    """n greedy decode steps from `token`; (seconds, the next token)."""
-    t0 = time.perf_counter()
-    for _ in range(n):
-        token = int(model.forward([token])[-1].argmax())
-    return time.perf_counter() - t0, token
+def turn(model, prompt: list[int], n: int) -> float:
+    """One turn: the prompt, then n greedy decode steps through edgert's own generate loop;
+    milliseconds a decode step (the prefill is not timed)."""
+    from edgert.generate import Sampling, Stats, generate
+    stats = Stats()
+    for _ in generate(model, prompt, n + 1, Sampling(0.0), stats=stats):
+        pass
+    return stats.decode_s / stats.decode_steps * 1e3
 
 
 def leg(first, second, rounds: int, n: int, prompt_len: int, threads: int, context: int) -> dict:
@@ -38,15 +40,14 @@ def leg(first, second, rounds: int, n: int, prompt_len: int, threads: int, conte
     models = [Model(a, context=context, threads=threads) for a in (first, second)]
     if models[0].vocab != models[1].vocab:
         raise ValueError("the two artifacts have different vocabularies: compare builds of one model")
-    if prompt_len + (rounds + 2) * n + 1 > min(m.context for m in models):
-        raise ValueError(f"{prompt_len} + {(rounds + 2) * n} tokens do not fit the context: fewer --rounds or --steps")
-    prompt = np.random.default_rng(0).integers(3, models[0].vocab, prompt_len)
-    tokens = [steps(m, int(m.forward(prompt)[-1].argmax()), n)[1] for m in models]     # warm-up steps, untimed
+    if prompt_len + n + 1 > min(m.context for m in models):
+        raise ValueError(f"{prompt_len} + {n + 1} tokens do not fit the context: a shorter --prompt-len or fewer --steps")
+    prompt = [int(i) for i in np.random.default_rng(0).integers(3, models[0].vocab, prompt_len)]
+    for m in models:
+        turn(m, prompt, n)                      # warm-up, untimed
     ms = [[], []]
     for r in range(2 * rounds + 1):             # X Y X Y ... X
-        j = r % 2
-        secs, tokens[j] = steps(models[j], tokens[j], n)
-        ms[j].append(secs / n * 1e3)
+        ms[r % 2].append(turn(models[r % 2], prompt, n))
     x, y = np.array(ms[0]), np.array(ms[1])
     ratios = y / ((x[:-1] + x[1:]) / 2)         # each Y turn against the X turns around it
     return {"first": str(first), "first_ms": ms[0], "second_ms": ms[1], "ratios": ratios.tolist(),
