@@ -357,11 +357,13 @@ def _compile(template: str) -> jinja2.Template:
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True,
-                limits: TemplateLimits | None = None, **special) -> str:
+                limits: TemplateLimits | None = None, variables: dict | None = None, **special) -> str:
     """Render `messages` with a chat template, in a sandbox, as transformers' apply_chat_template.
 
     `special` passes extra variables such as bos_token="<s>", eos_token="</s>", tools=[...] or
-    enable_thinking=False (tools and documents default to None, as in transformers).
+    enable_thinking=False (tools and documents default to None, as in transformers); `variables`
+    the same as a dict, whose names may be anything (a request's chat_template_kwargs) but
+    `messages` and `add_generation_prompt`, which the rendering sets itself.
     Encode the result with add_special_tokens=False: the template already holds any BOS.
     Rendering is bounded by `limits` (default LIMITS: time, sizes, steps; per call, thread-safe).
     Any failure (syntax, raise_exception, sandbox violation, a limit, recursion, overflow,
@@ -374,14 +376,17 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
         if reasoning is not None:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         chat.append(message)
-    variables = {"tools": None, "documents": None, **special}
+    variables = {"tools": None, "documents": None, **special, **(variables or {})}
+    for name in ("messages", "add_generation_prompt"):
+        if name in variables:
+            raise ValueError(f"chat template variable {name!r} cannot be set")
     if not isinstance(template, str) or len(template) > limits.source_chars:
         raise ValueError(f"chat template refused: longer than {limits.source_chars} characters")
     token = _BUDGET.set(_Budget(limits))
     try:
         out, size = [], 0
-        for chunk in _compile(template).generate(messages=chat, add_generation_prompt=add_generation_prompt,
-                                                 **variables):
+        for chunk in _compile(template).generate({**variables, "messages": chat,      # (a dict: any names, "self" too)
+                                                  "add_generation_prompt": add_generation_prompt}):
             size += len(chunk)
             if size > limits.chars:
                 raise TemplateLimit(f"the output would be longer than {limits.chars} characters")

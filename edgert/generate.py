@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+_CHUNK = 1024          # ids per chunk of the sampler's two-level search (Sampling._inverse_cdf)
 
 
 @dataclass
@@ -19,18 +20,19 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0                # 0 = no limit
     seed: int | None = None
+    bias: tuple | None = None     # (token ids, values) added to the logits before anything (logit_bias)
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.seed)
-        self._z = self._cdf = None
+        self._z = self._lse = None
 
-    def _scratch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Two float64 arrays of the vocabulary's size, reused every token: fresh arrays of 152k
-        entries pay their page faults at every draw (2.8-2.9 ms a draw on a gVisor sandbox, where
+    def _scratch(self, n: int) -> np.ndarray:
+        """A float64 array of the vocabulary's size, reused every token: a fresh array of 152k
+        entries pays its page faults at every draw (2.8-2.9 ms a draw on a gVisor sandbox, where
         the arithmetic takes 0.9; benchmarks/votes_cost.py and README)."""
         if self._z is None or self._z.size != n:
-            self._z, self._cdf = np.empty(n, np.float64), np.empty(n, np.float64)
-        return self._z, self._cdf
+            self._z = np.empty(n, np.float64)
+        return self._z
 
     def _nucleus(self, p: np.ndarray) -> np.ndarray:   # -> the kept token ids, most likely first
         """Keep the smallest most-likely set reaching top_p. Sorting the whole vocabulary costs
@@ -47,36 +49,66 @@ class Sampling:
         return order[np.cumsum(p[order]) - p[order] < self.top_p]
 
     def __call__(self, logits: np.ndarray) -> int:
+        self._lse = None
+        if self.bias is not None:
+            logits = logits.astype(np.float32).reshape(-1)       # a copy: the engine's array stays as it was
+            np.add.at(logits, self.bias[0], self.bias[1])
         if self.temperature <= 0:
             return int(np.argmax(logits))
-        p, cdf = self._scratch(logits.size)
-        np.copyto(p, logits.reshape(-1))
-        p /= self.temperature
+        lg = logits.reshape(-1)
+        p = self._scratch(lg.size)
+        top = lg.max()
+        np.subtract(lg, top, out=p, dtype=np.float64)         # softmax((l - max) / T): exp's argument never above 0
+        if self.temperature != 1.0:
+            p /= self.temperature        # (a division: 1 / T overflows for T below ~1e-308, (l - max) / T only to -inf)
         if self.top_k and self.top_k < p.size:
             cut = np.partition(p, -self.top_k)[-self.top_k]
             p[p < cut] = -np.inf
-        p -= p.max()
         np.exp(p, out=p)
         total = p.sum()
         if not np.isfinite(total):
             raise ValueError("the logits are not finite")
-        p /= total
+        if self.temperature == 1.0 and not (self.top_k and self.top_k < p.size):
+            self._lse = (logits, float(top) + np.log(total))   # log_softmax_at's normaliser, for this draw's logits
         if self.top_p < 1.0:                    # draw among the kept ids only
+            p /= total
             keep = self._nucleus(p)
             return int(keep[self.rng.choice(keep.size, p=p[keep] / p[keep].sum())])
-        # what rng.choice(p.size, p=p) draws (the same cumulative sum, uniform and search), without
-        # its checks of p, which cost as much as the draw
-        np.cumsum(p, out=cdf)
-        cdf /= cdf[-1]
-        return int(cdf.searchsorted(self.rng.random(), side="right"))
+        return self._inverse_cdf(p, self.rng.random() * total)
+
+    def _inverse_cdf(self, p: np.ndarray, u: float) -> int:
+        """The first id whose running mass exceeds u (what a cumulative sum of p and a search give,
+        and rng.choice(p.size, p=p / total) draws), in two levels: the chunk of _CHUNK ids whose
+        running mass crosses u, then the id within it. A cumulative sum over 152k ids costs ~0.5 ms
+        a draw; the chunk sums are one reduction. An id of mass 0 is never returned."""
+        n = p.size
+        if n > 2 * _CHUNK:
+            sums = np.add.reduceat(p, np.arange(0, n, _CHUNK))
+            run = np.cumsum(sums)
+            c = int(run.searchsorted(u, side="right"))
+            if c >= len(run):                   # u at the very end (rounding): the last chunk with mass
+                c = int(np.flatnonzero(sums)[-1])
+            u -= run[c - 1] if c else 0.0
+            lo = c * _CHUNK
+            p = p[lo:lo + _CHUNK]
+        else:
+            lo = 0
+        i = int(np.cumsum(p).searchsorted(u, side="right"))
+        if i >= p.size:
+            i = int(np.flatnonzero(p)[-1])
+        return lo + i
 
     def logprob(self, logits: np.ndarray, token: int) -> float:
         """log softmax(logits)[token] (temperature 1)."""
         return float(self.log_softmax_at(logits, token))
 
     def log_softmax_at(self, logits: np.ndarray, ids):
-        """log softmax(logits)[ids] (temperature 1), computed in the scratch arrays."""
-        z, _ = self._scratch(logits.size)
+        """log softmax(logits)[ids] (temperature 1), computed in the scratch arrays, or from the
+        normaliser the draw just computed over the same logits (temperature 1, no top-k)."""
+        lse, self._lse = self._lse, None
+        if lse is not None and lse[0] is logits:
+            return logits.reshape(-1)[ids].astype(np.float64) - lse[1]
+        z = self._scratch(logits.size)
         np.copyto(z, logits.reshape(-1))
         top = z.max()
         picked = z[ids] - top

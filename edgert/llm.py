@@ -71,9 +71,9 @@ class LLM:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self.encode_messages(messages)
 
-    def encode_messages(self, messages: list[dict], thinking: bool = True, **template_kwargs) -> list[int]:
+    def encode_messages(self, messages: list[dict], thinking: bool = True, template_kwargs: dict | None = None) -> list[int]:
         """A conversation through the chat template (sandboxed) with the generation prompt, as token ids.
-        template_kwargs reach the template. thinking=False: an answer without reasoning. The template
+        template_kwargs (variable name -> value) reach the template, whatever their names. thinking=False: an answer without reasoning. The template
         gets enable_thinking=False (Qwen3 renders an empty think block), and where the rendering still
         opens <think> (R1-style templates do in the generation prompt) the block is closed as text,
         tokenized with the rendering: its last "\n" and the closing's first are one token, as in the
@@ -81,10 +81,9 @@ class LLM:
         that cannot fit the context raises PromptTooLong before it is tokenized."""
         if not self.chat_template:
             raise ValueError(f"{self.path}: this model has no chat template")
-        if not thinking:
-            template_kwargs = {"enable_thinking": False, **template_kwargs}
+        template_kwargs = {**({} if thinking else {"enable_thinking": False}), **(template_kwargs or {})}
         text = render_chat(self.chat_template, messages, add_generation_prompt=True,
-                           **{**self._template_vars, **template_kwargs})
+                           variables={**self._template_vars, **template_kwargs})
         check_prompt_length(text, self.context)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         start, end = self.think
@@ -96,14 +95,15 @@ class LLM:
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
         return ids
 
-    def turn_boundary(self, messages: list[dict], ids: list[int], render=None, **template_kwargs) -> tuple[int, ...]:
+    def turn_boundary(self, messages: list[dict], ids: list[int], render=None,
+                      template_kwargs: dict | None = None) -> tuple[int, ...]:
         """Recurrent models: where the next turn's prompt will depart from `ids`, the rendering of
         `messages` (the template renders an answer unlike how it was generated, e.g. without its
         reasoning), so the engine keeps the state there (generate's keep_state_at); KV-only models
         reuse any prefix and need nothing. render: messages -> ids (default: encode_messages)."""
         if not self.engine.recurrent:
             return ()
-        render = render or (lambda m: self.encode_messages(m, **template_kwargs))
+        render = render or (lambda m: self.encode_messages(m, template_kwargs=template_kwargs))
         try:
             after = render(messages + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}])
         except (PromptTooLong, ValueError):

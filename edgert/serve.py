@@ -55,6 +55,7 @@ PAGE = Path(__file__).parent / "web" / "chat.html"
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict | None = None):
+        message = message.encode("utf-8", "replace").decode("utf-8")     # (a lone surrogate cannot be sent)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type, param, code, headers
 
@@ -78,7 +79,10 @@ def field_(body: dict, name: str, kind, default=None, lo=None, hi=None, choices=
     names = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "an array", dict: "an object"}
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
+        try:
+            value, ok = float(value), True
+        except OverflowError:
+            raise bad(f"'{name}' must be a finite number", name) from None
     if not ok:
         raise bad(f"'{name}' must be {names[kind]}, not {type(value).__name__ if value is not None else 'null'}", name)
     if kind is float and not np.isfinite(value):
@@ -182,13 +186,17 @@ class Scheduler:
             self.stats["prompt_tokens"] += len(work.prompt_ids)
             self._open(work.jobs[0])            # the other choices copy its rows once it has prefilled
 
+    def _fail(self, work: Work, e: Exception):
+        """End one request with an error (its other choices too); the others go on."""
+        work.emit("error", f"{type(e).__name__}: {e}")
+        for j in [j for j in self.active if j.req is work]:
+            self._finish(j, None)
+
     def _open(self, job: Job):
         try:
             job.seq = self.engine.open(job.req.prompt_ids)
         except Exception as e:                  # fail this request only
-            job.req.emit("error", f"{type(e).__name__}: {e}")
-            for j in [j for j in self.active if j.req is job.req]:
-                self._finish(j, None)
+            self._fail(job.req, e)
             return
         self.engine.mark(job.seq, job.req.marks)
         if job.index == 0 and len(job.req.decodings) > 1:     # a recurrent model keeps its state there for the others
@@ -207,62 +215,82 @@ class Scheduler:
 
     def _run(self):
         while True:
-            with self.cond:
-                while not self.closing and not self.active and not any(not w.cancelled for w in self.waiting):
-                    self.waiting.clear()
-                    self.cond.wait()
-                if self.closing:
-                    return
-                for job in [j for j in self.active if j.req.cancelled or j.index in j.req.ended]:
-                    self._finish(job, None)
-                self._admit()
-            feed = {job.seq: job.feed[:PREFILL_CHUNK] for job in self.active if job.seq is not None}
-            if not feed:
-                continue
-            t0 = time.monotonic()
             try:
-                logits = self.engine.step(feed)
-            except Exception as e:              # ContextFull cannot happen (checked below); anything else ends the step's requests
-                for job in list(self.active):
-                    job.req.emit("error", f"{type(e).__name__}: {e}")
-                    self._finish(job, None)
-                continue
-            decoded = 0
+                if self._turn():
+                    return
+            except Exception as e:              # a bug: fail what is running, keep serving
+                with self.cond:
+                    for work in {j.req for j in self.active}:
+                        try:
+                            self._fail(work, e)
+                        except Exception:
+                            pass
+                    self.active.clear()
+
+    def _turn(self) -> bool:
+        """One scheduling turn: admit, one batched forward, sample each sequence. True: closing."""
+        with self.cond:
+            while not self.closing and not self.active and not any(not w.cancelled for w in self.waiting):
+                self.waiting.clear()
+                self.cond.wait()
+            if self.closing:
+                return True
+            for job in [j for j in self.active if j.req.cancelled or j.index in j.req.ended]:
+                self._finish(job, None)
+            self._admit()
+        feed = {job.seq: job.feed[:PREFILL_CHUNK] for job in self.active if job.seq is not None}
+        if not feed:
+            return False
+        t0 = time.monotonic()
+        try:
+            logits = self.engine.step(feed)
+        except Exception as e:              # ContextFull cannot happen (checked below); anything else ends the step's requests
             for job in list(self.active):
-                if job.seq not in feed:
-                    continue
-                fed = len(feed[job.seq])
-                del job.feed[:fed]
-                if job.feed:
-                    continue                    # still prefilling
-                if not job.prefilled:
-                    job.prefilled = True
-                else:
-                    decoded += 1
-                lg = logits[job.seq]
+                job.req.emit("error", f"{type(e).__name__}: {e}")
+                self._finish(job, None)
+            return False
+        decoded = 0
+        for job in list(self.active):
+            if job.seq not in feed:
+                continue
+            fed = len(feed[job.seq])
+            del job.feed[:fed]
+            if job.feed:
+                continue                    # still prefilling
+            if not job.prefilled:
+                job.prefilled = True
+            else:
+                decoded += 1
+            lg = logits[job.seq]
+            try:
                 step = job.dec.next(lg)
-                if step is None:
-                    self._finish(job, job.dec.stop_reason)
-                    continue
-                lp = _top_logprobs(job.dec.sampling, lg, step.id, job.req.logprobs) if job.req.logprobs is not None else None
-                job.req.emit("token", job.index, step, lp)
-                self.stats["generated_tokens"] += 1
-                if job.dec.stop_reason is not None:
-                    self._finish(job, job.dec.stop_reason)
-                elif len(job.seq.ids) >= self.engine.context:
-                    self._finish(job, "context")
-                else:
-                    job.feed = [step.id]
-            for job in [j for j in self.active if j.seq is None]:     # more choices: copy the first one's rows
-                first = job.req.jobs[0]
-                if first.prefilled or first not in self.active:
-                    self._open(job)
-            now = time.monotonic()
-            self.recent.append((now, decoded))
-            while self.recent and now - self.recent[0][0] > 60:
-                self.recent.popleft()
-            self.stats["steps"] += 1
-            self.stats["step_seconds"] += now - t0
+                lp = None if step is None or job.req.logprobs is None else \
+                    _top_logprobs(job.dec.sampling, lg, step.id, job.req.logprobs)
+            except Exception as e:          # a request's own sampling fails: that request only
+                self._fail(job.req, e)
+                continue
+            if step is None:
+                self._finish(job, job.dec.stop_reason)
+                continue
+            job.req.emit("token", job.index, step, lp)
+            self.stats["generated_tokens"] += 1
+            if job.dec.stop_reason is not None:
+                self._finish(job, job.dec.stop_reason)
+            elif len(job.seq.ids) >= self.engine.context:
+                self._finish(job, "context")
+            else:
+                job.feed = [step.id]
+        for job in [j for j in self.active if j.seq is None]:     # more choices: copy the first one's rows
+            first = job.req.jobs[0]
+            if first.prefilled or first not in self.active:
+                self._open(job)
+        now = time.monotonic()
+        self.recent.append((now, decoded))
+        while self.recent and now - self.recent[0][0] > 60:
+            self.recent.popleft()
+        self.stats["steps"] += 1
+        self.stats["step_seconds"] += now - t0
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,7 +474,7 @@ class Server:
     def _check_model(self, body):
         model = field_(body, "model", str)
         if model and model != self.model_id:
-            raise APIError(404, f"the model '{model}' does not exist; this server has '{self.model_id}'",
+            raise APIError(404, f"the model {model[:100]!r} does not exist; this server has '{self.model_id}'",
                            param="model", code="model_not_found")
 
     # -- request parsing -------------------------------------------------------------------------
@@ -480,7 +508,9 @@ class Server:
                         raise bad(f"messages[{i}].{k} must be a string", "messages")
                     msg["reasoning_content"] = m[k]
             for k in ("name", "tool_call_id"):
-                if isinstance(m.get(k), str):
+                if m.get(k) is not None:
+                    if not isinstance(m[k], str):
+                        raise bad(f"messages[{i}].{k} must be a string", "messages")
                     msg[k] = m[k]
             out.append(msg)
         return out
@@ -496,7 +526,7 @@ class Server:
             if not llm.chat_template:
                 raise bad("this model has no chat template: use /v1/completions", "messages")
             try:       # no reasoning asked for: the prompt closes the think block (see encode_messages)
-                ids = llm.encode_messages(messages, thinking=not self._no_thinking(body), **kwargs)
+                ids = llm.encode_messages(messages, thinking=not self._no_thinking(body), template_kwargs=kwargs)
             except PromptTooLong as e:
                 raise bad(str(e), "messages", "context_length_exceeded") from None
             except ValueError as e:                     # the template failed (syntax, raise_exception, sandbox)
@@ -533,9 +563,10 @@ class Server:
 
     def _options(self, body, chat: bool, prompt_len: int) -> dict:
         llm = self.llm
-        if "max_tokens" in body and "max_completion_tokens" in body and body["max_tokens"] != body["max_completion_tokens"]:
+        newer, older = field_(body, "max_completion_tokens", int, lo=1), field_(body, "max_tokens", int, lo=1)
+        if newer is not None and older is not None and newer != older:
             raise bad("give max_tokens or max_completion_tokens, not two different values", "max_tokens")
-        max_tokens = field_(body, "max_completion_tokens", int, lo=1) or field_(body, "max_tokens", int, lo=1)
+        max_tokens = newer or older
         room = llm.context - prompt_len
         limit = min(max_tokens or room, room)
         temperature = field_(body, "temperature", float, lo=0.0, hi=2.0)
@@ -553,6 +584,9 @@ class Server:
             raise bad("'stop' must be a non-empty string or an array of up to 16 of them", "stop")
         field_(body, "frequency_penalty", float, lo=-2.0, hi=2.0)
         field_(body, "presence_penalty", float, lo=-2.0, hi=2.0)
+        field_(body, "user", str)
+        self._unsupported(body)
+        bias = self._logit_bias(body)
         if chat:
             want = field_(body, "logprobs", bool, False)
             top = field_(body, "top_logprobs", int, 0, lo=0, hi=20)
@@ -574,9 +608,52 @@ class Server:
             budget = min(limit - room_for_answer, budget if budget is not None else limit)
         sampling = [llm.sampling(temperature, max(top_p, 1e-9) if top_p is not None else None, top_k,
                                  seed if seed is None or i == 0 else [seed, i]) for i in range(n)]
+        for smp in sampling:
+            smp.bias = bias
         return dict(limit=limit, sampling=sampling, n=n, stops=stops, logprobs=top if want else None,
                     stream=stream, include_usage=include_usage, budget=budget if thinking else None,
                     deadline_ms=deadline_ms if thinking else None)
+
+    @staticmethod
+    def _unsupported(body) -> None:
+        """response_format beyond text, tools and tool_choice beyond none/auto: this server cannot
+        constrain its output to a schema nor return tool calls, so it says so (400) rather than
+        answer as if it had."""
+        fmt = field_(body, "response_format", dict)
+        if fmt is not None:
+            kind = fmt.get("type")
+            if kind not in ("text", "json_object", "json_schema"):
+                raise bad("'response_format.type' must be text, json_object or json_schema", "response_format")
+            if kind != "text":
+                raise bad(f"response_format {kind} is not supported by this server (plain text only)", "response_format",
+                          "unsupported_parameter")
+        tools = field_(body, "tools", list)
+        if tools is not None and not all(isinstance(t, dict) for t in tools):
+            raise bad("'tools' must be an array of objects", "tools")
+        if tools:
+            raise bad("tool calling is not supported by this server", "tools", "unsupported_parameter")
+        choice = body.get("tool_choice")
+        if choice is not None and choice not in ("none", "auto"):
+            raise bad("'tool_choice' other than none or auto is not supported by this server (no tools)", "tool_choice",
+                      "unsupported_parameter")
+
+    def _logit_bias(self, body):
+        """logit_bias {token id (a string): bias in [-100, 100]} -> (ids, biases) added to every step's logits."""
+        raw = field_(body, "logit_bias", dict)
+        if not raw:
+            return None
+        if len(raw) > 1024:
+            raise bad("'logit_bias' holds at most 1024 token ids", "logit_bias")
+        vocab = self.llm.model.vocab
+        ids, values = [], []
+        for k, v in raw.items():
+            if not (k.isascii() and k.isdigit()) or int(k) >= vocab:
+                raise bad(f"'logit_bias' keys must be token ids between 0 and {vocab - 1}, not {k[:20]!r}", "logit_bias")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                raise bad(f"'logit_bias' values must be numbers between -100 and 100 (token {k})", "logit_bias")
+            ids.append(int(k))
+            values.append(float(v))
+        return np.array(ids, np.int64), np.array(values, np.float32)
 
     @staticmethod
     def _thinking_budget(body) -> int | None:
@@ -602,7 +679,7 @@ class Server:
         work = Work(loop, ids, [], o["logprobs"])
         if chat and llm.engine.recurrent:       # where the next turn will depart from this prompt
             kwargs = body.get("chat_template_kwargs") or {}
-            work.marks = await asyncio.to_thread(llm.turn_boundary, self._messages(body), ids, **kwargs)
+            work.marks = await asyncio.to_thread(llm.turn_boundary, self._messages(body), ids, template_kwargs=kwargs)
         deadline = None if o["deadline_ms"] is None else work.arrived + o["deadline_ms"] / 1000
         work.decodings = [Decoding(ids, o["limit"], s, stop_ids=llm.eos_ids, think=llm.think, think_budget=o["budget"],
                                    close_think_ids=self.close_ids, deadline=deadline) for s in o["sampling"]]
@@ -766,6 +843,11 @@ class Server:
             self._end(work, watcher)
 
     # -- the app ---------------------------------------------------------------------------------
+    def _model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "edgert",
+                "context_length": self.llm.context, "max_context_length": self.llm.manifest["context_length"],
+                "parallel": self.scheduler.engine.slots}
+
     def _app(self) -> Starlette:
         s = self
 
@@ -777,15 +859,21 @@ class Server:
 
         async def models(request):
             s._ready()
-            return JSONResponse({"object": "list", "data": [{
-                "id": s.model_id, "object": "model", "created": s.created, "owned_by": "edgert",
-                "context_length": s.llm.context, "max_context_length": s.llm.manifest["context_length"],
-                "parallel": s.scheduler.engine.slots}]})
+            return JSONResponse({"object": "list", "data": [s._model_card()]})
+
+        async def model(request):
+            s._ready()
+            if request.path_params["model"] != s.model_id:
+                raise APIError(404, f"the model {request.path_params['model'][:100]!r} does not exist; this server has "
+                               f"'{s.model_id}'", param="model", code="model_not_found")
+            return JSONResponse(s._model_card())
 
         async def health(request):
             if s.llm is None:
                 return JSONResponse({"status": "error" if s.load_error else "loading",
                                      **({"error": s.load_error} if s.load_error else {})}, 503)
+            if not s.scheduler.thread.is_alive():
+                return JSONResponse({"status": "error", "error": "the scheduler thread stopped"}, 503)
             return JSONResponse({"status": "ok", "slots_busy": len(s.scheduler.active),
                                  "slots": s.scheduler.engine.slots, "queue": len(s.scheduler.waiting)})
 
@@ -804,6 +892,10 @@ class Server:
                 if content is None:
                     raise bad("give 'content' (a string) or 'messages'", "content")
                 special = field_(body, "add_special", bool, False)
+                try:
+                    check_prompt_length(content, s.llm.context)
+                except PromptTooLong as e:
+                    raise bad(str(e), "content", "context_length_exceeded") from None
                 ids = await asyncio.to_thread(s._encode, content, special, "content")
             return JSONResponse({"tokens": ids, "count": len(ids)})
 
@@ -830,10 +922,13 @@ class Server:
             return APIError(exc.status_code, msg, kind, code=str(exc.status_code)).response()
 
         async def server_error(request, exc):
+            if isinstance(exc, ClientDisconnect):
+                return Response(status_code=499)
             return APIError(500, f"internal error: {type(exc).__name__}: {exc}"[:300], "server_error").response()
 
         routes = [Route("/", page), Route("/health", health), Route("/metrics", metrics),
-                  Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"]),
+                  Route("/v1/models", models), Route("/v1/models/{model:path}", model),
+                  Route("/v1/chat/completions", chat, methods=["POST"]),
                   Route("/v1/completions", completions, methods=["POST"]),
                   Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"])]
         app = Starlette(routes=routes, exception_handlers={APIError: api_error, HTTPException: http_error,
@@ -841,7 +936,7 @@ class Server:
         if self.cors_origins:
             from starlette.middleware.cors import CORSMiddleware
             app.add_middleware(CORSMiddleware, allow_origins=self.cors_origins, allow_methods=["GET", "POST"],
-                               allow_headers=["Authorization", "Content-Type"])
+                               allow_headers=["*"])
         return _Guard(app, self)
 
     def metrics(self) -> str:
@@ -902,6 +997,10 @@ class _Guard:
                     raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
                                    "authentication_error", code="invalid_api_key")
         except APIError as e:
+            origin = headers.get("origin")
+            if origin and (origin in s.cors_origins or "*" in s.cors_origins):    # a browser may read why
+                e.headers = {**(e.headers or {}), "Access-Control-Allow-Origin": "*" if "*" in s.cors_origins else origin,
+                             "Vary": "Origin"}
             await e.response()(scope, receive, counted)
         else:
             try:
@@ -984,17 +1083,24 @@ def serve(artifact, host="127.0.0.1", port=8080, api_key=None, parallel=1, conte
 
 
 def _protocol():
-    """uvicorn's h11 protocol, plus a deadline for a new connection's first headers: idle or
-    trickling connections would otherwise hold their place in the connection limit forever."""
+    """uvicorn's h11 protocol, plus a deadline for each request's headers: HEADER_SECONDS from a new
+    connection, and from the end of the previous response on a kept-alive one (uvicorn's keep-alive
+    timer starts again at every byte, so a byte every few seconds would hold the connection, and its
+    place in the connection limit, forever; so would a body the route never reads, trickled)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
         def connection_made(self, transport):
             super().connection_made(transport)
-            self.loop.call_later(HEADER_SECONDS, self._drop_if_silent)
+            self.loop.call_later(HEADER_SECONDS, self._drop_if_still, None)
 
-        def _drop_if_silent(self):
-            if self.cycle is None and not self.transport.is_closing():
+        def on_response_complete(self):
+            super().on_response_complete()
+            self.loop.call_later(HEADER_SECONDS, self._drop_if_still, self.cycle)
+
+        def _drop_if_still(self, cycle):
+            """No new request has begun since `cycle` (None: since the connection opened)."""
+            if self.cycle is cycle and not self.transport.is_closing():
                 self.transport.close()
     return Protocol
 

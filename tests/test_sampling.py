@@ -136,24 +136,58 @@ def test_nucleus_of_a_large_vocabulary_is_the_full_sorts(case, top_p):
     assert np.all(np.diff(p[got]) <= 0)                      # most likely first
 
 
-def test_log_probabilities_are_log_softmax_whatever_was_drawn_before():
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.0, 1.0), (1.0, 0.9)])
+def test_log_probabilities_are_log_softmax_whatever_was_drawn_before(temperature, top_p):
     """A vote's log-probability (Decoding(logprobs=True)) is log softmax(z)[token] at temperature 1,
     computed in the sampler's scratch arrays, which the previous draw (other logits, another
-    temperature) and a smaller vocabulary before it must not leak into; the arrays are kept."""
+    temperature) and a smaller vocabulary before it must not leak into; the arrays are kept. At
+    temperature 1 (no top-k) the draw's own sum of exp is the normaliser, reused only for the
+    logits drawn from: asked for other logits right after a draw, it is computed afresh."""
     from edgert.generate import Decoding
     rng = np.random.default_rng(3)
-    s = Sampling(0.7, seed=1)
+    s = Sampling(temperature, top_p=top_p, seed=1)
     s(rng.normal(0, 1, 6).astype(np.float32))
     dec = Decoding([1, 2], 10, s, logprobs=True)
     arrays = set()
+
+    def log_softmax(x):
+        x = x.astype(np.float64) - x.max()
+        return x - np.log(np.exp(x).sum())
     for _ in range(5):
         z = rng.normal(0, 4, VOCAB).astype(np.float32)
         step = dec.next(z)
-        ref = z.astype(np.float64) - z.max()
-        ref -= np.log(np.exp(ref).sum())
-        assert dec.logprobs[-1] == pytest.approx(ref[step.id], abs=1e-9)
+        assert dec.logprobs[-1] == pytest.approx(log_softmax(z)[step.id], abs=1e-9)
         arrays.add(id(s._z))
+        other = rng.normal(0, 4, VOCAB).astype(np.float32)
+        s(z)
+        assert s.logprob(other, 5) == pytest.approx(log_softmax(other)[5], abs=1e-9)
     assert len(arrays) == 1
+
+
+@pytest.mark.parametrize("vocab", [6, 2049, VOCAB])
+def test_the_two_level_search_is_the_cumulative_sums_and_skips_empty_ids(vocab):
+    """_inverse_cdf (chunk sums, then the chunk) returns what one cumulative sum over every id
+    returns, at chunk boundaries too, and never an id of mass 0: not at u = 0, not at u = the total
+    (rounding may put a draw there), not where whole chunks are empty (top-k)."""
+    rng = np.random.default_rng(vocab)
+    p = rng.uniform(0, 1, vocab)
+    p[rng.random(vocab) < 0.3] = 0.0
+    p[:2] = p[-2:] = 0.0
+    p[3] = 0.5
+    if vocab > 4096:
+        p[1024:3072] = 0.0                                   # two empty chunks
+    s = Sampling(1.0)
+    run = np.cumsum(p)
+    nonzero = np.flatnonzero(p)
+    for u in [0.0, run[-1], np.nextafter(run[-1], 2 * run[-1]), *run[nonzero[:20]], *(rng.random(200) * run[-1])]:
+        got = s._inverse_cdf(p, float(u))
+        assert p[got] > 0
+        want = min(int(run.searchsorted(u, side="right")), int(nonzero[-1]))
+        assert got == want, (u, got, want)
+    k = Sampling(1.0, top_k=3, seed=0)
+    logits = rng.normal(0, 1, vocab).astype(np.float32)
+    best = set(np.argsort(-logits)[:3].tolist())
+    assert {k(logits) for _ in range(300)} <= best
 
 
 @pytest.fixture(scope="module")

@@ -363,6 +363,20 @@ def test_errors_have_openai_shape_and_status(server, client):
         (json.dumps({"messages": msgs, "stream": "yes"}).encode(), None, "stream"),
         (b'{"messages": ' * 5000, "invalid_json", None),
         (b'{"messages": [{"role": "user", "content": "\\ud800 lone surrogate"}]}', None, "messages"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": 1' + b"0" * 400 + b"}", None, "temperature"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "top_p": -1' + b"0" * 400 + b"}", None, "top_p"),
+        (json.dumps({"messages": msgs, "max_tokens": -5, "max_completion_tokens": 5}).encode(), None, "max_tokens"),
+        (json.dumps({"messages": [{"role": "user", "content": "x", "name": 5}]}).encode(), None, "messages"),
+        (json.dumps({"messages": msgs, "user": 5}).encode(), None, "user"),
+        (json.dumps({"messages": msgs, "response_format": "x"}).encode(), None, "response_format"),
+        (json.dumps({"messages": msgs, "response_format": {"type": "bogus"}}).encode(), None, "response_format"),
+        (json.dumps({"messages": msgs, "tools": "x"}).encode(), None, "tools"),
+        (json.dumps({"messages": msgs, "tool_choice": {"x": 1}}).encode(), None, "tool_choice"),
+        (json.dumps({"messages": msgs, "logit_bias": "x"}).encode(), None, "logit_bias"),
+        (json.dumps({"messages": msgs, "logit_bias": {"abc": 5}}).encode(), None, "logit_bias"),
+        (json.dumps({"messages": msgs, "logit_bias": {"-1": 10}}).encode(), None, "logit_bias"),
+        (json.dumps({"messages": msgs, "logit_bias": {"5": 1000}}).encode(), None, "logit_bias"),
+        (json.dumps({"messages": msgs, "logit_bias": {"99999999": 1}}).encode(), None, "logit_bias"),
     ]
     for body, code, param in cases:
         r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=10)
@@ -383,6 +397,36 @@ def test_errors_have_openai_shape_and_status(server, client):
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4o", messages=msgs)
     assert err.value.code == "model_not_found"
+    r = httpx.post(url, content=b'{"model": "\\ud800", "messages": [{"role": "user", "content": "x"}]}')
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"         # echoed, not a 500
+    # what this server cannot do is refused in one line, not answered as if done
+    for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+                         ({"tool_choice": "required"}, "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL(client), messages=msgs, **extra)
+        assert err.value.code == "unsupported_parameter" and err.value.param == param
+    ok = client.chat.completions.create(model=MODEL(client), messages=msgs, temperature=0, response_format={"type": "text"},
+                                        tools=[], tool_choice="none", max_tokens=3)
+    assert ok.choices[0].finish_reason == "length"
+    # null is unset; template variables of any name reach the template (never a 500 for a Python parameter's name)
+    r = httpx.post(url, json={"messages": msgs, "max_tokens": None, "max_completion_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    for kw in ({"thinking": 1}, {"self": 1}, {"template": "x"}, {"limits": 1}, {"render": 1}, {"ids": 1}):
+        r = httpx.post(url, json={"messages": msgs, "max_tokens": 2, "chat_template_kwargs": kw})
+        assert r.status_code == 200, (kw, r.text)
+        r = httpx.post(server.url + "/tokenize", json={"messages": msgs, "chat_template_kwargs": kw})
+        assert r.status_code == 200 and r.json()["count"] > 5, (kw, r.text)
+    r = httpx.post(server.url + "/tokenize", json={"content": "a" * 3_000_000})    # the prompts' cap, before tokenizing
+    assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
+    # a temperature so small that 1/T overflows is as greedy
+    tiny = httpx.post(url, json={"messages": msgs, "temperature": 1e-310, "seed": 1}, timeout=60)
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["message"]["content"] == f"The answer is {DEMO.answer}."
+    # the model is retrievable by id (openai's models.retrieve)
+    assert client.models.retrieve(MODEL(client)).id == MODEL(client)
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
     r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "\\ud800"}')
     assert r.status_code == 400 and error_of(r)["param"] == "prompt"
     r = httpx.get(server.url + "/v1/nothing")
@@ -425,6 +469,15 @@ def test_key_queue_limit_loading_and_cors(art):
         r = httpx.options(s.url + "/v1/chat/completions", headers={"Origin": "http://app.example",
                                                                    "Access-Control-Request-Method": "POST"})
         assert r.headers.get("access-control-allow-origin") == "http://app.example"
+        # the OpenAI SDKs' own headers pass the preflight; a refused key is readable by the page
+        r = httpx.options(s.url + "/v1/chat/completions", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,x-stainless-lang"})
+        assert r.status_code == 200 and r.headers.get("access-control-allow-origin") == "http://app.example", r.text
+        r = httpx.get(s.url + "/v1/models", headers={"Origin": "http://app.example"})
+        assert r.status_code == 401 and r.headers.get("access-control-allow-origin") == "http://app.example"
+        r = httpx.get(s.url + "/v1/models", headers={"Origin": "http://evil.example"})
+        assert r.status_code == 401 and "access-control-allow-origin" not in r.headers
         # a queue of 0 past one slot: concurrent requests beyond it get 429 + Retry-After, and nothing breaks
         body = {"prompt": "<｜begin▁of▁sentence｜>1", "max_tokens": 200, "temperature": 0}
 
@@ -488,6 +541,15 @@ def test_disconnect_frees_the_slot_and_metrics(server, client):
     assert m["edgert_slots_busy"] == 0 and m["edgert_requests_in_flight"] == 0 and m["edgert_queue_depth"] == 0
     assert m["edgert_generated_tokens_total"] > before["edgert_generated_tokens_total"]
     assert m['edgert_requests_total{endpoint="/v1/completions",status="200"}'] >= 3
+    for _ in range(2):      # a client that leaves mid-body is not a server error
+        half = socket.create_connection(("127.0.0.1", server.port))
+        half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+        time.sleep(0.2)
+        half.close()
+    time.sleep(0.5)
+    m = server.metrics()
+    assert not [k for k in m if 'status="500"' in k], m
     assert m["edgert_model_loaded"] == 1
     assert ask(client, DEMO).choices[0].message.content == f"The answer is {DEMO.answer}."
 
@@ -522,6 +584,58 @@ def test_cancel_stops_generation_within_one_step(art):
     sched.close()
     assert reason is None and at_cancel < llm.context - len(ids)           # cancelled, not run to the end
     assert sched.stats["generated_tokens"] - at_cancel <= 1 and tokens == sched.stats["generated_tokens"]
+
+
+def test_a_request_whose_sampling_fails_ends_alone(art):
+    """In process, the scheduler itself: a sequence whose sampler raises ends its own request with
+    an error; the request beside it in the same batch runs to its end, and the thread lives on."""
+    import asyncio
+    import edgert
+    from edgert.generate import Decoding, Sampling
+    from edgert.serve import Scheduler, Work
+
+    class Broken(Sampling):
+        def __call__(self, logits):
+            raise ValueError("broken on purpose")
+    llm = edgert.load(art, threads=1, slots=2)
+    sched = Scheduler(llm.engine, 4)
+    ids = llm.tokenizer.encode("<｜begin▁of▁sentence｜>1", add_special_tokens=False)
+
+    async def collect(work):
+        out = []
+        while not out or out[-1][0] != "done":
+            out.append(await asyncio.wait_for(work.events.get(), 20))
+        return out
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        bad = Work(loop, ids, [Decoding(ids, 5, Broken(0.0))], None)
+        good = Work(loop, ids, [Decoding(ids, 5, Sampling(0.0))], None)
+        with sched.cond:                    # admitted together: one batch, sampled in the same turn
+            sched.submit(bad)
+            sched.submit(good)
+        return await collect(bad), await collect(good)
+    try:
+        bad, good = asyncio.run(run())
+        assert any(e[0] == "error" and "broken on purpose" in e[1] for e in bad), bad
+        assert [e[0] for e in good].count("token") == 5 and good[-1][2] == "length"
+        assert sched.thread.is_alive() and not sched.active
+    finally:
+        sched.close()
+
+
+def test_logit_bias_moves_the_choice(server, client):
+    """logit_bias {id: 100} makes greedy decoding pick that token every step; -100 keeps it out."""
+    seven = httpx.post(server.url + "/tokenize", json={"content": "7"}).json()["tokens"]
+    assert len(seven) == 1
+    body = {"prompt": "<｜begin▁of▁sentence｜>1", "max_tokens": 3, "temperature": 0}
+    forced = httpx.post(server.url + "/v1/completions", json={**body, "logit_bias": {str(seven[0]): 100}}, timeout=30)
+    assert forced.status_code == 200 and forced.json()["choices"][0]["text"] == "777", forced.text
+    plain = httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+    first = httpx.post(server.url + "/tokenize", json={"content": plain}).json()["tokens"][0]
+    banned = httpx.post(server.url + "/v1/completions", json={**body, "logit_bias": {str(first): -100}}, timeout=30)
+    assert banned.status_code == 200
+    assert httpx.post(server.url + "/tokenize", json={"content": banned.json()["choices"][0]["text"]}).json()["tokens"][0] != first
 
 
 def test_concurrent_clients_lose_nothing_and_answer_as_alone(server):
@@ -613,17 +727,41 @@ def test_hostile_clients_do_not_disturb_others(server, client):
 
 def test_idle_connections_are_dropped(server):
     """A connection that never completes its first request's headers is closed after 10 s, so idle
-    floods cannot hold the connection limit."""
+    floods cannot hold the connection limit; so is a kept-alive one whose next request's headers
+    trickle in a byte at a time (each byte would restart uvicorn's keep-alive timer), and one whose
+    body, which the route never reads, trickles."""
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
     idle[0].sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0")
+    kept = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    kept[0].sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    kept[1].sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n")
     try:
         t0 = time.time()
+        for k in kept:
+            k.settimeout(5)
+            assert k.recv(1000).startswith(b"HTTP/1.1 200")
+        closed, end = set(), time.time() + 25
+        while len(closed) < 2 and time.time() < end:
+            for i, k in enumerate(kept):
+                if i in closed:
+                    continue
+                try:
+                    k.sendall(b"G" if i == 0 else b"x")
+                    k.settimeout(0.05)
+                    if k.recv(100) == b"":
+                        closed.add(i)
+                except socket.timeout:
+                    pass
+                except OSError:
+                    closed.add(i)
+            time.sleep(1)
+        assert closed == {0, 1} and time.time() - t0 < 15
         for s in idle:
             s.settimeout(20)
             assert s.recv(100) == b""            # closed by the server
         assert 9 < time.time() - t0 < 15
     finally:
-        for s in idle:
+        for s in idle + kept:
             s.close()
 
 
