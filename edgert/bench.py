@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .artifact import bytes_per_weight, read_json
+from .artifact import bytes_per_weight, read_json, read_manifest
 from .generate import Sampling, Stats, generate
 from .device import available_memory, kv_bytes, state_bytes
 from .model import Model
@@ -116,13 +116,20 @@ def _spread(result: dict, key: str, values: list[float]) -> None:
     result[key], result[key + "_min"], result[key + "_max"] = statistics.median(values), min(values), max(values)
 
 
-def bench_context(prompt_tokens: int, gen_tokens: int, context: int | None) -> int:
-    """The KV cache a bench run allocates (checked before anything is loaded or built)."""
+def bench_context(prompt_tokens: int, gen_tokens: int, context: int | None, most: int | None = None) -> int:
+    """The KV cache a bench run allocates (checked before anything is loaded or built): --context, or
+    what the run needs (at least 256, at most `most`, the artifact's own context)."""
     if gen_tokens < 2:
         raise ValueError("--gen-tokens must be at least 2: the first token comes from prefill, decode is timed from the second")
     if context and context < prompt_tokens + gen_tokens:
         raise ValueError(f"--context {context} cannot hold --prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens}")
-    return context or max(prompt_tokens + gen_tokens + 1, 256)
+    if context:
+        return context
+    need = prompt_tokens + gen_tokens
+    if most is not None and need > most:
+        raise ValueError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} do not fit this artifact's "
+                         f"{most}-token context")
+    return min(max(need + 1, 256), most or 1 << 62)
 
 
 def batch_decode(model: Model, ids: list[int], steps: int, n: int) -> float:
@@ -143,8 +150,8 @@ def batch_decode(model: Model, ids: list[int], steps: int, n: int) -> float:
 def bench(path, prompt_tokens: int = 128, gen_tokens: int = 64, repeat: int = 3, threads: int | None = None,
           context: int | None = None, seed: int = 0, strategy: str | None = None, probe_seconds: float = 1.0,
           max_memory=None, batch: int = 1) -> dict:
-    context = bench_context(prompt_tokens, gen_tokens, context)
     path = Path(path)
+    context = bench_context(prompt_tokens, gen_tokens, context, read_manifest(path)["context_length"])
     cpu = cpu_info()
     _progress("bench: loading")
     t0 = time.perf_counter()

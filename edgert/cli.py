@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,12 @@ class TokenWriter:
         self.out.flush()
 
 
+def _finite(value, flag: str):
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{flag} must be a finite number, not {value}")
+    return value
+
+
 def fail(message: str, code: int = 1):
     typer.echo(f"edgert: error: {message}", err=True)
     raise typer.Exit(code)
@@ -58,7 +65,7 @@ def export(
     bits: int = typer.Option(4, help="Weight bits for attention and MLP/expert projections: 4, 8, or 32 (fp32 reference)."),
     block_size: Optional[int] = typer.Option(None, help="Quantization block size along the input dimension (16-256, power of two) [default: int8 32; int4 per projection, 128 where its input width holds at least two blocks of 128, else 64 by the same rule, else 32; embeddings and lm_head 32; the optimum route 32]."),
     embed_bits: int = typer.Option(8, help="Bits for embeddings and lm_head: 8, 32, or 4 (faster decode, less faithful; ignored with --bits 32)."),
-    context: Optional[int] = typer.Option(None, help="Longest context the artifact supports [default: model's, at most 32768]."),
+    context: Optional[int] = typer.Option(None, min=2, help="Longest context the artifact supports [default: model's, at most 32768]."),
     recipe: str = typer.Option("gptq", help="How int4 weights are chosen: gptq (calibrated, most accurate), search (block clipping search, no calibration) or rtn (plain round-to-nearest)."),
     calib: Optional[Path] = typer.Option(None, help="Calibration for --recipe gptq: 'self' (text the model samples itself, seeded), 'built-in' (stories, prose, arithmetic and code) or a UTF-8 text file [default: self]."),
     bits_per_weight: Optional[float] = typer.Option(None, help="Byte budget for the attention/MLP projections in bits per weight (e.g. 4.5; scales and zero points count): mixed int4 block sizes and int8 by measured sensitivity, recorded per tensor in edgert.json."),
@@ -98,10 +105,11 @@ def run(
     artifact: Path = typer.Argument(..., help="Artifact folder made by `edgert export`."),
     prompt: Optional[str] = typer.Argument(None, help="Prompt text; read from stdin when omitted."),
     max_tokens: int = typer.Option(256, min=1, help="Most tokens to generate."),
-    temperature: Optional[float] = typer.Option(None, min=0.0, help="0 = greedy [default: the model's generation config]."),
+    temperature: Optional[float] = typer.Option(None, min=0.0, callback=lambda v: _finite(v, "--temperature"),
+                                                help="0 = greedy [default: the model's generation config]."),
     top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Nucleus sampling mass."),
     top_k: Optional[int] = typer.Option(None, min=0, help="Sample among the k most likely tokens (0 = all)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    seed: Optional[int] = typer.Option(None, min=0, help="Random seed for sampling."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is (no chat template), with the tokenizer's BOS."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of streaming text."),
@@ -208,10 +216,11 @@ def chat(
     system: Optional[str] = typer.Option(None, help="System message (/system TEXT changes it)."),
     think_budget: Optional[int] = typer.Option(None, min=0, help="Close the <think> reasoning of each answer after N tokens (/think N)."),
     max_tokens: Optional[int] = typer.Option(None, min=1, help="Most tokens per answer [default: up to the end of the context]."),
-    temperature: Optional[float] = typer.Option(None, min=0.0, help="0 = greedy [default: the model's generation config]."),
+    temperature: Optional[float] = typer.Option(None, min=0.0, callback=lambda v: _finite(v, "--temperature"),
+                                                help="0 = greedy [default: the model's generation config]."),
     top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Nucleus sampling mass."),
     top_k: Optional[int] = typer.Option(None, min=0, help="Sample among the k most likely tokens (0 = all)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    seed: Optional[int] = typer.Option(None, min=0, help="Random seed for sampling."),
     context: Optional[int] = typer.Option(None, min=1, help="KV cache size in tokens, the conversation's memory [default: min(model, 4096)]."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads [default: the fast physical cores]."),
     moe_strategy: Optional[str] = typer.Option(None, help="Which graph of the artifact: qmoe or plain (MoE), fused or default (hybrid models; fused needs onnxruntime >= 1.25); each with a +kv8gqa twin in int8-cache artifacts (onnxruntime >= 1.27) [default: the fastest for this onnxruntime]."),
@@ -238,7 +247,7 @@ def chat(
         typer.echo(f"edgert chat: {artifact}, {llm.context}-token context. {CHAT_COMMANDS}. Ctrl+D leaves.", err=True)
     writer = TokenWriter(sys.stdout, sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    interrupted = False
+    interrupted, failed = False, 0
     while True:
         try:
             line = input(">>> " if tty else "")
@@ -260,11 +269,14 @@ def chat(
                 _chat_turn(conv, line[1:] if line.startswith("//") else line, writer, sampling)
         except (ValueError, OSError) as e:
             typer.echo(f"edgert: {e}", err=True)
+            failed += 1
         except KeyboardInterrupt:
             writer.end()
             typer.echo("\n[stopped]", err=True)
     if tty:
         typer.echo("", err=True)
+    elif failed:                              # a script learns that lines failed (a terminal user saw each)
+        raise typer.Exit(1)
 
 
 def _chat_turn(conv, text: str, writer: TokenWriter, sampling: dict) -> None:
@@ -380,6 +392,12 @@ def bench(
         fail("give an artifact folder or --synthetic SHAPE (one of them)")
     if bits is not None and not synthetic:
         fail("--bits applies to --synthetic models only (an artifact's bits are fixed at export)")
+    if json_out not in (None, "-"):           # where the results go is checked before the run, not after
+        target = Path(json_out)
+        if target.is_dir() or (target.exists() and not target.is_file()):
+            fail(f"--json {json_out}: not a file")
+        if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+            fail(f"--json {json_out}: cannot write there (no such folder, or no permission)")
     try:
         if synthetic:
             artifact = synthetic_artifact(synthetic, bits or 4, bench_context(prompt_tokens, gen_tokens, context))
@@ -393,7 +411,17 @@ def bench(
         return
     typer.echo(table(result))
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        import tempfile
+        tmp = None
+        try:                                  # all or nothing: a full disk leaves no empty file
+            fd, tmp = tempfile.mkstemp(dir=Path(json_out).parent, prefix=f".{Path(json_out).name}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, json_out)
+        except OSError as e:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+            fail(f"--json {json_out}: cannot write it ({e.strerror or e})")
 
 
 @app.command("eval")
@@ -436,6 +464,17 @@ def eval_(
                    f"file {q.get('bits_per_weight', 0):.2f} bits/weight")
 
 
+def _is_demo(out: Path, src: Path, bits: int) -> bool:
+    """Whether `out` is a loadable export of the bundled model at `bits` (its tokenizer, its precision)."""
+    from .artifact import ArtifactError, read_manifest
+    from .llm import _vocabulary
+    try:
+        m = read_manifest(out)
+    except (ArtifactError, OSError, ValueError):
+        return False
+    return m.get("quantization", {}).get("attention") == bits and _vocabulary(out) == _vocabulary(src)
+
+
 DEMO_PROMPT = "What is (9-5)*7+2+2?"   # one of the fixture's held-out problems (tests/test_fixtures.py)
 
 
@@ -458,8 +497,14 @@ def demo(
         fail(f"the bundled reasoning model is missing from {src}: reinstall edgert")
     # the cache key holds a hash of the weights, so an upgraded fixture is exported again
     weights = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()[:12]
+    cached = out is None
     out = out or (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgert"
                   / f"demo-reasoning-qwen2-{bits}bit-{weights}")
+    if (out / "edgert.json").is_file() and not _is_demo(out, src, bits):
+        if not cached:
+            fail(f"--out {out} holds another artifact than the {bits}-bit demo (or a damaged one): choose another folder")
+        import shutil
+        shutil.rmtree(out)                   # our own cache folder, damaged: exported again below
     try:
         if not (out / "edgert.json").is_file():
             m = do_export(src, out, bits=bits, force=True, progress=False)
@@ -538,7 +583,24 @@ def _bench_json_value(args: list[str]) -> list[str]:
 
 
 def main():
-    app(args=_bench_json_value(sys.argv[1:]))
+    # a closed stdin/stdout/stderr (`<&-`, `>&-`): read nothing, write nowhere, rather than fail on None
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode))
+    try:
+        try:
+            app(args=_bench_json_value(sys.argv[1:]))
+        finally:
+            sys.stdout.flush()        # here, where a failed write can still be reported
+    except OSError as e:              # the output could not be written (a full disk, /dev/full, a closed pipe)
+        if isinstance(e, BrokenPipeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # no second error at exit
+            sys.exit(141)
+        try:
+            sys.stderr.write(f"edgert: error: cannot write the output: {e.strerror or e}\n")
+        except OSError:
+            pass
+        sys.exit(1)
 
 
 if __name__ == "__main__":

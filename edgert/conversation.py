@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,17 @@ from .llm import LLM, PromptTooLong, Token
 FORMAT = "edgert-chat"
 ROLES = ("system", "user", "assistant")
 MAX_FILE = 64 << 20          # a saved conversation is text for one context: far below this
+
+
+def _saved_here(path: Path) -> bool:
+    """Whether `path` holds a conversation written by Conversation.save (its "format" field)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE + 1)
+        data = json.loads(raw.decode("utf-8")) if len(raw) <= MAX_FILE else None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
 
 
 @dataclass
@@ -169,14 +181,33 @@ class Conversation:
         return {"role": "assistant", "content": answer.lstrip("\n"), "reasoning_content": reasoning.strip("\n")}
 
     def save(self, path) -> None:
-        """Write the conversation as JSON ({"format", "messages"}), atomically."""
+        """Write the conversation as JSON ({"format", "messages"}), atomically. An existing file is
+        replaced only when it is itself a conversation saved here (keeping its permissions); any other
+        file, a link or a device is refused: /save must never destroy what it did not write."""
         path = Path(path)
         data = json.dumps({"format": FORMAT, "version": 1, "messages": self.messages}, ensure_ascii=False, indent=1)
+        mode = None
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask                  # as a plain new file (mkstemp's would be 0600)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot write it ({e.strerror or type(e).__name__})") from None
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{path}: exists and is not a regular file (a link, folder or device); not replaced")
+            if not _saved_here(path):
+                raise ValueError(f"{path}: exists and is not a conversation saved by edgert; not replaced "
+                                 f"(choose another name or remove it)")
+            mode = stat.S_IMODE(st.st_mode)
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(data + "\n")
+            os.chmod(tmp, mode)
             os.replace(tmp, path)
         except BaseException as e:
             if tmp is not None and os.path.exists(tmp):

@@ -79,7 +79,7 @@ class ArtifactScorer:
         return self.model.forward(ids, num_logits=len(ids))
 
 
-def open_scorer(path, window: int, threads: int | None = None):
+def open_scorer(path, window: int | None, threads: int | None = None):
     path = Path(path)
     if (path / "edgert.json").is_file():
         return ArtifactScorer(path, window, threads)
@@ -120,15 +120,22 @@ def evaluate(artifact, text: str | None = None, reference=None, window: int | No
     text = sample_text() if text is None else text
     if not text.strip():
         raise EvalError("the text is empty")
+    asked = window
     scorer = ArtifactScorer(artifact, window, threads, moe_strategy)
     window = scorer.window
-    ref = open_scorer(reference, window, threads) if reference is not None else None
+    if window < 2:
+        raise EvalError(f"{artifact}'s context holds {window} token: a window needs at least 2 (one to condition on, "
+                        f"one to score); re-export with a longer --context")
+    # an unasked window: the reference opens at its own default, and the shorter context wins (below)
+    ref = open_scorer(reference, window if asked is not None else None, threads) if reference is not None else None
     ids = scorer.tokenizer.encode(text, add_special_tokens=True)
     if ref is not None:
         if ref.tokenizer.encode(text, add_special_tokens=True) != ids:
             raise EvalError(f"{reference} tokenizes the text differently from {artifact}: they do not share a tokenizer")
         if ref.context is not None and window > ref.context:
-            raise EvalError(f"--window {window} is longer than the reference's context ({ref.context} tokens)")
+            if asked is not None or ref.context < 2:
+                raise EvalError(f"--window {window} is longer than the reference's context ({ref.context} tokens)")
+            window = ref.context                    # the default: the shorter of the two contexts
     windows = split_windows(ids, window)
     if not windows:
         raise EvalError(f"the text is {len(ids)} token(s) long: nothing to score (a window needs at least 2)")
@@ -147,6 +154,9 @@ def evaluate(artifact, text: str | None = None, reference=None, window: int | No
               "seconds": round(time.perf_counter() - t0, 3), "quantization": quantization_summary(scorer.manifest)}
     if ref is not None:
         result.update(kld=float(totals["kl"] / n), top1=totals["top1"] / n, ref_ppl=float(np.exp(totals["ref_nll"] / n)))
+    for key, who in (("ppl", artifact), ("ref_ppl", reference), ("kld", reference)):
+        if key in result and not np.isfinite(result[key]):
+            raise EvalError(f"{who} gives logits that are not finite (NaN or infinite weights?): no {key} to report")
     return result
 
 

@@ -46,7 +46,8 @@ class Sampling:
                 order = head[np.argsort(-p[head])]
         if order is None:
             order = np.argsort(-p)
-        return order[np.cumsum(p[order]) - p[order] < self.top_p]
+        kept = int(np.count_nonzero(np.cumsum(p[order]) - p[order] < self.top_p))
+        return order[:max(kept, 1)]         # (top_p 0: the likeliest alone)
 
     def __call__(self, logits: np.ndarray) -> int:
         self._lse = None

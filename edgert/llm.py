@@ -52,6 +52,7 @@ class LLM:
         from .artifact import ArtifactError
         from .generate import ModelDrafter
         from .artifact import read_manifest
+        read_manifest(Path(path))            # a missing or damaged draft says so first
         if _vocabulary(Path(path)) != _vocabulary(self.path):
             raise ArtifactError(f"{path}: the draft model's tokenizer differs from {self.path}'s; speculation needs "
                                 f"the same token ids")

@@ -199,6 +199,13 @@ class Model:
         self.cache = [np.zeros((slots, *shape), dtype) for _ in kv_layers for dtype, shape in layout.values()]
         self._cache_names = [(f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}")
                              for layer in kv_layers for kind in layout]
+        graph_inputs = {i.name: i.type for i in self.session.get_inputs()}
+        for buf, (past, _) in zip(self.cache, self._cache_names):    # edgert.json and the graph must agree
+            want = {np.float32: "tensor(float)", np.float16: "tensor(float16)", np.int8: "tensor(int8)"}[buf.dtype.type]
+            if graph_inputs.get(past) != want:
+                raise ArtifactError(f"{self.path}: edgert.json does not match the graph (its KV cache "
+                                    f"{self.kv_cache!r} needs input {past} of {want}, the graph has "
+                                    f"{graph_inputs.get(past, 'none')}): the manifest was edited; re-export")
         # the position axis of each buffer, where run() writes new rows (None: the graph writes in place)
         self._row_axis = [3 if kind != "value" else 2 for _ in kv_layers for kind in layout] \
             if not self.kv_in_place else None

@@ -737,6 +737,10 @@ class Tokenizer:
             raise ValueError(f"{file}: malformed tokenizer.json ({type(e).__name__}: {_first_line(e)})") from None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:          # lone surrogates: bytes that were not UTF-8 (argv, a terminal)
+            raise ValueError("the text is not valid UTF-8 (it holds undecodable bytes)") from None
         if self.backend != "python":
             return self._impl.encode(text, add_special_tokens)
         with _time_bound(ENCODE_SECONDS + ENCODE_SECONDS_PER_MB * len(text) / 1e6):

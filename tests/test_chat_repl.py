@@ -177,6 +177,30 @@ def test_save_and_load_restore_the_conversation(artifact, fresh, tmp_path):
     assert other.messages == before
     with pytest.raises(ValueError, match="cannot write"):
         other.save(tmp_path / "missing" / "chat.json")
+    # /save never destroys what it did not write: another file, a link, a folder; its own file is replaced
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    precious.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "chat.json")
+    for path, fragment in [(precious, "not a conversation saved by edgert"), (link, "not a regular file"),
+                           (tmp_path, "not a regular file"), (tmp_path / "bad.json", "not a conversation saved")]:
+        with pytest.raises(ValueError, match=fragment):
+            other.save(path)
+    assert precious.read_text() == "keep me" and link.is_symlink()
+    (tmp_path / "chat.json").chmod(0o640)
+    other.save(tmp_path / "chat.json")
+    assert json.loads((tmp_path / "chat.json").read_text())["messages"] == other.messages
+    assert (tmp_path / "chat.json").stat().st_mode & 0o777 == 0o640
+    other.save(tmp_path / "new.json")
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
 
 
 # ---- `edgert chat` in a pseudo-terminal ----
@@ -326,7 +350,7 @@ def test_chat_reads_lines_from_a_pipe(artifact, fresh):
     lines = "\n".join([QUESTIONS[0], "/stats", QUESTIONS[1], "/nonsense"]) + "\n"
     r = subprocess.run([sys.executable, "-m", "edgert.cli", "chat", str(artifact), "--temperature", "0",
                         "--threads", "1"], input=lines, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr        # a line failed: a script learns it
     from edgert.cli import CHAT_COMMANDS
     _, _, first = fresh([{"role": "user", "content": QUESTIONS[0]}])
     assert r.stdout.startswith(first + "\nlast turn: prompt 18 tokens, 0 reused")

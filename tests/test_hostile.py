@@ -805,3 +805,82 @@ def test_lock_without_flock(tmp_path, monkeypatch):
     taken.acquire()
     assert (tmp_path / ".out.lock").read_text().strip() == str(os.getpid())
     taken.release()
+
+
+# -- the 2026-12-04 audit: flags, closed and full streams, outputs, edited manifests -----------------
+
+def test_run_flags_and_streams_the_audit_found(base, tmp_path):
+    """Each of these once gave a traceback or a wrong answer; now one line (or a correct run)."""
+    for args, fragment in [(("--temperature", "inf"), "finite"), (("--temperature", "nan"), "--temperature"),
+                           (("--seed", "-1"), "--seed")]:
+        r = cli("run", base, "1+1", "--max-tokens", "2", *args)
+        assert_bounded(r, args)
+        assert r.rc == 2 and fragment in r.stderr, (args, r.stderr)           # typer's usage error
+    r = cli("run", base, "1+1", "--max-tokens", "3", "--top-p", "0", "--temperature", "1", "--seed", "1")
+    assert_bounded(r)
+    assert r.rc == 0 and r.stdout.strip()                                     # top-p 0: the likeliest token
+    assert_one_line(cli("run", base, "1+1", "--draft", tmp_path / "nope"), "no such")
+    bad = subprocess.run([sys.executable, "-m", "edgert.cli", "run", str(base), b"1+\xff1"], capture_output=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=WALL)
+    assert bad.returncode == 1 and b"not valid UTF-8" in bad.stderr and b"Traceback" not in bad.stderr
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for out in ("--json", None):                   # a full disk on stdout: one line, exit 1
+        with open("/dev/full", "w") as full:
+            p = subprocess.run([sys.executable, "-m", "edgert.cli", "run", str(base), "1+1", "--max-tokens", "2",
+                                *([out] if out else [])], stdout=full, stderr=subprocess.PIPE, env=env, timeout=WALL)
+        lines = p.stderr.decode().strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("edgert: error:"), p.stderr
+    closed = subprocess.run(f"{sys.executable} -m edgert.cli run {base} <&-", shell=True, capture_output=True,
+                            env=env, timeout=WALL)
+    assert closed.returncode == 1 and b"prompt is empty" in closed.stderr and b"Traceback" not in closed.stderr
+    closed = subprocess.run(f"{sys.executable} -m edgert.cli run {base} 1+1 --max-tokens 2 >&-", shell=True,
+                            capture_output=True, env=env, timeout=WALL)
+    assert closed.returncode == 0 and b"Traceback" not in closed.stderr
+
+
+def test_bench_json_target_checked_before_the_run_and_defaults_fit_small_contexts(tmp_path):
+    from edgert_export import export
+    small = tmp_path / "c64"
+    export(ROOT / "export" / "data" / "stories260K", small, bits=4, recipe="rtn", context=64, progress=False)
+    for target, fragment in [(tmp_path, "not a file"), (tmp_path / "no" / "x.json", "cannot write there")]:
+        r = assert_one_line(cli("bench", small, "--json", target), fragment)
+    r = cli("bench", small, "--repeat", "1", "--prompt-tokens", "8", "--gen-tokens", "4", "--json", tmp_path / "b.json")
+    assert_bounded(r)
+    assert r.rc == 0 and json.loads((tmp_path / "b.json").read_text())["gen_tokens"] == 4, r.stderr
+    assert_one_line(cli("bench", small, "--prompt-tokens", "600"), "do not fit", "64-token")
+    r = cli("export", ROOT / "export" / "data" / "stories260K", "-o", tmp_path / "c1", "--context", "1")
+    assert r.rc == 2 and not (tmp_path / "c1").exists()
+    # eval against a reference of a shorter context: the default window is the shorter of the two
+    r = cli("eval", base_of(tmp_path), "--reference", small, "--json")
+    assert_bounded(r)
+    assert r.rc == 0 and json.loads(r.stdout)["window"] == 64, r.stderr
+
+
+def base_of(tmp_path: Path) -> Path:
+    """stories260K at int4, its full 512-token context (the reference of the eval case above)."""
+    from edgert_export import export
+    out = tmp_path / "s512"
+    export(ROOT / "export" / "data" / "stories260K", out, bits=4, recipe="rtn", progress=False)
+    return out
+
+
+def test_a_manifest_edited_against_its_graph_is_one_line(art):
+    edit_manifest(art, lambda m: m["quantization"].__setitem__("kv_cache", "fp32"))
+    assert_one_line(cli("run", art, "1+1"), "does not match the graph")
+
+
+def test_piped_chat_exits_1_when_a_line_failed(base, tmp_path):
+    r = cli("chat", base, "--max-tokens", "2", stdin=open(_write(tmp_path / "in.txt", "/load nothing.json\n1+1\n")))
+    assert_bounded(r)
+    assert r.rc == 1 and "cannot read" in r.stderr
+    r = cli("chat", base, "--max-tokens", "2", stdin=open(_write(tmp_path / "ok.txt", "1+1\n")))
+    assert r.rc == 0, r.stderr
+
+
+def test_demo_never_runs_another_artifact(base, tmp_path):
+    assert_one_line(cli("demo", "--out", base, "--max-tokens", "2", "--bits", "8"), "another artifact")
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
