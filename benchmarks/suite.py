@@ -78,14 +78,17 @@ def export_edgert(src: Path, out: Path, bits: int = 4, embed_bits: int = 8, bloc
     options = (bits, embed_bits, block_size, kv_cache) + ((recipe,) if recipe else ())
     stamp = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + repr(options).encode()
                            + (src / "config.json").read_bytes()).hexdigest()
-    if not (out / "edgert.json").is_file() or not (out / "export_stamp").is_file() \
-            or (out / "export_stamp").read_text() != stamp:
+    # beside OUT, not in it: `export --force` replaces only a folder holding nothing but what an export writes
+    stamp_file, secs_file = out.parent / f".{out.name}.export_stamp", out.parent / f".{out.name}.export_seconds"
+    if not (out / "edgert.json").is_file() or not stamp_file.is_file() or stamp_file.read_text() != stamp:
+        for legacy in ("export_stamp", "export_seconds"):      # where earlier versions of this script kept them
+            (out / legacy).unlink(missing_ok=True)
         t0 = time.time()
         do_export(src, out, bits=bits, force=True, progress=False, embed_bits=embed_bits, block_size=block_size,
                   kv_cache=kv_cache, **({"recipe": recipe} if recipe else {}))
-        (out / "export_seconds").write_text(str(time.time() - t0))
-        (out / "export_stamp").write_text(stamp)
-    return out, float((out / "export_seconds").read_text()) if (out / "export_seconds").is_file() else 0.0
+        secs_file.write_text(str(time.time() - t0))
+        stamp_file.write_text(stamp)
+    return out, float(secs_file.read_text()) if secs_file.is_file() else 0.0
 
 
 # Above this many parameters the int4 export rounds to nearest instead of GPTQ: the same bytes and decode

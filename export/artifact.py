@@ -161,8 +161,11 @@ def export(model_dir, out, bits: int = 4, block_size: int | None = None, context
         model = model_for(ckpt.config)
     except (CheckpointError, UnsupportedModel) as e:
         raise ExportError(str(e)) from None
+    except OSError as e:           # a source folder or file we may not read
+        raise ExportError(f"{e.filename or src}: cannot read it ({e.strerror or e})") from None
     if not (src / "tokenizer.json").is_file():
         raise ExportError(f"{src}: no tokenizer.json (the runtime needs the fast-tokenizer file)")
+    _check_chat_template(src)
     kv_cache = kv_cache or ("fp32" if bits == 32 else model.default_kv_cache)
     max_ctx = min(model.max_positions, DEFAULT_MAX_CONTEXT)
     context = context or max_ctx
@@ -181,7 +184,8 @@ def export(model_dir, out, bits: int = 4, block_size: int | None = None, context
                 stats = sample_self(model, ckpt, src, tmp / "calibration", eos=eos, survey=survey,
                                     progress=_progress_tokens("calibration: sampling the model's own text") if progress else None)
             elif calibrated:
-                stats = collect(model, ckpt, src, calib_text, tmp / "calibration", survey=survey)
+                stats = collect(model, ckpt, src, calib_text, tmp / "calibration", survey=survey,
+                                name=None if str(calib) == "built-in" else str(calib))
             if stats is None and hasattr(ckpt, "kv_ranges"):    # random weights (synthetic.py): the ranges
                 stats = ckpt.kv_ranges(model)                     # calibration would find, for the int8 cache
             if survey is not None:
@@ -244,6 +248,29 @@ def export(model_dir, out, bits: int = 4, block_size: int | None = None, context
     return _summarised(manifest, t0)
 
 
+CHECK_CHAT = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi. How can I help?"}]
+
+
+def _check_chat_template(src: Path) -> None:
+    """The model's chat template must render CHECK_CHAT with the generation prompt in the runtime's
+    own sandbox (edgert.chat.render_chat, the variables llm.LLM passes): one that cannot would export
+    and then fail every later run. tokenizer_config.json must be a JSON object for the same reason."""
+    from edgert.chat import load_chat_template, render_chat, tokenizer_config
+    try:
+        cfg = tokenizer_config(src)
+        template = load_chat_template(src)
+        if template is not None:
+            names = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in
+                     ((k, cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token"))}
+            render_chat(template, CHECK_CHAT, add_generation_prompt=True, variables=names)
+    except ValueError as e:       # render_chat's and tokenizer_config's one line (a template names no file)
+        line = (str(e).strip().splitlines() or ["?"])[0][:300]
+        raise ExportError(line if str(src) in line else f"{src}: the chat template does not render a two-message "
+                          f"conversation: {line}") from None
+    except OSError as e:
+        raise ExportError(f"{src}: cannot read the chat template ({e.strerror or e})") from None
+
+
 def _route(src: Path, via: str | None) -> str:
     """native or optimum: what --via says, else native for the model_types edgert builds and
     optimum for the others (when it is installed; a note on stderr says so)."""
@@ -255,6 +282,8 @@ def _route(src: Path, via: str | None) -> str:
         model_type = _read_json(src / "config.json").get("model_type") if (src / "config.json").is_file() else None
     except (CheckpointError, AttributeError):
         return "native"          # the native path reports what is wrong with it
+    except OSError as e:         # is_file on a folder we may not enter
+        raise ExportError(f"{src}: cannot read it ({e.strerror or e})") from None
     if not isinstance(model_type, str) or model_type in ARCHITECTURES:
         return "native"
     if not optimum_route.available():
@@ -272,6 +301,7 @@ def _export_optimum(src: Path, out: Path, bits: int, block_size: int, context: i
     try:
         ckpt = Checkpoint(src)
         optimum_route.check(src, ckpt.config)           # before torch allocates anything, before any folder
+        _check_chat_template(src)
         note = (lambda line: print(line, file=sys.stderr)) if progress else (lambda line: None)
         with signals_unwind(), writing(out, force, src) as (tmp, commit):
             model, quant, max_positions = optimum_route.build(src, tmp, ckpt.config, bits, block_size, note)

@@ -61,11 +61,28 @@ class ActivationStats:
         return self.stats[tensor]
 
 
-def calibration_windows(src: Path, text: str, window: int) -> list[list[int]]:
-    """The text tokenized once (with the tokenizer's BOS), cut into consecutive windows."""
+def calibration_windows(src: Path, text: str, window: int, limit: int | None = None) -> tuple[list[list[int]], bool]:
+    """The text tokenized once (with the tokenizer's BOS), cut into consecutive windows, and whether
+    it was cut at `limit` tokens. Only a prefix of a long text is tokenized (growing until it holds
+    enough tokens): every token fed costs every linear's inputs on disk (a 37 MB text wrote 3.5 GB)."""
     from edgert.tokenizer import Tokenizer
-    ids = Tokenizer.from_dir(src).encode(text, add_special_tokens=True)
-    return [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1]
+    tok = Tokenizer.from_dir(src)
+    chars = len(text) if limit is None else 16 * limit
+    while True:
+        ids = tok.encode(text[:chars], add_special_tokens=True)
+        if limit is None or len(ids) > limit or chars >= len(text):
+            break
+        chars *= 4
+    cut = limit is not None and len(ids) > limit
+    ids = ids[:limit] if cut else ids
+    return [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1], cut
+
+
+def token_budget(model, ckpt) -> int:
+    """Tokens a calibration feeds the probe: the self-calibration's counts (SELF_TOKENS, or
+    SMALL_TOKENS for a model below SMALL_PARAMS), also the cap on a --calib file."""
+    params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names if model.counts(n))
+    return SMALL_TOKENS if params < SMALL_PARAMS else SELF_TOKENS
 
 
 class _Probe:
@@ -220,13 +237,19 @@ class _Probe:
         return stats
 
 
-def collect(model, ckpt, src: Path, text: str, work: Path, survey=None) -> ActivationStats:
+def collect(model, ckpt, src: Path, text: str, work: Path, survey=None, name: str | None = None) -> ActivationStats:
     """Run the probe graph over `text`; work is a scratch folder the caller removes. survey: wraps
-    the probe's quantizer (quantize.Survey: the layouts' errors, measured while the probe is built)."""
+    the probe's quantizer (quantize.Survey: the layouts' errors, measured while the probe is built).
+    name: the user's --calib file, whose text is cut at token_budget tokens (a note on stderr says so);
+    None for the built-in text (4 KB), used whole."""
     window = min(WINDOW, model.max_positions)
-    windows = calibration_windows(src, text, window)
+    limit = token_budget(model, ckpt) if name is not None else None
+    windows, cut = calibration_windows(src, text, window, limit)
     if not windows:
         raise CalibrationError("the calibration text has fewer than 2 tokens")
+    if cut:
+        print(f"edgert: --calib {name}: calibrating on its first {limit} tokens (the rest of the file is not used)",
+              file=sys.stderr)
     probe = _Probe(model, ckpt, work, window, survey=survey)
     try:
         for ids in windows:
@@ -306,9 +329,7 @@ def sample_self(model, ckpt, src: Path, work: Path, tokens: int | None = None, r
     is recorded as the text calibration would record it. A sequence that ends (EOS, or
     SELF_LENGTH tokens) starts again from the next prompt in turn. The same model, seed and
     onnxruntime give the same tokens, hence the same statistics."""
-    if not tokens:
-        params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names if model.counts(n))
-        tokens = SMALL_TOKENS if params < SMALL_PARAMS else SELF_TOKENS
+    tokens = tokens or token_budget(model, ckpt)
     rows = rows or SELF_ROWS
     seed = SELF_SEED if seed is None else seed
     length = min(SELF_LENGTH, model.max_positions)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import threading
 from pathlib import Path
@@ -25,9 +26,24 @@ class CheckpointError(Exception):
 
 MAX_HEADER_BYTES = 100 << 20          # the safetensors format's own limit
 MAX_JSON_BYTES = 64 << 20             # config.json, generation_config.json, the shard index
+# Trained weights are O(1) (fp16 checkpoints cannot even hold more than 65504); a value past 2^50
+# (~1.1e15) is damage, not training: squared in a norm or summed over a matmul it overflows fp32
+# (3.4e38) and the artifact computes NaN. (bf16 checks this on the exponent bits: >= 2^50.)
+MAX_MAGNITUDE = 2.0 ** 50
+
+
+def _regular(path: Path) -> None:
+    """Refuse a FIFO, device or folder before open(): reading one blocks forever or never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, device or folder); refused")
 
 
 def _read_json(path: Path):
+    _regular(path)
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_JSON_BYTES + 1)
@@ -47,6 +63,7 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.fl
 class _SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
+        _regular(path)
         try:
             size = path.stat().st_size
             with open(path, "rb") as f:
@@ -124,15 +141,22 @@ def to_float32(arr: np.ndarray, dtype: str, name: str = "", out: np.ndarray | No
     scratch: a bfloat16 one is overwritten by the check for NaN."""
     if dtype == "BF16":  # bf16 is the top half of an fp32; all exponent bits set: inf or NaN
         out = np.left_shift(arr, 16, dtype=np.uint32, out=None if out is None else out.view(np.uint32)).view(np.float32)
-        bad = arr.size and np.bitwise_and(arr, 0x7F80, out=arr).max() == 0x7F80     # (checked on half the bytes)
+        top = np.bitwise_and(arr, 0x7F80, out=arr).max() if arr.size else 0     # (checked on half the bytes)
+        bad, huge = top == 0x7F80, top >= (127 + 50) << 7
     else:
-        if out is None:
-            out = arr.astype(np.float32)
-        else:
-            out[...] = arr
-        bad = out.dtype.kind == "f" and out.size and not np.isfinite(np.sum(out, dtype=np.float64))
+        with np.errstate(over="ignore", invalid="ignore"):     # an F64 past fp32's range becomes inf: refused below
+            if out is None:
+                out = arr.astype(np.float32)
+            else:
+                out[...] = arr
+        lo, hi = (float(out.min()), float(out.max())) if out.size else (0.0, 0.0)     # NaN propagates
+        bad = not (np.isfinite(lo) and np.isfinite(hi))
+        huge = not bad and max(hi, -lo) >= MAX_MAGNITUDE
     if bad:
         raise CheckpointError(f"tensor {name or '?'} holds NaN or infinite values; refused (a damaged checkpoint)")
+    if huge:
+        raise CheckpointError(f"tensor {name or '?'} holds values beyond {MAX_MAGNITUDE:.2g} in magnitude, absurd for "
+                              f"trained weights; refused (a damaged checkpoint)")
     return out
 
 
@@ -165,7 +189,7 @@ class Checkpoint:
             for shard in sorted(set(weight_map.values())):
                 if Path(shard).name != shard or shard in (".", "..") or "\\" in shard:
                     raise CheckpointError(f"{index}: shard {shard[:80]!r} is not a plain file name in the model folder; refused")
-                if not (self.dir / shard).is_file():
+                if not (self.dir / shard).exists():
                     raise CheckpointError(f"{self.dir}: shard {shard} named in the index is missing")
                 files[shard] = _SafetensorsFile(self.dir / shard)
             for name, shard in weight_map.items():
@@ -179,6 +203,9 @@ class Checkpoint:
             for p in shards:
                 f = _SafetensorsFile(p)
                 for name in f.tensors:
+                    if name in self._where:     # which copy would win is arbitrary: refused, not guessed
+                        raise CheckpointError(f"{self.dir}: tensor {name[:80]} is in both {self._where[name].path.name} "
+                                              f"and {p.name}; refused (remove the stray shard)")
                     self._where[name] = f
 
     def __contains__(self, name: str) -> bool:

@@ -2,7 +2,8 @@
 
 Rules (`claim` then `commit`):
 - OUT is replaced only when it is empty or an edgert artifact (an `edgert.json` of format
-  "edgert"), and only with --force when it is not empty; never when it is, or contains, the source.
+  "edgert" and nothing but the files an export writes, EXPORT_FILES), and only with --force when
+  it is not empty; never when it is, or contains, the source.
 - One export per OUT at a time: a lock file beside OUT (`.OUT.lock`, flock'ed, removed at the
   end) makes a second concurrent export fail at once instead of silently winning.
 - The folder is built in `.OUT.partial-PID` and renamed into place at the end; OUT is checked
@@ -28,6 +29,21 @@ class OutError(Exception):
     """OUT cannot be written; one line for the user."""
 
 
+# What an export writes (artifact._seal, both routes): --force replaces a folder holding only
+# these, so a user's own file that happens to sit beside an edgert.json is never deleted.
+EXPORT_FILES = frozenset({"edgert.json", "model.onnx", "model.onnx.data", "config.json", "generation_config.json",
+                          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
+_GRAPH = re.compile(r"^model\.[A-Za-z0-9_+]+\.onnx$")       # the variants' graphs (Graph.variants)
+
+
+def _foreign(out: Path) -> str | None:
+    """The first entry of OUT that no export writes (a folder counts), else None."""
+    for p in sorted(out.iterdir()):
+        if p.is_dir() and not p.is_symlink() or not (p.name in EXPORT_FILES or _GRAPH.match(p.name)):
+            return p.name
+    return None
+
+
 def is_artifact(path: Path) -> bool:
     try:
         m = json.loads((path / "edgert.json").read_text(encoding="utf-8")[:1 << 20])
@@ -41,7 +57,17 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def check_out(out: Path, force: bool, source: Path | None = None) -> str:
-    """Refuse an OUT that must not be replaced; returns its state: "absent", "empty" or "artifact"."""
+    """Refuse an OUT that must not be replaced; returns its state: "absent", "empty" or "artifact".
+    A path that cannot even be looked at (too long a name, no permission, a symlink loop) is one line."""
+    try:
+        return _check_out(out, force, source)
+    except RuntimeError as e:               # Path.resolve on a symlink loop (Python < 3.13)
+        raise OutError(f"cannot resolve {out} or the source: {e}") from None
+    except OSError as e:
+        raise OutError(f"{e.filename or out}: {e.strerror or e}") from None
+
+
+def _check_out(out: Path, force: bool, source: Path | None) -> str:
     real = out.resolve()
     if source is not None and _inside(source.resolve(), real):
         raise OutError(f"{out} is or contains the source model {source}: choose another output folder")
@@ -62,6 +88,10 @@ def check_out(out: Path, force: bool, source: Path | None = None) -> str:
                        f"(choose another folder)")
     if not force:
         raise OutError(f"{out} already exists and is not empty (use --force to replace it)")
+    foreign = _foreign(out)
+    if foreign is not None:
+        raise OutError(f"{out} holds {foreign[:80]!r}, which an export does not write: not replacing it, even with "
+                       f"--force (move it away or choose another folder)")
     return "artifact"
 
 

@@ -232,6 +232,14 @@ def validate_tensors(ckpt) -> None:
                                   f"{list(want)}")
     if "model.embed_tokens.weight" not in names:
         raise CheckpointError(f"{ckpt.dir.name}: tensor model.embed_tokens.weight is missing from the checkpoint")
+    # layers past num_hidden_layers would be dropped without a word (a truncated model); DeepSeek-style
+    # multi-token-prediction layers (num_nextn_predict_layers) follow the last one and are not built
+    mtp = cfg.get("num_nextn_predict_layers")
+    extra = sorted(i for i in seen_layers if i >= layers + (mtp if _int(mtp) and 0 <= mtp <= MAX_LAYERS else 0))
+    if extra:
+        raise CheckpointError(f"{ckpt.dir.name}: config.json says {layers} layers but the checkpoint has weights for "
+                              f"layer {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                              + "; refused rather than exporting a truncated model")
     missing = sorted(set(range(layers)) - seen_layers)
     if missing:
         raise CheckpointError(f"{ckpt.dir.name}: config.json says {layers} layers but the checkpoint has no weights "
