@@ -27,11 +27,19 @@ class TransformersScorer:
         if threads:
             torch.set_num_threads(threads)
         transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()      # its load report is ours to give, in one line
         try:
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            self.model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                                 output_loading_info=True)
+            self.model.eval()
         except Exception as e:    # transformers raises many types, with long texts
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EvalError(f"{path}: transformers cannot load the reference: {first[:300]}") from None
+        # a tensor the checkpoint lacks would be random weights: a reference that means nothing
+        missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
+        if missing:
+            raise EvalError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the reference needs "
+                            f"(e.g. {str(missing[0])[:80]}): transformers would fill them with random weights")
         self.tokenizer = Tokenizer.from_dir(path)
         self.context = getattr(self.model.config, "max_position_embeddings", None) or window
 

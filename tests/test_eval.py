@@ -280,3 +280,14 @@ def test_default_int4_stories_within_5_percent_of_fp32(exported, story_text):
     fp32 = evaluate(exported(STORIES, 32), story_text)["ppl"]
     int4 = evaluate(exported(STORIES, 4), story_text)["ppl"]
     assert int4 / fp32 - 1 <= 0.05, (int4, fp32)
+
+
+def test_hf_reference_missing_a_tensor_is_refused(exported, tmp_path, story_text):
+    """A Hugging Face reference whose checkpoint lacks a tensor (here lm_head, untied in config.json)
+    would run with transformers' random weights: refused in one line, not a meaningless KL."""
+    ref = tmp_path / "untied"
+    shutil.copytree(BUNDLED_STORIES, ref)
+    cfg = json.loads((ref / "config.json").read_text())
+    (ref / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    with pytest.raises(EvalError, match="lacks 1 tensor.*lm_head"):
+        evaluate(exported(BUNDLED_STORIES, 8), story_text[:2000], reference=ref)
