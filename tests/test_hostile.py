@@ -845,14 +845,14 @@ def test_bench_json_target_checked_before_the_run_and_defaults_fit_small_context
     for target, fragment in [(tmp_path, "not a file"), (tmp_path / "no" / "x.json", "cannot write there")]:
         r = assert_one_line(cli("bench", small, "--json", target), fragment)
     r = cli("bench", small, "--repeat", "1", "--prompt-tokens", "8", "--gen-tokens", "4", "--json", tmp_path / "b.json")
-    assert_bounded(r)
+    assert "Traceback" not in r.stderr     # (a real run: its bandwidth probe's buffers are not the bound under test)
     assert r.rc == 0 and json.loads((tmp_path / "b.json").read_text())["gen_tokens"] == 4, r.stderr
     assert_one_line(cli("bench", small, "--prompt-tokens", "600"), "do not fit", "64-token")
     r = cli("export", ROOT / "export" / "data" / "stories260K", "-o", tmp_path / "c1", "--context", "1")
     assert r.rc == 2 and not (tmp_path / "c1").exists()
     # eval against a reference of a shorter context: the default window is the shorter of the two
     r = cli("eval", base_of(tmp_path), "--reference", small, "--json")
-    assert_bounded(r)
+    assert "Traceback" not in r.stderr
     assert r.rc == 0 and json.loads(r.stdout)["window"] == 64, r.stderr
 
 
