@@ -154,6 +154,13 @@ def run(
             llm.model.track_experts()
         if draft is not None:
             llm.use_draft(draft, max_memory=max_memory)
+        if speculate != "off":                # said once, not left to a "drafted 0" in the stats
+            why = ("the votes sample" if votes > 1 else "the model is recurrent" if llm.engine.recurrent else
+                   "sampling is on (temperature > 0)" if llm.sampling(temperature, top_p, top_k).temperature > 0
+                   else None)
+            if why:
+                typer.echo(f"edgert: note: speculation verifies greedy decoding only; {why}, so it decodes plainly",
+                           err=True)
         ids = llm.encode(prompt, raw=raw, system=system)
         if votes > 1:
             return _print_votes(llm, ids, votes, as_json, dict(max_tokens=max_tokens, temperature=temperature,

@@ -200,6 +200,10 @@ class Model:
         self._cache_names = [(f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}")
                              for layer in kv_layers for kind in layout]
         graph_inputs = {i.name: i.type for i in self.session.get_inputs()}
+        extra = sorted(set(n for n in graph_inputs if n.startswith("past_key_values.")) - {p for p, _ in self._cache_names})
+        if extra:
+            raise ArtifactError(f"{self.path}: edgert.json does not match the graph (the graph also takes {extra[0]}): "
+                                f"the manifest was edited; re-export")
         for buf, (past, _) in zip(self.cache, self._cache_names):    # edgert.json and the graph must agree
             want = {np.float32: "tensor(float)", np.float16: "tensor(float16)", np.int8: "tensor(int8)"}[buf.dtype.type]
             if graph_inputs.get(past) != want:
@@ -265,6 +269,10 @@ class Model:
         total = lengths.astype(np.int64) + n
         if total.max() > self.context:
             raise ContextFull(f"{int(total.max())} tokens do not fit the {self.context}-token context")
+        if n and (ids.max() >= self.vocab or ids.min() < 0):     # a tokenizer that does not match the model
+            bad = int(ids.max() if ids.max() >= self.vocab else ids.min())
+            raise RunError(f"token id {bad} is outside the model's vocabulary (0..{self.vocab - 1}): the "
+                           f"tokenizer does not belong to this model")
         if self.feed_limit and n > self.feed_limit:     # a long feed from a caller that did not cut it (the engine does)
             outs = []
             for i in range(0, n, self.feed_limit):

@@ -919,7 +919,8 @@ class Server:
         async def http_error(request, exc):
             kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
             msg = f"{request.method} {request.url.path}: " + ("no such endpoint" if exc.status_code == 404 else exc.detail)
-            return APIError(exc.status_code, msg, kind, code=str(exc.status_code)).response()
+            return APIError(exc.status_code, msg, kind, code=str(exc.status_code),
+                            headers=getattr(exc, "headers", None)).response()     # 405: its Allow header
 
         async def server_error(request, exc):
             if isinstance(exc, ClientDisconnect):

@@ -864,9 +864,35 @@ def base_of(tmp_path: Path) -> Path:
     return out
 
 
-def test_a_manifest_edited_against_its_graph_is_one_line(art):
-    edit_manifest(art, lambda m: m["quantization"].__setitem__("kv_cache", "fp32"))
-    assert_one_line(cli("run", art, "1+1"), "does not match the graph")
+@pytest.mark.parametrize("change,fragment", [
+    (lambda m: m["quantization"].__setitem__("kv_cache", "fp32"), "does not match the graph"),
+    (lambda m: m["model"].__setitem__("layers", m["model"]["layers"] - 1), "the graph also takes"),
+], ids=["kv-cache", "fewer-layers"])
+def test_a_manifest_edited_against_its_graph_is_one_line(art, change, fragment):
+    """Each once reached onnxruntime, which printed its own coloured log before edgert's line."""
+    edit_manifest(art, change)
+    assert_one_line(cli("run", art, "What is 9*9+9?"), fragment)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_onnxruntime(base):
+    """A tokenizer that does not belong to the model yields ids past its vocabulary: one line from
+    the forward itself (onnxruntime's Gather would print its own log first), for any caller."""
+    import numpy as np
+    import edgert
+    from edgert.model import RunError
+    llm = edgert.load(base, threads=1)
+    for bad in (llm.model.vocab, -1):
+        with pytest.raises(RunError, match="outside the model's vocabulary"):
+            llm.model.run(0, np.array([[1, bad]]), np.array([0]))
+    assert llm.model.run(0, np.array([[1, 2]]), np.array([0])).shape[-1] == llm.model.vocab
+
+
+def test_speculation_that_cannot_apply_says_so(base):
+    r = cli("run", base, "1+1", "--max-tokens", "3", "--speculate", "ngram", "--temperature", "0.7", "--seed", "1")
+    assert_bounded(r)
+    assert r.rc == 0 and "speculation verifies greedy decoding only; sampling is on" in r.stderr
+    r = cli("run", base, "1+1", "--max-tokens", "3", "--speculate", "ngram", "--temperature", "0")
+    assert r.rc == 0 and "speculation verifies" not in r.stderr
 
 
 def test_piped_chat_exits_1_when_a_line_failed(base, tmp_path):
