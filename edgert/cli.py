@@ -418,16 +418,10 @@ def bench(
         return
     typer.echo(table(result))
     if json_out:
-        import tempfile
-        tmp = None
+        from .limits import write_text_atomic
         try:                                  # all or nothing: a full disk leaves no empty file
-            fd, tmp = tempfile.mkstemp(dir=Path(json_out).parent, prefix=f".{Path(json_out).name}.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(result, indent=2) + "\n")
-            os.replace(tmp, json_out)
+            write_text_atomic(json_out, json.dumps(result, indent=2) + "\n")
         except OSError as e:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
             fail(f"--json {json_out}: cannot write it ({e.strerror or e})")
 
 

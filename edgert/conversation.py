@@ -14,14 +14,12 @@ generated (right after the assistant header), and everything before it is reused
 from __future__ import annotations
 
 import json
-import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .limits import check_prompt_length
+from .limits import check_prompt_length, write_text_atomic
 from .llm import LLM, PromptTooLong, Token
 
 FORMAT = "edgert-chat"
@@ -29,13 +27,26 @@ ROLES = ("system", "user", "assistant")
 MAX_FILE = 64 << 20          # a saved conversation is text for one context: far below this
 
 
-def _saved_here(path: Path) -> bool:
-    """Whether `path` holds a conversation written by Conversation.save (its "format" field)."""
+def _read_json(path) -> object:
+    """A saved conversation's JSON, read within MAX_FILE; ValueError with one line otherwise."""
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE + 1)
-        data = json.loads(raw.decode("utf-8")) if len(raw) <= MAX_FILE else None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    if len(raw) > MAX_FILE:
+        raise ValueError(f"{path}: not a saved conversation (larger than {MAX_FILE >> 20} MB)")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError(f"{path}: not a saved conversation (not JSON)") from None
+
+
+def _saved_here(path: Path) -> bool:
+    """Whether `path` holds a conversation written by Conversation.save (its "format" field)."""
+    try:
+        data = _read_json(path)
+    except ValueError:
         return False
     return isinstance(data, dict) and data.get("format") == FORMAT
 
@@ -186,13 +197,11 @@ class Conversation:
         file, a link or a device is refused: /save must never destroy what it did not write."""
         path = Path(path)
         data = json.dumps({"format": FORMAT, "version": 1, "messages": self.messages}, ensure_ascii=False, indent=1)
-        mode = None
+        mode = None                                # a new file: write_text_atomic's plain one
         try:
             st = path.lstat()
         except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask                  # as a plain new file (mkstemp's would be 0600)
+            pass
         except OSError as e:
             raise ValueError(f"{path}: cannot write it ({e.strerror or type(e).__name__})") from None
         else:
@@ -202,34 +211,15 @@ class Conversation:
                 raise ValueError(f"{path}: exists and is not a conversation saved by edgert; not replaced "
                                  f"(choose another name or remove it)")
             mode = stat.S_IMODE(st.st_mode)
-        tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data + "\n")
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException as e:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise ValueError(f"{path}: cannot write it ({e.strerror or type(e).__name__})") from None
-            raise
+            write_text_atomic(path, data + "\n", mode)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot write it ({e.strerror or type(e).__name__})") from None
 
     def load(self, path) -> None:
         """Replace the conversation with one saved by save() (or a JSON list of messages). Raises
         ValueError with one line, and changes nothing, when the file is unreadable or not a conversation."""
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_FILE + 1)
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
-        if len(raw) > MAX_FILE:
-            raise ValueError(f"{path}: not a saved conversation (larger than {MAX_FILE >> 20} MB)")
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise ValueError(f"{path}: not a saved conversation (not JSON)") from None
+        data = _read_json(path)
         messages = data.get("messages") if isinstance(data, dict) else data
         if not isinstance(messages, list) or not all(
                 isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)

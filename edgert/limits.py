@@ -42,6 +42,29 @@ def read_stdin(limit: int = MAX_STDIN_BYTES) -> str:
     return read_capped(sys.stdin.buffer, limit, "the prompt on stdin")
 
 
+def write_text_atomic(path, text: str, mode: int | None = None) -> None:
+    """Write `text` to `path` all or nothing: a temporary file beside it, renamed over it; the
+    temporary is removed on any failure (OSError propagates). Permissions `mode`, else a plain new
+    file's (0666 less the umask; mkstemp's own would be 0600)."""
+    import tempfile
+    from pathlib import Path
+    if mode is None:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    path, tmp = Path(path), None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def check_prompt_length(text: str, context: int) -> None:
     """Refuse, before tokenizing, a text that cannot fit `context` tokens."""
     if len(text) > context * CHARS_PER_TOKEN:

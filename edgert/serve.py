@@ -606,7 +606,7 @@ class Server:
         if thinking and (budget is not None or deadline_ms is not None):
             room_for_answer = min(limit, len(self.close_ids) + max(ANSWER_ROOM, limit // 4))
             budget = min(limit - room_for_answer, budget if budget is not None else limit)
-        sampling = [llm.sampling(temperature, max(top_p, 1e-9) if top_p is not None else None, top_k,
+        sampling = [llm.sampling(temperature, top_p, top_k,
                                  seed if seed is None or i == 0 else [seed, i]) for i in range(n)]
         for smp in sampling:
             smp.bias = bias
