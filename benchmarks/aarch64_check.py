@@ -498,6 +498,9 @@ def ensure_exact(work: Path, art: dict) -> Path:
         data = (tmp / graph_file).read_bytes()
         manifest["files"][graph_file] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         changed[graph_file] = count
+    if "manifest_sha256" in manifest:        # the manifest records its own sha256: edited, it is recomputed
+        from edgert.artifact import manifest_sha256
+        manifest["manifest_sha256"] = manifest_sha256(manifest)
     (tmp / "edgert.json").write_text(json.dumps(manifest, indent=2))
     finish(tmp, out, {"stamp": stamp, "matmulnbits_set_to_accuracy_level_0": changed})
     return out

@@ -124,14 +124,21 @@ def check_manifest(manifest, where: str = "edgert.json") -> dict:
     files = need_dict(manifest, "files")
     if not files or len(files) > MAX_FILES:
         bad("files", f"an object naming 1..{MAX_FILES} files")
-    for name, info in files.items():
+    text_files = need_dict(manifest, "text_files", optional=True)     # for verify only (older exports: none)
+    entries = [("files", n, i) for n, i in files.items()] + [("text_files", n, i) for n, i in text_files.items()]
+    for key, name, info in entries:
         if not _PLAIN_NAME.fullmatch(name):
-            bad(f"files[{name[:60]!r}]", "a plain file name inside the artifact (no folders, no '..')")
+            bad(f"{key}[{name[:60]!r}]", "a plain file name inside the artifact (no folders, no '..')")
+        if key == "text_files" and name not in TEXT_FILES:
+            bad(f"text_files[{name!r}]", f"one of {', '.join(TEXT_FILES)}")
         if not isinstance(info, dict):
-            bad(f"files[{name!r}]", "an object with bytes and sha256")
-        need_int(info, "bytes", 0, 1 << 50, f"files[{name!r}].bytes")
+            bad(f"{key}[{name!r}]", "an object with bytes and sha256")
+        need_int(info, "bytes", 0, 1 << 50, f"{key}[{name!r}].bytes")
         if not isinstance(info.get("sha256"), str) or not _SHA256.fullmatch(info["sha256"]):
-            bad(f"files[{name!r}].sha256", "64 lowercase hex digits")
+            bad(f"{key}[{name!r}].sha256", "64 lowercase hex digits")
+    if "manifest_sha256" in manifest and not (isinstance(manifest["manifest_sha256"], str)
+                                              and _SHA256.fullmatch(manifest["manifest_sha256"])):
+        bad("manifest_sha256", "64 lowercase hex digits")
     graphs = manifest.get("graphs", {"default": "model.onnx"})
     if not isinstance(graphs, dict) or not graphs or len(graphs) > 16:
         bad("graphs", "an object of graph variants")
@@ -274,17 +281,35 @@ def read_manifest(path, graphs: bool = True) -> dict:
     return manifest
 
 
+def manifest_sha256(manifest: dict) -> str:
+    """The sha256 a manifest records of itself: of its content without that field, as compact JSON
+    with sorted keys (so it survives re-indentation, not an edit)."""
+    body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != "manifest_sha256"}))
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def unchecked(path, manifest: dict) -> list[str]:
+    """The files the runtime reads that verify cannot check: no sha256 recorded for them (exported
+    before edgert recorded them, or added to the folder since)."""
+    path = Path(path)
+    names = [] if "manifest_sha256" in manifest else ["edgert.json"]
+    return names + [n for n in TEXT_FILES if n not in manifest.get("text_files", {})
+                    and ((path / n).exists() or (path / n).is_symlink())]
+
+
 def verify(path) -> dict:
-    """Full check: read_manifest's, then every file's sha256 against the manifest (sizes were
-    compared first, so a file of the wrong size is never hashed)."""
+    """Full check: read_manifest's, then every file's sha256 against the manifest (graphs and data,
+    then the tokenizer, template and config files), then the manifest's own. Sizes are compared
+    first, so a file of the wrong size is never hashed."""
     path = Path(path)
     manifest = read_manifest(path)
-    for name, info in manifest["files"].items():
+    for name, info in {**manifest["files"], **manifest.get("text_files", {})}.items():
         h = hashlib.sha256()
         with open(confined(path, name), "rb") as f:
             st = os.fstat(f.fileno())
             if st.st_size != info["bytes"]:
-                raise ArtifactError(f"{path}: {name} changed size while it was verified")
+                raise ArtifactError(f"{path}: {name} has {st.st_size} bytes, the manifest says {info['bytes']} "
+                                    f"(changed since the export)")
             if st.st_size > SPARSE_MIN_BYTES and 0 <= st.st_blocks * 512 < st.st_size // 2:
                 raise ArtifactError(f"{path}: {name} is mostly holes (a sparse file of {st.st_size} bytes), not an "
                                     f"exported file; refused")
@@ -296,7 +321,9 @@ def verify(path) -> dict:
                 h.update(chunk)
                 left -= len(chunk)
         if h.hexdigest() != info["sha256"]:
-            raise ArtifactError(f"{path}: {name} is corrupt (sha256 differs from the manifest)")
+            raise ArtifactError(f"{path}: {name} is corrupt or was edited (sha256 differs from the manifest)")
+    if "manifest_sha256" in manifest and manifest_sha256(manifest) != manifest["manifest_sha256"]:
+        raise ArtifactError(f"{path}: edgert.json was edited after the export (its sha256 differs from the one it records)")
     return manifest
 
 

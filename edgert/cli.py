@@ -386,7 +386,7 @@ def bench(
     context: Optional[int] = typer.Option(None, min=1, help="KV cache size (default: what the run needs, at least 256)."),
     json_out: Optional[str] = typer.Option(None, "--json", metavar="[FILE]",
                                            help="Print one JSON object instead of the table; with FILE, print the table "
-                                                "and write the JSON there."),
+                                                "and write the JSON there (- is stdout, as --json alone)."),
     moe_strategy: Optional[str] = typer.Option(None, help="Which graph of the artifact: qmoe or plain (MoE), fused or default (hybrid models; fused needs onnxruntime >= 1.25); each with a +kv8gqa twin in int8-cache artifacts (onnxruntime >= 1.27) (default: the fastest this onnxruntime has)."),
     max_memory: Optional[str] = typer.Option(None, help=MAX_MEMORY_HELP),
     batch: int = typer.Option(1, min=1, max=64, help="Also measure N sequences decoded together (one forward per step): "
@@ -395,8 +395,11 @@ def bench(
     """Measure prefill/decode speed, time to first token, load time, peak memory and the decode
     roofline (memory bandwidth / bytes read per token) on this device."""
     from .bench import bench as do_bench, bench_context, synthetic_artifact, table
+    if artifact is None and synthetic is None and json_out and Path(json_out).is_dir():
+        artifact, json_out = Path(json_out), "-"      # `bench --json ART`: a folder is never the FILE
     if (artifact is None) == (synthetic is None):
-        fail("give an artifact folder or --synthetic SHAPE (one of them)")
+        took = f"; --json took {json_out!r} as its FILE" if artifact is None and json_out not in (None, "-") else ""
+        fail(f"give an artifact folder or --synthetic SHAPE (one of them){took}")
     if bits is not None and not synthetic:
         fail("--bits applies to --synthetic models only (an artifact's bits are fixed at export)")
     if json_out not in (None, "-"):           # where the results go is checked before the run, not after
@@ -521,13 +524,18 @@ def demo(
 
 @app.command()
 def verify(artifact: Path = typer.Argument(..., help="Artifact folder.")):
-    """Check an artifact's files against the sha256 sums in its manifest."""
-    from .artifact import ArtifactError, verify as do_verify
+    """Check an artifact's files (graphs, data, tokenizer, template, config, the manifest itself)
+    against the sha256 sums in its manifest."""
+    from .artifact import ArtifactError, unchecked, verify as do_verify
     try:
         m = do_verify(artifact)
+        skipped = unchecked(artifact, m)
     except ArtifactError as e:
         fail(str(e))
-    typer.echo(f"{artifact}: ok ({m['architecture']}, {len(m['files'])} files verified)")
+    n = len(m["files"]) + len(m.get("text_files", {})) + ("manifest_sha256" in m)
+    typer.echo(f"{artifact}: ok ({m['architecture']}, {n} files verified)")
+    if skipped:          # exported before edgert hashed them, or added since: said, not passed over
+        typer.echo(f"{artifact}: not checked (the manifest records no sha256 for them): {', '.join(skipped)}")
 
 
 @app.command()
@@ -575,10 +583,10 @@ def format_expert_report(r: dict) -> str:
 
 def _bench_json_value(args: list[str]) -> list[str]:
     """`edgert bench --json` without a FILE means stdout: give the option its "-" (typer has no
-    optional option values)."""
+    optional option values); `--json -` says so itself."""
     if args[:1] == ["bench"] and "--json" in args:
         i = args.index("--json")
-        if i + 1 == len(args) or args[i + 1].startswith("-"):
+        if i + 1 == len(args) or args[i + 1].startswith("-") and args[i + 1] != "-":
             return args[: i + 1] + ["-"] + args[i + 1:]
     return args
 
@@ -590,7 +598,7 @@ def main():
             setattr(sys, name, open(os.devnull, mode))
     try:
         try:
-            app(args=_bench_json_value(sys.argv[1:]))
+            code = _run(_bench_json_value(sys.argv[1:]))
         finally:
             sys.stdout.flush()        # here, where a failed write can still be reported
     except OSError as e:              # the output could not be written (a full disk, /dev/full, a closed pipe)
@@ -602,6 +610,27 @@ def main():
         except OSError:
             pass
         sys.exit(1)
+    sys.exit(code)
+
+
+def _run(args: list[str]) -> int:
+    """The app without click's standalone mode: its usage errors (four lines: usage, try --help, a
+    blank, the error) become one line; the exit status is what the command or click chose."""
+    click = sys.modules[typer.BadParameter.__module__]      # click's exceptions (or typer's copy of click)
+    try:
+        code = app(args=args, standalone_mode=False)       # typer.Exit, --help, Ctrl-C (130): a status
+    except getattr(click, "NoArgsIsHelpError", ()) as e:
+        e.show()                                             # `edgert` alone: the help (click >= 8.2)
+        return e.exit_code
+    except click.ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        see = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        typer.echo(f"edgert: error: {' '.join(e.format_message().split())}{see}", err=True)
+        return e.exit_code
+    except typer.Abort:
+        typer.echo("edgert: error: aborted", err=True)
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -29,9 +29,16 @@ def read_capped(f, limit: int, what: str) -> str:
 
 
 def read_text_file(path, limit: int = MAX_TEXT_BYTES, what: str | None = None) -> str:
+    """A file's UTF-8 text, capped. A pipe (`<(cmd)`, /dev/stdin, a named FIFO) is opened without
+    waiting for a writer, so a FIFO nobody writes to reads as empty instead of blocking; a device
+    (/dev/zero) is read up to the cap like a file."""
+    import stat
     what = what or str(path)
     try:
-        with open(path, "rb") as f:
+        fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | (os.O_NONBLOCK if fifo else 0))
+        os.set_blocking(fd, True)       # a writer that is there is then read to its end
+        with os.fdopen(fd, "rb") as f:
             return read_capped(f, limit, what)
     except OSError as e:
         raise InputTooLarge(f"{what}: cannot read it ({e.strerror or e})") from None

@@ -32,6 +32,7 @@ from .tokenizer import StreamDecoder
 try:
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -41,6 +42,8 @@ except ImportError as e:   # the CLI turns this into one line
 MAX_BODY = 4 << 20             # bytes of a request body
 BODY_SECONDS = 30              # to send it
 HEADER_SECONDS = 10            # for a new connection to send its first request's headers (slowloris)
+MAX_HEADERS = 64 << 10         # bytes of a request's line and headers (h11's limit)
+LINGER_SECONDS, LINGER_BYTES = 2, 1 << 20    # after malformed HTTP: what is still read (and dropped) before closing
 PING_SECONDS = 10              # an SSE comment after this long without a chunk (queue, long prefill)
 PREFILL_CHUNK = 128            # prompt tokens a sequence feeds per step while others decode
 EFFORT = {"none": 0, "minimal": 0, "low": 256, "medium": 1024, "high": 4096}   # reasoning_effort -> thinking tokens
@@ -935,8 +938,7 @@ class Server:
         app = Starlette(routes=routes, exception_handlers={APIError: api_error, HTTPException: http_error,
                                                            Exception: server_error})
         if self.cors_origins:
-            from starlette.middleware.cors import CORSMiddleware
-            app.add_middleware(CORSMiddleware, allow_origins=self.cors_origins, allow_methods=["GET", "POST"],
+            app.add_middleware(_CORS, allow_origins=self.cors_origins, allow_methods=["GET", "POST"],
                                allow_headers=["*"])
         return _Guard(app, self)
 
@@ -967,6 +969,18 @@ class Server:
         return "\n".join(lines) + "\n"
 
 
+
+
+class _CORS(CORSMiddleware):
+    """Starlette's CORS, its refused preflights in OpenAI's shape (same status, same CORS headers)."""
+
+    def preflight_response(self, request_headers):
+        r = super().preflight_response(request_headers)
+        if r.status_code == 200:
+            return r
+        headers = {k: v for k, v in r.headers.items() if k.startswith("access-control-") or k == "vary"}
+        return APIError(r.status_code, r.body.decode("utf-8", "replace"), code="cors_not_allowed",
+                        headers=headers).response()
 
 
 class _Guard:
@@ -1052,7 +1066,7 @@ def serve(artifact, host="127.0.0.1", port=8080, api_key=None, parallel=1, conte
                     api_key=api_key, host=host, cors_origins=cors_origins, max_queue=max_queue, timeout=timeout)
     config = uvicorn.Config(server.app, host=host, port=port, http=_protocol(), log_level="warning", access_log=False,
                             lifespan="off", server_header=False, timeout_keep_alive=5,
-                            limit_concurrency=64 + 16 * parallel, h11_max_incomplete_event_size=64 * 1024)
+                            limit_concurrency=64 + 16 * parallel, h11_max_incomplete_event_size=MAX_HEADERS)
     http = uvicorn.Server(config)
     failed = []
 
@@ -1087,13 +1101,55 @@ def _protocol():
     """uvicorn's h11 protocol, plus a deadline for each request's headers: HEADER_SECONDS from a new
     connection, and from the end of the previous response on a kept-alive one (uvicorn's keep-alive
     timer starts again at every byte, so a byte every few seconds would hold the connection, and its
-    place in the connection limit, forever; so would a body the route never reads, trickled)."""
+    place in the connection limit, forever; so would a body the route never reads, trickled).
+    Malformed HTTP gets an error in OpenAI's shape, not uvicorn's plain text."""
+    from http import HTTPStatus
+
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
+        dropped = None                  # bytes read and dropped after an error response (None: no error yet)
+
         def connection_made(self, transport):
             super().connection_made(transport)
             self.loop.call_later(HEADER_SECONDS, self._drop_if_still, None)
+
+        def send_400_response(self, msg):
+            """uvicorn calls this while handling h11's RemoteProtocolError: 400, or 431 for headers
+            past MAX_HEADERS (h11's hint). Then a half-close, and what the client still sends is read and
+            dropped (bounded): closing with unread data would send a reset, which can destroy the answer."""
+            e = sys.exc_info()[1]
+            if self.cycle and not self.cycle.response_complete:     # a bad body: its route sees a disconnect
+                self.cycle.disconnected = True                        # (its own answer would be an h11 error)
+                self.cycle.message_event.set()
+            if getattr(e, "error_status_hint", None) == 431:
+                err = APIError(431, f"the request's headers exceed {MAX_HEADERS >> 10} KiB", code="headers_too_large")
+            else:
+                err = APIError(400, f"malformed HTTP request: {str(e or msg).split(': ')[0]}"[:200],
+                               code="invalid_http")     # (h11's reason, without the bytes it quotes)
+            r = err.response()
+            try:
+                self.transport.write(self.conn.send(h11.Response(
+                    status_code=r.status_code, headers=[*r.raw_headers, (b"connection", b"close")],
+                    reason=HTTPStatus(r.status_code).phrase.encode())))
+            except h11.LocalProtocolError:     # a response has begun: nothing more can be said
+                self.transport.close()
+                return
+            self.transport.write(self.conn.send(h11.Data(data=r.body)))
+            self.transport.write(self.conn.send(h11.EndOfMessage()))
+            self.dropped = 0
+            self.flow.resume_reading()          # (paused under a large body)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+        def data_received(self, data):
+            if self.dropped is None:
+                return super().data_received(data)
+            self.dropped += len(data)
+            if self.dropped > LINGER_BYTES:
+                self.transport.close()
 
         def on_response_complete(self):
             super().on_response_complete()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgert.artifact import TEXT_FILES, manifest_sha256
 from edgert.limits import read_text_file
 
 from .archs import model_for
@@ -340,6 +341,8 @@ def _seal(tmp: Path, src: Path, ckpt, graphs: dict, fields: dict) -> dict:
             shutil.copyfile(src / name, tmp / name)
     files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
              for name in [*graphs.values(), "model.onnx.data"]}
+    text_files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                  for name in TEXT_FILES if (tmp / name).is_file()}      # what the runtime reads besides: for verify
     stored = sum(f["bytes"] for f in files.values())
     fields["quantization"]["bits_per_weight"] = round(8 * stored / max(fields["model"]["parameters"], 1), 3)
     manifest = {
@@ -350,9 +353,11 @@ def _seal(tmp: Path, src: Path, ckpt, graphs: dict, fields: dict) -> dict:
         "generation": {k: ckpt.generation_config[k] for k in ("do_sample", "temperature", "top_p", "top_k",
                                                               "repetition_penalty") if k in ckpt.generation_config},
         "files": files,
+        "text_files": text_files,
         "versions": {"edgert": _version(), "numpy": np.__version__,
                      "onnx_ir": IR_VERSION, "python": platform.python_version()},
     }
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
     (tmp / "edgert.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -92,6 +92,8 @@ def _check_out(out: Path, force: bool, source: Path | None) -> str:
     if foreign is not None:
         raise OutError(f"{out} holds {foreign[:80]!r}, which an export does not write: not replacing it, even with "
                        f"--force (move it away or choose another folder)")
+    if not os.access(out, os.W_OK | os.X_OK):   # its files could not be removed: the old copy would stay beside it
+        raise OutError(f"{out} cannot be replaced: no permission to remove its files (a read-only folder or file system)")
     return "artifact"
 
 
@@ -229,6 +231,9 @@ def writing(out: Path, force: bool, source: Path | None = None):
                 out.rename(old)
                 tmp.rename(out)
                 shutil.rmtree(old, ignore_errors=True)
+                if os.path.lexists(old):        # an immutable file, say (check_out saw a writable folder)
+                    raise OutError(f"{out} is the new artifact, but its old copy could not be removed: "
+                                   f"remove {old} by hand")
             else:
                 tmp.rename(out)     # onto nothing or an empty folder; a non-empty one makes rename fail
         yield tmp, commit

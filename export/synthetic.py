@@ -379,7 +379,13 @@ def check_fits(shape: str, need_memory: int, need_disk: int, folder: Path, avail
     if available is not None and need_memory > available:
         raise SyntheticError(f"{shape} needs {need_memory / 2**30:.1f} GiB of memory (weights + KV cache + runtime) but "
                              f"{available / 2**30:.1f} GiB is available: pick a smaller shape, --bits 4 or a shorter --context")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:        # a file in the way, no permission: said with the variable that moves it
+        env = " (EDGERT_SYNTHETIC_DIR)" if os.environ.get("EDGERT_SYNTHETIC_DIR") else ""
+        why = ("is not a folder (a file is in the way)" if isinstance(e, (FileExistsError, NotADirectoryError))
+               else f"cannot be made ({e.strerror})")
+        raise SyntheticError(f"the synthetic model cache {folder}{env} {why}: point EDGERT_SYNTHETIC_DIR at a folder") from None
     free = shutil.disk_usage(folder).free
     if need_disk > free:
         raise SyntheticError(f"{shape} needs {need_disk / 2**30:.1f} GiB of disk in {folder} but {free / 2**30:.1f} GiB "
@@ -426,6 +432,8 @@ def build(shape: str, bits: int = 4, context: int = 256, folder: Path | None = N
     check_fits(shape, need, 0 if cached else data, out.parent, available)
     if cached:
         return out
+    if (out / "synthetic.json").is_file():    # a stale build: its stamp is this module's, not an export's (which
+        (out / "synthetic.json").unlink()     # --force would refuse to replace)
     with tempfile.TemporaryDirectory(prefix=".synthetic-src-", dir=out.parent) as src:
         src = Path(src)    # the exporter copies config and tokenizer from a folder; the weights come from the source
         (src / "config.json").write_text(json.dumps(config, indent=2))

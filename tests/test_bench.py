@@ -105,6 +105,17 @@ def test_synthetic_build_is_cached(pair, tmp_path):
     assert (syn / "model.onnx.data").stat().st_mtime_ns == mtime
 
 
+def test_a_stale_synthetic_build_is_rebuilt(pair, tmp_path):
+    """A cached build from another generator (its key differs) is replaced, not refused as a folder
+    holding a file that an export does not write."""
+    config = json.loads((pair[2] / "config.json").read_text())
+    art = build("tiny-stale", 4, folder=tmp_path, config=config, progress=False)
+    stamp = json.loads((art / "synthetic.json").read_text())
+    (art / "synthetic.json").write_text(json.dumps({**stamp, "key": "from an older generator"}))
+    assert build("tiny-stale", 4, folder=tmp_path, config=config, progress=False) == art
+    assert json.loads((art / "synthetic.json").read_text()) == stamp
+
+
 def test_builtin_shapes_have_the_real_parameter_counts():
     counts = {name: sum(int(np.prod(s)) for s in map(SyntheticCheckpoint(c).shape, SyntheticCheckpoint(c).names))
               for name, c in SHAPES.items()}

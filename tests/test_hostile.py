@@ -144,6 +144,9 @@ def rehash(art: Path, name: str) -> None:
     m = json.loads((art / "edgert.json").read_text())
     data = (art / name).read_bytes()
     m["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if "manifest_sha256" in m:
+        from edgert.artifact import manifest_sha256
+        m["manifest_sha256"] = manifest_sha256(m)
     (art / "edgert.json").write_text(json.dumps(m))
 
 
