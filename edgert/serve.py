@@ -28,6 +28,7 @@ from .generate import Decoding, Step
 from .limits import check_prompt_length
 from .llm import PromptTooLong
 from .tokenizer import StreamDecoder
+from .tools import NAME, ToolFormat, detect as detect_tools, template_calls
 
 try:
     from starlette.applications import Starlette
@@ -300,9 +301,16 @@ class Scheduler:
 # per-choice text: tokens -> reasoning/content deltas, stop strings, logprobs
 
 class ChoiceText:
-    def __init__(self, tokenizer, think: tuple, split: bool, stops: list[str]):
+    def __init__(self, tokenizer, think: tuple, split: bool, stops: list[str], tools: ToolFormat | None = None,
+                 parallel_calls: bool = True):
         self.tokenizer, self.think, self.split, self.stops = tokenizer, think, split, stops
         self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
+        self.tools, self.parallel_calls = tools, parallel_calls
+        # a call's markers as text, also where they are special tokens (which the decoder skips)
+        self.marks = {i: m for m in (tools.open, tools.close) if (i := tokenizer.token_to_id(m)) is not None} \
+            if tools else {}
+        self.calls = None                        # the answer from the first call on (held until the end)
+        self.tool_calls: list = []
         self.kind = None                         # what the decoder's pending text belongs to
         self.reasoning, self.content = [], []
         self.r_started = self.c_started = False
@@ -330,16 +338,22 @@ class ChoiceText:
             text = text.lstrip() if self.split else text
             self.c_started = bool(text)
         text, self.c_hold = self.c_hold + text, ""
+        if self.calls is not None:               # inside the tool calls: read at the end
+            self.calls += text
+            return "", ""
+        if self.tools and (at := text.find(self.tools.open)) >= 0:
+            text, self.calls = text[:at], text[at:]
         for s in self.stops:
             at = text.find(s)
             if at >= 0:
                 text, self.stopped = text[:at], True
                 break
-        if self.stops and not self.stopped and not final:
-            keep = max(len(s) for s in self.stops) - 1
+        held = self.stops + ([self.tools.open] if self.tools and self.calls is None else [])
+        if held and not self.stopped and not final:
+            keep = max(len(s) for s in held) - 1
             cut = len(text) - keep
-            for i in range(max(cut, 0), len(text)):    # hold back only a possible start of a stop string
-                if any(s.startswith(text[i:]) for s in self.stops):
+            for i in range(max(cut, 0), len(text)):    # hold back only a possible start of a stop string or call
+                if any(s.startswith(text[i:]) for s in held):
                     cut = i
                     break
             else:
@@ -365,7 +379,8 @@ class ChoiceText:
         if kind != self.kind and self.kind is not None:
             r, c = self._flush(final=False)
         self.kind = kind
-        text = self.decoder.push(step.id)
+        mark = self.marks.get(step.id) if kind == "content" else None
+        text = self.decoder.flush() + mark if mark is not None else self.decoder.push(step.id)
         if lp is not None:
             self.logprobs.append((step.id, kind, lp))
         if text:
@@ -383,13 +398,24 @@ class ChoiceText:
             return "", ""                                   # trailing whitespace of unfinished reasoning
         return self._out("content", rest, final)
 
-    def finish(self) -> tuple[str, str]:
+    def finish(self, complete: bool = False) -> tuple[str, str]:
+        """The rest of the text; the tool calls are read here, from an answer that ended by itself
+        (complete), else their text is the answer's."""
         r, c = self._flush(final=True)
         if self.c_hold and not self.stopped:
             text = self.c_hold
             self.c_hold = ""
             self.content.append(text)
             c += text
+        if self.calls is not None:
+            found = self.tools.split(self.calls) if complete else None
+            text = self.calls if found is None else found[0]
+            if found is not None:
+                self.tool_calls = found[1] if self.parallel_calls else found[1][:1]
+            self.calls = None
+            if text:
+                self.content.append(text)
+                c += text
         return r, c
 
 
@@ -439,6 +465,7 @@ class Server:
             kw = dict(self.load_args)
             llm = edgert.load(self.artifact, slots=self.parallel, **kw)
             self.close_ids = llm.close_think_ids()
+            self.tool_format = detect_tools(llm.chat_template, llm.tokenizer.token_to_id)
             self.scheduler = Scheduler(llm.engine, self.max_queue)
             self.llm = llm
         except Exception as e:
@@ -515,6 +542,15 @@ class Server:
                     if not isinstance(m[k], str):
                         raise bad(f"messages[{i}].{k} must be a string", "messages")
                     msg[k] = m[k]
+            calls = m.get("tool_calls")
+            if calls is not None:
+                if role != "assistant" or not isinstance(calls, list) or not all(
+                        isinstance(c, dict) and isinstance(c.get("function"), dict)
+                        and isinstance(c["function"].get("name"), str)
+                        and isinstance(c["function"].get("arguments", ""), str) for c in calls):
+                    raise bad(f"messages[{i}].tool_calls must be an assistant's array of {{\"id\", \"type\": "
+                              f"\"function\", \"function\": {{\"name\", \"arguments\"}}}}", "messages")
+                msg["tool_calls"] = template_calls(calls)
             out.append(msg)
         return out
 
@@ -528,6 +564,9 @@ class Server:
                     raise bad(f"chat_template_kwargs: {k!r} cannot be set", "chat_template_kwargs")
             if not llm.chat_template:
                 raise bad("this model has no chat template: use /v1/completions", "messages")
+            tools = self._tools(body)[0]
+            if tools:
+                kwargs = {**kwargs, "tools": tools}
             try:       # no reasoning asked for: the prompt closes the think block (see encode_messages)
                 ids = llm.encode_messages(messages, thinking=not self._no_thinking(body), template_kwargs=kwargs)
             except PromptTooLong as e:
@@ -619,9 +658,8 @@ class Server:
 
     @staticmethod
     def _unsupported(body) -> None:
-        """response_format beyond text, tools and tool_choice beyond none/auto: this server cannot
-        constrain its output to a schema nor return tool calls, so it says so (400) rather than
-        answer as if it had."""
+        """response_format beyond text: this server cannot constrain its output to a schema, so it
+        says so (400) rather than answer as if it had."""
         fmt = field_(body, "response_format", dict)
         if fmt is not None:
             kind = fmt.get("type")
@@ -630,15 +668,38 @@ class Server:
             if kind != "text":
                 raise bad(f"response_format {kind} is not supported by this server (plain text only)", "response_format",
                           "unsupported_parameter")
+
+    def _tools(self, body) -> tuple[list | None, ToolFormat | None]:
+        """tools, tool_choice, parallel_tool_calls -> (the tools the template renders, the format the
+        model writes its calls in). With tool_choice none the model is not told of them. A call cannot
+        be forced (required, a named function): refused, as are tools for a template without them."""
         tools = field_(body, "tools", list)
-        if tools is not None and not all(isinstance(t, dict) for t in tools):
-            raise bad("'tools' must be an array of objects", "tools")
-        if tools:
-            raise bad("tool calling is not supported by this server", "tools", "unsupported_parameter")
         choice = body.get("tool_choice")
+        if choice == "required" or isinstance(choice, dict):
+            raise bad("tool_choice required or a named function is not supported by this server (it cannot force a "
+                      "call); use auto", "tool_choice", "unsupported_parameter")
         if choice is not None and choice not in ("none", "auto"):
-            raise bad("'tool_choice' other than none or auto is not supported by this server (no tools)", "tool_choice",
-                      "unsupported_parameter")
+            raise bad("'tool_choice' must be none, auto, required or an object naming a function", "tool_choice")
+        field_(body, "parallel_tool_calls", bool)
+        if not tools:
+            return None, None
+        if len(tools) > 128:
+            raise bad("'tools' holds at most 128 functions", "tools")
+        for i, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(fn, dict) or t.get("type", "function") != "function":
+                raise bad(f"tools[{i}] must be an object {{\"type\": \"function\", \"function\": {{...}}}}", "tools")
+            if not isinstance(fn.get("name"), str) or not NAME.fullmatch(fn["name"]):
+                raise bad(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_', '.' or '-'", "tools")
+            for k, kind in (("description", str), ("parameters", dict), ("strict", bool)):
+                if fn.get(k) is not None and not isinstance(fn[k], kind):
+                    raise bad(f"tools[{i}].function.{k} must be {'a string' if kind is str else 'an object' if kind is dict else 'a boolean'}", "tools")
+        if choice == "none":
+            return None, None
+        if self.tool_format is None:
+            raise bad("this model's chat template does not render tools, or writes calls in a form this server does not "
+                      "read (it reads <tool_call> JSON and LFM2's <|tool_call_start|>)", "tools", "unsupported_parameter")
+        return tools, self.tool_format
 
     def _logit_bias(self, body):
         """logit_bias {token id (a string): bias in [-100, 100]} -> (ids, biases) added to every step's logits."""
@@ -691,7 +752,9 @@ class Server:
                 dec.close_thinking()
         self.scheduler.submit(work)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        texts = [ChoiceText(llm.tokenizer, llm.think if chat else (), chat, o["stops"]) for _ in range(o["n"])]
+        tools = self._tools(body)[1] if chat else None
+        texts = [ChoiceText(llm.tokenizer, llm.think if chat else (), chat, o["stops"], tools,
+                            body.get("parallel_tool_calls") is not False) for _ in range(o["n"])]
         state = {"finish": [None] * o["n"], "cached": 0, "first": None}
         watcher = asyncio.ensure_future(self._watch_disconnect(request, work))
         meta = dict(id=rid, created=int(time.time()), model=self.model_id, prompt_tokens=len(ids), chat=chat,
@@ -775,8 +838,8 @@ class Server:
                 elif r or c or entries:
                     yield i, r, c, None, entries
             elif kind == "done":
-                r, c = t.finish()
-                state["finish"][i] = "stop" if event[2] == "eos" or t.stopped else "length"
+                r, c = t.finish(complete=event[2] == "eos")
+                state["finish"][i] = "tool_calls" if t.tool_calls else "stop" if event[2] == "eos" or t.stopped else "length"
                 yield i, r, c, state["finish"][i], []
 
     def _usage(self, texts, state, meta) -> dict:
@@ -794,6 +857,8 @@ class Server:
             lp = _tokens_json(tok, t.logprobs, top or 0, meta["chat"]) if top is not None else None
             if meta["chat"]:
                 message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
+                if t.tool_calls:
+                    message.update(content=content or None, tool_calls=t.tool_calls)
                 choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": state["finish"][i]})
             else:
                 choices.append({"index": i, "text": content, "logprobs": lp, "finish_reason": state["finish"][i]})
@@ -829,6 +894,10 @@ class Server:
                             if c or not r:
                                 delta["content"] = c
                             yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}])
+                        if texts[i].tool_calls and finish:
+                            yield chunk([{"index": i, "delta": {"tool_calls": [{"index": k, **call} for k, call in
+                                                                               enumerate(texts[i].tool_calls)]},
+                                          "logprobs": None, "finish_reason": None}])
                         if finish:
                             yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}])
                     elif c or lp or finish:

@@ -1,0 +1,129 @@
+"""Tool calls (OpenAI's `tools`) through a model's own chat template.
+
+The template renders the tool definitions (and earlier calls and their results) the way the model
+was trained on; the model writes its calls in its family's format, which `ToolFormat.split` takes
+out of the answer. Formats, told by the template and the tokenizer's vocabulary:
+
+    hermes  <tool_call>{"name": ..., "arguments": {...}}</tool_call>    Qwen2.5, Qwen3, QwQ, Hermes
+            <tool_call><function=name><parameter=key>value</parameter></function></tool_call>
+                                                                   Qwen3.5, Qwen3-Coder (the XML form)
+    lfm2    <|tool_call_start|>[name(arg=value, ...)]<|tool_call_end|>  LFM2, LFM2.5
+
+A template that never reads `tools`, or whose calls are in no format here, gets no tools: the
+server refuses them rather than answer as if the model had seen them.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+XML_CALL = re.compile(r"<function=([^>\n]*)>(.*?)</function>", re.S)
+XML_PARAM = re.compile(r"<parameter=([^>\n]*)>\n?(.*?)\n?</parameter>", re.S)
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    name: str
+    open: str
+    close: str
+
+    def split(self, text: str) -> tuple[str, list[dict]] | None:
+        """The answer's text from the first `open` on -> (text outside the calls, the calls in
+        OpenAI's shape), or None when a call does not parse (the text then stays the answer)."""
+        calls, rest, at = [], [], 0
+        while at < len(text):
+            start = text.find(self.open, at)
+            if start < 0:
+                rest.append(text[at:])
+                break
+            rest.append(text[at:start])
+            end = text.find(self.close, start)
+            body = text[start + len(self.open): end if end >= 0 else len(text)]
+            at = end + len(self.close) if end >= 0 else len(text)
+            try:
+                calls += self._parse(body.strip())
+            except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+                return None
+        if not calls:
+            return None
+        return "".join(rest).strip(), [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                                        "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}}
+                                       for n, a in calls]
+
+    def _parse(self, body: str) -> list[tuple[str, dict]]:
+        if self.name == "hermes" and body.startswith("<function="):     # the XML form: values JSON where they parse
+            calls = XML_CALL.fullmatch(body)
+            if calls is None:
+                raise ValueError("not a <function=...> call")
+            return [(_name(calls[1]), {k: _value(v) for k, v in XML_PARAM.findall(calls[2])})]
+        if self.name == "hermes":          # one JSON object per call
+            call = json.loads(body)
+            if not isinstance(call, dict):
+                raise ValueError("a call is a JSON object")
+            args = call.get("arguments", call.get("parameters", {}))
+            if isinstance(args, str):
+                args = json.loads(args)
+            return [(_name(call.get("name")), _object(args))]
+        tree = ast.parse(body, mode="eval").body    # lfm2: a Python list of calls with literal keyword arguments
+        if not isinstance(tree, ast.List) or not tree.elts:
+            raise ValueError("not a list of calls")
+        out = []
+        for c in tree.elts:
+            if not isinstance(c, ast.Call) or c.args or not isinstance(c.func, (ast.Name, ast.Attribute)):
+                raise ValueError("not a call with keyword arguments")
+            out.append((_name(ast.unparse(c.func)), {k.arg: ast.literal_eval(k.value) for k in c.keywords}))
+        return out
+
+
+def _name(name) -> str:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ValueError("a call needs a function name")
+    return name
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _object(args) -> dict:
+    if not isinstance(args, dict):
+        raise ValueError("a call's arguments must be an object")
+    return args
+
+
+FORMATS = (ToolFormat("hermes", "<tool_call>", "</tool_call>"),
+           ToolFormat("lfm2", "<|tool_call_start|>", "<|tool_call_end|>"))
+
+
+def detect(template: str | None, token_id) -> ToolFormat | None:
+    """The format of a model whose template renders `tools`; token_id(text) -> id or None (the
+    tokenizer's vocabulary: a marker can be a token the template itself never writes)."""
+    if not template or not re.search(r"\btools\b", template):
+        return None
+    for f in FORMATS:
+        if f.open in template or token_id(f.open) is not None:
+            return f
+    return None
+
+
+def template_calls(calls) -> list[dict]:
+    """An assistant message's `tool_calls` as templates read them: arguments as an object (OpenAI
+    sends a JSON string; Hugging Face templates write `arguments | tojson`)."""
+    out = []
+    for c in calls:
+        fn = dict(c["function"])
+        try:
+            args = json.loads(fn.get("arguments") or "{}")
+            if isinstance(args, dict):
+                fn["arguments"] = args
+        except ValueError:
+            pass
+        out.append({**c, "function": fn})
+    return out

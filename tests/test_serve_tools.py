@@ -1,0 +1,231 @@
+"""OpenAI tool calls through `edgert serve`, with the real `openai` client against a real server.
+
+The model is scripted, not trained: a one-layer Llama whose attention and MLP are zero, so its next
+token depends on the last token alone (embedding -> lm_head), set so that after the generation
+prompt it writes `<tool_call>`, one call, `</tool_call>`, EOS, and EOS after anything else. Its
+tokenizer is stories260K's with those pieces as added tokens, its chat template renders `tools` the
+way Qwen's does. So every step of the path is real (export, onnxruntime, the batch engine, the
+stream decoder, the parser, the HTTP shapes), and the prompts are checked against transformers'
+own `apply_chat_template`.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import BUNDLED_STORIES, make_checkpoint
+from edgert.tools import FORMATS, ToolFormat, detect
+from test_serve import Server
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+ASSISTANT, OPEN, CLOSE, EOS = 512, 513, 515, 2
+CALL = '\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n'
+PIECES = {512: ("<|assistant|>", True), 513: ("<tool_call>", False), 514: (CALL, False), 515: ("</tool_call>", False)}
+TEMPLATE = (
+    "{%- if tools %}<|system|>You may call these functions:\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}"
+    "\n</tools>\nAnswer a call as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>\n{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|assistant|>{{ m.content or '' }}"
+    "{%- for c in m.tool_calls %}<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}"
+    "\n</tool_call>{% endfor %}</s>"
+    "{%- elif m.role == 'tool' %}<|user|><tool_response>\n{{ m.content }}\n</tool_response>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}{% if m.role == 'assistant' %}</s>{% endif %}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}, "unit": {"type": "string"}}}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _script(model):
+    """Next token = f(last token): chain ASSISTANT -> OPEN -> CALL -> CLOSE -> EOS, anything else -> EOS."""
+    for name, p in model.named_parameters():
+        p.fill_(1.0) if "norm" in name else p.zero_()
+    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+    emb[:, 5] = 1.0
+    head[EOS, 5] = 10.0
+    chain = [ASSISTANT, OPEN, 514, CLOSE, EOS]
+    for k, (t, nxt) in enumerate(zip(chain, chain[1:])):
+        emb[t] = 0.0
+        emb[t, k] = 1.0
+        head[nxt, k] = 10.0
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory, exported):
+    src = make_checkpoint(tmp_path_factory.mktemp("tools") / "hf", "llama", num_hidden_layers=1, vocab_size=516, max_position_embeddings=1024,
+                          tweak=_script)
+    tok = json.loads((BUNDLED_STORIES / "tokenizer.json").read_text())
+    tok["added_tokens"] += [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": special} for i, (c, special) in PIECES.items()]
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg.pop("added_tokens_decoder", None)
+    (src / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": TEMPLATE}))
+    return src, exported(src, 32)
+
+
+@pytest.fixture(scope="module")
+def server(scripted):
+    s = Server(scripted[1], "--parallel", "2")
+    yield s
+    s.stop()
+    assert "Traceback" not in s.output(), s.output()[-3000:]
+
+
+def hf_prompt_tokens(src, messages, tools=None) -> int:
+    """The prompt as transformers renders it, in tokens of the `tokenizers` library (the reference for
+    tokenizer.json; transformers 5 rebuilds a Llama tokenizer's pre-tokenizer its own way)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    text = transformers.AutoTokenizer.from_pretrained(src).apply_chat_template(
+        messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    return len(tokenizers.Tokenizer.from_file(str(src / "tokenizer.json")).encode(text, add_special_tokens=False).ids)
+
+
+def test_a_call_comes_back_as_tool_calls(server, scripted):
+    client = server.client()
+    r = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+    # the tools were rendered by the template, as transformers renders them
+    assert r.usage.prompt_tokens == hf_prompt_tokens(scripted[0], ASK, TOOLS)
+    assert r.usage.completion_tokens == 3                 # <tool_call>, the call, </tool_call> (then EOS)
+
+    # streamed: the same call, in one tool_calls delta before the finish chunk
+    chunks = list(client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == ""
+    streamed = [t for d in deltas for t in d.tool_calls or ()]
+    assert len(streamed) == 1 and streamed[0].index == 0 and streamed[0].function.name == "get_weather"
+    assert json.loads(streamed[0].function.arguments) == json.loads(call.function.arguments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+    # n=2: both choices of the batch come back as calls
+    r = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0, n=2)
+    assert [c.finish_reason for c in r.choices] == ["tool_calls"] * 2
+
+
+def test_without_tools_the_text_is_the_answer(server, scripted):
+    client = server.client()
+    for extra in ({}, {"tools": TOOLS, "tool_choice": "none"}):    # none: the model is not told of them
+        r = client.chat.completions.create(model="art", messages=ASK, temperature=0, **extra)
+        assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+        assert r.choices[0].message.content == "<tool_call>" + CALL + "</tool_call>"
+        assert r.usage.prompt_tokens == hf_prompt_tokens(scripted[0], ASK)
+    # cut inside the call (max_tokens): no call, its text is the answer
+    r = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0, max_tokens=2)
+    assert r.choices[0].finish_reason == "length" and not r.choices[0].message.tool_calls
+    assert r.choices[0].message.content == "<tool_call>" + CALL
+
+
+def test_the_next_turn_renders_the_call_and_its_result(server, scripted):
+    client = server.client()
+    first = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0).choices[0].message
+    turn = ASK + [first.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": '{"temperature": 21}'}]
+    r = client.chat.completions.create(model="art", messages=turn, tools=TOOLS, temperature=0)
+    # transformers' templates read the arguments as an object (OpenAI sends a JSON string)
+    calls = [{"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                                             "arguments": json.loads(c.function.arguments)}}
+             for c in first.tool_calls]
+    expect = ASK + [{"role": "assistant", "content": None, "tool_calls": calls}, turn[-1]]
+    assert r.usage.prompt_tokens == hf_prompt_tokens(scripted[0], expect, TOOLS)
+
+
+def test_tool_requests_that_cannot_be_done_are_400s(server):
+    url = server.url + "/v1/chat/completions"
+    for body, param, code in (
+            ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice", "unsupported_parameter"),
+            ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice",
+             "unsupported_parameter"),
+            ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", None),
+            ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools", None),
+            ({"tools": [{"type": "retrieval"}]}, "tools", None),
+            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "tools", None),
+            ({"tools": TOOLS * 129}, "tools", None),
+            ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls", None),
+            ({"messages": ASK + [{"role": "assistant", "tool_calls": [{"function": {"name": 5}}]}]}, "messages", None),
+            ({"messages": ASK + [{"role": "user", "tool_calls": []}]}, "messages", None)):
+        r = httpx.post(url, json={"messages": ASK, **body}, timeout=10)
+        assert r.status_code == 400, (body, r.text)
+        e = r.json()["error"]
+        assert e["param"] == param and (code is None or e["code"] == code), (body, e)
+
+
+# -- the parser and the format's detection (no server) ---------------------------------------------
+
+HERMES, LFM2 = FORMATS
+
+
+def test_hermes_calls_parse_and_what_is_not_a_call_stays_text():
+    text = ('<tool_call>\n{"name": "a", "arguments": {"x": [1, {"y": "z"}]}}\n</tool_call>\n'
+            '<tool_call>{"name": "b.c", "arguments": "{\\"k\\": 2}"}</tool_call> and so')
+    rest, calls = HERMES.split(text)
+    assert rest == "and so"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("a", {"x": [1, {"y": "z"}]}), ("b.c", {"k": 2})]
+    assert len({c["id"] for c in calls}) == 2
+    assert HERMES.split('<tool_call>{"name": "a", "arguments": {"x": 1}}') is not None     # EOS before the close
+    rest, calls = HERMES.split("<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n"
+                               "<parameter=days>\n3\n</parameter>\n<parameter=opts>\n{\"a\": [1]}\n</parameter>\n"
+                               "</function>\n</tool_call>")                          # Qwen3.5's XML form
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "New York", "days": 3, "opts": {"a": [1]}}
+    assert calls[0]["function"]["name"] == "get_weather" and rest == ""
+    for bad in ('<tool_call>{"name": "a", "arguments": {"x": 1}</tool_call>',          # broken JSON
+                '<tool_call>{"arguments": {}}</tool_call>',                                # no name
+                '<tool_call>{"name": "a b", "arguments": {}}</tool_call>',                  # not a function name
+                '<tool_call>{"name": "a", "arguments": [1]}</tool_call>',                  # arguments not an object
+                '<tool_call>["a"]</tool_call>', '<tool_call></tool_call>', "no call at all",
+                '<tool_call><function=a b><parameter=x>1</parameter></function></tool_call>',
+                '<tool_call><function=a><parameter=x>1</parameter></tool_call>'):      # XML: a bad name, unclosed
+        assert HERMES.split(bad) is None, bad
+
+
+def test_lfm2_calls_are_python_calls_with_literal_arguments():
+    rest, calls = LFM2.split('<|tool_call_start|>[get_weather(city="Paris", days=[1, 2]), now()]<|tool_call_end|>')
+    assert rest == ""
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_weather", {"city": "Paris", "days": [1, 2]}), ("now", {})]
+    for bad in ('<|tool_call_start|>[f(__import__("os"))]<|tool_call_end|>',       # positional, not literal
+                '<|tool_call_start|>[f(x=open("/etc/passwd"))]<|tool_call_end|>',  # not a literal
+                '<|tool_call_start|>f(x=1)<|tool_call_end|>',                        # not a list
+                '<|tool_call_start|>[f(x=1]<|tool_call_end|>', "<|tool_call_start|>[" + "(" * 500):
+        assert LFM2.split(bad) is None, bad
+
+
+def test_the_format_comes_from_the_template_and_vocabulary():
+    none = {}.get
+    assert detect(TEMPLATE, none) is HERMES
+    assert detect("{% for m in messages %}{{ m.content }}{% endfor %}<tool_call>", none) is None      # no tools
+    assert detect("{% if tools %}{{ tools | tojson }}{% endif %}", {"<|tool_call_start|>": 9}.get) is LFM2
+    assert detect("{% if tools %}{{ tools | tojson }}{% endif %}", none) is None        # calls in no known form
+    assert detect(None, none) is None
+    assert isinstance(HERMES, ToolFormat)
+
+
+def test_a_call_split_over_many_tokens_never_leaks_into_the_streamed_answer():
+    """The stream holds back what may begin a call; markers that are special tokens (skipped by the
+    decoder) still count as text; the answer's own text before the call streams."""
+    from edgert.generate import Step
+    from edgert.serve import ChoiceText
+    from edgert.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(BUNDLED_STORIES)                # no added tokens: the markers are many pieces
+    text = 'Sure thing.<tool_call>{"name": "f", "arguments": {"k": "<v>"}}</tool_call>'
+    t = ChoiceText(tok, (), True, [], HERMES)
+    streamed = "".join(t.push(Step(i, False))[1] for i in tok.encode(text, add_special_tokens=False))
+    assert streamed == "Sure thing."[:len(streamed)] and "<" not in streamed
+    assert streamed + t.finish(complete=True)[1] == "Sure thing."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in t.tool_calls] == [("f", {"k": "<v>"})]
+
+    marked = ToolFormat("hermes", "<s>", "</s>")             # markers that are special tokens: BOS and EOS here
+    t = ChoiceText(tok, (), True, [], marked)
+    ids = [1] + tok.encode('{"name": "g", "arguments": {}}', add_special_tokens=False) + [2]
+    assert "".join(t.push(Step(i, False))[1] for i in ids) + t.finish(complete=True)[1] == ""
+    assert t.tool_calls[0]["function"]["name"] == "g"
