@@ -553,8 +553,9 @@ def serve(
     queue: Optional[int] = typer.Option(None, min=0, help="Requests that may wait for a slot; more get 429 [default: 8 x --parallel]."),
     timeout: float = typer.Option(600.0, min=1.0, help="Longest time a request may take, seconds (then it ends with finish_reason length)."),
 ):
-    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics,
-    /tokenize, /detokenize) and a chat page at /. Needs the [serve] extra: pip install 'edgert[serve]'."""
+    """OpenAI-compatible HTTP server (/v1/chat/completions with streaming, reasoning and tool calls,
+    /v1/completions, /v1/models, /health, /metrics, /tokenize, /detokenize) and a chat page at /.
+    Needs the [serve] extra: pip install 'edgert[serve]'."""
     from .artifact import ArtifactError, read_manifest
     try:
         from .serve import serve as do_serve
