@@ -1133,7 +1133,7 @@ def serve(artifact, host="127.0.0.1", port=8080, api_key=None, parallel=1, conte
     port = sock.getsockname()[1]
     server = Server(artifact, context=context, threads=threads, parallel=parallel, max_memory=max_memory,
                     api_key=api_key, host=host, cors_origins=cors_origins, max_queue=max_queue, timeout=timeout)
-    config = uvicorn.Config(server.app, host=host, port=port, http=_protocol(), log_level="warning", access_log=False,
+    config = uvicorn.Config(server.app, host=host, port=port, http=_protocol(server.counts), log_level="warning", access_log=False,
                             lifespan="off", server_header=False, timeout_keep_alive=5,
                             limit_concurrency=64 + 16 * parallel, h11_max_incomplete_event_size=MAX_HEADERS)
     http = uvicorn.Server(config)
@@ -1166,12 +1166,14 @@ def serve(artifact, host="127.0.0.1", port=8080, api_key=None, parallel=1, conte
     return 0 if http.started or not failed else 1
 
 
-def _protocol():
+def _protocol(counts: collections.Counter):
     """uvicorn's h11 protocol, plus a deadline for each request's headers: HEADER_SECONDS from a new
     connection, and from the end of the previous response on a kept-alive one (uvicorn's keep-alive
     timer starts again at every byte, so a byte every few seconds would hold the connection, and its
     place in the connection limit, forever; so would a body the route never reads, trickled).
-    Malformed HTTP gets an error in OpenAI's shape, not uvicorn's plain text."""
+    Malformed HTTP gets an error in OpenAI's shape, not uvicorn's plain text, and is counted in
+    `counts` as endpoint "invalid" (/metrics), not logged a line each (a flood would fill the log)."""
+    import logging
     from http import HTTPStatus
 
     import h11
@@ -1197,6 +1199,7 @@ def _protocol():
             else:
                 err = APIError(400, f"malformed HTTP request: {str(e or msg).split(': ')[0]}"[:200],
                                code="invalid_http")     # (h11's reason, without the bytes it quotes)
+            counts[("invalid", err.status)] += 1
             r = err.response()
             try:
                 self.transport.write(self.conn.send(h11.Response(
@@ -1228,7 +1231,14 @@ def _protocol():
             """No new request has begun since `cycle` (None: since the connection opened)."""
             if self.cycle is cycle and not self.transport.is_closing():
                 self.transport.close()
+
+    logging.getLogger("uvicorn.error").addFilter(_not_each_malformed_request)     # (the same filter once)
     return Protocol
+
+
+def _not_each_malformed_request(record) -> bool:
+    """uvicorn logs a warning for each malformed request; send_400_response counts them instead."""
+    return record.getMessage() != "Invalid HTTP request received."
 
 
 def _url_host(host: str) -> str:

@@ -379,13 +379,16 @@ def check_fits(shape: str, need_memory: int, need_disk: int, folder: Path, avail
     if available is not None and need_memory > available:
         raise SyntheticError(f"{shape} needs {need_memory / 2**30:.1f} GiB of memory (weights + KV cache + runtime) but "
                              f"{available / 2**30:.1f} GiB is available: pick a smaller shape, --bits 4 or a shorter --context")
+    env = " (EDGERT_SYNTHETIC_DIR)" if os.environ.get("EDGERT_SYNTHETIC_DIR") else ""   # said with the variable that moves it
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:        # a file in the way, no permission: said with the variable that moves it
-        env = " (EDGERT_SYNTHETIC_DIR)" if os.environ.get("EDGERT_SYNTHETIC_DIR") else ""
+    except OSError as e:        # a file in the way, no permission
         why = ("is not a folder (a file is in the way)" if isinstance(e, (FileExistsError, NotADirectoryError))
                else f"cannot be made ({e.strerror})")
         raise SyntheticError(f"the synthetic model cache {folder}{env} {why}: point EDGERT_SYNTHETIC_DIR at a folder") from None
+    if need_disk and not os.access(folder, os.W_OK | os.X_OK):     # a build writes there; a cached one only reads
+        raise SyntheticError(f"the synthetic model cache {folder}{env} is not writable: point EDGERT_SYNTHETIC_DIR at a "
+                             "folder you can write")
     free = shutil.disk_usage(folder).free
     if need_disk > free:
         raise SyntheticError(f"{shape} needs {need_disk / 2**30:.1f} GiB of disk in {folder} but {free / 2**30:.1f} GiB "

@@ -170,6 +170,21 @@ def test_synthetic_dir_on_a_file(tmp_path, where):
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
 
 
+def test_a_read_only_synthetic_dir_is_said_before_a_build(tmp_path):
+    """A folder that exists but cannot be written: one line naming the variable (it was
+    "[Errno 13] Permission denied" from the temporary folder the build makes)."""
+    prefix = _without_root_override(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o555)
+    try:
+        r = subprocess.run([*prefix, sys.executable, "-m", "edgert.cli", "bench", "--synthetic", "qwen2.5-0.5b"],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "EDGERT_SYNTHETIC_DIR": str(cache)})
+        one_line(r, "EDGERT_SYNTHETIC_DIR", "not writable")
+        assert list(cache.iterdir()) == []
+    finally:
+        cache.chmod(0o755)
+
+
 # ---- 5. export --force onto a read-only artifact -------------------------------------------------------
 
 def _without_root_override(tmp_path) -> list[str]:

@@ -53,7 +53,15 @@ def still_serving(server):
     assert server.proc.poll() is None
 
 
+def invalid_count(server, status: int) -> int:
+    """/metrics' count of malformed requests answered with `status`."""
+    key = f'edgert_requests_total{{endpoint="invalid",status="{status}"}} '
+    return sum(int(line[len(key):]) for line in httpx.get(server.url + "/metrics", timeout=5).text.splitlines()
+               if line.startswith(key))
+
+
 def test_malformed_http_gets_a_400_in_openai_shape(server):
+    counted = invalid_count(server, 400)
     for request in (b"\x00\xff GARBAGE\r\n\r\n",                                        # no request line
                     b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
                     b"zz\r\n{}\r\n0\r\n\r\n",                                          # a bad chunk size
@@ -68,9 +76,12 @@ def test_malformed_http_gets_a_400_in_openai_shape(server):
         assert e["type"] == "invalid_request_error" and e["code"] == "invalid_http", e
         still_serving(server)
     assert "Traceback" not in server.output() and "internal error" not in server.output(), server.output()[-3000:]
+    assert invalid_count(server, 400) == counted + 5                   # counted in /metrics, not a log line each
+    assert "Invalid HTTP" not in server.output(), server.output()[-3000:]
 
 
 def test_headers_past_the_limit_get_a_431_then_a_clean_close(server):
+    counted = invalid_count(server, 431)
     big = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"
     for parts in ([big], [big[:100_000], big[100_000:150_000], big[150_000:]]):    # in one go; in pieces, as
         status, headers, body = exchange(server, *parts)        # over a network; read to the end: no reset
@@ -81,6 +92,7 @@ def test_headers_past_the_limit_get_a_431_then_a_clean_close(server):
     r = httpx.get(server.url + "/health", headers={"X-Big": "a" * 200_000}, timeout=5)
     assert r.status_code == 431 and error_of(r)["code"] == "headers_too_large"
     still_serving(server)
+    assert invalid_count(server, 431) == counted + 3
 
 
 def test_refused_cors_preflights_are_400s_in_openai_shape(server):
