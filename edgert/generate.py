@@ -154,7 +154,7 @@ class Decoding:
 
     def __init__(self, prompt_ids, max_tokens: int, sampling: Sampling, stop_ids=(),
                  think: tuple[int | None, int | None] = (None, None), think_budget: int | None = None,
-                 close_think_ids=(), deadline: float | None = None, logprobs: bool = False):
+                 close_think_ids=(), deadline: float | None = None, logprobs: bool = False, answer_prefix=()):
         self.max_tokens, self.sampling, self.stops = max_tokens, sampling, set(stop_ids)
         self.think_start, self.think_end = think
         self.think_budget, self.close_think_ids, self.deadline = think_budget, list(close_think_ids), deadline
@@ -164,6 +164,9 @@ class Decoding:
                 self.reasoning = True if t == self.think_start else False if t == self.think_end else self.reasoning
         # forced tokens still to feed (think budget, deadline); a budget of 0 closes the reasoning at once
         self.pending: list[int] = list(self.close_think_ids) if self.reasoning and think_budget == 0 else []
+        # forced where the answer begins (a tool call that tool_choice requires): in place of the answer's
+        # first sampled token, after the reasoning (which the model may still open with its first token)
+        self.answer_prefix = list(answer_prefix)
         self.spent = 0                   # reasoning tokens generated so far
         self.generated = self.reasoning_tokens = 0
         self.stop_reason: str | None = None   # "eos", "length", "context"
@@ -186,6 +189,10 @@ class Decoding:
             self.close_thinking()
         forced = bool(self.pending)
         token = self.pending.pop(0) if forced else self.sampling(logits)
+        if self.answer_prefix and not forced and not self.reasoning \
+                and not (token == self.think_start and self.generated == 0):
+            self.pending, self.answer_prefix = self.answer_prefix, []
+            token, forced = self.pending.pop(0), True
         if token == self.think_start:
             self.reasoning = True
         in_reasoning = self.reasoning

@@ -669,20 +669,27 @@ class Server:
                 raise bad(f"response_format {kind} is not supported by this server (plain text only)", "response_format",
                           "unsupported_parameter")
 
-    def _tools(self, body) -> tuple[list | None, ToolFormat | None]:
+    def _tools(self, body) -> tuple[list | None, ToolFormat | None, str | None]:
         """tools, tool_choice, parallel_tool_calls -> (the tools the template renders, the format the
-        model writes its calls in). With tool_choice none the model is not told of them. A call cannot
-        be forced (required, a named function): refused, as are tools for a template without them."""
+        model writes its calls in, the text its answer is made to begin with: a call for tool_choice
+        required, a call of the named function, else None). With tool_choice none the model is not
+        told of them. Tools for a template without them are refused."""
         tools = field_(body, "tools", list)
         choice = body.get("tool_choice")
-        if choice == "required" or isinstance(choice, dict):
-            raise bad("tool_choice required or a named function is not supported by this server (it cannot force a "
-                      "call); use auto", "tool_choice", "unsupported_parameter")
-        if choice is not None and choice not in ("none", "auto"):
+        named = None
+        if isinstance(choice, dict):
+            fn = choice.get("function")
+            if choice.get("type", "function") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise bad("'tool_choice' as an object must be {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                          "tool_choice")
+            named = fn["name"]
+        elif choice is not None and choice not in ("none", "auto", "required"):
             raise bad("'tool_choice' must be none, auto, required or an object naming a function", "tool_choice")
         field_(body, "parallel_tool_calls", bool)
         if not tools:
-            return None, None
+            if choice == "required" or named is not None:
+                raise bad("tool_choice required or a named function needs 'tools'", "tool_choice")
+            return None, None, None
         if len(tools) > 128:
             raise bad("'tools' holds at most 128 functions", "tools")
         for i, t in enumerate(tools):
@@ -694,12 +701,15 @@ class Server:
             for k, kind in (("description", str), ("parameters", dict), ("strict", bool)):
                 if fn.get(k) is not None and not isinstance(fn[k], kind):
                     raise bad(f"tools[{i}].function.{k} must be {'a string' if kind is str else 'an object' if kind is dict else 'a boolean'}", "tools")
+        if named is not None and named not in (t["function"]["name"] for t in tools):
+            raise bad(f"tool_choice names {named[:64]!r}, which is not in 'tools'", "tool_choice")
         if choice == "none":
-            return None, None
+            return None, None, None
         if self.tool_format is None:
             raise bad("this model's chat template does not render tools, or writes calls in a form this server does not "
                       "read (it reads <tool_call> JSON and LFM2's <|tool_call_start|>)", "tools", "unsupported_parameter")
-        return tools, self.tool_format
+        forced = self.tool_format.forced(named) if choice == "required" or named is not None else None
+        return tools, self.tool_format, forced
 
     def _logit_bias(self, body):
         """logit_bias {token id (a string): bias in [-100, 100]} -> (ids, biases) added to every step's logits."""
@@ -745,14 +755,16 @@ class Server:
             kwargs = body.get("chat_template_kwargs") or {}
             work.marks = await asyncio.to_thread(llm.turn_boundary, self._messages(body), ids, template_kwargs=kwargs)
         deadline = None if o["deadline_ms"] is None else work.arrived + o["deadline_ms"] / 1000
+        _, tools, forced = self._tools(body) if chat else (None, None, None)
+        prefix = llm.tokenizer.encode(forced, add_special_tokens=False) if forced else ()
         work.decodings = [Decoding(ids, o["limit"], s, stop_ids=llm.eos_ids, think=llm.think, think_budget=o["budget"],
-                                   close_think_ids=self.close_ids, deadline=deadline) for s in o["sampling"]]
+                                   close_think_ids=self.close_ids, deadline=deadline, answer_prefix=prefix)
+                          for s in o["sampling"]]
         if o["budget"] == 0:                # (a chat prompt closed it already: _prompt)
             for dec in work.decodings:      # no thinking at all: </think> before the first token
                 dec.close_thinking()
         self.scheduler.submit(work)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        tools = self._tools(body)[1] if chat else None
         texts = [ChoiceText(llm.tokenizer, llm.think if chat else (), chat, o["stops"], tools,
                             body.get("parallel_tool_calls") is not False) for _ in range(o["n"])]
         state = {"finish": [None] * o["n"], "cached": 0, "first": None}

@@ -11,6 +11,10 @@ out of the answer. Formats, told by the template and the tokenizer's vocabulary:
 
 A template that never reads `tools`, or whose calls are in no format here, gets no tools: the
 server refuses them rather than answer as if the model had seen them.
+
+tool_choice `required` or a named function is kept by forcing the answer's first tokens
+(`ToolFormat.forced`): the call's opening marker, and for a named function the text up to its
+arguments, in the form the template writes. The model writes the rest; a reasoning model thinks first.
 """
 from __future__ import annotations
 
@@ -30,6 +34,19 @@ class ToolFormat:
     name: str
     open: str
     close: str
+    xml: bool = False        # hermes calls in the <function=...> form (the template writes them so)
+
+    def forced(self, function: str | None) -> str:
+        """The text an answer is made to begin with: a call (tool_choice required), or a call of
+        `function`, ending before its arguments (no trailing space, which the model's own
+        tokenization would put in front of what follows)."""
+        if function is None:
+            return self.open
+        if self.name == "lfm2":
+            return f"{self.open}[{function}("
+        if self.xml:
+            return f"{self.open}\n<function={function}>\n"
+        return f'{self.open}\n{{"name": {json.dumps(function)}, "arguments":'
 
     def split(self, text: str) -> tuple[str, list[dict]] | None:
         """The answer's text from the first `open` on -> (text outside the calls, the calls in
@@ -109,7 +126,7 @@ def detect(template: str | None, token_id) -> ToolFormat | None:
         return None
     for f in FORMATS:
         if f.open in template or token_id(f.open) is not None:
-            return f
+            return ToolFormat(f.name, f.open, f.close, xml=True) if f.name == "hermes" and "<function=" in template else f
     return None
 
 

@@ -402,7 +402,8 @@ def test_errors_have_openai_shape_and_status(server, client):
     # what this server cannot do is refused in one line, not answered as if done
     for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
                          ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-                         ({"tool_choice": "required"}, "tool_choice")):
+                         ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+                          "tools")):
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model=MODEL(client), messages=msgs, **extra)
         assert err.value.code == "unsupported_parameter" and err.value.param == param

@@ -21,9 +21,11 @@ from test_serve import Server
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-ASSISTANT, OPEN, CLOSE, EOS = 512, 513, 515, 2
+ASSISTANT, OPEN, CLOSE, ARGS, EOS = 512, 513, 515, 516, 2
 CALL = '\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n'
-PIECES = {512: ("<|assistant|>", True), 513: ("<tool_call>", False), 514: (CALL, False), 515: ("</tool_call>", False)}
+ARGUMENTS = ' {"city": "Paris", "unit": "celsius"}}\n'
+PIECES = {512: ("<|assistant|>", True), 513: ("<tool_call>", False), 514: (CALL, False), 515: ("</tool_call>", False),
+          516: (ARGUMENTS, False)}
 TEMPLATE = (
     "{%- if tools %}<|system|>You may call these functions:\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}"
     "\n</tools>\nAnswer a call as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>\n{%- endif %}"
@@ -38,17 +40,20 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": {"type": "object", "properties": {
                                                "city": {"type": "string"}, "unit": {"type": "string"}}}}}]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+FORCED_NAMED = '<tool_call>\n{"name": "get_time", "arguments":'        # what tool_choice get_time makes the answer begin with
 
 
-def _script(model):
-    """Next token = f(last token): chain ASSISTANT -> OPEN -> CALL -> CLOSE -> EOS, anything else -> EOS."""
+def _script(model, named_last: int):
+    """Next token = f(last token): chain ASSISTANT -> OPEN -> CALL -> CLOSE -> EOS; the last token of
+    a named call's forced text (tool_choice) -> ARGS -> CLOSE; anything else -> EOS."""
     for name, p in model.named_parameters():
         p.fill_(1.0) if "norm" in name else p.zero_()
     emb, head = model.model.embed_tokens.weight, model.lm_head.weight
     emb[:, 5] = 1.0
     head[EOS, 5] = 10.0
-    chain = [ASSISTANT, OPEN, 514, CLOSE, EOS]
-    for k, (t, nxt) in enumerate(zip(chain, chain[1:])):
+    links = [(ASSISTANT, OPEN), (OPEN, 514), (514, CLOSE), (CLOSE, EOS), (named_last, ARGS), (ARGS, CLOSE)]
+    for k, (t, nxt) in enumerate(links):
+        k += k >= 5                          # (dimension 5 is everything else's)
         emb[t] = 0.0
         emb[t, k] = 1.0
         head[nxt, k] = 10.0
@@ -56,11 +61,14 @@ def _script(model):
 
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory, exported):
-    src = make_checkpoint(tmp_path_factory.mktemp("tools") / "hf", "llama", num_hidden_layers=1, vocab_size=516, max_position_embeddings=1024,
-                          tweak=_script)
+    tokenizers = pytest.importorskip("tokenizers")
     tok = json.loads((BUNDLED_STORIES / "tokenizer.json").read_text())
     tok["added_tokens"] += [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
                              "normalized": False, "special": special} for i, (c, special) in PIECES.items()]
+    named = tokenizers.Tokenizer.from_str(json.dumps(tok)).encode(FORCED_NAMED, add_special_tokens=False).ids
+    assert named[0] == OPEN and named[-1] not in PIECES
+    src = make_checkpoint(tmp_path_factory.mktemp("tools") / "hf", "llama", num_hidden_layers=1, vocab_size=517,
+                          max_position_embeddings=1024, tweak=lambda m: _script(m, named[-1]))
     (src / "tokenizer.json").write_text(json.dumps(tok))
     cfg = json.loads((src / "tokenizer_config.json").read_text())
     cfg.pop("added_tokens_decoder", None)
@@ -139,12 +147,46 @@ def test_the_next_turn_renders_the_call_and_its_result(server, scripted):
     assert r.usage.prompt_tokens == hf_prompt_tokens(scripted[0], expect, TOOLS)
 
 
+def test_tool_choice_forces_a_call(server, scripted):
+    """required: the answer begins with a call although the model would answer in text (its call
+    marker biased away); a named function: the call is to that function, whatever the model prefers."""
+    client = server.client()
+    never = {"logit_bias": {str(OPEN): -100}}
+    r = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0, **never)
+    assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls     # auto: no call
+    for stream in (False, True):
+        r = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0, tool_choice="required",
+                                           stream=stream, **never)
+        if stream:
+            deltas = [c.choices[0].delta for c in r if c.choices]
+            calls = [t for d in deltas for t in d.tool_calls or ()]
+            assert "".join(d.content or "" for d in deltas) == ""
+        else:
+            assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+            calls = r.choices[0].message.tool_calls
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
+            [("get_weather", {"city": "Paris", "unit": "celsius"})]
+    two = TOOLS + [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    r = client.chat.completions.create(model="art", messages=ASK, tools=two, temperature=0,
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_time" and json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+    assert r.usage.completion_tokens == len(server_tokens(scripted[0], FORCED_NAMED)) + 2     # + ARGS, </tool_call>
+
+
+def server_tokens(src, text: str) -> list[int]:
+    from edgert.tokenizer import Tokenizer
+    return Tokenizer.from_dir(src).encode(text, add_special_tokens=False)
+
+
 def test_tool_requests_that_cannot_be_done_are_400s(server):
     url = server.url + "/v1/chat/completions"
     for body, param, code in (
-            ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice", "unsupported_parameter"),
-            ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice",
-             "unsupported_parameter"),
+            ({"tool_choice": "required"}, "tool_choice", None),                        # required, but no tools
+            ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice", None),
+            ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"nom": "get_weather"}}}, "tool_choice", None),
+            ({"tools": TOOLS, "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice", None),
             ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", None),
             ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools", None),
             ({"tools": [{"type": "retrieval"}]}, "tools", None),
@@ -229,3 +271,45 @@ def test_a_call_split_over_many_tokens_never_leaks_into_the_streamed_answer():
     ids = [1] + tok.encode('{"name": "g", "arguments": {}}', add_special_tokens=False) + [2]
     assert "".join(t.push(Step(i, False))[1] for i in ids) + t.finish(complete=True)[1] == ""
     assert t.tool_calls[0]["function"]["name"] == "g"
+
+
+def test_a_forced_call_begins_in_each_format_and_parses_once_the_model_completes_it():
+    xml = detect("{% if tools %}{{ tools | tojson }}<tool_call>\n<function=...>{% endif %}", {}.get)
+    assert xml.xml and not HERMES.xml
+    for fmt, rest in ((HERMES, ' {"x": 1}}\n</tool_call>'), (xml, "<parameter=x>\n1\n</parameter>\n</function>\n</tool_call>"),
+                      (LFM2, "x=1)]<|tool_call_end|>")):
+        assert fmt.forced(None) == fmt.open                   # required: the model names the function
+        text = fmt.forced("get_time") + rest
+        assert not fmt.forced("get_time").endswith(" ")
+        _, calls = fmt.split(text)
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("get_time", {"x": 1})]
+
+
+def test_a_forced_answer_prefix_waits_for_the_reasoning():
+    """Decoding's answer_prefix replaces the answer's first sampled token; a reasoning model may still
+    open its reasoning with its first token, and the prefix follows </think>."""
+    import numpy as np
+
+    from edgert.generate import Decoding, Sampling
+    THINK, END, WORD, P1, P2 = 10, 11, 12, 20, 21
+
+    def run(prompt, picks, **kw):
+        dec = Decoding(prompt, 20, Sampling(0.0), stop_ids=[EOS], think=(THINK, END), answer_prefix=[P1, P2], **kw)
+        out = []
+        for pick in picks:
+            logits = np.zeros(32, np.float32)
+            logits[pick] = 1.0
+            step = dec.next(logits)
+            if step is None:
+                break
+            out.append((step.id, step.forced))
+        return out
+    # no reasoning: the prefix first (even in place of EOS), then the model
+    assert run([1, 5], [WORD, WORD, WORD]) == [(P1, True), (P2, True), (WORD, False)]
+    assert run([1, 5], [EOS, EOS, EOS]) == [(P1, True), (P2, True)]
+    # the model opens its reasoning: it thinks, then the answer begins with the prefix
+    assert run([1, 5], [THINK, WORD, END, WORD, WORD, WORD]) == \
+        [(THINK, False), (WORD, False), (END, False), (P1, True), (P2, True), (WORD, False)]
+    # the prompt opened it (R1's templates); a think budget closes it with forced tokens first
+    assert run([1, THINK], [WORD, WORD, WORD, WORD, WORD], think_budget=1, close_think_ids=[END]) == \
+        [(WORD, False), (END, True), (P1, True), (P2, True), (WORD, False)]
