@@ -122,6 +122,26 @@ class Step:
     id: int
     reasoning: bool               # inside <think> ... </think> (the tags themselves count as reasoning)
     forced: bool = False          # fed by the think budget, not sampled
+    hidden: bool = False          # a harmony message's header or end marker: structure, not text
+
+
+@dataclass(frozen=True)
+class Channels:
+    """OpenAI's harmony format (gpt-oss): an answer is messages `<|start|>assistant<|channel|>NAME
+    <|message|>TEXT<|end|>`; the `analysis` channel is the reasoning, `final` the answer. The
+    headers and markers are structure, not text (`Step.hidden`)."""
+    start: int
+    channel: int
+    message: int
+    end: int
+    analysis: tuple[int, ...]        # the channel name's tokens
+
+    @classmethod
+    def detect(cls, tokenizer) -> "Channels | None":
+        ids = [tokenizer.token_to_id(t) for t in ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")]
+        if None in ids:
+            return None
+        return cls(*ids, tuple(tokenizer.encode("analysis", add_special_tokens=False)))
 
 
 @dataclass
@@ -154,7 +174,8 @@ class Decoding:
 
     def __init__(self, prompt_ids, max_tokens: int, sampling: Sampling, stop_ids=(),
                  think: tuple[int | None, int | None] = (None, None), think_budget: int | None = None,
-                 close_think_ids=(), deadline: float | None = None, logprobs: bool = False, answer_prefix=()):
+                 close_think_ids=(), deadline: float | None = None, logprobs: bool = False, answer_prefix=(),
+                 channels: Channels | None = None):
         self.max_tokens, self.sampling, self.stops = max_tokens, sampling, set(stop_ids)
         self.think_start, self.think_end = think
         self.think_budget, self.close_think_ids, self.deadline = think_budget, list(close_think_ids), deadline
@@ -162,6 +183,10 @@ class Decoding:
         if self.think_start is not None:
             for t in prompt_ids:
                 self.reasoning = True if t == self.think_start else False if t == self.think_end else self.reasoning
+        self.channels, self.header = channels, None     # harmony: the header being read (None: none)
+        if channels is not None:                        # (the generation prompt opens one: <|start|>assistant)
+            for t in prompt_ids:
+                self._channel(t)
         # forced tokens still to feed (think budget, deadline); a budget of 0 closes the reasoning at once
         self.pending: list[int] = list(self.close_think_ids) if self.reasoning and think_budget == 0 else []
         # forced where the answer begins (a tool call that tool_choice requires): in place of the answer's
@@ -175,6 +200,24 @@ class Decoding:
     @property
     def done(self) -> bool:
         return self.stop_reason is not None
+
+    def _channel(self, token: int) -> bool:
+        """Follow harmony's structure: whether `token` is structure (hidden); sets self.reasoning."""
+        c = self.channels
+        if token == c.start or (token == c.channel and self.header is None):
+            self.header, self.reasoning = [], False
+        if self.header is not None:
+            if token == c.message:      # the header names the channel: analysis is the reasoning
+                h, n = self.header, len(c.analysis)
+                self.reasoning = any(h[i:i + n] == list(c.analysis) for i in range(len(h) - n + 1))
+                self.header = None
+            else:
+                self.header.append(token)
+            return True
+        if token == c.end:
+            self.reasoning = False
+            return True
+        return False
 
     def close_thinking(self) -> None:
         """Feed </think> next (unless the reasoning is already closing)."""
@@ -193,9 +236,10 @@ class Decoding:
                 and not (token == self.think_start and self.generated == 0):
             self.pending, self.answer_prefix = self.answer_prefix, []
             token, forced = self.pending.pop(0), True
+        hidden = self.channels is not None and self._channel(token)
         if token == self.think_start:
             self.reasoning = True
-        in_reasoning = self.reasoning
+        in_reasoning = self.reasoning and not hidden
         if token == self.think_end:
             self.reasoning = False
         if not forced and token in self.stops:
@@ -211,26 +255,27 @@ class Decoding:
                 self.close_thinking()
         if self.generated >= self.max_tokens:
             self.stop_reason = "length"
-        return Step(token, in_reasoning, forced)
+        return Step(token, in_reasoning, forced, hidden)
 
 
 def generate(engine, prompt_ids: list[int], max_tokens: int, sampling: Sampling, stop_ids=(),
              think: tuple[int | None, int | None] = (None, None), think_budget: int | None = None,
              close_think_ids: list[int] = (), stats: Stats | None = None, speculate: int = 0, drafter=None,
-             marks=()):
+             marks=(), channels: Channels | None = None):
     """Yield Steps of one sequence: open it on the engine (a Model is wrapped in a one-slot engine),
     prefill the prompt, then decode one token per step until the Decoding stops.
     speculate=k (greedy only): each step also feeds up to k drafted tokens — `drafter(ids, k)`, by
     default `ngram_draft` from the text so far, or a `ModelDrafter` — and keeps those the model
     itself picks: the same tokens as without, fewer forward calls of the model. Models with a
     recurrent state cannot cut a rejected draft back, so they decode plainly.
-    marks: prompt positions where a recurrent model keeps its state (the next turn resumes there)."""
+    marks: prompt positions where a recurrent model keeps its state (the next turn resumes there).
+    channels: a harmony model's markers (gpt-oss), which tell its reasoning from its answer."""
     drafter = drafter or ngram_draft
     from .engine import Engine
     engine = engine if isinstance(engine, Engine) else Engine(engine)
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(prompt_ids)
-    dec = Decoding(prompt_ids, max_tokens, sampling, stop_ids, think, think_budget, close_think_ids)
+    dec = Decoding(prompt_ids, max_tokens, sampling, stop_ids, think, think_budget, close_think_ids, channels=channels)
     t0 = time.perf_counter()
     seq = engine.open(prompt_ids)
     engine.mark(seq, marks)

@@ -8,7 +8,7 @@ from typing import Iterator
 
 from .chat import load_chat_template, render_chat, tokenizer_config
 from .engine import Engine, common_prefix
-from .generate import Sampling, Stats, Step, generate
+from .generate import Channels, Sampling, Stats, Step, generate
 from .limits import check_prompt_length
 from .model import ContextFull, Model
 from .tokenizer import StreamDecoder, Tokenizer
@@ -44,6 +44,7 @@ class LLM:
         special = self.manifest["special_tokens"]
         self.eos_ids = [i for i in special.get("eos") or [] if i is not None]
         self.think = (special.get("think_start"), special.get("think_end"))
+        self.channels = Channels.detect(self.tokenizer)       # gpt-oss: harmony's channels, not <think> tags
         self.stats = Stats()
         self.drafter = None          # a ModelDrafter once use_draft() ran
 
@@ -150,12 +151,13 @@ class LLM:
         steps = generate(self.engine, ids, max_tokens, self.sampling(temperature, top_p, top_k, seed),
                          stop_ids=() if ignore_eos else self.eos_ids, think=self.think, think_budget=think_budget,
                          close_think_ids=self.close_think_ids(), stats=self.stats, speculate=speculate,
-                         drafter=self.drafter, marks=keep_state_at)
+                         drafter=self.drafter, marks=keep_state_at, channels=self.channels)
         for step in steps:
-            yield Token(step.id, step.reasoning, step.forced, decoder.push(step.id))
+            text = decoder.flush() if step.hidden else decoder.push(step.id)     # (a header is not text)
+            yield Token(step.id, step.reasoning, step.forced, step.hidden, text)
         tail = decoder.flush()
         if tail:
-            yield Token(-1, False, True, tail)   # text held back for an incomplete character
+            yield Token(-1, False, True, False, tail)   # text held back for an incomplete character
 
     def chat(self, system: str | None = None, think_budget: int | None = None, thinking: bool = True):
         """A multi-turn Conversation whose history stays in this model's KV cache (edgert.conversation)."""

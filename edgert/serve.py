@@ -368,7 +368,7 @@ class ChoiceText:
         kind = "reasoning" if self.split and step.reasoning else "content"
         self.reasoning_tokens += step.reasoning
         r = c = ""
-        if self.split and step.id in self.think:         # the tags themselves are not text
+        if self.split and (step.id in self.think or step.hidden):     # the tags and harmony's headers are not text
             r, c = self._flush(final=False)
             self.decoder.flush()
             if step.id == self.think[1]:
@@ -567,6 +567,9 @@ class Server:
             tools = self._tools(body)[0]
             if tools:
                 kwargs = {**kwargs, "tools": tools}
+            effort = field_(body, "reasoning_effort", str, choices=tuple(EFFORT))
+            if llm.channels is not None and effort in ("low", "medium", "high"):    # gpt-oss: its template tells
+                kwargs = {"reasoning_effort": effort, **kwargs}                      # the model (a system line)
             try:       # no reasoning asked for: the prompt closes the think block (see encode_messages)
                 ids = llm.encode_messages(messages, thinking=not self._no_thinking(body), template_kwargs=kwargs)
             except PromptTooLong as e:
@@ -758,7 +761,8 @@ class Server:
         _, tools, forced = self._tools(body) if chat else (None, None, None)
         prefix = llm.tokenizer.encode(forced, add_special_tokens=False) if forced else ()
         work.decodings = [Decoding(ids, o["limit"], s, stop_ids=llm.eos_ids, think=llm.think, think_budget=o["budget"],
-                                   close_think_ids=self.close_ids, deadline=deadline, answer_prefix=prefix)
+                                   close_think_ids=self.close_ids, deadline=deadline, answer_prefix=prefix,
+                                   channels=llm.channels)
                           for s in o["sampling"]]
         if o["budget"] == 0:                # (a chat prompt closed it already: _prompt)
             for dec in work.decodings:      # no thinking at all: </think> before the first token

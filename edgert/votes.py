@@ -41,7 +41,7 @@ def sample_together(llm, prompt_ids: list[int], n: int, max_tokens: int, samplin
         for i, s in enumerate(seqs):
             own = replace(sampling, seed=None if sampling.seed is None else sampling.seed + i)   # its own generator
             decs[s] = Decoding(prompt_ids, max_tokens, own, llm.eos_ids, llm.think, think_budget,
-                               llm.close_think_ids(), logprobs=True)
+                               llm.close_think_ids(), logprobs=True, channels=llm.channels)
         steps = {s: [] for s in seqs}
         t1, forwards = time.perf_counter(), 0
         active = list(seqs)
@@ -72,7 +72,7 @@ def sample_together(llm, prompt_ids: list[int], n: int, max_tokens: int, samplin
         ids = [st.id for st in steps[s]]
         reasoning = [st.id for st in steps[s] if st.reasoning]
         text = llm.tokenizer.decode(ids)
-        answer = llm.tokenizer.decode([st.id for st in steps[s] if not st.reasoning]).strip()
+        answer = llm.tokenizer.decode([st.id for st in steps[s] if not (st.reasoning or st.hidden)]).strip()
         closed = not llm.think[1] or not reasoning or llm.think[1] in ids
         votes.append({"text": text, "reasoning": llm.tokenizer.decode(reasoning), "answer": answer,
                       "key": answer_key(answer) if closed else "", "tokens": ids,

@@ -1,0 +1,131 @@
+"""gpt-oss's harmony format: an answer is messages `<|start|>assistant<|channel|>NAME<|message|>TEXT<|end|>`,
+the analysis channel its reasoning. Its headers (`assistant`, `final`, `analysis` are ordinary words of
+the vocabulary) must never reach the answer's text, and the analysis must come back as reasoning.
+
+The model is scripted as in test_serve_tools.py: one Llama layer with zero attention and MLP, so the
+next token depends on the last one alone: after the generation prompt (`<|start|>assistant`) it writes
+`<|channel|>final<|message|> The sky is blue.<|return|>`, or `analysis` for `final` where a
+logit_bias forbids `final`.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import BUNDLED_STORIES, make_checkpoint
+from edgert.generate import Channels, Decoding, Sampling
+from test_serve import Server
+
+openai = pytest.importorskip("openai")
+
+START, CHANNEL, MESSAGE, END, RETURN, ANSWER, ANALYSIS, FINAL, ASSISTANT = range(512, 521)
+TEXT = " The sky is blue."
+PIECES = {START: ("<|start|>", True), CHANNEL: ("<|channel|>", True), MESSAGE: ("<|message|>", True),
+          END: ("<|end|>", True), RETURN: ("<|return|>", True), ANSWER: (TEXT, False), ANALYSIS: ("analysis", False),
+          FINAL: ("final", False), ASSISTANT: ("assistant", False)}
+TEMPLATE = ("{%- if reasoning_effort is defined %}<|start|>system<|message|>Reasoning: {{ reasoning_effort }}<|end|>{% endif %}"
+            "{%- for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{%- endfor %}"
+            "{%- if add_generation_prompt %}<|start|>assistant{%- endif %}")
+ASK = [{"role": "user", "content": "Why is the sky blue?"}]
+
+
+def _script(model):
+    for name, p in model.named_parameters():
+        p.fill_(1.0) if "norm" in name else p.zero_()
+    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+    emb[:, 5] = 1.0
+    head[RETURN, 5] = 10.0                   # anything else -> <|return|>
+    links = [(ASSISTANT, {CHANNEL: 10.0}), (CHANNEL, {FINAL: 10.0, ANALYSIS: 5.0}), (FINAL, {MESSAGE: 10.0}),
+             (ANALYSIS, {MESSAGE: 10.0}), (MESSAGE, {ANSWER: 10.0}), (ANSWER, {RETURN: 10.0})]
+    for k, (t, nxt) in enumerate(links):
+        k += k >= 5
+        emb[t] = 0.0
+        emb[t, k] = 1.0
+        for n, v in nxt.items():
+            head[n, k] = v
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory, exported):
+    src = make_checkpoint(tmp_path_factory.mktemp("harmony") / "hf", "llama", num_hidden_layers=1, vocab_size=521,
+                          max_position_embeddings=1024, eos_token_id=RETURN, tweak=_script)
+    tok = json.loads((BUNDLED_STORIES / "tokenizer.json").read_text())
+    tok["added_tokens"] += [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": special} for i, (c, special) in PIECES.items()]
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [RETURN, 2]}))
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg.pop("added_tokens_decoder", None)
+    (src / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": TEMPLATE, "eos_token": "<|return|>"}))
+    return exported(src, 32)
+
+
+def test_the_python_api_and_run_give_the_final_channel_as_the_answer(art):
+    from edgert.llm import LLM
+    llm = LLM(art)
+    assert llm.channels == Channels(START, CHANNEL, MESSAGE, END, (ANALYSIS,))
+    tokens = list(llm.generate("Why is the sky blue?", max_tokens=20, temperature=0))
+    assert [t.id for t in tokens] == [CHANNEL, FINAL, MESSAGE, ANSWER]
+    assert [t.hidden for t in tokens] == [True, True, True, False] and not any(t.reasoning for t in tokens)
+    assert "".join(t.text for t in tokens) == TEXT.strip()           # (Llama's decoder drops a leading space)
+    chat = llm.chat()
+    reply = "".join(t.text for t in chat.send("Why is the sky blue?", max_tokens=20, temperature=0))
+    assert reply.strip() == TEXT.strip() and chat.messages[-1]["content"] == TEXT.strip()
+
+
+def test_votes_count_the_final_channel(art):
+    from edgert.llm import LLM
+    r = LLM(art, slots=2).vote("Why is the sky blue?", n=2, max_tokens=20, temperature=0.3, seed=0)
+    assert [v["answer"] for v in r["votes"]] == [TEXT.strip()] * 2 and r["counts"] == {r["answer"]: 2}
+
+
+def test_the_server_returns_the_analysis_as_reasoning_and_the_final_channel_as_content(art):
+    s = Server(art)
+    try:
+        client = s.client()
+        r = client.chat.completions.create(model="art", messages=ASK, temperature=0)
+        m = r.choices[0].message
+        assert m.content == TEXT.lstrip() and not getattr(m, "reasoning_content", None)
+        assert r.choices[0].finish_reason == "stop"
+        # reasoning_effort reaches gpt-oss's template (which tells the model in a system line)
+        effort = client.chat.completions.create(model="art", messages=ASK, temperature=0, reasoning_effort="high")
+        assert effort.usage.prompt_tokens > r.usage.prompt_tokens and effort.choices[0].message.content == TEXT.lstrip()
+        # the analysis channel: reasoning, in a stream too, and never the header's words
+        for stream in (False, True):
+            r = client.chat.completions.create(model="art", messages=ASK, temperature=0, stream=stream,
+                                               logit_bias={str(FINAL): -100})
+            if stream:
+                deltas = [c.choices[0].delta for c in r if c.choices]
+                content = "".join(d.content or "" for d in deltas)
+                reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+            else:
+                content, reasoning = r.choices[0].message.content or "", r.choices[0].message.reasoning_content
+                assert r.usage.completion_tokens_details.reasoning_tokens == 1
+            assert content == "" and reasoning == TEXT.lstrip()
+    finally:
+        s.stop()
+    assert "Traceback" not in s.output(), s.output()[-3000:]
+
+
+def test_decoding_follows_the_channels_across_messages():
+    """analysis, then a second message on the final channel: the headers hidden, the reasoning counted."""
+    c = Channels(START, CHANNEL, MESSAGE, END, (ANALYSIS,))
+    dec = Decoding([1, START, ASSISTANT], 30, Sampling(0.0), stop_ids=[RETURN], channels=c)
+    seq = [CHANNEL, ANALYSIS, MESSAGE, 40, 41, END, START, ASSISTANT, CHANNEL, FINAL, MESSAGE, 42, RETURN]
+    out = []
+    for t in seq:
+        logits = np.zeros(600, np.float32)
+        logits[t] = 1.0
+        step = dec.next(logits)
+        if step is None:
+            break
+        out.append((step.id, step.reasoning, step.hidden))
+    assert out == [(CHANNEL, False, True), (ANALYSIS, False, True), (MESSAGE, False, True), (40, True, False),
+                   (41, True, False), (END, False, True), (START, False, True), (ASSISTANT, False, True),
+                   (CHANNEL, False, True), (FINAL, False, True), (MESSAGE, False, True), (42, False, False)]
+    assert dec.reasoning_tokens == 2 and dec.stop_reason == "eos"
+    # a model without harmony's tokens has no channels
+    from edgert.tokenizer import Tokenizer
+    assert Channels.detect(Tokenizer.from_dir(BUNDLED_STORIES)) is None
