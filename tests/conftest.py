@@ -185,3 +185,17 @@ def exported(tmp_path_factory):
             cache[key] = out
         return cache[key]
     return _export
+
+
+def drive(decoding, picks, vocab: int = 600) -> list:
+    """Feed a Decoding logits that make each of `picks` the likeliest token in turn: its Steps, until it stops."""
+    import numpy as np
+    out = []
+    for pick in picks:
+        logits = np.zeros(vocab, np.float32)
+        logits[pick] = 1.0
+        step = decoding.next(logits)
+        if step is None:
+            break
+        out.append(step)
+    return out

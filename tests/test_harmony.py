@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
-from conftest import BUNDLED_STORIES, make_checkpoint
+from conftest import BUNDLED_STORIES, drive, make_checkpoint
 from edgert.generate import Channels, Decoding, Sampling
 from test_serve import Server
 
@@ -114,14 +113,7 @@ def test_decoding_follows_the_channels_across_messages():
     c = Channels(START, CHANNEL, MESSAGE, END, (ANALYSIS,))
     dec = Decoding([1, START, ASSISTANT], 30, Sampling(0.0), stop_ids=[RETURN], channels=c)
     seq = [CHANNEL, ANALYSIS, MESSAGE, 40, 41, END, START, ASSISTANT, CHANNEL, FINAL, MESSAGE, 42, RETURN]
-    out = []
-    for t in seq:
-        logits = np.zeros(600, np.float32)
-        logits[t] = 1.0
-        step = dec.next(logits)
-        if step is None:
-            break
-        out.append((step.id, step.reasoning, step.hidden))
+    out = [(step.id, step.reasoning, step.hidden) for step in drive(dec, seq)]
     assert out == [(CHANNEL, False, True), (ANALYSIS, False, True), (MESSAGE, False, True), (40, True, False),
                    (41, True, False), (END, False, True), (START, False, True), (ASSISTANT, False, True),
                    (CHANNEL, False, True), (FINAL, False, True), (MESSAGE, False, True), (42, False, False)]

@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from conftest import BUNDLED_STORIES, make_checkpoint
+from conftest import BUNDLED_STORIES, drive, make_checkpoint
 from edgert.tools import FORMATS, ToolFormat, detect
 from test_serve import Server
 
@@ -288,22 +288,12 @@ def test_a_forced_call_begins_in_each_format_and_parses_once_the_model_completes
 def test_a_forced_answer_prefix_waits_for_the_reasoning():
     """Decoding's answer_prefix replaces the answer's first sampled token; a reasoning model may still
     open its reasoning with its first token, and the prefix follows </think>."""
-    import numpy as np
-
     from edgert.generate import Decoding, Sampling
     THINK, END, WORD, P1, P2 = 10, 11, 12, 20, 21
 
     def run(prompt, picks, **kw):
         dec = Decoding(prompt, 20, Sampling(0.0), stop_ids=[EOS], think=(THINK, END), answer_prefix=[P1, P2], **kw)
-        out = []
-        for pick in picks:
-            logits = np.zeros(32, np.float32)
-            logits[pick] = 1.0
-            step = dec.next(logits)
-            if step is None:
-                break
-            out.append((step.id, step.forced))
-        return out
+        return [(step.id, step.forced) for step in drive(dec, picks, 32)]
     # no reasoning: the prefix first (even in place of EOS), then the model
     assert run([1, 5], [WORD, WORD, WORD]) == [(P1, True), (P2, True), (WORD, False)]
     assert run([1, 5], [EOS, EOS, EOS]) == [(P1, True), (P2, True)]
