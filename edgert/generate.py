@@ -123,6 +123,7 @@ class Step:
     reasoning: bool               # inside <think> ... </think> (the tags themselves count as reasoning)
     forced: bool = False          # fed by the think budget, not sampled
     hidden: bool = False          # a harmony message's header or end marker: structure, not text
+    header: tuple = ()            # on harmony's <|message|>: the header it ends (role, channel, recipient)
 
 
 @dataclass(frozen=True)
@@ -135,13 +136,17 @@ class Channels:
     message: int
     end: int
     analysis: tuple[int, ...]        # the channel name's tokens
+    answer: tuple[int, ...] = ()     # <|channel|>final<|message|>: an answer without reasoning
+    close: tuple[int, ...] = ()      # <|end|><|start|>assistant<|channel|>final<|message|>: reasoning cut short
 
     @classmethod
     def detect(cls, tokenizer) -> "Channels | None":
         ids = [tokenizer.token_to_id(t) for t in ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")]
         if None in ids:
             return None
-        return cls(*ids, tuple(tokenizer.encode("analysis", add_special_tokens=False)))
+        encode = lambda text: tuple(tokenizer.encode(text, add_special_tokens=False))    # noqa: E731
+        return cls(*ids, encode("analysis"), encode("<|channel|>final<|message|>"),
+                   encode("<|end|><|start|>assistant<|channel|>final<|message|>"))
 
 
 @dataclass
@@ -183,12 +188,15 @@ class Decoding:
         if self.think_start is not None:
             for t in prompt_ids:
                 self.reasoning = True if t == self.think_start else False if t == self.think_end else self.reasoning
-        self.channels, self.header = channels, None     # harmony: the header being read (None: none)
+        self.channels, self.header, self.opened = channels, None, ()   # harmony: the header being read, the last read
         if channels is not None:                        # (the generation prompt opens one: <|start|>assistant)
             for t in prompt_ids:
                 self._channel(t)
+            self.opened = ()
         # forced tokens still to feed (think budget, deadline); a budget of 0 closes the reasoning at once
         self.pending: list[int] = list(self.close_think_ids) if self.reasoning and think_budget == 0 else []
+        if channels is not None and think_budget == 0 and self.header is not None:
+            self.pending = list(channels.answer)     # harmony, no reasoning: the final channel's header at once
         # forced where the answer begins (a tool call that tool_choice requires): in place of the answer's
         # first sampled token, after the reasoning (which the model may still open with its first token)
         self.answer_prefix = list(answer_prefix)
@@ -210,7 +218,7 @@ class Decoding:
             if token == c.message:      # the header names the channel: analysis is the reasoning
                 h, n = self.header, len(c.analysis)
                 self.reasoning = any(h[i:i + n] == list(c.analysis) for i in range(len(h) - n + 1))
-                self.header = None
+                self.header, self.opened = None, tuple(h)
             else:
                 self.header.append(token)
             return True
@@ -255,7 +263,8 @@ class Decoding:
                 self.close_thinking()
         if self.generated >= self.max_tokens:
             self.stop_reason = "length"
-        return Step(token, in_reasoning, forced, hidden)
+        header, self.opened = (self.opened, ()) if hidden else ((), self.opened)
+        return Step(token, in_reasoning, forced, hidden, header)
 
 
 def generate(engine, prompt_ids: list[int], max_tokens: int, sampling: Sampling, stop_ids=(),

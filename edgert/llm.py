@@ -132,8 +132,15 @@ class LLM:
             raise PromptTooLong("the prompt is empty")
         return ids
 
+    @property
+    def thinks(self) -> bool:
+        """Whether the model's reasoning can be told from its answer (and cut short)."""
+        return self.think[1] is not None or self.channels is not None
+
     def close_think_ids(self) -> list[int]:
         """What a think budget feeds to end the reasoning."""
+        if self.channels is not None:
+            return list(self.channels.close)
         return self.tokenizer.encode(CLOSE_THINKING, add_special_tokens=False) if self.think[1] is not None else []
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256, temperature: float | None = None,
@@ -154,10 +161,10 @@ class LLM:
                          drafter=self.drafter, marks=keep_state_at, channels=self.channels)
         for step in steps:
             text = decoder.flush() if step.hidden else decoder.push(step.id)     # (a header is not text)
-            yield Token(step.id, step.reasoning, step.forced, step.hidden, text)
+            yield Token(step.id, step.reasoning, step.forced, step.hidden, text=text)
         tail = decoder.flush()
         if tail:
-            yield Token(-1, False, True, False, tail)   # text held back for an incomplete character
+            yield Token(-1, False, True, text=tail)   # text held back for an incomplete character
 
     def chat(self, system: str | None = None, think_budget: int | None = None, thinking: bool = True):
         """A multi-turn Conversation whose history stays in this model's KV cache (edgert.conversation)."""

@@ -28,7 +28,7 @@ from .generate import Decoding, Step
 from .limits import check_prompt_length
 from .llm import PromptTooLong
 from .tokenizer import StreamDecoder
-from .tools import NAME, ToolFormat, detect as detect_tools, template_calls
+from .tools import NAME, ToolFormat, detect as detect_tools, harmony_calls, harmony_recipient, template_calls
 
 try:
     from starlette.applications import Starlette
@@ -305,6 +305,10 @@ class ChoiceText:
                  parallel_calls: bool = True):
         self.tokenizer, self.think, self.split, self.stops = tokenizer, think, split, stops
         self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
+        self.harmony = tools is not None and tools.name == "harmony"     # gpt-oss: a call is a message to a function
+        tools = None if self.harmony else tools
+        self.h_calls: list = []                  # harmony: [function, message body] of each call
+        self.h_call = None                       # the one being written
         self.tools, self.parallel_calls = tools, parallel_calls
         # a call's markers as text, also where they are special tokens (which the decoder skips)
         self.marks = {i: m for m in (tools.open, tools.close) if (i := tokenizer.token_to_id(m)) is not None} \
@@ -367,6 +371,19 @@ class ChoiceText:
         self.tokens += 1
         kind = "reasoning" if self.split and step.reasoning else "content"
         self.reasoning_tokens += step.reasoning
+        if self.harmony and step.hidden:
+            if self.h_call is not None:                  # a call's message ends
+                self.h_call[1] += self.decoder.flush()
+                self.h_call = None
+            name = harmony_recipient(self.tokenizer.decode(list(step.header))) if step.header else None
+            if name is not None:                         # a message to a function: a call, read at the end
+                self.h_call = [name, ""]
+                self.h_calls.append(self.h_call)
+        elif self.h_call is not None:
+            self.h_call[1] += self.decoder.push(step.id)
+            if lp is not None:
+                self.logprobs.append((step.id, kind, lp))
+            return "", ""
         r = c = ""
         if self.split and (step.id in self.think or step.hidden):     # the tags and harmony's headers are not text
             r, c = self._flush(final=False)
@@ -401,6 +418,9 @@ class ChoiceText:
     def finish(self, complete: bool = False) -> tuple[str, str]:
         """The rest of the text; the tool calls are read here, from an answer that ended by itself
         (complete), else their text is the answer's."""
+        if self.h_call is not None:                      # (ended by <|call|>, a stop token)
+            self.h_call[1] += self.decoder.flush()
+            self.h_call = None
         r, c = self._flush(final=True)
         if self.c_hold and not self.stopped:
             text = self.c_hold
@@ -416,6 +436,15 @@ class ChoiceText:
             if text:
                 self.content.append(text)
                 c += text
+        if self.h_calls:
+            found = harmony_calls(self.h_calls) if complete else None
+            if found is not None:
+                self.tool_calls = found if self.parallel_calls else found[:1]
+            else:
+                text = "".join(body for _, body in self.h_calls)
+                self.content.append(text)
+                c += text
+            self.h_calls = []
         return r, c
 
 
@@ -647,7 +676,7 @@ class Server:
         include_usage = field_(stream_options, "include_usage", bool, False)
         budget = self._thinking_budget(body)
         deadline_ms = field_(body, "thinking_deadline_ms", float, lo=0.0)
-        thinking = llm.think[1] is not None
+        thinking = llm.thinks
         if thinking and (budget is not None or deadline_ms is not None):
             room_for_answer = min(limit, len(self.close_ids) + max(ANSWER_ROOM, limit // 4))
             budget = min(limit - room_for_answer, budget if budget is not None else limit)
@@ -710,8 +739,12 @@ class Server:
             return None, None, None
         if self.tool_format is None:
             raise bad("this model's chat template does not render tools, or writes calls in a form this server does not "
-                      "read (it reads <tool_call> JSON and LFM2's <|tool_call_start|>)", "tools", "unsupported_parameter")
+                      "read (it reads <tool_call> JSON, LFM2's <|tool_call_start|> and gpt-oss's harmony)", "tools",
+                      "unsupported_parameter")
         forced = self.tool_format.forced(named) if choice == "required" or named is not None else None
+        if forced is not None and self.tool_format.name == "harmony":
+            raise bad("tool_choice required or a named function is not supported for this model's format (gpt-oss's "
+                      "harmony): use auto", "tool_choice", "unsupported_parameter")
         return tools, self.tool_format, forced
 
     def _logit_bias(self, body):
@@ -732,17 +765,17 @@ class Server:
             values.append(float(v))
         return np.array(ids, np.int64), np.array(values, np.float32)
 
-    @staticmethod
-    def _thinking_budget(body) -> int | None:
-        """thinking_budget_tokens and reasoning_effort, the smaller (None: no limit)."""
+    def _thinking_budget(self, body) -> int | None:
+        """thinking_budget_tokens and reasoning_effort, the smaller (None: no limit). gpt-oss's
+        template takes low/medium/high itself (_prompt): for it only none/minimal is a budget (0)."""
         budget = field_(body, "thinking_budget_tokens", int, lo=0)
         effort = field_(body, "reasoning_effort", str, choices=tuple(EFFORT))
-        if effort is not None:
+        if effort is not None and (self.llm.channels is None or EFFORT[effort] == 0):
             budget = EFFORT[effort] if budget is None else min(budget, EFFORT[effort])
         return budget
 
     def _no_thinking(self, body) -> bool:
-        return self.llm.think[1] is not None and self._thinking_budget(body) == 0
+        return self.llm.thinks and self._thinking_budget(body) == 0
 
     # -- generation ------------------------------------------------------------------------------
     async def _generate(self, request: Request, chat: bool):

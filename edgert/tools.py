@@ -8,6 +8,8 @@ out of the answer. Formats, told by the template and the tokenizer's vocabulary:
             <tool_call><function=name><parameter=key>value</parameter></function></tool_call>
                                                                    Qwen3.5, Qwen3-Coder (the XML form)
     lfm2    <|tool_call_start|>[name(arg=value, ...)]<|tool_call_end|>  LFM2, LFM2.5
+    harmony <|channel|>commentary to=functions.name <|constrain|>json<|message|>{...}<|call|>   gpt-oss
+            (a message addressed to the function: read by serve's ChoiceText from Step.header)
 
 A template that never reads `tools`, or whose calls are in no format here, gets no tools: the
 server refuses them rather than answer as if the model had seen them.
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 XML_CALL = re.compile(r"<function=([^>\n]*)>(.*?)</function>", re.S)
 XML_PARAM = re.compile(r"<parameter=([^>\n]*)>\n?(.*?)\n?</parameter>", re.S)
+HARMONY_TO = re.compile(r"\bto=functions\.([A-Za-z0-9_.-]{1,64})")
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,7 @@ class ToolFormat:
                 return None
         if not calls:
             return None
-        return "".join(rest).strip(), [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                                        "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}}
-                                       for n, a in calls]
+        return "".join(rest).strip(), openai_calls(calls)
 
     def _parse(self, body: str) -> list[tuple[str, dict]]:
         if self.name == "hermes" and body.startswith("<function="):     # the XML form: values JSON where they parse
@@ -96,6 +97,27 @@ class ToolFormat:
         return out
 
 
+def openai_calls(calls: list[tuple[str, dict]]) -> list[dict]:
+    """(name, arguments) pairs -> OpenAI's tool_calls (arguments as a JSON string)."""
+    return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+             "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}} for n, a in calls]
+
+
+def harmony_recipient(header: str) -> str | None:
+    """The function a harmony message is addressed to (`to=functions.NAME` in its header), or None."""
+    m = HARMONY_TO.search(header)
+    return m[1] if m else None
+
+
+def harmony_calls(messages: list[tuple[str, str]]) -> list[dict] | None:
+    """gpt-oss's calls, (function, message body) each, the body a JSON object -> OpenAI's tool_calls,
+    or None when one does not parse."""
+    try:
+        return openai_calls([(_name(n), _object(json.loads(body))) for n, body in messages])
+    except (ValueError, RecursionError):
+        return None
+
+
 def _name(name) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ValueError("a call needs a function name")
@@ -117,6 +139,7 @@ def _object(args) -> dict:
 
 FORMATS = (ToolFormat("hermes", "<tool_call>", "</tool_call>"),
            ToolFormat("lfm2", "<|tool_call_start|>", "<|tool_call_end|>"))
+HARMONY = ToolFormat("harmony", "<|channel|>", "<|call|>")   # gpt-oss: calls are messages (see harmony_calls)
 
 
 def detect(template: str | None, token_id) -> ToolFormat | None:
@@ -124,6 +147,8 @@ def detect(template: str | None, token_id) -> ToolFormat | None:
     tokenizer's vocabulary: a marker can be a token the template itself never writes)."""
     if not template or not re.search(r"\btools\b", template):
         return None
+    if token_id("<|channel|>") is not None and token_id("<|message|>") is not None:
+        return HARMONY
     for f in FORMATS:
         if f.open in template or token_id(f.open) is not None:
             return ToolFormat(f.name, f.open, f.close, xml=True) if f.name == "hermes" and "<function=" in template else f

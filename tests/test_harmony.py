@@ -4,8 +4,9 @@ the vocabulary) must never reach the answer's text, and the analysis must come b
 
 The model is scripted as in test_serve_tools.py: one Llama layer with zero attention and MLP, so the
 next token depends on the last one alone: after the generation prompt (`<|start|>assistant`) it writes
-`<|channel|>final<|message|> The sky is blue.<|return|>`, or `analysis` for `final` where a
-logit_bias forbids `final`.
+`<|channel|>final<|message|> {"city": "Paris"}<|return|>`, or `analysis` for `final` where a
+logit_bias forbids `final`, or a call to get_weather (`commentary to=functions.get_weather`) where it
+forbids both.
 """
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from test_serve import Server
 
 openai = pytest.importorskip("openai")
 
-START, CHANNEL, MESSAGE, END, RETURN, ANSWER, ANALYSIS, FINAL, ASSISTANT = range(512, 521)
-TEXT = " The sky is blue."
+START, CHANNEL, MESSAGE, END, RETURN, ANSWER, ANALYSIS, FINAL, ASSISTANT, COMMENTARY = range(512, 522)
+TEXT = ' {"city": "Paris"}'
 PIECES = {START: ("<|start|>", True), CHANNEL: ("<|channel|>", True), MESSAGE: ("<|message|>", True),
           END: ("<|end|>", True), RETURN: ("<|return|>", True), ANSWER: (TEXT, False), ANALYSIS: ("analysis", False),
-          FINAL: ("final", False), ASSISTANT: ("assistant", False)}
-TEMPLATE = ("{%- if reasoning_effort is defined %}<|start|>system<|message|>Reasoning: {{ reasoning_effort }}<|end|>{% endif %}"
+          FINAL: ("final", False), ASSISTANT: ("assistant", False),
+          COMMENTARY: ("commentary to=functions.get_weather json", False)}
+TEMPLATE = ("{%- if tools %}<|start|>developer<|message|># Tools\n{{ tools | tojson }}<|end|>{% endif %}"
+            "{%- if reasoning_effort is defined %}<|start|>system<|message|>Reasoning: {{ reasoning_effort }}<|end|>{% endif %}"
             "{%- for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{%- endfor %}"
             "{%- if add_generation_prompt %}<|start|>assistant{%- endif %}")
 ASK = [{"role": "user", "content": "Why is the sky blue?"}]
@@ -36,8 +39,8 @@ def _script(model):
     emb, head = model.model.embed_tokens.weight, model.lm_head.weight
     emb[:, 5] = 1.0
     head[RETURN, 5] = 10.0                   # anything else -> <|return|>
-    links = [(ASSISTANT, {CHANNEL: 10.0}), (CHANNEL, {FINAL: 10.0, ANALYSIS: 5.0}), (FINAL, {MESSAGE: 10.0}),
-             (ANALYSIS, {MESSAGE: 10.0}), (MESSAGE, {ANSWER: 10.0}), (ANSWER, {RETURN: 10.0})]
+    links = [(ASSISTANT, {CHANNEL: 10.0}), (CHANNEL, {FINAL: 10.0, ANALYSIS: 5.0, COMMENTARY: 3.0}),
+             (FINAL, {MESSAGE: 10.0}), (ANALYSIS, {MESSAGE: 10.0}), (COMMENTARY, {MESSAGE: 10.0}), (MESSAGE, {ANSWER: 10.0}), (ANSWER, {RETURN: 10.0})]
     for k, (t, nxt) in enumerate(links):
         k += k >= 5
         emb[t] = 0.0
@@ -48,7 +51,7 @@ def _script(model):
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory, exported):
-    src = make_checkpoint(tmp_path_factory.mktemp("harmony") / "hf", "llama", num_hidden_layers=1, vocab_size=521,
+    src = make_checkpoint(tmp_path_factory.mktemp("harmony") / "hf", "llama", num_hidden_layers=1, vocab_size=522,
                           max_position_embeddings=1024, eos_token_id=RETURN, tweak=_script)
     tok = json.loads((BUNDLED_STORIES / "tokenizer.json").read_text())
     tok["added_tokens"] += [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
@@ -64,7 +67,8 @@ def art(tmp_path_factory, exported):
 def test_the_python_api_and_run_give_the_final_channel_as_the_answer(art):
     from edgert.llm import LLM
     llm = LLM(art)
-    assert llm.channels == Channels(START, CHANNEL, MESSAGE, END, (ANALYSIS,))
+    assert llm.channels == Channels(START, CHANNEL, MESSAGE, END, (ANALYSIS,), (CHANNEL, FINAL, MESSAGE),
+                                    (END, START, ASSISTANT, CHANNEL, FINAL, MESSAGE))
     tokens = list(llm.generate("Why is the sky blue?", max_tokens=20, temperature=0))
     assert [t.id for t in tokens] == [CHANNEL, FINAL, MESSAGE, ANSWER]
     assert [t.hidden for t in tokens] == [True, True, True, False] and not any(t.reasoning for t in tokens)
@@ -72,6 +76,7 @@ def test_the_python_api_and_run_give_the_final_channel_as_the_answer(art):
     chat = llm.chat()
     reply = "".join(t.text for t in chat.send("Why is the sky blue?", max_tokens=20, temperature=0))
     assert reply.strip() == TEXT.strip() and chat.messages[-1]["content"] == TEXT.strip()
+    assert llm.close_think_ids() == list(llm.channels.close) == [END, START, ASSISTANT, CHANNEL, FINAL, MESSAGE]
 
 
 def test_votes_count_the_final_channel(art):
@@ -80,10 +85,17 @@ def test_votes_count_the_final_channel(art):
     assert [v["answer"] for v in r["votes"]] == [TEXT.strip()] * 2 and r["counts"] == {r["answer"]: 2}
 
 
-def test_the_server_returns_the_analysis_as_reasoning_and_the_final_channel_as_content(art):
+@pytest.fixture(scope="module")
+def server(art):
     s = Server(art)
-    try:
-        client = s.client()
+    yield s
+    s.stop()
+    assert "Traceback" not in s.output(), s.output()[-3000:]
+
+
+def test_the_server_returns_the_analysis_as_reasoning_and_the_final_channel_as_content(server):
+    if True:
+        client = server.client()
         r = client.chat.completions.create(model="art", messages=ASK, temperature=0)
         m = r.choices[0].message
         assert m.content == TEXT.lstrip() and not getattr(m, "reasoning_content", None)
@@ -103,9 +115,41 @@ def test_the_server_returns_the_analysis_as_reasoning_and_the_final_channel_as_c
                 content, reasoning = r.choices[0].message.content or "", r.choices[0].message.reasoning_content
                 assert r.usage.completion_tokens_details.reasoning_tokens == 1
             assert content == "" and reasoning == TEXT.lstrip()
-    finally:
-        s.stop()
-    assert "Traceback" not in s.output(), s.output()[-3000:]
+        # no reasoning asked for: the final channel although the model would think (its header forced)
+        r = client.chat.completions.create(model="art", messages=ASK, temperature=0, reasoning_effort="none",
+                                           logit_bias={str(FINAL): -100})
+        assert r.choices[0].message.content == TEXT.lstrip() and not r.choices[0].message.reasoning_content
+        # a budget of one thinking token: the analysis is cut, the answer follows on the final channel
+        r = client.chat.completions.create(model="art", messages=ASK, temperature=0, logit_bias={str(FINAL): -100},
+                                           extra_body={"thinking_budget_tokens": 1})
+        assert r.choices[0].message.reasoning_content == TEXT.lstrip() == r.choices[0].message.content
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+CALL = {str(FINAL): -100, str(ANALYSIS): -100}       # the model writes its commentary message to get_weather
+
+
+def test_gpt_oss_calls_come_back_as_tool_calls(server):
+    client = server.client()
+    for stream in (False, True):
+        r = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0, logit_bias=CALL,
+                                           stream=stream)
+        if stream:
+            chunks = list(r)
+            deltas = [c.choices[0].delta for c in chunks if c.choices]
+            calls = [t for d in deltas for t in d.tool_calls or ()]
+            assert "".join(d.content or "" for d in deltas) == ""
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        else:
+            assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+            calls = r.choices[0].message.tool_calls
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    # without tools the message is text; forcing a call is refused for this format
+    r = client.chat.completions.create(model="art", messages=ASK, temperature=0, logit_bias=CALL)
+    assert r.choices[0].message.content == TEXT.lstrip() and not r.choices[0].message.tool_calls
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, tool_choice="required")
+    assert err.value.code == "unsupported_parameter"
 
 
 def test_decoding_follows_the_channels_across_messages():
@@ -118,6 +162,30 @@ def test_decoding_follows_the_channels_across_messages():
                    (41, True, False), (END, False, True), (START, False, True), (ASSISTANT, False, True),
                    (CHANNEL, False, True), (FINAL, False, True), (MESSAGE, False, True), (42, False, False)]
     assert dec.reasoning_tokens == 2 and dec.stop_reason == "eos"
+    # a think budget closes the analysis with the final channel's header; a budget of 0 opens with it
+    c = Channels(START, CHANNEL, MESSAGE, END, (ANALYSIS,), (CHANNEL, FINAL, MESSAGE),
+                 (END, START, ASSISTANT, CHANNEL, FINAL, MESSAGE))
+    dec = Decoding([1, START, ASSISTANT], 30, Sampling(0.0), stop_ids=[RETURN], channels=c, think_budget=1,
+                   close_think_ids=c.close)
+    out = [(step.id, step.reasoning, step.forced) for step in drive(dec, [CHANNEL, ANALYSIS, MESSAGE, 40, 41] + [42] * 6)]
+    assert out == [(CHANNEL, False, False), (ANALYSIS, False, False), (MESSAGE, False, False), (40, True, False),
+                   (END, False, True), (START, False, True), (ASSISTANT, False, True), (CHANNEL, False, True),
+                   (FINAL, False, True), (MESSAGE, False, True), (42, False, False)]
+    dec = Decoding([1, START, ASSISTANT], 30, Sampling(0.0), stop_ids=[RETURN], channels=c, think_budget=0)
+    assert [(st.id, st.forced) for st in drive(dec, [CHANNEL, ANALYSIS, 40, 41])] == \
+        [(CHANNEL, True), (FINAL, True), (MESSAGE, True), (41, False)]
     # a model without harmony's tokens has no channels
     from edgert.tokenizer import Tokenizer
     assert Channels.detect(Tokenizer.from_dir(BUNDLED_STORIES)) is None
+
+
+def test_harmony_calls_parse_from_either_place_of_the_recipient():
+    from edgert.tools import harmony_calls, harmony_recipient
+    assert harmony_recipient("assistant<|channel|>commentary to=functions.get_weather <|constrain|>json") == "get_weather"
+    assert harmony_recipient("assistant to=functions.lookup.v2<|channel|>commentary json") == "lookup.v2"
+    assert harmony_recipient("assistant<|channel|>commentary") is None
+    assert harmony_recipient("assistant<|channel|>analysis to=browser.search") is None       # a built-in tool
+    calls = harmony_calls([("a", '{"x": 1}'), ("b", "{}")])
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("a", {"x": 1}), ("b", {})]
+    for bad in ([("a", '{"x": ')], [("a", "[1]")], [("a b", "{}")]):
+        assert harmony_calls(bad) is None, bad
