@@ -364,7 +364,7 @@ def _print_votes(llm, ids, n: int, as_json: bool, options: dict) -> None:
     if as_json:
         typer.echo(json.dumps(result, ensure_ascii=False))
         return
-    typer.echo(result["text"].split("</think>")[-1].strip() if "</think>" in result["text"] else result["text"])
+    typer.echo(result["answer_text"] or result["text"])      # the answer after its reasoning (all of it if cut short)
     counts = ", ".join(f"{k!r}: {c}" for k, c in sorted(result["counts"].items(), key=lambda kv: -kv[1])) or "none"
     typer.echo(f"[{n} votes: {counts} -> {result['answer']!r} | {result['generated']} generated, "
                f"{result['decode_tok_s']:.1f} tok/s together]", err=True)

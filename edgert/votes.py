@@ -71,7 +71,7 @@ def sample_together(llm, prompt_ids: list[int], n: int, max_tokens: int, samplin
     for s in seqs:
         ids = [st.id for st in steps[s]]
         reasoning = [st.id for st in steps[s] if st.reasoning]
-        text = llm.tokenizer.decode(ids)
+        text = llm.tokenizer.decode([st.id for st in steps[s] if not st.hidden])     # (harmony's headers are no text)
         answer = llm.tokenizer.decode([st.id for st in steps[s] if not (st.reasoning or st.hidden)]).strip()
         closed = not llm.think[1] or not reasoning or llm.think[1] in ids
         votes.append({"text": text, "reasoning": llm.tokenizer.decode(reasoning), "answer": answer,
@@ -87,7 +87,7 @@ def sample_together(llm, prompt_ids: list[int], n: int, max_tokens: int, samplin
     else:
         key, best = "", max(votes, key=lambda v: v["logprob"])
     generated = sum(len(v["tokens"]) for v in votes)
-    return {"answer": key, "text": best["text"], "counts": {k: len(g) for k, g in groups.items()},
+    return {"answer": key, "text": best["text"], "answer_text": best["answer"], "counts": {k: len(g) for k, g in groups.items()},
             "votes": votes, "prompt_tokens": len(prompt_ids), "generated": generated,
             "prefill_s": round(prefill_s, 4), "decode_s": round(decode_s, 4), "decode_steps": forwards,
             "decode_tok_s": round(generated / decode_s, 2) if decode_s else 0.0}

@@ -246,6 +246,9 @@ def test_votes_cli_json(qwen2_int4):
     # seeded: the same command gives the same votes
     again = subprocess.run(r.args, capture_output=True, text=True, timeout=120)
     assert json.loads(again.stdout)["votes"] == votes
+    # without --json: the best vote's answer, after its reasoning
+    plain = subprocess.run([a for a in r.args if a != "--json"], capture_output=True, text=True, timeout=120)
+    assert plain.stdout.strip() == (out["answer_text"] or out["text"]).strip() != out["votes"][0]["text"].strip()
 
 
 def test_votes_beat_one_sample_at_high_temperature(qwen2_int4):

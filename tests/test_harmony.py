@@ -11,6 +11,8 @@ forbids both.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -83,6 +85,10 @@ def test_votes_count_the_final_channel(art):
     from edgert.llm import LLM
     r = LLM(art, slots=2).vote("Why is the sky blue?", n=2, max_tokens=20, temperature=0.3, seed=0)
     assert [v["answer"] for v in r["votes"]] == [TEXT.strip()] * 2 and r["counts"] == {r["answer"]: 2}
+    assert r["answer_text"] == TEXT.strip() and [v["text"].strip() for v in r["votes"]] == [TEXT.strip()] * 2
+    out = subprocess.run([sys.executable, "-m", "edgert.cli", "run", str(art), "Why?", "--votes", "2", "--temperature",
+                          "0.3", "--seed", "0", "--max-tokens", "20"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == TEXT.strip(), out.stderr        # `run --votes` prints it
 
 
 @pytest.fixture(scope="module")
