@@ -269,8 +269,9 @@ class Model:
         total = lengths.astype(np.int64) + n
         if total.max() > self.context:
             raise ContextFull(f"{int(total.max())} tokens do not fit the {self.context}-token context")
-        if n and (ids.max() >= self.vocab or ids.min() < 0):     # a tokenizer that does not match the model
-            bad = int(ids.max() if ids.max() >= self.vocab else ids.min())
+        lo, hi = (int(ids.min()), int(ids.max())) if n else (0, 0)
+        if hi >= self.vocab or lo < 0:                   # a tokenizer that does not match the model
+            bad = hi if hi >= self.vocab else lo
             raise RunError(f"token id {bad} is outside the model's vocabulary (0..{self.vocab - 1}): the "
                            f"tokenizer does not belong to this model")
         if self.feed_limit and n > self.feed_limit:     # a long feed from a caller that did not cut it (the engine does)

@@ -372,9 +372,7 @@ class ChoiceText:
         kind = "reasoning" if self.split and step.reasoning else "content"
         self.reasoning_tokens += step.reasoning
         if self.harmony and step.hidden:
-            if self.h_call is not None:                  # a call's message ends
-                self.h_call[1] += self.decoder.flush()
-                self.h_call = None
+            self._end_call()
             name = harmony_recipient(self.tokenizer.decode(list(step.header))) if step.header else None
             if name is not None:                         # a message to a function: a call, read at the end
                 self.h_call = [name, ""]
@@ -405,6 +403,12 @@ class ChoiceText:
             r, c = r + r2, c + c2
         return r, c
 
+    def _end_call(self) -> None:
+        """A harmony call's message ends: the decoder's held-back text is its body's."""
+        if self.h_call is not None:
+            self.h_call[1] += self.decoder.flush()
+            self.h_call = None
+
     def _flush(self, final: bool):
         rest = self.decoder.flush()
         if self.kind is None or (not rest and not final):
@@ -418,9 +422,7 @@ class ChoiceText:
     def finish(self, complete: bool = False) -> tuple[str, str]:
         """The rest of the text; the tool calls are read here, from an answer that ended by itself
         (complete), else their text is the answer's."""
-        if self.h_call is not None:                      # (ended by <|call|>, a stop token)
-            self.h_call[1] += self.decoder.flush()
-            self.h_call = None
+        self._end_call()                                 # (ended by <|call|>, a stop token)
         r, c = self._flush(final=True)
         if self.c_hold and not self.stopped:
             text = self.c_hold
