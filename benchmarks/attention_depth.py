@@ -10,7 +10,11 @@ Variants (one query token, the cache bound once as an OrtValue, as the runtime b
                         place, the small q packed), Softmax over positions, MatMul(P^T, V)
   kq-fp16               the same on an fp16 cache: Slice + Cast to fp32 first
   gqa32-fp16/-int8      GroupQueryAttention computing in fp32 over an fp16 cache, or an int8 cache
-                        with per-channel scales (onnxruntime >= 1.23's T_CACHE)
+                        with per-channel scales (onnxruntime >= 1.23's T_CACHE; gqa32-int8 is the
+                        int8 default's kv8gqa graph)
+  fold-fp16 / fold-fp32 GroupQueryAttention with each KV head's query heads folded into its sequence
+                        (export/graph.py Fold: what float caches run at decode since 2026-12-05): one
+                        query head per KV head over heads/kv rows, the padding rows masked by a bias
 Prints the median ms per layer over interleaved rounds and the bytes of K/V each reads.
 """
 from __future__ import annotations
@@ -24,28 +28,33 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 
-def gqa_graph(heads, kv, hd, ctx, elem, cache_elem=None):
+def gqa_graph(heads, kv, hd, ctx, elem, cache_elem=None, fold=False):
     """cache_elem: the cache's type when it differs from the compute type (fp16 or int8 with
-    per-channel scales: onnxruntime >= 1.23's T_CACHE)."""
+    per-channel scales: onnxruntime >= 1.23's T_CACHE). fold: heads / kv rows of one head each."""
     cache_elem = cache_elem or elem
-    ins = [helper.make_tensor_value_info("q", elem, [1, 1, heads * hd]),
-           helper.make_tensor_value_info("k", elem, [1, 1, kv * hd]),
-           helper.make_tensor_value_info("v", elem, [1, 1, kv * hd]),
+    rows = heads // kv if fold else 1
+    q_heads = kv if fold else heads
+    ins = [helper.make_tensor_value_info("q", elem, [1, rows, q_heads * hd]),
+           helper.make_tensor_value_info("k", elem, [1, rows, kv * hd]),
+           helper.make_tensor_value_info("v", elem, [1, rows, kv * hd]),
            helper.make_tensor_value_info("past_k", cache_elem, [1, kv, ctx, hd]),
            helper.make_tensor_value_info("past_v", cache_elem, [1, kv, ctx, hd]),
            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
            helper.make_tensor_value_info("total", TensorProto.INT32, [])]
-    outs = [helper.make_tensor_value_info("out", elem, [1, 1, heads * hd]),
+    outs = [helper.make_tensor_value_info("out", elem, [1, rows, q_heads * hd]),
             helper.make_tensor_value_info("present_k", cache_elem, [1, kv, ctx, hd]),
             helper.make_tensor_value_info("present_v", cache_elem, [1, kv, ctx, hd])]
     names = ["q", "k", "v", "past_k", "past_v", "seqlens_k", "total"]
     attrs, inits = {}, []
+    if fold:
+        ins.append(helper.make_tensor_value_info("bias", elem, [1, 1, rows, "T"]))
+        names += ["", "", "", "bias"]
     if cache_elem == TensorProto.INT8:
         names += ["", "", "", "", "", "k_scale", "v_scale"]
         inits = [helper.make_tensor(n, TensorProto.FLOAT, [1, kv, 1, hd], [0.02] * (kv * hd)) for n in ("k_scale", "v_scale")]
         attrs = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
     node = helper.make_node("GroupQueryAttention", names, ["out", "present_k", "present_v"], domain="com.microsoft",
-                            num_heads=heads, kv_num_heads=kv, scale=hd ** -0.5, **attrs)
+                            num_heads=q_heads, kv_num_heads=kv, scale=hd ** -0.5, **attrs)
     return helper.make_model(helper.make_graph([node], "gqa", ins, outs, inits),
                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                              ir_version=10)
@@ -106,18 +115,24 @@ def runner(kind, heads, kv, hd, ctx, pos, threads):
     cache = [(rng.standard_normal((1, kv, ctx, hd)) * (20 if cache_dtype == np.int8 else 1)).astype(cache_dtype)
              for _ in range(2)]
     views = [ort.OrtValue.ortvalue_from_numpy(c) for c in cache]
-    if kind.startswith("gqa"):
-        sess = session(gqa_graph(heads, kv, hd, ctx, elem, cache_elem), threads)
+    if kind.startswith(("gqa", "fold")):
+        fold = kind.startswith("fold")
+        rows = heads // kv if fold else 1
+        sess = session(gqa_graph(heads, kv, hd, ctx, elem, cache_elem, fold), threads)
         io = sess.io_binding()
-        io.bind_cpu_input("q", rng.standard_normal((1, 1, heads * hd)).astype(dtype))
-        io.bind_cpu_input("k", rng.standard_normal((1, 1, kv * hd)).astype(dtype))
-        io.bind_cpu_input("v", rng.standard_normal((1, 1, kv * hd)).astype(dtype))
+        io.bind_cpu_input("q", rng.standard_normal((1, rows, (kv if fold else heads) * hd)).astype(dtype))
+        io.bind_cpu_input("k", rng.standard_normal((1, rows, kv * hd)).astype(dtype))
+        io.bind_cpu_input("v", rng.standard_normal((1, rows, kv * hd)).astype(dtype))
+        if fold:        # row i sees the cache and the first new key, not the padding keys after it
+            bias = np.zeros((1, 1, rows, pos + rows), dtype)
+            bias[..., pos + 1:] = -np.inf
+            io.bind_cpu_input("bias", bias)
         io.bind_ortvalue_input("past_k", views[0])
         io.bind_ortvalue_input("past_v", views[1])
         io.bind_ortvalue_output("present_k", views[0])
         io.bind_ortvalue_output("present_v", views[1])
-        io.bind_cpu_input("seqlens_k", np.array([pos], np.int32))
-        io.bind_cpu_input("total", np.array(pos + 1, np.int32))
+        io.bind_cpu_input("seqlens_k", np.array([pos + rows - 1], np.int32))
+        io.bind_cpu_input("total", np.array(pos + rows, np.int32))
     else:
         sess = session(kq_graph(heads, kv, hd, ctx, elem), threads)
         io = sess.io_binding()
@@ -144,11 +159,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=20)
     args = ap.parse_args()
-    kinds = ["gqa-fp16", "gqa-fp32", "gqa32-fp16", "gqa32-int8", "kq-fp16", "kq-fp32"]
+    kinds = ["gqa-fp16", "gqa-fp32", "gqa32-fp16", "gqa32-int8", "fold-fp16", "fold-fp32", "kq-fp16", "kq-fp32"]
     print(f"onnxruntime {ort.__version__}, {args.heads} heads / {args.kv_heads} KV heads x {args.head_dim}, "
           f"{args.threads} threads; ms per layer per decode step (median of {args.rounds} rounds)")
     for pos in map(int, args.positions.split(",")):
-        ctx = max(args.context, pos + 1)
+        ctx = max(args.context, pos + args.heads // args.kv_heads)      # the folded rows' padding too
         runs = {k: runner(k, args.heads, args.kv_heads, args.head_dim, ctx, pos, args.threads) for k in kinds}
         times = {k: [] for k in kinds}
         for _ in range(args.rounds):

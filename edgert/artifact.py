@@ -106,6 +106,7 @@ def check_manifest(manifest, where: str = "edgert.json") -> dict:
         moe = m.get("moe_layers", [])
         if not isinstance(moe, list) or len(moe) > layers or not all(_int(i) and 0 <= i < layers for i in moe):
             bad("model.moe_layers", f"a list of layer numbers below {layers}")
+    need_int(m, "kv_headroom", 0, 1 << 12, "model.kv_headroom", optional=True)
     attn = m.get("attention_layers", [])
     if not isinstance(attn, list) or len(attn) > layers or not all(_int(i) and 0 <= i < layers for i in attn):
         bad("model.attention_layers", f"a list of layer numbers below {layers}")

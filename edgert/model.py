@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .artifact import ArtifactError, read_manifest
-from .device import check_fit, default_threads, weights_held_once
+from .device import check_fit, default_threads, kv_headroom, weights_held_once
 from .limits import check_threads
 
 DEFAULT_CONTEXT = 4096
@@ -179,7 +179,9 @@ class Model:
             raise ArtifactError(f"{self.path}: edgert.json names an unknown KV cache {str(self.kv_cache)[:20]!r} "
                                 "(made by a newer edgert?)")
         kv_layers = m.get("attention_layers", range(self.layers))      # hybrid models: only these attend
-        h, t, d = m["kv_heads"], self.context, m["head_dim"]
+        # a float cache's folded decode writes zero rows past a sequence's end, never attended (export/graph.py Fold)
+        self.headroom = kv_headroom(self.manifest)
+        h, t, d = m["kv_heads"], self.context + self.headroom, m["head_dim"]
         if self.kv_cache == "int8" and self.kv_in_place:
             # GroupQueryAttention's own int8 cache (onnxruntime >= 1.27): codes only, the per-channel
             # scales are in the graph; bound in place like a float cache

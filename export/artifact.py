@@ -214,6 +214,7 @@ def export(model_dir, out, bits: int = 4, block_size: int | None = None, context
                 "model": {"layers": model.n_layers, "hidden": model.hidden, "heads": model.heads,
                           "kv_heads": model.kv_heads, "head_dim": model.padded_head_dim, "vocab": model.vocab,
                           "parameters": total_params, **model.extra_manifest(),
+                          **({"kv_headroom": model.kv_headroom} if model.kv_headroom else {}),
                           **model.layer_manifest()},
                 "context_length": context,
                 "quantization": {**quant, "router": 32, "int4": "asymmetric (zero point per block)",

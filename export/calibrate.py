@@ -111,7 +111,7 @@ class _Probe:
         with weights_held_once(work, every_s=0.02):    # as the runtime does: one copy of the weights resident
             self.sess = ort.InferenceSession(str(work / "probe.onnx"), opts, providers=["CPUExecutionProvider"])
         caches = [i for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
-        arrays = [np.zeros([rows, c.shape[1], window, c.shape[3]], np.float16 if "16" in c.type else np.float32)
+        arrays = [np.zeros([rows, c.shape[1], window + model.kv_headroom, c.shape[3]], np.float16 if "16" in c.type else np.float32)
                   for c in caches]
         self.caches = [(c.name, c.name.replace("past_key_values.", "present."), ort.OrtValue.ortvalue_from_numpy(x), x)
                        for c, x in zip(caches, arrays)]

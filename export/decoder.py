@@ -30,6 +30,7 @@ class Decoder:
     rope_interleaved = False            # rotary pairs (2j, 2j+1) instead of (j, j + D/2) (ERNIE 4.5)
     norm_names = ("input_layernorm", "post_attention_layernorm")   # the norms before attention and before the FFN
     gqa_min_onnxruntime: str | None = None  # the oldest GroupQueryAttention with what the model needs (gpt-oss: sinks)
+    fold_heads = True   # decode folds each KV head's query heads into one (graph.Fold); gpt-oss's sinks are per head
     # An int8 lm_head over a large vocabulary is stored as two int4 planes and read as int4 for all
     # logits, then at int8 for this many best candidates per position (`graph.candidate_logits`):
     # decode reads 0.625 instead of 1.125 bytes per lm_head weight. Below split_head_min_vocab
@@ -189,6 +190,8 @@ class Decoder:
                          g.input("total_sequence_length", TensorProto.INT32, []),
                          *G.rope_cache(g, *self.rope_for(context), dtype=np.float16 if recipe.kv_cache == "fp16" else np.float32),
                          half=recipe.kv_cache == "fp16")
+        if self.kv_headroom:
+            io.fold = G.fold_inputs(g, ids, io.seqlens_k, io.total_len, self.heads // self.kv_heads, self.padded_head_dim)
 
         x = self.embed(g, ids)
         residual = None
@@ -228,13 +231,14 @@ class Decoder:
 
     def rope_for(self, context: int, params: dict | None = None):
         """(inv_freq over the padded head, positions, attention factor) for `rope_cache`; the
-        features that do not rotate (padding, beyond a partial rotary_dim) get angle 0."""
+        features that do not rotate (padding, beyond a partial rotary_dim) get angle 0. The tables
+        also cover the headroom: GroupQueryAttention wants a row per position it may write."""
         self.context = context              # for layers that build their own tables (`attention_kind`)
         inv, att = self.rope(params)
         pad = (self.padded_head_dim - self.rotary_dim) // 2
         if att != 1.0 and self.rotary_dim != self.head_dim:     # the scale belongs to the rotated features only
             att = np.concatenate([np.full(len(inv), att), np.ones(pad)])
-        return np.concatenate([inv, np.zeros(pad)]), context, att
+        return np.concatenate([inv, np.zeros(pad)]), context + self.kv_headroom, att
 
     def norm_weight(self, name: str) -> np.ndarray:
         """The RMSNorm weight `name` ("...input_layernorm"), as SimplifiedLayerNormalization multiplies by it."""
@@ -253,6 +257,13 @@ class Decoder:
         values (llama.cpp's q8_0 block: its scale costs at most 1/8 byte per value, and the rounding
         keeps the answers: README, --kv-cache), else fp16 (stories260K's 8-wide heads lose top-1 to it)."""
         return "int8" if self.head_dim >= 32 else "fp16"
+
+    @property
+    def kv_headroom(self) -> int:
+        """Cache rows past a sequence's end that a forward may write: a float cache's folded decode
+        (graph.Fold) appends zero rows there; 0 for an int8 cache (its kernels do not gain from it)."""
+        fold = self.fold_heads and self.recipe.kv_cache != "int8" and self.heads > self.kv_heads
+        return G.Fold.headroom(self.heads // self.kv_heads) if fold else 0
 
     def min_onnxruntime(self, kv_cache: str) -> str | None:
         """The oldest onnxruntime that runs the graph (the manifest's min_onnxruntime): what its
@@ -382,7 +393,7 @@ class Decoder:
             q = G.rms_norm(g, q, get(pre + "q_norm.weight"), self.eps, name + ".q_norm")
             k = G.rms_norm(g, k, get(pre + "k_norm.weight"), self.eps, name + ".k_norm")
         layer_io, options = self.attention_kind(g, i, io)
-        window = options.pop("window", 0)
+        window = options.get("window", 0)
         if window:      # one mask for every layer with this window
             options["bias"] = self.shared(g, f"window{window}", lambda: G.window_bias(g, q, io, window, f"window{window}"))
         out = self.attend(g, i, q, k, v, layer_io, self.kv_heads, name, **options)
@@ -411,6 +422,7 @@ class Decoder:
                     g.output(src, f"present.{i}.{n}", G.KV_TYPES[kind][0], shape)
             if not scales:
                 return out
+        options.pop("window", None)     # the int8 graph's mask is built from `bias`
         with g.only("kv8ops") if scales else nullcontext():
             return self._attend_int8(g, i, q, k, v, io, kv_heads, name, out=f"{name}.attended" if scales else None,
                                      scales=scales, **options)

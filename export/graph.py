@@ -150,10 +150,10 @@ class Graph:
         """Expose an existing float tensor as a graph output too (calibration probes)."""
         self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
 
-    def branch(self, build, name: str) -> proto.GraphProto:
+    def branch(self, build, name: str, types=None) -> proto.GraphProto:
         """A subgraph (for If) holding the nodes and initializers `build()` adds. Weights must live
         in the subgraph that uses them: read from two scopes up, MatMulNBits is not prepacked
-        and takes a slower, numerically different path."""
+        and takes a slower, numerically different path. types: its outputs' element types (float)."""
         saved_nodes, saved_inits = self.nodes, self.initializers
         self.nodes, self.initializers = [], []
         self._branch_depth += 1
@@ -164,7 +164,8 @@ class Graph:
             self.nodes, self.initializers = saved_nodes, saved_inits
             self._branch_depth -= 1
         outs = [out] if isinstance(out, str) else out        # build() may give several outputs
-        return helper.make_graph(body, name, [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
+        types = types or [TensorProto.FLOAT] * len(outs)
+        return helper.make_graph(body, name, [], [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types)], inits)
 
     def variants(self) -> dict[str, frozenset]:
         """The graphs to write: name -> the tags it holds."""
@@ -375,6 +376,85 @@ def rope_cache(g: Graph, inv_freq: np.ndarray, positions: int, attention_factor=
             g.const("rope.sin", (np.sin(angles) * attention_factor).astype(dtype)))
 
 
+# A forward that feeds at most this many tokens per row (a decode step, a speculative verify)
+# folds each KV head's query heads into GroupQueryAttention's sequence (`gqa`, `Fold`).
+FOLD_MAX = 16
+
+
+@dataclass
+class Fold:
+    """What every folded attention layer of a forward shares (`fold_inputs`). Folded, the G query
+    heads of a KV head become G x S query rows of one head, row p = i S + s being query head i of
+    token s, so the kernel reads each cached key and value once per KV head instead of once per
+    query head (its CPU kernel converts an fp16 cache to fp32 per head, too). The rows' keys are the
+    S new ones followed by (G - 1) S zero rows, which the cache takes past the sequence's end
+    (`headroom`, overwritten by the next step and never attended: the bias hides them), rotated at
+    each row's own position (position_ids), masked per row (bias). Forwards of more tokens, of
+    several rows (batched decode) or on an empty cache take the kernel's own per-head path (an If on cond)."""
+    group: int           # G: query heads per KV head
+    head_dim: int        # D (padded)
+    cond: str            # bool scalar: this forward folds (one row of S <= FOLD_MAX tokens after a past)
+    seqlens_k: str       # int32 [B]: as AttentionIO's, over the G x S rows
+    total_len: str       # int32 scalar: the same, plus one (batch max)
+    positions: str       # int64 [B, G x S]: row p's position (its token's)
+    pads: str            # int64 [6]: Pad's pads that append the (G - 1) S zero rows to k and v
+    keys: str            # int64 [T]: the key positions
+    masks: dict          # window (0: none) -> the additive bias [B, 1, G x S, T], made on first use
+
+    @staticmethod
+    def headroom(group: int) -> int:
+        """Cache rows past a sequence's end that a folded forward writes (zeros, never attended)."""
+        return (group - 1) * FOLD_MAX if group > 1 else 0
+
+
+def fold_inputs(g: Graph, ids: str, seqlens_k: str, total_len: str, group: int, head_dim: int, name: str = "fold") -> Fold:
+    """The tensors a forward's folded layers share, from its input_ids [B, S], computed once per
+    forward with S capped at FOLD_MAX (a longer forward does not fold, and reads none of them).
+    Only one row after a past folds: the CPU kernel takes several tokens after a past in a batch of
+    one only, and on an empty cache (a first prompt) it rotates by its own positions, not position_ids."""
+    i64, i32 = TensorProto.INT64, TensorProto.INT32
+    c = lambda label, value: g.const(f"{name}.{label}", np.array(value, np.int64))       # noqa: E731
+    seq = g.op("Shape", [ids], name + ".seq", start=1, end=2)                                               # [1]: S
+    one_row = g.op("Equal", [g.op("Shape", [ids], name + ".batch", start=0, end=1), c("rows", [1])], name + ".one_row")
+    after = g.op("GreaterOrEqual", [g.op("ReduceMin", [g.op("Cast", [seqlens_k], name + ".lens_min64", to=i64)], name + ".lens_min",
+                                         keepdims=1), seq], name + ".after_past")
+    cond = g.op("Squeeze", [g.op("And", [g.op("And", [g.op("LessOrEqual", [seq, c("max", [FOLD_MAX])], name + ".short"),
+                                                      one_row], name + ".short_row"), after], name + ".all")], name + ".cond")
+    s = g.op("Min", [seq, c("max1", [FOLD_MAX])], name + ".s")                                             # [1]
+    extra = g.op("Mul", [s, c("g1", [group - 1])], name + ".extra")                                        # [1]: (G - 1) S
+    extra32 = g.op("Cast", [extra], name + ".extra32", to=i32)
+    total = g.op("Add", [total_len, g.op("Squeeze", [extra32], name + ".extra0")], name + ".total")
+    lens = g.op("Add", [seqlens_k, extra32], name + ".seqlens")
+    past = g.op("Sub", [g.op("Add", [g.op("Cast", [seqlens_k], name + ".lens64", to=i64), c("one", 1)], name + ".rows"),
+                        g.op("Squeeze", [seq], name + ".seq0")], name + ".past")                            # [B]
+    tokens = g.op("Add", [g.op("Unsqueeze", [past, c("ax1", [1])], name + ".past_col"),
+                          g.op("Range", [c("zero", 0), g.op("Squeeze", [s], name + ".s1"), c("step", 1)], name + ".steps")],
+                  name + ".tokens")                                                                         # [B, S]
+    positions = g.op("Tile", [tokens, c("reps", [1, group])], name + ".positions")                          # [B, G S]
+    pads = g.op("Concat", [c("pads0", [0, 0, 0, 0]), extra, c("pads1", [0])], name + ".pads", axis=0)
+    keys = g.op("Range", [c("zero_k", 0), g.op("Cast", [total], name + ".total64", to=i64), c("step_k", 1)], name + ".keys")
+    return Fold(group, head_dim, cond, lens, total, positions, pads, keys, {})
+
+
+def fold_mask(g: Graph, fold: Fold, window: int, half: bool) -> str:
+    """The folded rows' additive bias [B, 1, G x S, T]: row p sees the keys up to its token's
+    position (within `window` of it, when given), none of the zero rows; made once per forward."""
+    key = (window, half)
+    if key not in fold.masks:
+        name = f"fold.mask{window}{'h' if half else ''}"
+        c = lambda label, value: g.const(f"{name}.{label}", np.array(value, np.int64))   # noqa: E731
+        pos = g.op("Unsqueeze", [fold.positions, c("ax2", [2])], name + ".pos")                            # [B, G S, 1]
+        seen = g.op("LessOrEqual", [fold.keys, pos], name + ".seen")                                       # [B, G S, T]
+        if window:
+            seen = g.op("And", [seen, g.op("Greater", [fold.keys, g.op("Sub", [pos, c("w", window)], name + ".edge")],
+                                           name + ".inside")], name + ".seen_w")
+        dt = np.float16 if half else np.float32
+        mask = g.op("Where", [seen, g.const(name + ".open", np.array(0, dt)), g.const(name + ".shut", np.array(-np.inf, dt))],
+                    name + ".mask3")
+        fold.masks[key] = g.op("Unsqueeze", [mask, c("ax1", [1])], name)
+    return fold.masks[key]
+
+
 @dataclass
 class AttentionIO:
     """The graph inputs every attention layer shares."""
@@ -383,6 +463,7 @@ class AttentionIO:
     cos: str
     sin: str
     half: bool = False   # fp16 KV cache: GroupQueryAttention runs in fp16 (its inputs cast), output cast back
+    fold: Fold | None = None     # a forward's folded attention (`gqa`): fp16/fp32 caches
 
     @property
     def dtype(self):
@@ -390,16 +471,39 @@ class AttentionIO:
         return np.float16 if self.half else np.float32
 
     def with_rope(self, cos: str, sin: str) -> "AttentionIO":
-        return AttentionIO(self.seqlens_k, self.total_len, cos, sin, self.half)
+        return AttentionIO(self.seqlens_k, self.total_len, cos, sin, self.half, self.fold)
 
 
 KV_TYPES = {"fp32": (TensorProto.FLOAT, np.float32), "fp16": (TensorProto.FLOAT16, np.float16),
             "int8": (TensorProto.INT8, np.int8)}
 
 
+def _gqa_types(io: AttentionIO) -> list:
+    """GroupQueryAttention's output types (attended, present key, present value) on a float cache."""
+    t = TensorProto.FLOAT16 if io.half else TensorProto.FLOAT
+    return [t, t, t]
+
+
+def _folded(g: Graph, q: str, k: str, v: str, io: AttentionIO, kv_heads: int, mask: str, rotary: bool,
+            attention, name: str) -> list[str]:
+    """One layer's folded attention (see `Fold`): q [B, S, H D] -> rows [B, G S, kv D] (row i S + s:
+    query head i of each KV head, token s), k and v padded with (G - 1) S zero rows, the kernel with
+    one query head per KV head, and the rows back to [B, S, H D]."""
+    fold, grp, d = io.fold, io.fold.group, io.fold.head_dim
+    c = lambda label, value: g.const(f"{name}.fold.{label}", np.array(value, np.int64))   # noqa: E731
+    rows = g.op("Transpose", [g.op("Reshape", [q, c("heads", [0, 0, kv_heads, grp, d])], name + ".fold.q5")],
+                name + ".fold.qt", perm=[0, 3, 1, 2, 4])                                              # [B, G, S, kv, D]
+    rows = g.op("Reshape", [rows, c("rows", [0, -1, kv_heads * d])], name + ".fold.q")
+    k, v = (g.op("Pad", [t, fold.pads], f"{name}.fold.{n}") for t, n in ((k, "k"), (v, "v")))
+    out, pk, pv = attention(rows, k, v, fold.seqlens_k, fold.total_len, kv_heads, fold.positions if rotary else "", mask)
+    out = g.op("Transpose", [g.op("Reshape", [out, c("out5", [0, grp, -1, kv_heads, d])], name + ".fold.o5")],
+               name + ".fold.ot", perm=[0, 2, 3, 1, 4])                                               # [B, S, kv, G, D]
+    return [g.op("Reshape", [out, c("out", [0, 0, kv_heads * grp * d])], name + ".fold.out"), pk, pv]
+
+
 def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: AttentionIO, heads: int, kv_heads: int,
         scale: float, name: str, rotary: bool = True, bias: str = "", sink: str = "", scales: tuple | None = None,
-        out: str | None = None) -> tuple[str, str, str]:
+        out: str | None = None, window: int = 0) -> tuple[str, str, str]:
     """GroupQueryAttention with rotary inside and the KV cache as one preallocated buffer that
     the runtime binds as both past and present (no copy of the cache per step).
     rotary=False: a layer without position encoding (SmolLM3's NoPE layers); bias: an additive
@@ -408,19 +512,33 @@ def gqa(g: Graph, q: str, k: str, v: str, past_k: str, past_v: str, io: Attentio
     An fp16 cache makes the op fp16 (its T binds q, k, v, cache, rotary tables, bias and sinks
     alike): its float inputs are cast, its output cast back. scales: an int8 cache's (key, value)
     scales [1, kv_heads, 1, head_dim] (onnxruntime >= 1.27: the op quantizes the new rows as it
-    writes them and reads the codes with those scales). out: the output's name."""
+    writes them and reads the codes with those scales). out: the output's name. window: the sliding
+    window that `bias` holds (the folded rows need their own). With io.fold (a float cache, several
+    query heads per KV head, no sinks), a forward of at most FOLD_MAX tokens a row runs folded (`Fold`)."""
     if io.half:
         q, k, v, bias, sink = (g.op("Cast", [t], f"{name}.{label}16", to=TensorProto.FLOAT16) if t else t
                                for t, label in ((q, "q"), (k, "k"), (v, "v"), (bias, "bias"), (sink, "sink")))
-    ins = [q, k, v, past_k, past_v, io.seqlens_k, io.total_len, *((io.cos, io.sin) if rotary else ("", "")), "", bias, sink,
-           *(scales or ())]
-    while not ins[-1]:
-        ins.pop()
-    quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8) if scales else {}
-    attended, pk, pv = g.ms("GroupQueryAttention", ins, name, outputs=3, num_heads=heads, kv_num_heads=kv_heads,
-                            do_rotary=int(rotary), rotary_interleaved=0, scale=float(scale),
-                            outs=[out, f"{name}.present_k", f"{name}.present_v"] if out and not io.half else None,
-                            **quant)
+    rope = (io.cos, io.sin) if rotary else ("", "")
+
+    def attention(q, k, v, seqlens_k, total, heads, positions, bias, outs=None):
+        ins = [q, k, v, past_k, past_v, seqlens_k, total, *rope, positions, bias, sink, *(scales or ())]
+        while not ins[-1]:
+            ins.pop()
+        quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8) if scales else {}
+        return g.ms("GroupQueryAttention", ins, name, outputs=3, num_heads=heads, kv_num_heads=kv_heads,
+                    do_rotary=int(rotary), rotary_interleaved=0, scale=float(scale), outs=outs, **quant)
+
+    names = [out, f"{name}.present_k", f"{name}.present_v"] if out and not io.half else None
+    fold, group = io.fold, heads // kv_heads
+    if fold is None or fold.group != group or sink or scales:   # sinks are per query head: not foldable
+        attended, pk, pv = attention(q, k, v, io.seqlens_k, io.total_len, heads, "", bias, names)
+    else:
+        mask = fold_mask(g, fold, window, io.half)      # shared by the layers: made outside their If
+        attended, pk, pv = g.op("If", [fold.cond], name + ".fold", outputs=3, outs=names,
+                                then_branch=g.branch(lambda: _folded(g, q, k, v, io, kv_heads, mask, rotary, attention, name),
+                                                     name + ".folded", _gqa_types(io)),
+                                else_branch=g.branch(lambda: attention(q, k, v, io.seqlens_k, io.total_len, heads, "", bias),
+                                                     name + ".per_head", _gqa_types(io)))
     if io.half:
         attended = g.op("Cast", [attended], name + ".out32", to=TensorProto.FLOAT, out=out)
     return attended, pk, pv

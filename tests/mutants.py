@@ -579,6 +579,25 @@ MUTANTS = [
     Mutant("tools: the format told by the template alone", "edgert/tools.py",
            "        if f.open in template or token_id(f.open) is not None:", "        if f.open in template:",
            ("tests/test_serve_tools.py", "-k", "format_comes")),
+    # folded decode (export/graph.py Fold)
+    Mutant("fold: never taken", "export/graph.py",
+           'g.op("LessOrEqual", [seq, c("max", [FOLD_MAX])], name + ".short")',
+           'g.op("Greater", [seq, c("max", [FOLD_MAX])], name + ".short")',
+           ("tests/test_fold.py", "-k", "zero_rows")),
+    Mutant("fold: also on an empty cache (the kernel's first prompt ignores position_ids)", "export/graph.py",
+           'name + ".short_row"), after]', 'name + ".short_row"), one_row]',
+           ("tests/test_fold.py", "-k", "per_head_path")),
+    Mutant("fold: rows rotated by their row, not their token", "export/graph.py",
+           "out, pk, pv = attention(rows, k, v, fold.seqlens_k, fold.total_len, kv_heads, fold.positions if rotary else \"\", mask)",
+           "out, pk, pv = attention(rows, k, v, fold.seqlens_k, fold.total_len, kv_heads, \"\", mask)",
+           ("tests/test_fold.py", "-k", "per_head_path")),
+    Mutant("fold: the window left out of the folded rows' mask", "export/graph.py",
+           "        if window:\n            seen = g.op(\"And\"", "        if False:\n            seen = g.op(\"And\"",
+           ("tests/test_export_archs.py", "-k", "fp32_matches and gemma3 and not hub and not multimodal")),
+    Mutant("fold: no headroom in the cache", "edgert/model.py",
+           "h, t, d = m[\"kv_heads\"], self.context + self.headroom, m[\"head_dim\"]",
+           "h, t, d = m[\"kv_heads\"], self.context, m[\"head_dim\"]",
+           ("tests/test_fold.py", "-k", "end_of_the_context")),
 ]
 
 

@@ -98,6 +98,10 @@ def test_fp32_matches_transformers(case, exported):
     model.reset()
     model.forward(LONG[:21])
     assert np.abs(model.forward(LONG[21:], num_logits=len(LONG) - 21) - hf_chunk_logits(ref, LONG, 21)).max() < 1e-3
+    # a short chunk (a speculative verify) on a cache runs folded (graph.Fold: <= 16 tokens after a past)
+    model.reset()
+    model.forward(LONG[:30])
+    assert np.abs(model.forward(LONG[30:42], num_logits=12) - hf_chunk_logits(ref, LONG[:42], 30)).max() < 1e-3
 
 
 def hf_greedy_cached(ref, ids: list[int], n: int) -> list[int]:

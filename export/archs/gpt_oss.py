@@ -70,6 +70,7 @@ class Model(MoEDecoder):
     model_type = "gpt_oss"
     router_name = "router.weight"
     gqa_min_onnxruntime = "1.23"    # GroupQueryAttention's head_sink input
+    fold_heads = False              # a sink per query head: decode cannot fold them (graph.Fold)
 
     def __init__(self, config: dict):
         k = config.get("num_experts_per_tok") or config.get("experts_per_token")     # (the hub's config has both names)
