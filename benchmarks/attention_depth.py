@@ -99,6 +99,9 @@ def session(model, threads):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    # every variant's session stays alive through the interleaved rounds: idle pools must not spin
+    # (with spinning on, the others' threads took the cores from the one being timed)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

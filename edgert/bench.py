@@ -234,16 +234,17 @@ def table(r: dict) -> str:
     return "\n".join(f"{k:<20} {v}" for k, v in rows)
 
 
-def synthetic_artifact(shape: str, bits: int, context: int) -> Path:
-    """The cached synthetic artifact of a built-in shape, built first when needed. The build runs in
-    a child process, so its memory does not count in this process's peak RSS."""
+def synthetic_artifact(shape: str, bits: int, context: int, kv_cache: str | None = None) -> Path:
+    """The cached synthetic artifact of a built-in shape (with this KV cache, else the export's
+    default), built first when needed. The build runs in a child process, so its memory does not
+    count in this process's peak RSS."""
     from concurrent.futures import ProcessPoolExecutor
 
     from edgert_export import ExportError
     from edgert_export.synthetic import SyntheticError, build
-    _progress(f"bench: building the synthetic {shape} (int{bits})")
+    _progress(f"bench: building the synthetic {shape} (int{bits}" + (f", {kv_cache} KV cache)" if kv_cache else ")"))
     try:
         with ProcessPoolExecutor(1) as pool:
-            return pool.submit(build, shape, bits, context).result()
+            return pool.submit(build, shape, bits, context, kv_cache=kv_cache).result()
     except (SyntheticError, ExportError) as e:
         raise ValueError(str(e)) from None

@@ -379,6 +379,8 @@ def bench(
                                             "gemma-3-1b, gpt-oss-20b, lfm2.5-1.2b, qwen3.5-0.8b, qwen3.5-2b, qwen3.5-35b-a3b."),
     bits: Optional[int] = typer.Option(None, help="With --synthetic: weight bits, 4 or 8 (default 4; embeddings/lm_head "
                                                   "int8, blocks as export chooses them)."),
+    kv_cache: Optional[str] = typer.Option(None, help="With --synthetic: the KV cache, int8, fp16 or fp32 (default: "
+                                                       "export's, int8; fp16/fp32 decode folded, faster at depth)."),
     prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (synthetic tokens)."),
     gen_tokens: int = typer.Option(64, min=2, help="Tokens to generate (the first comes from prefill, the rest are decode steps)."),
     repeat: int = typer.Option(3, min=1, help="Timed rounds (after one warm-up); median, min and max are reported."),
@@ -402,6 +404,10 @@ def bench(
         fail(f"give an artifact folder or --synthetic SHAPE (one of them){took}")
     if bits is not None and not synthetic:
         fail("--bits applies to --synthetic models only (an artifact's bits are fixed at export)")
+    if kv_cache is not None and not synthetic:
+        fail("--kv-cache applies to --synthetic models only (an artifact's KV cache is fixed at export)")
+    if kv_cache not in (None, "int8", "fp16", "fp32"):
+        fail(f"--kv-cache must be int8, fp16 or fp32, not {kv_cache[:20]!r}")
     if json_out not in (None, "-"):           # where the results go is checked before the run, not after
         target = Path(json_out)
         if target.is_dir() or (target.exists() and not target.is_file()):
@@ -410,7 +416,7 @@ def bench(
             fail(f"--json {json_out}: cannot write there (no such folder, or no permission)")
     try:
         if synthetic:
-            artifact = synthetic_artifact(synthetic, bits or 4, bench_context(prompt_tokens, gen_tokens, context))
+            artifact = synthetic_artifact(synthetic, bits or 4, bench_context(prompt_tokens, gen_tokens, context), kv_cache)
         result = do_bench(artifact, prompt_tokens, gen_tokens, repeat, threads, context, strategy=moe_strategy,
                           max_memory=max_memory, batch=batch)
     except _user_errors() as e:

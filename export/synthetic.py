@@ -367,10 +367,13 @@ def weight_bytes(config: dict, recipe: Recipe) -> int:
     return total + 2 * 4 * context * m.padded_head_dim // 2      # + the rotary tables
 
 
-def kv_cache_bytes(config: dict, context: int) -> int:
+def kv_cache_bytes(config: dict, context: int, kv_cache: str | None = None) -> int:
+    """An upper bound on the bench's KV cache: 4 bytes an element (fp32), 2 for fp16, 1 for int8
+    (+ an fp32 scale per row and head for an uncalibrated int8 cache), 4 when left to the default."""
     m = model_for(config)
     attention = sum(m.is_attention(i) for i in range(m.n_layers))      # hybrid models: their attention layers only
-    return 2 * 4 * attention * m.kv_heads * m.padded_head_dim * context
+    per = {"fp16": 2, "int8": 1 + 4 / m.padded_head_dim}.get(kv_cache, 4)
+    return int(2 * per * attention * m.kv_heads * m.padded_head_dim * context)
 
 
 def check_fits(shape: str, need_memory: int, need_disk: int, folder: Path, available: int | None = None) -> None:
@@ -403,35 +406,40 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgert" / "synthetic"
 
 
-def _key(config: dict, bits: int, seed: int) -> str:
-    return hashlib.sha256(json.dumps([config, bits, seed, GENERATOR_VERSION], sort_keys=True).encode()).hexdigest()[:16]
+def _key(config: dict, bits: int, seed: int, kv_cache: str | None = None) -> str:
+    parts = [config, bits, seed, GENERATOR_VERSION] + ([kv_cache] if kv_cache else [])   # (older builds' keys kept)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build(shape: str, bits: int = 4, context: int = 256, folder: Path | None = None, seed: int = 0,
-          config: dict | None = None, progress: bool = True, available: int | None = None) -> Path:
+          config: dict | None = None, progress: bool = True, available: int | None = None,
+          kv_cache: str | None = None) -> Path:
     """The artifact for a built-in shape (or `config`), from the cache when it is there and current.
-    `context` is the KV cache the bench will allocate (for the memory check)."""
+    `context` is the KV cache the bench will allocate (for the memory check); kv_cache: the export's
+    --kv-cache (None: its default), a build of its own."""
     if config is None and shape not in SHAPES:
         raise SyntheticError(f"unknown shape {shape!r}; built-in shapes: {', '.join(SHAPES)}")
     if bits not in (4, 8):
         raise SyntheticError(f"--bits must be 4 or 8 for a synthetic model, not {bits}")
+    if kv_cache not in (None, "int8", "fp16", "fp32"):
+        raise SyntheticError(f"--kv-cache must be int8, fp16 or fp32, not {str(kv_cache)[:20]!r}")
     config = dict(config or SHAPES[shape])
     longest = min(config.get("max_position_embeddings", 4096), DEFAULT_MAX_CONTEXT)   # what export gives it
     if context > longest:
         raise SyntheticError(f"--context must be at most {longest} for {shape} (the context its artifact is exported for)")
     shaped = model_for(config)
-    need = shaped.min_onnxruntime(shaped.default_kv_cache)
+    need = shaped.min_onnxruntime(kv_cache or shaped.default_kv_cache)
     if need:        # refused before gigabytes are written, not when the bench loads them
         from edgert.model import ort, ort_version
         if ort_version() < tuple(int(p) for p in need.split(".")):
             raise SyntheticError(f"{shape} needs onnxruntime >= {need} (this is {ort.__version__})")
-    out = Path(folder or cache_dir()) / f"{shape}-int{bits}"
-    key = _key(config, bits, seed)
+    out = Path(folder or cache_dir()) / (f"{shape}-int{bits}" + (f"-kv-{kv_cache}" if kv_cache else ""))
+    key = _key(config, bits, seed, kv_cache)
     cached = all((out / f).is_file() for f in ("synthetic.json", "edgert.json", "model.onnx.data")) \
         and json.loads((out / "synthetic.json").read_text()).get("key") == key
     data = (out / "model.onnx.data").stat().st_size if cached else weight_bytes(config, Recipe(bits=bits))
     # the same estimate as the runtime's check before loading (edgert/device.py)
-    need = int(data * WEIGHT_FACTOR) + kv_cache_bytes(config, context) + RUNTIME_BYTES
+    need = int(data * WEIGHT_FACTOR) + kv_cache_bytes(config, context, kv_cache) + RUNTIME_BYTES
     check_fits(shape, need, 0 if cached else data, out.parent, available)
     if cached:
         return out
@@ -444,6 +452,8 @@ def build(shape: str, bits: int = 4, context: int = 256, folder: Path | None = N
             {k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None}))
         shutil.copyfile(BUNDLED_MODEL / "tokenizer.json", src / "tokenizer.json")   # any tokenizer: bench needs none
         # random codes need no calibration pass (the recipe only decides how real weights are rounded)
-        export(src, out, bits=bits, force=True, progress=progress, recipe="rtn", checkpoint=SyntheticCheckpoint(config, seed))
-    (out / "synthetic.json").write_text(json.dumps({"shape": shape, "bits": bits, "seed": seed, "key": key}) + "\n")
+        export(src, out, bits=bits, force=True, progress=progress, recipe="rtn", checkpoint=SyntheticCheckpoint(config, seed),
+               kv_cache=kv_cache)
+    (out / "synthetic.json").write_text(json.dumps({"shape": shape, "bits": bits, "seed": seed, "key": key,
+                                                    **({"kv_cache": kv_cache} if kv_cache else {})}) + "\n")
     return out

@@ -598,6 +598,10 @@ MUTANTS = [
            "h, t, d = m[\"kv_heads\"], self.context + self.headroom, m[\"head_dim\"]",
            "h, t, d = m[\"kv_heads\"], self.context, m[\"head_dim\"]",
            ("tests/test_fold.py", "-k", "end_of_the_context")),
+    Mutant("synthetic: --kv-cache not passed to the export", "export/synthetic.py",
+           "checkpoint=SyntheticCheckpoint(config, seed),\n               kv_cache=kv_cache)",
+           "checkpoint=SyntheticCheckpoint(config, seed),\n               kv_cache=None)",
+           ("tests/test_synthetic_shapes.py", "-k", "kv_cache_asked")),
 ]
 
 

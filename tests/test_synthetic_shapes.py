@@ -96,6 +96,30 @@ def test_a_synthetic_int8_cache_gets_the_kv8gqa_graph_a_real_export_has(tmp_path
         assert rel < 0.05, (graph, rel)
 
 
+def test_a_synthetic_build_takes_the_kv_cache_asked_for(tmp_path):
+    """`bench --synthetic SHAPE --kv-cache fp16`: a build of its own beside the default's (int8),
+    with that cache, the folded decode's headroom, and the same logits as the int8 build within the
+    int8 cache's rounding; a bad value and --kv-cache without --synthetic are one line each."""
+    config = tiny("qwen2.5-0.5b", heads=2)
+    base = build("qwen2.5-0.5b", 4, folder=tmp_path, config=config, progress=False)
+    half = build("qwen2.5-0.5b", 4, folder=tmp_path, config=config, progress=False, kv_cache="fp16")
+    assert half != base and half.name == "qwen2.5-0.5b-int4-kv-fp16"
+    assert build("qwen2.5-0.5b", 4, folder=tmp_path, config=config, progress=False, kv_cache="fp16") == half   # cached
+    m = {a: json.loads((a / "edgert.json").read_text()) for a in (base, half)}
+    assert m[base]["quantization"]["kv_cache"] == "int8" and m[half]["quantization"]["kv_cache"] == "fp16"
+    assert m[half]["model"]["kv_headroom"] > 0 and "kv_headroom" not in m[base]["model"]
+    ids = list(range(1, 25))
+    a, b = (Model(x, context=64).forward(ids, num_logits=len(ids)) for x in (base, half))
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.05
+    with pytest.raises(SyntheticError, match="--kv-cache must be int8, fp16 or fp32"):
+        build("qwen2.5-0.5b", 4, folder=tmp_path, config=config, progress=False, kv_cache="fp8")
+    for args, said in ((["--synthetic", "qwen2.5-0.5b", "--kv-cache", "fp8"], "--kv-cache must be int8, fp16 or fp32"),
+                       ([str(base), "--kv-cache", "fp16"], "--kv-cache applies to --synthetic models only")):
+        r = subprocess.run([sys.executable, "-m", "edgert.cli", "bench", *args], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120, env=dict(os.environ, EDGERT_SYNTHETIC_DIR=str(tmp_path)))
+        assert r.returncode == 1 and said in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_every_shape_with_the_int8_cache_builds_and_runs_its_kv8gqa_graph(shape, tmp_path):
     """The synthetic int8-cache ranges across every family's attention (MoE, hybrid, sliding window,
