@@ -150,12 +150,13 @@ def plot(res: dict, path: Path, shape: str, threads: int) -> None:
 BEGIN, END = "<!-- long-reasoning: benchmarks/long_reasoning.py writes this section -->", "<!-- /long-reasoning -->"
 
 
-def results_section(data: dict, plot_name: str | None) -> str:
-    """The scenario's section of RESULTS.md: how it was run, the table, the plot."""
+def results_section(data: dict, plot_name: str | None, json_name: str | None = None) -> str:
+    """The scenario's section of RESULTS.md: how it was run (its JSON and plot as named), the table, the plot."""
     positions = data["positions"]
+    json_name, shown = json_name or "long_reasoning.json", plot_name or "long_reasoning.png"
     lines = [BEGIN, "## Long reasoning: decode speed as the trace grows", "",
-             f"`python benchmarks/long_reasoning.py --work DIR --json benchmarks/long_reasoning.json --plot "
-             f"benchmarks/long_reasoning.png --results benchmarks/RESULTS.md` ({data['shape']}, {data['threads']} threads): "
+             f"`python benchmarks/long_reasoning.py --work DIR --json benchmarks/{json_name} --plot "
+             f"benchmarks/{shown} --results benchmarks/RESULTS.md` ({data['shape']}, {data['threads']} threads): "
              f"decode tok/s after P prompt tokens ({STEPS} greedy steps, a fresh process per runner and position, runners "
              f"interleaved), then the mean decode speed over a generation after a 128-token prompt; peak RSS is the worker's."
              + (f" {data['note']}." if data.get("note") else ""), "",
@@ -215,7 +216,8 @@ def main(argv=None) -> int:
     if a.plot:
         plot(data["results"], a.plot, data["shape"], data["threads"])
     if a.results:
-        write_results(a.results, results_section(data, a.plot.name if a.plot else None))
+        source = a.from_json or a.json
+        write_results(a.results, results_section(data, a.plot.name if a.plot else None, source.name if source else None))
     return 0
 
 
