@@ -380,7 +380,8 @@ def bench(
     bits: Optional[int] = typer.Option(None, help="With --synthetic: weight bits, 4 or 8 (default 4; embeddings/lm_head "
                                                   "int8, blocks as export chooses them)."),
     kv_cache: Optional[str] = typer.Option(None, help="With --synthetic: the KV cache, int8, fp16 or fp32 (default: "
-                                                       "export's, int8; fp16/fp32 decode folded, faster at depth)."),
+                                                       "the export's; fp16 decodes folded: faster at depth on narrow heads, "
+                                                       "twice int8's memory)."),
     prompt_tokens: int = typer.Option(128, min=1, help="Prompt length (synthetic tokens)."),
     gen_tokens: int = typer.Option(64, min=2, help="Tokens to generate (the first comes from prefill, the rest are decode steps)."),
     repeat: int = typer.Option(3, min=1, help="Timed rounds (after one warm-up); median, min and max are reported."),

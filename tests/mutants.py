@@ -175,7 +175,7 @@ MUTANTS = [
            "return (q[..., 1::2] | (q[..., 0::2] << 4)).astype(np.uint8)",
            ("tests/test_fixtures.py", "-k", "kl_against and 4")),
     Mutant("KV cache: past keys and values swapped (graph)", "export/graph.py",
-           "ins = [q, k, v, past_k, past_v, io.seqlens_k,", "ins = [q, k, v, past_v, past_k, io.seqlens_k,",
+           "ins = [q, k, v, past_k, past_v, seqlens_k, total,", "ins = [q, k, v, past_v, past_k, seqlens_k, total,",
            ("tests/test_export_dense.py", "-k", "fp32_logits")),
     Mutant("KV cache: the newest cached row not attended", "edgert/model.py",
            'io.bind_cpu_input("seqlens_k", (total - 1).astype(np.int32))',
