@@ -199,15 +199,15 @@ class Need:
                 f"+ runtime {self.runtime / MB:.0f})")
 
 
-def kv_headroom(manifest: dict, graph: str | None = None) -> int:
+def kv_headroom(manifest: dict) -> int:
     """Cache rows each sequence holds past the context: a float cache's folded decode writes zero
-    rows there (export/graph.py Fold); the int8 cache has none."""
-    return manifest["model"].get("kv_headroom", 0) if manifest.get("quantization", {}).get("kv_cache") != "int8" else 0
+    rows there (export/graph.py Fold; the exporter records none for an int8 cache)."""
+    return manifest["model"].get("kv_headroom", 0)
 
 
 def memory_need(manifest: dict, context: int, sequences: int = 1, graph: str | None = None) -> Need:
     """context: the cache rows of all sequences together (each sequence's headroom is added)."""
-    kv = kv_bytes(manifest, context + kv_headroom(manifest, graph) * sequences, graph)
+    kv = kv_bytes(manifest, context + kv_headroom(manifest) * sequences, graph)
     return Need(int(weight_bytes(manifest) * WEIGHT_FACTOR), kv, RUNTIME_BYTES, state_bytes(manifest) * STATE_COPIES * sequences)
 
 

@@ -404,7 +404,7 @@ class Fold:
     @staticmethod
     def headroom(group: int) -> int:
         """Cache rows past a sequence's end that a folded forward writes (zeros, never attended)."""
-        return (group - 1) * FOLD_MAX if group > 1 else 0
+        return (group - 1) * FOLD_MAX
 
 
 def fold_inputs(g: Graph, ids: str, seqlens_k: str, total_len: str, group: int, head_dim: int, name: str = "fold") -> Fold:
@@ -416,8 +416,8 @@ def fold_inputs(g: Graph, ids: str, seqlens_k: str, total_len: str, group: int, 
     c = lambda label, value: g.const(f"{name}.{label}", np.array(value, np.int64))       # noqa: E731
     seq = g.op("Shape", [ids], name + ".seq", start=1, end=2)                                               # [1]: S
     one_row = g.op("Equal", [g.op("Shape", [ids], name + ".batch", start=0, end=1), c("rows", [1])], name + ".one_row")
-    after = g.op("GreaterOrEqual", [g.op("ReduceMin", [g.op("Cast", [seqlens_k], name + ".lens_min64", to=i64)], name + ".lens_min",
-                                         keepdims=1), seq], name + ".after_past")
+    lens64 = g.op("Cast", [seqlens_k], name + ".lens64", to=i64)
+    after = g.op("GreaterOrEqual", [g.op("ReduceMin", [lens64], name + ".lens_min", keepdims=1), seq], name + ".after_past")
     cond = g.op("Squeeze", [g.op("And", [g.op("And", [g.op("LessOrEqual", [seq, c("max", [FOLD_MAX])], name + ".short"),
                                                       one_row], name + ".short_row"), after], name + ".all")], name + ".cond")
     s = g.op("Min", [seq, c("max1", [FOLD_MAX])], name + ".s")                                             # [1]
@@ -425,7 +425,7 @@ def fold_inputs(g: Graph, ids: str, seqlens_k: str, total_len: str, group: int, 
     extra32 = g.op("Cast", [extra], name + ".extra32", to=i32)
     total = g.op("Add", [total_len, g.op("Squeeze", [extra32], name + ".extra0")], name + ".total")
     lens = g.op("Add", [seqlens_k, extra32], name + ".seqlens")
-    past = g.op("Sub", [g.op("Add", [g.op("Cast", [seqlens_k], name + ".lens64", to=i64), c("one", 1)], name + ".rows"),
+    past = g.op("Sub", [g.op("Add", [lens64, c("one", 1)], name + ".rows"),
                         g.op("Squeeze", [seq], name + ".seq0")], name + ".past")                            # [B]
     tokens = g.op("Add", [g.op("Unsqueeze", [past, c("ax1", [1])], name + ".past_col"),
                           g.op("Range", [c("zero", 0), g.op("Squeeze", [s], name + ".s1"), c("step", 1)], name + ".steps")],
