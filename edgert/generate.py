@@ -139,6 +139,12 @@ class Channels:
     answer: tuple[int, ...] = ()     # <|channel|>final<|message|>: an answer without reasoning
     close: tuple[int, ...] = ()      # <|end|><|start|>assistant<|channel|>final<|message|>: reasoning cut short
 
+    def to(self, header) -> tuple[list[int], list[int]]:
+        """(an answer's opening, the reasoning's close) with `header`, the tokens after <|channel|>, in
+        place of the final channel's: a call gpt-oss is made to write (tool_choice)."""
+        reopen = list(self.close[:len(self.close) - len(self.answer) + 1])       # <|end|><|start|>assistant<|channel|>
+        return [self.channel, *header], reopen + list(header)
+
     @classmethod
     def detect(cls, tokenizer) -> "Channels | None":
         ids = [tokenizer.token_to_id(t) for t in ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")]
@@ -193,13 +199,19 @@ class Decoding:
             for t in prompt_ids:
                 self._channel(t)
             self.opened = ()
+        # forced where the answer begins (a tool call that tool_choice requires): in place of the answer's
+        # first sampled token, after the reasoning (which the model may still open with its first token).
+        # harmony: the header after <|channel|> of the first message not on the analysis channel, also
+        # where a budget closes the analysis or skips it
+        self.answer_prefix = list(answer_prefix)
+        opening = list(channels.answer) if channels is not None else []
+        if channels is not None and self.answer_prefix:
+            opening, self.close_think_ids = channels.to(self.answer_prefix)
+        self.last = prompt_ids[-1] if len(prompt_ids) else None
         # forced tokens still to feed (think budget, deadline); a budget of 0 closes the reasoning at once
         self.pending: list[int] = list(self.close_think_ids) if self.reasoning and think_budget == 0 else []
         if channels is not None and think_budget == 0 and self.header is not None:
-            self.pending = list(channels.answer)     # harmony, no reasoning: the final channel's header at once
-        # forced where the answer begins (a tool call that tool_choice requires): in place of the answer's
-        # first sampled token, after the reasoning (which the model may still open with its first token)
-        self.answer_prefix = list(answer_prefix)
+            self.pending, self.answer_prefix = opening, []    # harmony, no reasoning: the answer's header at once
         self.spent = 0                   # reasoning tokens generated so far
         self.generated = self.reasoning_tokens = 0
         self.stop_reason: str | None = None   # "eos", "length", "context"
@@ -231,6 +243,8 @@ class Decoding:
         """Feed </think> next (unless the reasoning is already closing)."""
         if self.reasoning and not self.pending:
             self.pending = list(self.close_think_ids)
+            if self.channels is not None:
+                self.answer_prefix = []          # (harmony: the close holds it)
 
     def next(self, logits: np.ndarray) -> Step | None:
         """The token that follows `logits` (sampled, or forced by a budget), or None at a stop."""
@@ -240,10 +254,12 @@ class Decoding:
             self.close_thinking()
         forced = bool(self.pending)
         token = self.pending.pop(0) if forced else self.sampling(logits)
-        if self.answer_prefix and not forced and not self.reasoning \
-                and not (token == self.think_start and self.generated == 0):
+        if self.answer_prefix and not forced and (
+                not self.reasoning and not (token == self.think_start and self.generated == 0) if self.channels is None
+                else self.last == self.channels.channel and self.header is not None and token != self.channels.analysis[0]):
             self.pending, self.answer_prefix = self.answer_prefix, []
             token, forced = self.pending.pop(0), True
+        self.last = token
         hidden = self.channels is not None and self._channel(token)
         if token == self.think_start:
             self.reasoning = True

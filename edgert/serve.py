@@ -743,10 +743,9 @@ class Server:
             raise bad("this model's chat template does not render tools, or writes calls in a form this server does not "
                       "read (it reads <tool_call> JSON, LFM2's <|tool_call_start|> and gpt-oss's harmony)", "tools",
                       "unsupported_parameter")
+        if choice == "required" and len(tools) == 1:        # the one function it may call
+            named = tools[0]["function"]["name"]
         forced = self.tool_format.forced(named) if choice == "required" or named is not None else None
-        if forced is not None and self.tool_format.name == "harmony":
-            raise bad("tool_choice required or a named function is not supported for this model's format (gpt-oss's "
-                      "harmony): use auto", "tool_choice", "unsupported_parameter")
         return tools, self.tool_format, forced
 
     def _logit_bias(self, body):

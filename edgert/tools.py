@@ -15,8 +15,10 @@ A template that never reads `tools`, or whose calls are in no format here, gets 
 server refuses them rather than answer as if the model had seen them.
 
 tool_choice `required` or a named function is kept by forcing the answer's first tokens
-(`ToolFormat.forced`): the call's opening marker, and for a named function the text up to its
-arguments, in the form the template writes. The model writes the rest; a reasoning model thinks first.
+(`ToolFormat.forced`): the call's opening marker, and for a named function (or `required` with one
+function) the text up to its arguments, in the form the template writes. The model writes the rest; a
+reasoning model thinks first. gpt-oss: the first message on a channel other than analysis is made a
+commentary message to the function (its header forced, `generate.Decoding`).
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ class ToolFormat:
         """The text an answer is made to begin with: a call (tool_choice required), or a call of
         `function`, ending before its arguments (no trailing space, which the model's own
         tokenization would put in front of what follows)."""
+        if self.name == "harmony":      # the header after <|channel|> (see generate.Decoding): a commentary message to it
+            return "commentary to=functions." + (f"{function} <|constrain|>json<|message|>" if function else "")
         if function is None:
             return self.open
         if self.name == "lfm2":

@@ -150,12 +150,76 @@ def test_gpt_oss_calls_come_back_as_tool_calls(server):
             assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
             calls = r.choices[0].message.tool_calls
         assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
-    # without tools the message is text; forcing a call is refused for this format
+    # without tools the message is text
     r = client.chat.completions.create(model="art", messages=ASK, temperature=0, logit_bias=CALL)
     assert r.choices[0].message.content == TEXT.lstrip() and not r.choices[0].message.tool_calls
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, tool_choice="required")
-    assert err.value.code == "unsupported_parameter"
+
+
+def _calls(r):
+    return [(c.function.name, json.loads(c.function.arguments)) for c in r.choices[0].message.tool_calls or ()]
+
+
+def test_tool_choice_makes_gpt_oss_call_the_function(server, art):
+    """The model would answer on the final channel; tool_choice turns that message into a commentary
+    message to the function (header forced, arguments the model's), after its analysis if it thinks."""
+    client = server.client()
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    two = TOOLS + [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    r = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0)
+    assert r.choices[0].message.content == TEXT.lstrip() and not _calls(r)                    # auto: it answers
+    for choice, tools in (("required", TOOLS), (named, TOOLS), (named, two)):     # required with one function: named
+        for stream in (False, True):
+            r = client.chat.completions.create(model="art", messages=ASK, tools=tools, temperature=0, tool_choice=choice,
+                                               stream=stream)
+            if stream:
+                chunks = list(r)
+                deltas = [c.choices[0].delta for c in chunks if c.choices]
+                assert "".join(d.content or "" for d in deltas) == ""
+                assert [(t.function.name, json.loads(t.function.arguments)) for d in deltas for t in d.tool_calls or ()] \
+                    == [("get_weather", {"city": "Paris"})]
+                assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+            else:
+                assert _calls(r) == [("get_weather", {"city": "Paris"})], (choice, r.choices[0].message)
+                assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    # a thinking budget closes the analysis into the call; reasoning_effort none opens with it
+    r = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0, tool_choice=named,
+                                       logit_bias={str(FINAL): -100}, extra_body={"thinking_budget_tokens": 1})
+    assert r.choices[0].message.reasoning_content == TEXT.lstrip() and _calls(r) == [("get_weather", {"city": "Paris"})]
+    r = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0, tool_choice=named,
+                                       logit_bias={str(FINAL): -100}, reasoning_effort="none")
+    assert not r.choices[0].message.reasoning_content and _calls(r) == [("get_weather", {"city": "Paris"})]
+    # required among two: the header up to the function's name is forced, the model names it (this one cannot)
+    r = client.chat.completions.create(model="art", messages=ASK, tools=two, temperature=0, tool_choice="required")
+    assert not _calls(r) and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == 1 + len(art_tokens(art, "commentary to=functions."))
+
+
+def art_tokens(art, text: str) -> list[int]:
+    from edgert.tokenizer import Tokenizer
+    return Tokenizer.from_dir(art).encode(text, add_special_tokens=False)
+
+
+def test_decoding_forces_the_call_header_after_the_analysis():
+    """The answer prefix replaces the channel name of the first message that is not analysis; the
+    analysis itself is left alone, and a budget's close carries the header instead of final's."""
+    c = Channels(START, CHANNEL, MESSAGE, END, (ANALYSIS,), (CHANNEL, FINAL, MESSAGE),
+                 (END, START, ASSISTANT, CHANNEL, FINAL, MESSAGE))
+    head = [COMMENTARY, 77, MESSAGE]
+    dec = Decoding([1, START, ASSISTANT], 30, Sampling(0.0), stop_ids=[RETURN], channels=c, answer_prefix=head)
+    seq = [CHANNEL, ANALYSIS, MESSAGE, 40, END, START, ASSISTANT, CHANNEL, FINAL, 9, 9, 42, RETURN]   # (a forced step uses a pick)
+    out = [(st.id, st.reasoning, st.forced) for st in drive(dec, seq)]
+    assert out == [(CHANNEL, False, False), (ANALYSIS, False, False), (MESSAGE, False, False), (40, True, False),
+                   (END, False, False), (START, False, False), (ASSISTANT, False, False), (CHANNEL, False, False),
+                   (COMMENTARY, False, True), (77, False, True), (MESSAGE, False, True), (42, False, False)]
+    dec = Decoding([1, START, ASSISTANT], 30, Sampling(0.0), stop_ids=[RETURN], channels=c, answer_prefix=head,
+                   think_budget=1, close_think_ids=c.close)
+    out = [(st.id, st.forced) for st in drive(dec, [CHANNEL, ANALYSIS, MESSAGE, 40, 41] + [42] * 7)]
+    assert out == [(CHANNEL, False), (ANALYSIS, False), (MESSAGE, False), (40, False), (END, True), (START, True),
+                   (ASSISTANT, True), (CHANNEL, True), (COMMENTARY, True), (77, True), (MESSAGE, True), (42, False)]
+    dec = Decoding([1, START, ASSISTANT], 30, Sampling(0.0), stop_ids=[RETURN], channels=c, answer_prefix=head,
+                   think_budget=0)
+    assert [(st.id, st.forced) for st in drive(dec, [CHANNEL, ANALYSIS, 40, 41, 42])] == \
+        [(CHANNEL, True), (COMMENTARY, True), (77, True), (MESSAGE, True), (42, False)]
 
 
 def test_decoding_follows_the_channels_across_messages():
