@@ -596,7 +596,9 @@ class Server:
             if not llm.chat_template:
                 raise bad("this model has no chat template: use /v1/completions", "messages")
             tools = self._tools(body)[0]
-            if tools:
+            if self.tool_format is not None and self.tool_format.in_system:     # Phi-4-mini: in the system message
+                messages = self.tool_format.place(messages, tools)
+            elif tools:
                 kwargs = {**kwargs, "tools": tools}
             effort = field_(body, "reasoning_effort", str, choices=tuple(EFFORT))
             if llm.channels is not None and effort in ("low", "medium", "high"):    # gpt-oss: its template tells
@@ -741,7 +743,7 @@ class Server:
             return None, None, None
         if self.tool_format is None:
             raise bad("this model's chat template does not render tools, or writes calls in a form this server does not "
-                      "read (it reads <tool_call> JSON, LFM2's <|tool_call_start|> and gpt-oss's harmony)", "tools",
+                      "read (it reads <tool_call> JSON, LFM2's <|tool_call_start|>, Phi-4-mini's <|tool_call|> and gpt-oss's harmony)", "tools",
                       "unsupported_parameter")
         if choice == "required" and len(tools) == 1:        # the one function it may call
             named = tools[0]["function"]["name"]

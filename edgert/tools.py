@@ -8,6 +8,8 @@ out of the answer. Formats, told by the template and the tokenizer's vocabulary:
             <tool_call><function=name><parameter=key>value</parameter></function></tool_call>
                                                                    Qwen3.5, Qwen3-Coder (the XML form)
     lfm2    <|tool_call_start|>[name(arg=value, ...)]<|tool_call_end|>  LFM2, LFM2.5
+    phi4    <|tool_call|>[{"name": ..., "arguments": {...}}, ...]<|/tool_call|>  Phi-4-mini (its template
+            reads the tools from the system message: `ToolFormat.place`)
     harmony <|channel|>commentary to=functions.name <|constrain|>json<|message|>{...}<|call|>   gpt-oss
             (a message addressed to the function: read by serve's ChoiceText from Step.header)
 
@@ -40,6 +42,7 @@ class ToolFormat:
     open: str
     close: str
     xml: bool = False        # hermes calls in the <function=...> form (the template writes them so)
+    in_system: bool = False  # the template reads the tools from the system message (`place`), not `tools`
 
     def forced(self, function: str | None) -> str:
         """The text an answer is made to begin with: a call (tool_choice required), or a call of
@@ -51,6 +54,8 @@ class ToolFormat:
             return self.open
         if self.name == "lfm2":
             return f"{self.open}[{function}("
+        if self.name == "phi4":
+            return f'{self.open}[{{"name": {json.dumps(function)}, "arguments":'
         if self.xml:
             return f"{self.open}\n<function={function}>\n"
         return f'{self.open}\n{{"name": {json.dumps(function)}, "arguments":'
@@ -83,13 +88,12 @@ class ToolFormat:
                 raise ValueError("not a <function=...> call")
             return [(_name(calls[1]), {k: _value(v) for k, v in XML_PARAM.findall(calls[2])})]
         if self.name == "hermes":          # one JSON object per call
-            call = json.loads(body)
-            if not isinstance(call, dict):
-                raise ValueError("a call is a JSON object")
-            args = call.get("arguments", call.get("parameters", {}))
-            if isinstance(args, str):
-                args = json.loads(args)
-            return [(_name(call.get("name")), _object(args))]
+            return [_json_call(json.loads(body))]
+        if self.name == "phi4":            # a JSON list of them (the model sometimes leaves out the brackets)
+            calls = json.loads(body if body.startswith("[") else f"[{body}]")
+            if not isinstance(calls, list):
+                raise ValueError("not a list of calls")
+            return [_json_call(c) for c in calls]
         tree = ast.parse(body, mode="eval").body    # lfm2: a Python list of calls with literal keyword arguments
         if not isinstance(tree, ast.List) or not tree.elts:
             raise ValueError("not a list of calls")
@@ -99,6 +103,35 @@ class ToolFormat:
                 raise ValueError("not a call with keyword arguments")
             out.append((_name(ast.unparse(c.func)), {k.arg: ast.literal_eval(k.value) for k in c.keywords}))
         return out
+
+
+    def place(self, messages: list[dict], tools: list[dict] | None) -> list[dict]:
+        """For a template that reads the tools from the system message (Phi-4-mini): the functions as
+        a JSON string in its `tools` (a system message is opened if there is none), and each earlier
+        call in its assistant message's text, as the model writes calls (the template renders content only)."""
+        out = [dict(m) for m in messages]
+        if tools:
+            if not out or out[0]["role"] != "system":
+                out.insert(0, {"role": "system", "content": DEFAULT_SYSTEM})
+            out[0]["tools"] = json.dumps([t["function"] for t in tools], ensure_ascii=False)
+        for m in out:
+            if m.get("tool_calls"):
+                calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m["tool_calls"]]
+                m["content"] = (m.get("content") or "") + self.open + json.dumps(calls, ensure_ascii=False) + self.close
+        return out
+
+
+DEFAULT_SYSTEM = "You are a helpful assistant with some tools."     # Phi-4-mini's documented system line for tools
+
+
+def _json_call(call) -> tuple[str, dict]:
+    """{"name", "arguments" (an object, or a JSON string of one)} -> (name, arguments)."""
+    if not isinstance(call, dict):
+        raise ValueError("a call is a JSON object")
+    args = call.get("arguments", call.get("parameters", {}))
+    if isinstance(args, str):
+        args = json.loads(args)
+    return _name(call.get("name")), _object(args)
 
 
 def openai_calls(calls: list[tuple[str, dict]]) -> list[dict]:
@@ -144,6 +177,8 @@ def _object(args) -> dict:
 FORMATS = (ToolFormat("hermes", "<tool_call>", "</tool_call>"),
            ToolFormat("lfm2", "<|tool_call_start|>", "<|tool_call_end|>"))
 HARMONY = ToolFormat("harmony", "<|channel|>", "<|call|>")   # gpt-oss: calls are messages (see harmony_calls)
+PHI4 = ToolFormat("phi4", "<|tool_call|>", "<|/tool_call|>", in_system=True)
+PHI4_TOOLS = re.compile(r"""message\s*\[\s*['"]tools['"]\s*\]|message\.tools\b""")    # the template reads them there
 
 
 def detect(template: str | None, token_id) -> ToolFormat | None:
@@ -153,6 +188,8 @@ def detect(template: str | None, token_id) -> ToolFormat | None:
         return None
     if token_id("<|channel|>") is not None and token_id("<|message|>") is not None:
         return HARMONY
+    if token_id(PHI4.open) is not None and PHI4_TOOLS.search(template):
+        return PHI4
     for f in FORMATS:
         if f.open in template or token_id(f.open) is not None:
             return ToolFormat(f.name, f.open, f.close, xml=True) if f.name == "hermes" and "<function=" in template else f

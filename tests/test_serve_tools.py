@@ -303,3 +303,85 @@ def test_a_forced_answer_prefix_waits_for_the_reasoning():
     # the prompt opened it (R1's templates); a think budget closes it with forced tokens first
     assert run([1, THINK], [WORD, WORD, WORD, WORD, WORD], think_budget=1, close_think_ids=[END]) == \
         [(WORD, False), (END, True), (P1, True), (P2, True), (WORD, False)]
+
+
+# -- Phi-4-mini: the tools in the system message, calls as a JSON list ------------------------------
+
+PHI_TEMPLATE = (     # Phi-4-mini-instruct's: the tools are a JSON string in the system message, nothing else reads them
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+PHI_CALL = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+PHI_PIECES = {512: ("<|assistant|>", True), 513: ("<|tool_call|>", True), 514: (PHI_CALL, False),
+              515: ("<|/tool_call|>", True), 516: (' {"city": "Paris"}}]', False), 517: ("<|tool|>", True),
+              518: ("<|/tool|>", True), 519: ("<|end|>", True), 520: ("<|system|>", True), 521: ("<|user|>", True)}
+PHI_NAMED = '<|tool_call|>[{"name": "get_time", "arguments":'
+
+
+@pytest.fixture(scope="module")
+def phi(tmp_path_factory, exported):
+    """The scripted model (ASSISTANT -> <|tool_call|> -> the call -> <|/tool_call|> -> EOS) with
+    Phi-4-mini's template and markers; a server on it."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = json.loads((BUNDLED_STORIES / "tokenizer.json").read_text())
+    tok["added_tokens"] += [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": special} for i, (c, special) in PHI_PIECES.items()]
+    named = tokenizers.Tokenizer.from_str(json.dumps(tok)).encode(PHI_NAMED, add_special_tokens=False).ids
+    assert named[0] == OPEN and named[-1] not in PHI_PIECES
+    src = make_checkpoint(tmp_path_factory.mktemp("phi4") / "hf", "llama", num_hidden_layers=1, vocab_size=522,
+                          max_position_embeddings=1024, tweak=lambda m: _script(m, named[-1]))
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg.pop("added_tokens_decoder", None)
+    (src / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": PHI_TEMPLATE}))
+    s = Server(exported(src, 32))
+    yield src, s
+    s.stop()
+    assert "Traceback" not in s.output(), s.output()[-3000:]
+
+
+def test_phi4_reads_its_tools_from_the_system_message_and_writes_calls_as_a_list(phi):
+    from edgert.tools import DEFAULT_SYSTEM
+    src, server = phi
+    client = server.client()
+    spec = json.dumps([t["function"] for t in TOOLS])
+    r = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    (call,) = r.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    # the prompt: the template's own system message with the tools (opened with Phi-4's line when the request has none)
+    assert r.usage.prompt_tokens == hf_prompt_tokens(src, [{"role": "system", "content": DEFAULT_SYSTEM, "tools": spec}] + ASK)
+    mine = [{"role": "system", "content": "Be brief."}] + ASK
+    r2 = client.chat.completions.create(model="art", messages=mine, tools=TOOLS, temperature=0)
+    assert r2.usage.prompt_tokens == hf_prompt_tokens(src, [{**mine[0], "tools": spec}] + ASK)
+    # the next turn: the earlier call in the assistant's text, as the model wrote it (the template reads content only)
+    turn = ASK + [r.choices[0].message.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    r3 = client.chat.completions.create(model="art", messages=turn, tools=TOOLS, temperature=0)
+    written = "<|tool_call|>" + json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}}]) + "<|/tool_call|>"
+    assert r3.usage.prompt_tokens == hf_prompt_tokens(src, [{"role": "system", "content": DEFAULT_SYSTEM, "tools": spec}] + ASK + [
+        {"role": "assistant", "content": written}, turn[-1]])
+    # tool_choice naming the other function: forced up to its arguments, the model writes them
+    two = TOOLS + [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    for stream in (False, True):
+        r = client.chat.completions.create(model="art", messages=ASK, tools=two, temperature=0, stream=stream,
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}})
+        calls = [t for c in r for t in c.choices[0].delta.tool_calls or ()] if stream else r.choices[0].message.tool_calls
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_time", {"city": "Paris"})]
+
+
+def test_phi4_calls_parse_with_or_without_the_list_brackets():
+    from edgert.tools import PHI4
+    assert detect(PHI_TEMPLATE, {"<|tool_call|>": 513}.get) is PHI4
+    assert detect(PHI_TEMPLATE, {}.get) is None                       # no <|tool_call|> in the vocabulary
+    for text in ('<|tool_call|>[{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": "{}"}]<|/tool_call|>',
+                 '<|tool_call|>{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}'):   # no brackets, no close
+        rest, calls = PHI4.split(text)
+        assert rest == "" and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+            [("a", {"x": 1}), ("b", {})]
+    _, calls = PHI4.split(PHI4.forced("get_time") + ' {"x": 1}}]<|/tool_call|>')
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("get_time", {"x": 1})]
+    for bad in ('<|tool_call|>[{"name": "a", "arguments": [1]}]<|/tool_call|>', '<|tool_call|>["a"]<|/tool_call|>',
+                '<|tool_call|>[]<|/tool_call|>', '<|tool_call|>{"name": "a b", "arguments": {}}<|/tool_call|>'):
+        assert PHI4.split(bad) is None, bad
