@@ -2,7 +2,7 @@
 what GroupQueryAttention costs against the K/V bytes it reads, and what graphs of standard ops
 reading the same cache cost.
 
-    python benchmarks/attention_depth.py [--positions 512,4096] [--heads 14 --kv-heads 2 --head-dim 64]
+    python benchmarks/attention_depth.py [--positions 512,4096] [--heads 14 --kv-heads 2 --head-dim 64] [--only VARIANTS]
 
 Variants (one query token, the cache bound once as an OrtValue, as the runtime binds it):
   gqa-fp16 / gqa-fp32   GroupQueryAttention on the cache in place (what artifacts run today)
@@ -15,6 +15,9 @@ Variants (one query token, the cache bound once as an OrtValue, as the runtime b
   fold-fp16 / fold-fp32 GroupQueryAttention with each KV head's query heads folded into its sequence
                         (export/graph.py Fold: what float caches run at decode since 2026-12-05): one
                         query head per KV head over heads/kv rows, the padding rows masked by a bias
+  fold-int8             the same on the int8 cache with per-channel scales (the int8 default does not
+                        fold: this measures what it would gain)
+--only a,b times just those variants.
 Prints the median ms per layer over interleaved rounds and the bytes of K/V each reads.
 """
 from __future__ import annotations
@@ -50,7 +53,7 @@ def gqa_graph(heads, kv, hd, ctx, elem, cache_elem=None, fold=False):
         ins.append(helper.make_tensor_value_info("bias", elem, [1, 1, rows, "T"]))
         names += ["", "", "", "bias"]
     if cache_elem == TensorProto.INT8:
-        names += ["", "", "", "", "", "k_scale", "v_scale"]
+        names += [""] * (12 - len(names)) + ["k_scale", "v_scale"]     # after head_sink (index 11)
         inits = [helper.make_tensor(n, TensorProto.FLOAT, [1, kv, 1, hd], [0.02] * (kv * hd)) for n in ("k_scale", "v_scale")]
         attrs = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
     node = helper.make_node("GroupQueryAttention", names, ["out", "present_k", "present_v"], domain="com.microsoft",
@@ -112,7 +115,7 @@ CACHE = {"fp16": (np.float16, TensorProto.FLOAT16), "fp32": (np.float32, TensorP
 def runner(kind, heads, kv, hd, ctx, pos, threads):
     cache_dtype, cache_elem = CACHE[kind.split("-")[-1]]
     mixed = kind.startswith("gqa32")             # fp32 compute over a narrower cache
-    dtype = np.float32 if mixed or cache_dtype != np.float16 else np.float16
+    dtype = np.float32 if mixed or cache_dtype != np.float16 else np.float16      # int8 computes in fp32
     elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
     rng = np.random.default_rng(0)
     cache = [(rng.standard_normal((1, kv, ctx, hd)) * (20 if cache_dtype == np.int8 else 1)).astype(cache_dtype)
@@ -161,8 +164,11 @@ def main():
     ap.add_argument("--context", type=int, default=0, help="the cache buffer's length [default: the position + 1]")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--only", default="", help="comma-separated variants to time [default: all]")
     args = ap.parse_args()
-    kinds = ["gqa-fp16", "gqa-fp32", "gqa32-fp16", "gqa32-int8", "fold-fp16", "fold-fp32", "kq-fp16", "kq-fp32"]
+    kinds = ["gqa-fp16", "gqa-fp32", "gqa32-fp16", "gqa32-int8", "fold-fp16", "fold-fp32", "fold-int8", "kq-fp16", "kq-fp32"]
+    if args.only:
+        kinds = [k for k in kinds if k in args.only.split(",")]
     print(f"onnxruntime {ort.__version__}, {args.heads} heads / {args.kv_heads} KV heads x {args.head_dim}, "
           f"{args.threads} threads; ms per layer per decode step (median of {args.rounds} rounds)")
     for pos in map(int, args.positions.split(",")):

@@ -63,6 +63,8 @@ KERNELS = {
     "int4 block 64": lambda r, k, n: _nbits(r, k, n, 4, 64, 4),
     "int4 block 128 (default)": lambda r, k, n: _nbits(r, k, n, 4, 128, 4),
     "int4 block 32, accuracy 0 (fp32)": lambda r, k, n: _nbits(r, k, n, 4, 32, 0),
+    "int4 block 128, accuracy 1 (fp32)": lambda r, k, n: _nbits(r, k, n, 4, 128, 1),
+    "int4 block 128, accuracy 2 (fp16)": lambda r, k, n: _nbits(r, k, n, 4, 128, 2),
     "int8 block 32": lambda r, k, n: _nbits(r, k, n, 8, 32, 4, False),
     "int8 per column, int8 GEMM": _int8_gemm,
     "fp32 MatMul": _fp32,
