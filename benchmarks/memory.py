@@ -53,7 +53,7 @@ def child(args) -> None:
     import edgert.model as em
     from edgert.generate import Sampling, Stats, generate
     if not args.page_out:
-        em.weights_held_once = lambda folder: contextlib.nullcontext()
+        em.weights_held_once = lambda folder, **_: contextlib.nullcontext()
     start = proc_status()
     model = em.Model(args.artifact, context=args.context, threads=args.threads, max_memory="off")
     loaded = proc_status()

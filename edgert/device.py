@@ -244,16 +244,37 @@ def check_fit(path: Path, manifest: dict, context: int, max_memory: int | str | 
 # --- one copy of the weights ------------------------------------------------------------------------------
 MADV_PAGEOUT = 21             # Linux >= 5.4; older kernels answer EINVAL and nothing changes
 MADV_DONTNEED = 4             # a file mapping's pages leave this process's RSS, not the page cache
+MADV_WILLNEED = 3             # read a file range into the page cache ahead of use
+ROW_TABLES = ("embed_tokens.", "lm_head.")     # the exporter's tables that decode looks rows up in (Gather)
 
 
 def _data_mappings(folder: Path):
+    """(address, size, data file name, file offset) of each mapping of the folder's data files
+    (onnxruntime maps each external tensor on its own)."""
     prefix = str(folder.resolve())
     with open("/proc/self/maps") as f:
         for line in f:
             parts = line.split(maxsplit=5)
             if len(parts) == 6 and parts[5].startswith(prefix) and parts[5].rstrip().endswith(".data"):
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                yield lo, hi - lo
+                yield lo, hi - lo, Path(parts[5].rstrip()).name, int(parts[2], 16)
+
+
+def row_tables(folder: Path, graph: str) -> dict[str, list[tuple[int, int]]]:
+    """Data file name -> the (start, end) file ranges of the tensors that decode reads rows of again:
+    the embedding table and the lm_head's planes (their candidate rows); {} when the graph cannot be read."""
+    from .onnx_scan import ScanError, external_data
+    try:
+        tensors = external_data(folder / graph)
+    except (ScanError, OSError, ValueError):
+        return {}
+    out: dict[str, list[tuple[int, int]]] = {}
+    for t in tensors:
+        if str(t.get("\0name", "")).startswith(ROW_TABLES) and str(t.get("offset", "0")).isdigit() \
+                and str(t.get("length", "")).isdigit():
+            start = int(t.get("offset", "0"))
+            out.setdefault(str(t.get("location")), []).append((start, start + int(t["length"])))
+    return out
 
 
 def mapped_dirty_kb(folder: Path) -> int:
@@ -274,18 +295,25 @@ def mapped_dirty_kb(folder: Path) -> int:
     return dirty
 
 
-def page_out_weights(folder: Path, advice: int = MADV_PAGEOUT) -> None:
+def page_out_weights(folder: Path, advice: int = MADV_PAGEOUT, tables: dict | None = None) -> None:
     """onnxruntime maps the external data file and repacks MatMulNBits weights into its own
     buffers; the mapped originals stay resident (clean file pages) although only embedding
     rows are read again. Hand them back to the kernel: what is used faults back in from the file.
     advice=MADV_DONTNEED unmaps them only: they stay cached, and the next lookup is a minor fault
     (each fault maps the 64 KB of cached pages around it, so scattered embedding lookups soon map a
-    whole table, which counts in RSS although the kernel may drop it at any time)."""
+    whole table, which counts in RSS although the kernel may drop it at any time).
+    tables (`row_tables`): those leave the RSS with MADV_DONTNEED only and are read ahead into the page
+    cache (MADV_WILLNEED; as llama.cpp reads its mapped file ahead): paged out, every token whose row
+    had not been read yet waited for the disk (gpt-oss's 201k-row embedding: ~3 ms a decode step here)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        for start, size in _data_mappings(folder):
-            libc.madvise(start, size, advice)
+        for start, size, name, offset in _data_mappings(folder):
+            if any(lo < offset + size and offset < hi for lo, hi in (tables or {}).get(name, ())):
+                libc.madvise(start, size, MADV_DONTNEED)
+                libc.madvise(start, size, MADV_WILLNEED)
+            else:
+                libc.madvise(start, size, advice)
     except (OSError, AttributeError):
         pass                      # not Linux: nothing to do
 
@@ -301,18 +329,20 @@ def release_freed_memory() -> None:
 
 
 @contextmanager
-def weights_held_once(folder: Path, every_s: float = 0.05):
+def weights_held_once(folder: Path, every_s: float = 0.05, graph: str | None = None):
     """Page out the mapped weight file while onnxruntime loads, so the load peak holds one copy
     too. This needs onnxruntime to release the GIL while it builds the session (1.32 does; 1.22
-    does not, and there only the page-out after loading runs)."""
+    does not, and there only the page-out after loading runs). graph: the ONNX file being loaded,
+    whose row tables stay in the page cache (`page_out_weights`)."""
     if not Path("/proc/self/maps").exists():
         yield
         return
+    tables = row_tables(folder, graph) if graph else {}
     stop = threading.Event()
 
     def loop():
         while not stop.wait(every_s):
-            page_out_weights(folder)
+            page_out_weights(folder, tables=tables)
     t = threading.Thread(target=loop, daemon=True, name="edgert-pageout")
     t.start()
     try:
@@ -320,4 +350,4 @@ def weights_held_once(folder: Path, every_s: float = 0.05):
     finally:
         stop.set()
         t.join()
-        page_out_weights(folder)
+        page_out_weights(folder, tables=tables)

@@ -137,7 +137,7 @@ class Model:
         self.memory_need = check_fit(self.path, self.manifest, self.context * slots, max_memory, sequences=slots,
                                      graph=self.strategy)
         try:
-            with weights_held_once(self.path):
+            with weights_held_once(self.path, graph=graphs[self.strategy]):
                 self.session = ort.InferenceSession(str(self.path / graphs[self.strategy]), opts,
                                                     providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types with long texts

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,3 +203,99 @@ def test_mapped_dirty_pages_are_counted_and_dontneed_keeps_clean_ones(tmp_path):
     m[5] = -1.0                                                 # now one page is this process's own
     assert mapped_dirty_kb(tmp_path) >= 4
     del m
+
+
+def _resident(arr) -> float:
+    """The share of an array's pages in the page cache (mincore)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    pages = -(-arr.nbytes // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(arr.ctypes.data, arr.nbytes, vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) / pages
+
+
+def test_row_tables_stay_in_the_page_cache_when_the_weights_are_paged_out(tmp_path, artifact):
+    """Decode looks rows up in the embedding and lm_head tables: those leave the RSS but stay in the
+    page cache (read ahead), while every other mapped tensor is paged out (read again from disk only
+    if used, which onnxruntime's repacked weights never are)."""
+    import ctypes
+    import mmap
+    from edgert.device import MADV_PAGEOUT, page_out_weights, row_tables
+    data = tmp_path / "w.onnx.data"
+    np.arange(1 << 19, dtype=np.float32).tofile(data)                  # 2 MB: two 1 MB "tensors"
+    with open(data, "rb+") as f:             # as a weight file is: on disk, its pages cached as they are read
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    table, other = (np.memmap(data, np.float32, mode="c", offset=o, shape=(1 << 18,)) for o in (0, 1 << 20))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    probe = np.memmap(data, np.float32, mode="c", offset=1 << 20, shape=(1024,))
+    if libc.madvise(probe.ctypes.data, mmap.PAGESIZE, MADV_PAGEOUT) != 0:
+        pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4)")
+    del probe
+    assert float(table.sum()) > 0 and float(other.sum()) > 0        # every page read: cached
+    assert _resident(table) == _resident(other) == 1.0
+    tables = {"w.onnx.data": [(0, 1 << 20)]}
+    for _ in range(50):
+        page_out_weights(tmp_path, tables=tables)
+        assert _resident(table) == 1.0          # (never dropped, so the read-ahead finds it cached)
+        if _resident(other) < 0.5:
+            break
+        time.sleep(0.02)
+    else:
+        pytest.skip("this kernel kept the paged-out pages cached")
+    assert float(table.sum()) > 0                                       # mapped again, then
+    page_out_weights(tmp_path)                                          # no tables: all of it goes
+    assert _resident(table) < 0.5
+    page_out_weights(tmp_path, tables=tables)                           # read ahead again (asynchronously)
+    deadline = time.time() + 10
+    while _resident(table) < 1.0 and time.time() < deadline:
+        time.sleep(0.01)
+    assert _resident(table) == 1.0 and _resident(other) < 0.5
+    assert float(table[1000]) == 1000.0 and float(other[1000]) == (1 << 18) + 1000.0   # both still read right
+    # an artifact's tables: its embedding (and a split lm_head's planes), by the exporter's names
+    tables = row_tables(Path(artifact), "model.onnx")
+    assert list(tables) == ["model.onnx.data"] and len(tables["model.onnx.data"]) >= 2
+    assert row_tables(Path(artifact), "missing.onnx") == {}
+
+
+def test_a_loaded_model_keeps_its_row_tables_cached_and_pages_out_the_rest(artifact):
+    """Through onnxruntime's own mappings: after loading, the embedding's pages are in the page
+    cache (read ahead) and the repacked weights' originals are not."""
+    import ctypes
+    import mmap
+    from edgert.device import _data_mappings, row_tables
+    from edgert.model import Model
+    folder = Path(artifact)
+    with open(folder / "model.onnx.data", "rb") as f:                   # a cold cache, as after a reboot
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    model = Model(folder, context=32, threads=1)
+    tables = row_tables(folder, "model.onnx")["model.onnx.data"]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+    def resident(start, size):
+        vec = (ctypes.c_ubyte * (-(-size // mmap.PAGESIZE)))()
+        assert libc.mincore(start, size, vec) == 0
+        return sum(v & 1 for v in vec) / len(vec)
+    deadline, kinds = time.time() + 10, {}
+    while time.time() < deadline:
+        kinds = {True: [], False: []}
+        for start, size, name, offset in _data_mappings(folder):
+            kinds[any(lo < offset + size and offset < hi for lo, hi in tables)].append(resident(start, size))
+        if kinds[True] and min(kinds[True]) == 1.0:
+            break
+        time.sleep(0.02)
+    assert kinds[True] and min(kinds[True]) == 1.0, kinds                # the tables: read ahead
+    assert kinds[False] and sum(kinds[False]) / len(kinds[False]) < 0.5 or sys_keeps_pages(), kinds
+    del model
+
+
+def sys_keeps_pages() -> bool:
+    """Whether this kernel ignores MADV_PAGEOUT (Linux < 5.4): then nothing leaves the page cache."""
+    import platform
+    major, minor = (int(x) for x in platform.release().split(".")[:2])
+    return (major, minor) < (5, 4)

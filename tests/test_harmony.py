@@ -135,11 +135,10 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 CALL = {str(FINAL): -100, str(ANALYSIS): -100}       # the model writes its commentary message to get_weather
 
 
-def test_gpt_oss_calls_come_back_as_tool_calls(server):
-    client = server.client()
+def _call_both_ways(client, **kw):
+    """The request streamed and not: each time no text, finish_reason tool_calls, get_weather's call."""
     for stream in (False, True):
-        r = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0, logit_bias=CALL,
-                                           stream=stream)
+        r = client.chat.completions.create(model="art", messages=ASK, temperature=0, stream=stream, **kw)
         if stream:
             chunks = list(r)
             deltas = [c.choices[0].delta for c in chunks if c.choices]
@@ -147,9 +146,14 @@ def test_gpt_oss_calls_come_back_as_tool_calls(server):
             assert "".join(d.content or "" for d in deltas) == ""
             assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
         else:
-            assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+            assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None, kw
             calls = r.choices[0].message.tool_calls
         assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_gpt_oss_calls_come_back_as_tool_calls(server):
+    client = server.client()
+    _call_both_ways(client, tools=TOOLS, logit_bias=CALL)
     # without tools the message is text
     r = client.chat.completions.create(model="art", messages=ASK, temperature=0, logit_bias=CALL)
     assert r.choices[0].message.content == TEXT.lstrip() and not r.choices[0].message.tool_calls
@@ -168,19 +172,7 @@ def test_tool_choice_makes_gpt_oss_call_the_function(server, art):
     r = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0)
     assert r.choices[0].message.content == TEXT.lstrip() and not _calls(r)                    # auto: it answers
     for choice, tools in (("required", TOOLS), (named, TOOLS), (named, two)):     # required with one function: named
-        for stream in (False, True):
-            r = client.chat.completions.create(model="art", messages=ASK, tools=tools, temperature=0, tool_choice=choice,
-                                               stream=stream)
-            if stream:
-                chunks = list(r)
-                deltas = [c.choices[0].delta for c in chunks if c.choices]
-                assert "".join(d.content or "" for d in deltas) == ""
-                assert [(t.function.name, json.loads(t.function.arguments)) for d in deltas for t in d.tool_calls or ()] \
-                    == [("get_weather", {"city": "Paris"})]
-                assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
-            else:
-                assert _calls(r) == [("get_weather", {"city": "Paris"})], (choice, r.choices[0].message)
-                assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        _call_both_ways(client, tools=tools, tool_choice=choice)
     # a thinking budget closes the analysis into the call; reasoning_effort none opens with it
     r = client.chat.completions.create(model="art", messages=ASK, tools=TOOLS, temperature=0, tool_choice=named,
                                        logit_bias={str(FINAL): -100}, extra_body={"thinking_budget_tokens": 1})

@@ -59,20 +59,27 @@ def _script(model, named_last: int):
         head[nxt, k] = 10.0
 
 
-@pytest.fixture(scope="module")
-def scripted(tmp_path_factory, exported):
+def _scripted_checkpoint(folder, pieces: dict, forced_named: str, template: str):
+    """The scripted one-layer checkpoint with stories260K's tokenizer plus `pieces` (id -> (text, special))
+    and `template`; the token that ends `forced_named` (tool_choice's forced text) leads to ARGS."""
     tokenizers = pytest.importorskip("tokenizers")
     tok = json.loads((BUNDLED_STORIES / "tokenizer.json").read_text())
     tok["added_tokens"] += [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-                             "normalized": False, "special": special} for i, (c, special) in PIECES.items()]
-    named = tokenizers.Tokenizer.from_str(json.dumps(tok)).encode(FORCED_NAMED, add_special_tokens=False).ids
-    assert named[0] == OPEN and named[-1] not in PIECES
-    src = make_checkpoint(tmp_path_factory.mktemp("tools") / "hf", "llama", num_hidden_layers=1, vocab_size=517,
+                             "normalized": False, "special": special} for i, (c, special) in pieces.items()]
+    named = tokenizers.Tokenizer.from_str(json.dumps(tok)).encode(forced_named, add_special_tokens=False).ids
+    assert named[0] == OPEN and named[-1] not in pieces
+    src = make_checkpoint(folder, "llama", num_hidden_layers=1, vocab_size=max(pieces) + 1,
                           max_position_embeddings=1024, tweak=lambda m: _script(m, named[-1]))
     (src / "tokenizer.json").write_text(json.dumps(tok))
     cfg = json.loads((src / "tokenizer_config.json").read_text())
     cfg.pop("added_tokens_decoder", None)
-    (src / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": TEMPLATE}))
+    (src / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    return src
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory, exported):
+    src = _scripted_checkpoint(tmp_path_factory.mktemp("tools") / "hf", PIECES, FORCED_NAMED, TEMPLATE)
     return src, exported(src, 32)
 
 
@@ -323,18 +330,7 @@ PHI_NAMED = '<|tool_call|>[{"name": "get_time", "arguments":'
 def phi(tmp_path_factory, exported):
     """The scripted model (ASSISTANT -> <|tool_call|> -> the call -> <|/tool_call|> -> EOS) with
     Phi-4-mini's template and markers; a server on it."""
-    tokenizers = pytest.importorskip("tokenizers")
-    tok = json.loads((BUNDLED_STORIES / "tokenizer.json").read_text())
-    tok["added_tokens"] += [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-                             "normalized": False, "special": special} for i, (c, special) in PHI_PIECES.items()]
-    named = tokenizers.Tokenizer.from_str(json.dumps(tok)).encode(PHI_NAMED, add_special_tokens=False).ids
-    assert named[0] == OPEN and named[-1] not in PHI_PIECES
-    src = make_checkpoint(tmp_path_factory.mktemp("phi4") / "hf", "llama", num_hidden_layers=1, vocab_size=522,
-                          max_position_embeddings=1024, tweak=lambda m: _script(m, named[-1]))
-    (src / "tokenizer.json").write_text(json.dumps(tok))
-    cfg = json.loads((src / "tokenizer_config.json").read_text())
-    cfg.pop("added_tokens_decoder", None)
-    (src / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": PHI_TEMPLATE}))
+    src = _scripted_checkpoint(tmp_path_factory.mktemp("phi4") / "hf", PHI_PIECES, PHI_NAMED, PHI_TEMPLATE)
     s = Server(exported(src, 32))
     yield src, s
     s.stop()
