@@ -139,8 +139,8 @@ class ExpertWeights:
             # QMoE's CPU kernel reads gate/up rows interleaved: g0 u0 g1 u1 ...
             # the router reads the experts' input: its statistics serve gate/up (see calibrate.py)
             gate_up.append(g.quantizer(np.stack([gate, up], axis=1).reshape(2 * ffn, hidden), bits, block_size,
-                                       name + ".router"))
-            down.append(g.quantizer(dn, bits, block_size))
+                                       name + ".router", record=name + ".experts.gate_up"))
+            down.append(g.quantizer(dn, bits, block_size, record=name + ".experts.down"))
         for proj, qs in (("fc1", gate_up), ("fc2", down)):
             rows = qs[0].packed.shape[0]
             self._write(g, f"{proj}.weight", np.stack([q.packed.reshape(rows, -1) for q in qs]))

@@ -537,18 +537,21 @@ class Quantizer:
         self.weights: dict[str, int] = {}
 
     def __call__(self, w: np.ndarray, bits: int, block_size: int, name: str | None = None,
-                 defer_above: int | None = None) -> Quantized | Pending:
+                 defer_above: int | None = None, record: str | None = None) -> Quantized | Pending:
         """block_size 0: `auto_block` of w's input width. defer_above: a large GPTQ linear whose
         every tensor holds more bytes than this may come back Pending (its codes computed by the
-        pool, to be written where the caller reserves)."""
-        bits, block_size = self.plan.get(name, (bits, block_size or auto_block(w.shape[-1], bits=bits)))
+        pool, to be written where the caller reserves). name: the linear whose input statistics and
+        plan apply; record: the per-tensor table's entry when it is another, summed over the calls
+        that share it (a layer's experts: their gate/up read the router's input)."""
+        # (a budget's plan never reaches experts: QMoE takes one layout for all of a layer's)
+        bits, block_size = self.plan.get(name, (bits, block_size or auto_block(w.shape[-1], bits=bits))) \
+            if record is None else (bits, block_size or auto_block(w.shape[-1], bits=bits))
         stats = self.stats.get(name) if self.stats is not None and name and bits == 4 else None
         if defer_above is not None and self._poolable(w, block_size, stats, defer_above):
             if self.pool is None:
                 self.pool = GptqPool(self.workers)
             q = self.pool.submit(w, stats, bits, block_size, SHRINK)
-            self.chosen[name] = {"bits": bits, "block_size": block_size, "bytes": q.nbytes}
-            self.weights[name] = q.n * q.k
+            self._record(record or name, bits, block_size, q.nbytes, q.n * q.k, record is not None)
             return q
         if self.method == "rtn":
             q = quantize(w, bits, block_size, shrink=(1.0,))
@@ -556,10 +559,17 @@ class Quantizer:
             q = quantize(w, bits, block_size, stats=stats)
         else:
             q = quantize(w, bits, block_size)
-        if name:
-            self.chosen[name] = {"bits": q.bits, "block_size": q.block_size, "bytes": q.nbytes}
-            self.weights[name] = q.packed.shape[0] * q.k
+        if record or name:
+            self._record(record or name, q.bits, q.block_size, q.nbytes, q.packed.shape[0] * q.k, record is not None)
         return q
+
+    def _record(self, name: str, bits: int, block_size: int, nbytes: int, weights: int, summed: bool) -> None:
+        if summed and name in self.chosen:
+            self.chosen[name]["bytes"] += nbytes
+            self.weights[name] += weights
+        else:
+            self.chosen[name] = {"bits": bits, "block_size": block_size, "bytes": nbytes}
+            self.weights[name] = weights
 
     def _poolable(self, w, block_size: int, stats, defer_above: int) -> bool:
         """A GPTQ linear worth a pool process, whose smallest tensor (its zero points) is over defer_above bytes."""
@@ -603,11 +613,11 @@ class Survey:
     def __init__(self, inner):
         self.inner, self.linears = inner, {}
 
-    def __call__(self, w, bits, block_size, name=None, defer_above=None):
-        if name and name not in SKIP and not hasattr(w, "quantized") and name not in self.linears:
+    def __call__(self, w, bits, block_size, name=None, defer_above=None, record=None):
+        if name and not record and name not in SKIP and not hasattr(w, "quantized") and name not in self.linears:
             n, k = w.shape
             self.linears[name] = (n, k, np.array(w[np.linspace(0, n - 1, min(n, _SURVEY_ROWS)).astype(int)], np.float32))
-        return self.inner(w, bits, block_size, name)
+        return self.inner(w, bits, block_size, name, **({"record": record} if record else {}))
 
 
 def layout_errors(rows: np.ndarray, n: int, stats: Stats | None) -> list[float]:

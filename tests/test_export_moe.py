@@ -165,6 +165,17 @@ def test_plain_graph_is_sparse_and_small_per_layer(exported, tmp_path):
     qmoe = onnx.load(str(art / "model.qmoe.onnx"), load_external_data=False)
     node = [n for n in qmoe.graph.node if n.op_type == "QMoE"][0]
     assert {a.name: a.i for a in node.attribute if a.name in ("k", "expert_weight_bits")} == {"k": 2, "expert_weight_bits": 4}
+    # the manifest's per-tensor table counts every expert's bytes, under the experts' own names
+    size = {}
+    for t in qmoe.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        size[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data)
+    q = json.loads((art / "edgert.json").read_text())["quantization"]
+    for proj, entry in (("fc1", "gate_up"), ("fc2", "down")):
+        stored = sum(size[i] for i in node.input if i.startswith("layers.0.moe.") and f".{proj}." in i)
+        assert q["tensors"][f"layers.0.moe.experts.{entry}"]["bytes"] == stored, (proj, q["tensors"])
+    assert not any(t.endswith(".router") for t in q["tensors"])         # the router stays fp32
+    assert 4 < q["linear_bits_per_weight"] < 6          # int4 experts and attention, with their scales and zero points
 
 
 FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)

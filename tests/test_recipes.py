@@ -510,3 +510,21 @@ def test_default_blocks_follow_each_projections_width(tmp_path):
     top1, kl = float(np.concatenate(agree).mean()), float(np.concatenate(kls).mean())
     print(f"\nanchor256 default int4 (block 128): top-1 {top1:.3f}, KL {kl:.4f}")
     assert top1 >= 0.9 and kl < 0.01
+
+
+def test_experts_keep_their_layout_under_a_budget_and_are_recorded_together():
+    """A layer's experts read the router's input statistics under its name, but a budget's plan for
+    that name must not reach them (QMoE takes one layout per layer), the survey must not count them
+    as a linear, and the per-tensor table sums them under the experts' own entry."""
+    from edgert_export.quantize import Quantizer, Survey
+    rng = np.random.default_rng(0)
+    q = Quantizer("rtn", plan={"l.moe.router": (8, 64), "l.attn.qkv": (8, 64)})
+    survey = Survey(q)
+    for _ in range(3):
+        got = survey(rng.standard_normal((64, 128)).astype(np.float32), 4, 32, "l.moe.router", record="l.moe.experts.gate_up")
+        assert (got.bits, got.block_size) == (4, 32)
+    assert (survey(rng.standard_normal((64, 128)).astype(np.float32), 4, 32, "l.attn.qkv").bits, q.chosen["l.attn.qkv"]["bits"]) == (8, 8)
+    assert list(survey.linears) == ["l.attn.qkv"]
+    one = 64 * 4 * 16 + 64 * 4 * 4 + 64 * 4 // 2          # codes, fp32 scales, packed zero points of one expert
+    assert q.chosen["l.moe.experts.gate_up"] == {"bits": 4, "block_size": 32, "bytes": 3 * one}
+    assert q.weights["l.moe.experts.gate_up"] == 3 * 64 * 128 and "l.moe.router" not in q.chosen
