@@ -181,6 +181,12 @@ class Model:
         kv_layers = m.get("attention_layers", range(self.layers))      # hybrid models: only these attend
         # a float cache's folded decode writes zero rows past a sequence's end, never attended (export/graph.py Fold)
         self.headroom = kv_headroom(self.manifest)
+        meta = self.session.get_modelmeta().custom_metadata_map or {}
+        need = meta.get("edgert.kv_headroom", "0")
+        if not need.isdigit() or int(need) > self.headroom:     # the graph writes rows the cache would not hold
+            raise ArtifactError(f"{self.path}: edgert.json does not match the graph (its folded decode writes "
+                                f"{need[:12]!r} rows past a sequence's end, edgert.json's model.kv_headroom reserves "
+                                f"{self.headroom}): the manifest was edited; re-export")
         h, t, d = m["kv_heads"], self.context + self.headroom, m["head_dim"]
         if self.kv_cache == "int8" and self.kv_in_place:
             # GroupQueryAttention's own int8 cache (onnxruntime >= 1.27): codes only, the per-channel

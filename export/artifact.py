@@ -205,7 +205,9 @@ def export(model_dir, out, bits: int = 4, block_size: int | None = None, context
             graphs = {}
             for name, tags in g.variants().items():   # graphs over one data file (see Graph.variants)
                 graphs[name] = "model.onnx" if name == "default" else f"model.{name}.onnx"
-                g.save(tmp / graphs[name], producer="edgert", tags=tags)
+                # what the graph itself needs of the runtime, which checks it against edgert.json at load
+                g.save(tmp / graphs[name], producer="edgert", tags=tags,
+                       metadata={"edgert.kv_headroom": model.kv_headroom} if model.kv_headroom else None)
             g.close()
             shutil.rmtree(tmp / "calibration", ignore_errors=True)
             total_params = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names if model.counts(n))

@@ -193,7 +193,7 @@ class Graph:
             add("qmoe+fused" if e == "qmoe" else "fused", ({e} - {None}) | {"fused", "int8"})
         return graphs
 
-    def save(self, path: Path, producer: str, tags: frozenset = frozenset()) -> None:
+    def save(self, path: Path, producer: str, tags: frozenset = frozenset(), metadata: dict | None = None) -> None:
         self._data.flush()
         mine = lambda vi: self._io_tags.get(id(vi), frozenset()) <= tags
         graph = helper.make_graph([n for t, n in self.nodes if t <= tags], "decoder",
@@ -201,6 +201,8 @@ class Graph:
                                   [i for t, i in self.initializers if t <= tags])
         model = helper.make_model(graph, opset_imports=OPSETS, producer_name=producer)
         model.ir_version = IR_VERSION
+        if metadata:
+            helper.set_model_props(model, {k: str(v) for k, v in metadata.items()})
         proto.save_model(model, str(path))   # weights are external already: this is small
 
     def close(self) -> None:

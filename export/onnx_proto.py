@@ -139,7 +139,7 @@ GraphProto = _message("GraphProto", (1, "node", NodeProto, True), (2, "name", "s
                       (12, "output", ValueInfoProto, True))
 ModelProto = _message("ModelProto", (1, "ir_version", "int", False), (2, "producer_name", "str", False),
                       (3, "producer_version", "str", False), (7, "graph", "msg", False),
-                      (8, "opset_import", OperatorSetIdProto, True))
+                      (8, "opset_import", OperatorSetIdProto, True), (14, "metadata_props", StringStringEntryProto, True))
 
 
 # ---- onnx.helper / numpy_helper look-alikes -------------------------------------------------
@@ -228,6 +228,10 @@ def make_model(graph: GraphProto, opset_imports=(), **fields) -> ModelProto:
     return ModelProto(graph=graph, opset_import=opset_imports, **fields)
 
 
+def set_model_props(model: ModelProto, props: dict) -> None:
+    model.metadata_props = [StringStringEntryProto(key=k, value=v) for k, v in props.items()]
+
+
 def save_model(model: ModelProto, path) -> None:
     with open(path, "wb") as f:
         f.write(model.SerializeToString())
@@ -235,7 +239,7 @@ def save_model(model: ModelProto, path) -> None:
 
 # the namespaces graph code reads these from, as with `from onnx import helper, numpy_helper`
 helper = types.SimpleNamespace(make_node=make_node, make_attribute=make_attribute, make_graph=make_graph,
-                               make_model=make_model, make_opsetid=make_opsetid,
+                               make_model=make_model, make_opsetid=make_opsetid, set_model_props=set_model_props,
                                make_tensor_value_info=make_tensor_value_info,
                                np_dtype_to_tensor_dtype=np_dtype_to_tensor_dtype)
 numpy_helper = types.SimpleNamespace(from_array=from_array)

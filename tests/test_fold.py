@@ -103,3 +103,24 @@ def test_int8_and_sink_models_do_not_fold(tmp_path, exported):
     assert "kv_headroom" not in manifest(exported(ROOT / "export" / "data" / "reasoning-qwen2", bits=4))
     oss = make_checkpoint(tmp_path / "oss", "gpt_oss", num_local_experts=4, num_experts_per_tok=2, head_dim=16)
     assert "kv_headroom" not in manifest(exported(oss, bits=32, kv_cache="fp16"))
+
+
+def test_an_edited_headroom_is_refused_at_load_in_one_line(seven, exported, tmp_path):
+    """The graph records the rows its fold writes past a sequence's end: an edgert.json that reserves
+    fewer (edited by hand) is refused when the model loads, not at the last steps of a full context."""
+    import json
+    import shutil
+    from test_cli import assert_one_line_error, edgert
+    art = tmp_path / "art"
+    shutil.copytree(exported(seven[0], 32, kv_cache="fp16"), art)
+    meta = __import__("onnxruntime").InferenceSession(str(art / "model.onnx")).get_modelmeta().custom_metadata_map
+    assert meta["edgert.kv_headroom"] == str((7 - 1) * FOLD_MAX)
+    manifest = json.loads((art / "edgert.json").read_text())
+    for room in (10, None):
+        if room is None:
+            del manifest["model"]["kv_headroom"]
+        else:
+            manifest["model"]["kv_headroom"] = room
+        (art / "edgert.json").write_text(json.dumps(manifest))
+        assert_one_line_error(edgert("run", art, "Hi", "--max-tokens", "2"), "does not match the graph",
+                              "kv_headroom reserves", "re-export")
