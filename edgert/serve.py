@@ -585,24 +585,30 @@ class Server:
             out.append(msg)
         return out
 
-    def _prompt(self, body, chat: bool, fit: bool = True) -> list[int]:
+    def _chat_inputs(self, body) -> tuple[list[dict], dict, tuple]:
+        """A chat request's (messages, template kwargs, `_tools`): what its prompt, and the turn
+        boundary a recurrent model keeps for the next turn, are both rendered from."""
+        messages = self._messages(body)
+        kwargs = field_(body, "chat_template_kwargs", dict, {})
+        for k in kwargs:
+            if not k.isidentifier() or k in ("messages", "add_generation_prompt"):
+                raise bad(f"chat_template_kwargs: {k!r} cannot be set", "chat_template_kwargs")
+        if not self.llm.chat_template:
+            raise bad("this model has no chat template: use /v1/completions", "messages")
+        tooling = self._tools(body)
+        if self.tool_format is not None and self.tool_format.in_system:     # Phi-4-mini: in the system message
+            messages = self.tool_format.place(messages, tooling[0])
+        elif tooling[0]:
+            kwargs = {**kwargs, "tools": tooling[0]}
+        effort = field_(body, "reasoning_effort", str, choices=tuple(EFFORT))
+        if self.llm.channels is not None and effort in ("low", "medium", "high"):    # gpt-oss: its template tells
+            kwargs = {"reasoning_effort": effort, **kwargs}                           # the model (a system line)
+        return messages, kwargs, tooling
+
+    def _prompt(self, body, chat: bool, fit: bool = True, inputs: tuple | None = None) -> list[int]:
         llm = self.llm
         if chat:
-            messages = self._messages(body)
-            kwargs = field_(body, "chat_template_kwargs", dict, {})
-            for k in kwargs:
-                if not k.isidentifier() or k in ("messages", "add_generation_prompt"):
-                    raise bad(f"chat_template_kwargs: {k!r} cannot be set", "chat_template_kwargs")
-            if not llm.chat_template:
-                raise bad("this model has no chat template: use /v1/completions", "messages")
-            tools = self._tools(body)[0]
-            if self.tool_format is not None and self.tool_format.in_system:     # Phi-4-mini: in the system message
-                messages = self.tool_format.place(messages, tools)
-            elif tools:
-                kwargs = {**kwargs, "tools": tools}
-            effort = field_(body, "reasoning_effort", str, choices=tuple(EFFORT))
-            if llm.channels is not None and effort in ("low", "medium", "high"):    # gpt-oss: its template tells
-                kwargs = {"reasoning_effort": effort, **kwargs}                      # the model (a system line)
+            messages, kwargs, _ = inputs or self._chat_inputs(body)
             try:       # no reasoning asked for: the prompt closes the think block (see encode_messages)
                 ids = llm.encode_messages(messages, thinking=not self._no_thinking(body), template_kwargs=kwargs)
             except PromptTooLong as e:
@@ -785,16 +791,16 @@ class Server:
         self._ready()
         body = await self._json(request)
         self._check_model(body)
-        ids = await asyncio.to_thread(self._prompt, body, chat)     # a long text must not stall the streams
+        inputs = self._chat_inputs(body) if chat else None
+        ids = await asyncio.to_thread(self._prompt, body, chat, True, inputs)     # a long text must not stall the streams
         o = self._options(body, chat, len(ids))
         llm = self.llm
         loop = asyncio.get_running_loop()
         work = Work(loop, ids, [], o["logprobs"])
-        if chat and llm.engine.recurrent:       # where the next turn will depart from this prompt
-            kwargs = body.get("chat_template_kwargs") or {}
-            work.marks = await asyncio.to_thread(llm.turn_boundary, self._messages(body), ids, template_kwargs=kwargs)
+        if chat and llm.engine.recurrent:       # where the next turn will depart from this prompt (tools and all)
+            work.marks = await asyncio.to_thread(llm.turn_boundary, inputs[0], ids, template_kwargs=inputs[1])
         deadline = None if o["deadline_ms"] is None else work.arrived + o["deadline_ms"] / 1000
-        _, tools, forced = self._tools(body) if chat else (None, None, None)
+        _, tools, forced = inputs[2] if chat else (None, None, None)
         prefix = llm.tokenizer.encode(forced, add_special_tokens=False) if forced else ()
         work.decodings = [Decoding(ids, o["limit"], s, stop_ids=llm.eos_ids, think=llm.think, think_budget=o["budget"],
                                    close_think_ids=self.close_ids, deadline=deadline, answer_prefix=prefix,

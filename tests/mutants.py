@@ -575,6 +575,10 @@ MUTANTS = [
     Mutant("export: the graph does not record its fold's headroom", "export/artifact.py",
            '                       metadata={"edgert.kv_headroom": model.kv_headroom} if model.kv_headroom else None)',
            "                       metadata=None)", ("tests/test_fold.py", "-k", "edited")),
+    Mutant("serve: a recurrent model's turn boundary found in the prompt rendered without its tools", "edgert/serve.py",
+           "            work.marks = await asyncio.to_thread(llm.turn_boundary, inputs[0], ids, template_kwargs=inputs[1])",
+           "            work.marks = await asyncio.to_thread(llm.turn_boundary, self._messages(body), ids, "
+           "template_kwargs=body.get(\"chat_template_kwargs\") or {})", ("tests/test_hybrid.py", "-k", "turn_boundary_of_a_conversation")),
     Mutant("tools: Phi-4's tools not placed in its system message", "edgert/serve.py",
            "                messages = self.tool_format.place(messages, tools)", "                messages = messages",
            ("tests/test_serve_tools.py", "-k", "phi4")),

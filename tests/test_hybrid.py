@@ -3,6 +3,7 @@ fp32, and their recurrent state in the runtime: carried across forward calls, pe
 reset for a new sequence, snapshot at turn boundaries for prefix reuse, never cut back blindly."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -529,3 +530,36 @@ def test_synthetic_shapes_name_the_tensors_transformers_saves(name, shape, tmp_p
     full = SyntheticCheckpoint(SHAPES[shape])
     kinds = lambda names: {re.sub(r"\.\d+\.", ".#.", n) for n in names}
     assert kinds(full.names) == kinds(real.names) - ({"lm_head.weight"} if SHAPES[shape]["tie_word_embeddings"] else set())
+
+
+def test_serve_keeps_the_turn_boundary_of_a_conversation_with_tools(tmp_path, exported):
+    """A recurrent model can only resume where it kept a state: that boundary must be found in the
+    prompt as rendered with the request's tools (the tools block comes first in the template), or
+    the next turn is prefilled again from the start."""
+    import edgert
+    from edgert.engine import common_prefix
+    from test_serve import Server
+    from test_serve_tools import TEMPLATE, TOOLS
+    src = checkpoint(tmp_path / "lfm2", "lfm2")
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    prompt_end = "{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+    assert prompt_end in TEMPLATE        # a prompt that opens the answer as no earlier turn is rendered: only the
+    template = TEMPLATE.replace(prompt_end, prompt_end.replace("<|assistant|>", "<|assistant|>Sure,"))   # boundary resumes
+    (src / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    art = exported(src, 32)
+    llm = edgert.load(art, context=512, threads=1)
+    server = Server(art, "--context", "512")
+    try:
+        client = server.client()
+        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+        r = client.chat.completions.create(model="art", messages=messages, tools=TOOLS, temperature=0, max_tokens=6)
+        messages += [{"role": "assistant", "content": r.choices[0].message.content or "x"},
+                     {"role": "user", "content": "And in Rome?"}]
+        r2 = client.chat.completions.create(model="art", messages=messages, tools=TOOLS, temperature=0, max_tokens=6)
+        render = lambda m: llm.encode_messages(m, template_kwargs={"tools": TOOLS})      # noqa: E731
+        shared = common_prefix(render(messages[:1]), render(messages))
+        assert shared > len(llm.tokenizer.encode(json.dumps(TOOLS[0]), add_special_tokens=False))   # past the tools block
+        assert r2.usage.prompt_tokens_details.cached_tokens == shared
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output(), server.output()[-3000:]
