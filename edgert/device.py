@@ -303,8 +303,9 @@ def page_out_weights(folder: Path, advice: int = MADV_PAGEOUT, tables: dict | No
     (each fault maps the 64 KB of cached pages around it, so scattered embedding lookups soon map a
     whole table, which counts in RSS although the kernel may drop it at any time).
     tables (`row_tables`): those leave the RSS with MADV_DONTNEED only and are read ahead into the page
-    cache (MADV_WILLNEED; as llama.cpp reads its mapped file ahead): paged out, every token whose row
-    had not been read yet waited for the disk (gpt-oss's 201k-row embedding: ~3 ms a decode step here)."""
+    cache (MADV_WILLNEED; as llama.cpp reads its mapped file ahead): paged out, a token whose row had
+    not been read since went to the disk (Qwen2.5-0.5B's tied int4 plane, which onnxruntime reads to
+    repack it, was paged out: 34-48% of its tables cached after loading, now all; benchmarks/row_tables.py)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
