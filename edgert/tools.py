@@ -104,7 +104,6 @@ class ToolFormat:
             out.append((_name(ast.unparse(c.func)), {k.arg: ast.literal_eval(k.value) for k in c.keywords}))
         return out
 
-
     def place(self, messages: list[dict], tools: list[dict] | None) -> list[dict]:
         """For a template that reads the tools from the system message (Phi-4-mini): the functions as
         a JSON string in its `tools` (a system message is opened if there is none), and each earlier

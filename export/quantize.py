@@ -543,9 +543,9 @@ class Quantizer:
         pool, to be written where the caller reserves). name: the linear whose input statistics and
         plan apply; record: the per-tensor table's entry when it is another, summed over the calls
         that share it (a layer's experts: their gate/up read the router's input)."""
+        asked = (bits, block_size or auto_block(w.shape[-1], bits=bits))
         # (a budget's plan never reaches experts: QMoE takes one layout for all of a layer's)
-        bits, block_size = self.plan.get(name, (bits, block_size or auto_block(w.shape[-1], bits=bits))) \
-            if record is None else (bits, block_size or auto_block(w.shape[-1], bits=bits))
+        bits, block_size = asked if record is not None else self.plan.get(name, asked)
         stats = self.stats.get(name) if self.stats is not None and name and bits == 4 else None
         if defer_above is not None and self._poolable(w, block_size, stats, defer_above):
             if self.pool is None:
