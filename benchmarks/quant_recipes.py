@@ -60,6 +60,8 @@ CANDIDATES = {
     "gptq-bpw4.5": dict(bits=4, bits_per_weight=4.5),
     "gptq-bpw4.75": dict(bits=4, bits_per_weight=4.75),
     "gptq-bpw5.0": dict(bits=4, bits_per_weight=5.0),
+    "gptq-bpw5.5": dict(bits=4, bits_per_weight=5.5),
+    "gptq-bpw6.0": dict(bits=4, bits_per_weight=6.0),
 }
 CALIB_SET = ["gptq-b32-builtin", "gptq-b32-self", "gptq-b32-file"]
 FRONTIER_SET = ["fp32", "int8", "rtn-b32", "default", "gptq-b32-builtin", "gptq-b32-self", "gptq-b64", "gptq-b128",

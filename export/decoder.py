@@ -469,6 +469,7 @@ def swiglu_mlp(g: Graph, ckpt: Checkpoint, x: str, pre: str, name: str, bits: in
                names=("gate_proj", "up_proj", "down_proj"), act: str = "silu") -> str:
     """down(act(gate(x)) * up(x)); gate and up run as one projection. names[1] None: names[0] is
     the fused gate_up projection (Phi-3)."""
+    g.quantizer.mlp(name + ".gate_up", name + ".down", act)
     gate_up = ckpt.linear(*(pre + n + ".weight" for n in names[:2] if n))    # (a buffer reused: see linear)
     width = gate_up.shape[0] // 2
     gu = G.linear_operands(g, gate_up, name + ".gate_up", bits, block_size)

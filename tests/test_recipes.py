@@ -215,6 +215,20 @@ def test_bits_per_weight_budget_in_the_artifact(tmp_path):
     assert sum(rq["layouts"].values()) == len(q["tensors"])
 
 
+def test_budget_spends_where_the_perplexity_drops(exported):
+    """A budget measures a gated MLP's gate_up where its down is measured, at the MLP's output: on
+    stories260K 6 bits a weight must beat the uniform default (5.125) clearly, and by holding some
+    gate_up at int8. Measured: +2.46% against +3.87% perplexity; with gate_up's error measured at
+    its own output the budget went to down instead and did worse than the default (+4.11%)."""
+    from edgert.evaluate import evaluate
+    fp32, default, budget = (evaluate(exported(BUNDLED_STORIES, bits=b, **kw), window=512)["ppl"]
+                             for b, kw in ((32, {}), (4, {}), (4, {"bits_per_weight": 6.0})))
+    assert budget / fp32 - 1 < 0.8 * (default / fp32 - 1), (fp32, default, budget)
+    tensors = json.loads((exported(BUNDLED_STORIES, bits=4, bits_per_weight=6.0) / "edgert.json").read_text()
+                         )["quantization"]["tensors"]
+    assert any(t.endswith("mlp.gate_up") and v["bits"] == 8 for t, v in tensors.items())
+
+
 ANCHOR = ROOT / "export" / "data" / "anchor256"
 
 
