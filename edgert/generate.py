@@ -186,7 +186,7 @@ class Decoding:
     def __init__(self, prompt_ids, max_tokens: int, sampling: Sampling, stop_ids=(),
                  think: tuple[int | None, int | None] = (None, None), think_budget: int | None = None,
                  close_think_ids=(), deadline: float | None = None, logprobs: bool = False, answer_prefix=(),
-                 channels: Channels | None = None):
+                 channels: Channels | None = None, choice=None):
         self.max_tokens, self.sampling, self.stops = max_tokens, sampling, set(stop_ids)
         self.think_start, self.think_end = think
         self.think_budget, self.close_think_ids, self.deadline = think_budget, list(close_think_ids), deadline
@@ -204,6 +204,7 @@ class Decoding:
         # harmony: the header after <|channel|> of the first message not on the analysis channel, also
         # where a budget closes the analysis or skips it
         self.answer_prefix = list(answer_prefix)
+        self.choice, self.choosing = choice, False   # tools.NameChoice: the name that follows the prefix, kept to the tools'
         opening = list(channels.answer) if channels is not None else []
         if channels is not None and self.answer_prefix:
             opening, self.close_think_ids = channels.to(self.answer_prefix)
@@ -212,6 +213,7 @@ class Decoding:
         self.pending: list[int] = list(self.close_think_ids) if self.reasoning and think_budget == 0 else []
         if channels is not None and think_budget == 0 and self.header is not None:
             self.pending, self.answer_prefix = opening, []    # harmony, no reasoning: the answer's header at once
+            self.choosing = choice is not None and bool(answer_prefix)
         self.spent = 0                   # reasoning tokens generated so far
         self.generated = self.reasoning_tokens = 0
         self.stop_reason: str | None = None   # "eos", "length", "context"
@@ -244,6 +246,7 @@ class Decoding:
         if self.reasoning and not self.pending:
             self.pending = list(self.close_think_ids)
             if self.channels is not None:
+                self.choosing = self.choice is not None and bool(self.answer_prefix)
                 self.answer_prefix = []          # (harmony: the close holds it)
 
     def next(self, logits: np.ndarray) -> Step | None:
@@ -253,12 +256,17 @@ class Decoding:
         if self.deadline is not None and self.reasoning and time.monotonic() >= self.deadline:
             self.close_thinking()
         forced = bool(self.pending)
+        if self.choosing and not forced:
+            logits = self.choice.mask(logits)
         token = self.pending.pop(0) if forced else self.sampling(logits)
         if self.answer_prefix and not forced and (
                 not self.reasoning and not (token == self.think_start and self.generated == 0) if self.channels is None
                 else self.last == self.channels.channel and self.header is not None and token != self.channels.analysis[0]):
             self.pending, self.answer_prefix = self.answer_prefix, []
             token, forced = self.pending.pop(0), True
+            self.choosing = self.choice is not None
+        elif self.choosing and not forced:
+            self.choosing = not self.choice.take(token)
         self.last = token
         hidden = self.channels is not None and self._channel(token)
         if token == self.think_start:

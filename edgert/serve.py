@@ -28,7 +28,7 @@ from .generate import Decoding, Step
 from .limits import check_prompt_length
 from .llm import PromptTooLong
 from .tokenizer import StreamDecoder
-from .tools import NAME, ToolFormat, detect as detect_tools, harmony_calls, harmony_recipient, template_calls
+from .tools import NAME, NameChoice, Pieces, ToolFormat, detect as detect_tools, harmony_calls, harmony_recipient, template_calls
 
 try:
     from starlette.applications import Starlette
@@ -497,6 +497,7 @@ class Server:
             llm = edgert.load(self.artifact, slots=self.parallel, **kw)
             self.close_ids = llm.close_think_ids()
             self.tool_format = detect_tools(llm.chat_template, llm.tokenizer.token_to_id)
+            self.pieces = None      # every token's text (tools.Pieces), made for the first request whose call's name is kept
             self.scheduler = Scheduler(llm.engine, self.max_queue)
             self.llm = llm
         except Exception as e:
@@ -800,11 +801,15 @@ class Server:
         if chat and llm.engine.recurrent:       # where the next turn will depart from this prompt (tools and all)
             work.marks = await asyncio.to_thread(llm.turn_boundary, inputs[0], ids, template_kwargs=inputs[1])
         deadline = None if o["deadline_ms"] is None else work.arrived + o["deadline_ms"] / 1000
-        _, tools, forced = inputs[2] if chat else (None, None, None)
+        listed, tools, forced = inputs[2] if chat else (None, None, None)
         prefix = llm.tokenizer.encode(forced, add_special_tokens=False) if forced else ()
+        names = [t["function"]["name"] for t in listed] if forced and body.get("tool_choice") == "required" \
+            and len(listed) > 1 else None       # the forced call stops before its name: kept to one of these
+        if names and self.pieces is None:
+            self.pieces = await asyncio.to_thread(Pieces, llm.tokenizer, llm.model.vocab)
         work.decodings = [Decoding(ids, o["limit"], s, stop_ids=llm.eos_ids, think=llm.think, think_budget=o["budget"],
                                    close_think_ids=self.close_ids, deadline=deadline, answer_prefix=prefix,
-                                   channels=llm.channels)
+                                   channels=llm.channels, choice=NameChoice(names, tools, self.pieces) if names else None)
                           for s in o["sampling"]]
         if o["budget"] == 0:                # (a chat prompt closed it already: _prompt)
             for dec in work.decodings:      # no thinking at all: </think> before the first token

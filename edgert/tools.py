@@ -17,18 +17,22 @@ A template that never reads `tools`, or whose calls are in no format here, gets 
 server refuses them rather than answer as if the model had seen them.
 
 tool_choice `required` or a named function is kept by forcing the answer's first tokens
-(`ToolFormat.forced`): the call's opening marker, and for a named function (or `required` with one
-function) the text up to its arguments, in the form the template writes. The model writes the rest; a
-reasoning model thinks first. gpt-oss: the first message on a channel other than analysis is made a
-commentary message to the function (its header forced, `generate.Decoding`).
+(`ToolFormat.forced`): for a named function (or `required` with one function) the text up to its
+arguments, in the form the template writes; for `required` with several, the text up to the name,
+which the model then writes kept to one of the functions' names (`NameChoice`). The model writes the
+rest; a reasoning model thinks first. gpt-oss: the first message on a channel other than analysis
+is made a commentary message to the function (its header forced, `generate.Decoding`).
 """
 from __future__ import annotations
 
 import ast
+import bisect
 import json
 import re
 import uuid
 from dataclasses import dataclass
+
+import numpy as np
 
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 XML_CALL = re.compile(r"<function=([^>\n]*)>(.*?)</function>", re.S)
@@ -45,20 +49,24 @@ class ToolFormat:
     in_system: bool = False  # the template reads the tools from the system message (`place`), not `tools`
 
     def forced(self, function: str | None) -> str:
-        """The text an answer is made to begin with: a call (tool_choice required), or a call of
-        `function`, ending before its arguments (no trailing space, which the model's own
-        tokenization would put in front of what follows)."""
+        """The text an answer is made to begin with: a call of `function`, ending before its
+        arguments (no trailing space, which the model's own tokenization would put in front of what
+        follows), or with None a call up to its function's name (tool_choice required: `NameChoice`)."""
         if self.name == "harmony":      # the header after <|channel|> (see generate.Decoding): a commentary message to it
             return "commentary to=functions." + (f"{function} <|constrain|>json<|message|>" if function else "")
-        if function is None:
-            return self.open
         if self.name == "lfm2":
-            return f"{self.open}[{function}("
+            return f"{self.open}[" + (f"{function}(" if function else "")
         if self.name == "phi4":
-            return f'{self.open}[{{"name": {json.dumps(function)}, "arguments":'
+            return f'{self.open}[{{"name": ' + (f'{json.dumps(function)}, "arguments":' if function else '"')
         if self.xml:
-            return f"{self.open}\n<function={function}>\n"
-        return f'{self.open}\n{{"name": {json.dumps(function)}, "arguments":'
+            return f"{self.open}\n<function=" + (f"{function}>\n" if function else "")
+        return f'{self.open}\n{{"name": ' + (f'{json.dumps(function)}, "arguments":' if function else '"')
+
+    @property
+    def name_ends(self) -> tuple[str, ...]:
+        """What follows a function's name where `forced(None)` leaves the model to write it."""
+        return {"harmony": (" ", "<|constrain|>", "<|message|>"), "lfm2": ("(",)}.get(
+            self.name, (">",) if self.xml else ('"',))
 
     def split(self, text: str) -> tuple[str, list[dict]] | None:
         """The answer's text from the first `open` on -> (text outside the calls, the calls in
@@ -121,6 +129,66 @@ class ToolFormat:
 
 
 DEFAULT_SYSTEM = "You are a helpful assistant with some tools."     # Phi-4-mini's documented system line for tools
+
+
+class Pieces:
+    """Each token's text, as it reads inside a text (decoded after another token, so a
+    SentencePiece word's leading space is kept), sorted for prefix searches."""
+
+    def __init__(self, tokenizer, size: int):
+        lead = tokenizer.encode("a", add_special_tokens=False)[-1:]
+        base = tokenizer.decode(lead, skip_special_tokens=False)
+        self.text = []
+        for i in range(size):
+            try:
+                self.text.append(tokenizer.decode(lead + [i], skip_special_tokens=False)[len(base):])
+            except (ValueError, KeyError, IndexError, TypeError):      # an id past the tokenizer's vocabulary
+                self.text.append("")
+        order = sorted((t, i) for i, t in enumerate(self.text) if t)
+        self.sorted, self.ids = [t for t, _ in order], np.array([i for _, i in order], np.int64)
+        self.exact: dict[str, list[int]] = {}
+        for t, i in order:
+            self.exact.setdefault(t, []).append(i)
+
+    def continuing(self, typed: str, targets) -> np.ndarray:
+        """The tokens after which `typed` still leads to one of `targets`: their text is a start of
+        what a target has left, or holds all of it and goes on."""
+        out: set[int] = set()
+        for t in targets:
+            if not t.startswith(typed):
+                continue
+            rest = t[len(typed):]
+            for k in range(1, len(rest) + 1):
+                out.update(self.exact.get(rest[:k], ()))
+            lo = bisect.bisect_left(self.sorted, rest)
+            hi = bisect.bisect_left(self.sorted, rest + "\U0010ffff")
+            out.update(self.ids[lo:hi].tolist())
+        return np.fromiter(out, np.int64, len(out))
+
+
+class NameChoice:
+    """tool_choice required with several functions: the forced text stops where the function's name
+    begins (`ToolFormat.forced(None)`), and each token the model writes next is kept to those that
+    continue one of the names, or complete one with what follows a name in this format. Once a
+    name and its end are written, the model is free again (it writes the arguments)."""
+
+    def __init__(self, names, fmt: ToolFormat, pieces: Pieces):
+        self.targets = [n + end for n in names for end in fmt.name_ends]
+        self.pieces, self.typed = pieces, ""
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """The logits with every token that cannot continue a name at -inf."""
+        ids = self.pieces.continuing(self.typed, self.targets)
+        if not ids.size:                 # (no token of this vocabulary goes on: leave the model be)
+            return logits
+        out = np.full(logits.size, -np.inf, np.float32)
+        out[ids] = logits.reshape(-1)[ids]
+        return out
+
+    def take(self, token: int) -> bool:
+        """Follow the token just picked; True once a whole name and its end are written."""
+        self.typed += self.pieces.text[token] if token < len(self.pieces.text) else ""
+        return any(self.typed.startswith(t) for t in self.targets) or not any(t.startswith(self.typed) for t in self.targets)
 
 
 def _json_call(call) -> tuple[str, dict]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import BUNDLED_STORIES, drive, make_checkpoint
@@ -285,7 +286,8 @@ def test_a_forced_call_begins_in_each_format_and_parses_once_the_model_completes
     assert xml.xml and not HERMES.xml
     for fmt, rest in ((HERMES, ' {"x": 1}}\n</tool_call>'), (xml, "<parameter=x>\n1\n</parameter>\n</function>\n</tool_call>"),
                       (LFM2, "x=1)]<|tool_call_end|>")):
-        assert fmt.forced(None) == fmt.open                   # required: the model names the function
+        assert fmt.forced("get_time").startswith(fmt.forced(None)) and fmt.forced(None).startswith(fmt.open)
+        assert fmt.forced("get_time")[len(fmt.forced(None)):].startswith("get_time" + fmt.name_ends[0])  # required: up to the name
         text = fmt.forced("get_time") + rest
         assert not fmt.forced("get_time").endswith(" ")
         _, calls = fmt.split(text)
@@ -310,6 +312,30 @@ def test_a_forced_answer_prefix_waits_for_the_reasoning():
     # the prompt opened it (R1's templates); a think budget closes it with forced tokens first
     assert run([1, THINK], [WORD, WORD, WORD, WORD, WORD], think_budget=1, close_think_ids=[END]) == \
         [(WORD, False), (END, True), (P1, True), (P2, True), (WORD, False)]
+
+
+def test_required_keeps_the_call_to_one_of_the_functions():
+    """tool_choice required with several functions: the forced text stops where the name begins, and
+    the model's name is kept to the tools' (it would write get_wether; it writes get_weather); each
+    token's text is read inside a text (a SentencePiece word keeps its space)."""
+    from edgert.generate import Decoding, Sampling
+    from edgert.tokenizer import Tokenizer
+    from edgert.tools import PHI4, NameChoice, Pieces
+    tok = Tokenizer.from_dir(BUNDLED_STORIES)
+    pieces = Pieces(tok, 512)
+    word = tok.encode("a the", add_special_tokens=False)[-1]
+    assert pieces.text[word] == " the" and tok.decode([word]) == "the"
+    for fmt in (HERMES, LFM2, PHI4):
+        wrong = tok.encode(fmt.forced("get_wether") + ' {"x": 1}}', add_special_tokens=False)
+        for choice in (None, NameChoice(["get_time", "get_weather"], fmt, pieces)):
+            prefix = tok.encode(fmt.forced(None), add_special_tokens=False)
+            dec = Decoding([1, 5], 40, Sampling(0.0), stop_ids=[EOS], choice=choice, answer_prefix=prefix)
+            assert wrong[:len(prefix)] == prefix
+            picks = [7] * len(prefix) + wrong[len(prefix):]          # (the prefix's places: any token)
+            text = tok.decode([step.id for step in drive(dec, picks, 512)])
+            name = text[len(fmt.forced(None)):].split(fmt.name_ends[0])[0]
+            assert text.startswith(fmt.forced(None)) and name == ("get_wether" if choice is None else "get_weather"), text
+            assert choice is None or not choice.mask(np.zeros(512, np.float32)).min() == -np.inf   # free again after it
 
 
 # -- Phi-4-mini: the tools in the system message, calls as a JSON list ------------------------------
