@@ -661,9 +661,9 @@ def layout_errors(rows: np.ndarray, n: int, stats: Stats | None, mlp: tuple | No
     mlp: for a gated MLP's gate_up, (act, down's columns at the sampled units, down's row sample,
     down's row count, down's input Stats): its error is measured where down's is, at the MLP's
     output and relative to it, carried there by the activation and down. Measured at its own
-    output, gate_up looked 5x less harmful than it is against down (stories260K: one gate_up at
-    int8 takes 0.4-0.9 points off the perplexity increase, one down 0-0.2), and budgets spent on
-    down did worse than the uniform layout."""
+    output, gate_up ranked below down on stories260K, where one gate_up at int8 takes 0.2-0.9
+    points off the perplexity increase and one down 0-0.2, and budgets spent on down did worse
+    than the uniform layout."""
     if stats is None:
         return [float(((quantize(rows, b, bs).dequantize() - rows) ** 2).sum()) * n / len(rows) for b, bs in LAYOUTS]
     x, out = stats.x, []
