@@ -712,10 +712,11 @@ class Server:
                 raise bad(f"response_format {kind} is not supported by this server (plain text only)", "response_format",
                           "unsupported_parameter")
 
-    def _tools(self, body) -> tuple[list | None, ToolFormat | None, str | None]:
+    def _tools(self, body) -> tuple[list | None, ToolFormat | None, str | None, list | None]:
         """tools, tool_choice, parallel_tool_calls -> (the tools the template renders, the format the
         model writes its calls in, the text its answer is made to begin with: a call for tool_choice
-        required, a call of the named function, else None). With tool_choice none the model is not
+        required, a call of the named function, else None; the names the call's name is kept to: tool_choice
+        required with several functions, whose forced text stops before the name, else None). With tool_choice none the model is not
         told of them. Tools for a template without them are refused."""
         tools = field_(body, "tools", list)
         choice = body.get("tool_choice")
@@ -732,7 +733,7 @@ class Server:
         if not tools:
             if choice == "required" or named is not None:
                 raise bad("tool_choice required or a named function needs 'tools'", "tool_choice")
-            return None, None, None
+            return None, None, None, None
         if len(tools) > 128:
             raise bad("'tools' holds at most 128 functions", "tools")
         for i, t in enumerate(tools):
@@ -747,7 +748,7 @@ class Server:
         if named is not None and named not in (t["function"]["name"] for t in tools):
             raise bad(f"tool_choice names {named[:64]!r}, which is not in 'tools'", "tool_choice")
         if choice == "none":
-            return None, None, None
+            return None, None, None, None
         if self.tool_format is None:
             raise bad("this model's chat template does not render tools, or writes calls in a form this server does not "
                       "read (it reads <tool_call> JSON, LFM2's <|tool_call_start|>, Phi-4-mini's <|tool_call|> and gpt-oss's harmony)", "tools",
@@ -755,7 +756,8 @@ class Server:
         if choice == "required" and len(tools) == 1:        # the one function it may call
             named = tools[0]["function"]["name"]
         forced = self.tool_format.forced(named) if choice == "required" or named is not None else None
-        return tools, self.tool_format, forced
+        keep = [t["function"]["name"] for t in tools] if choice == "required" and named is None else None
+        return tools, self.tool_format, forced, keep
 
     def _logit_bias(self, body):
         """logit_bias {token id (a string): bias in [-100, 100]} -> (ids, biases) added to every step's logits."""
@@ -801,10 +803,8 @@ class Server:
         if chat and llm.engine.recurrent:       # where the next turn will depart from this prompt (tools and all)
             work.marks = await asyncio.to_thread(llm.turn_boundary, inputs[0], ids, template_kwargs=inputs[1])
         deadline = None if o["deadline_ms"] is None else work.arrived + o["deadline_ms"] / 1000
-        listed, tools, forced = inputs[2] if chat else (None, None, None)
+        _, tools, forced, names = inputs[2] if chat else (None, None, None, None)
         prefix = llm.tokenizer.encode(forced, add_special_tokens=False) if forced else ()
-        names = [t["function"]["name"] for t in listed] if forced and body.get("tool_choice") == "required" \
-            and len(listed) > 1 else None       # the forced call stops before its name: kept to one of these
         if names and self.pieces is None:
             self.pieces = await asyncio.to_thread(Pieces, llm.tokenizer, llm.model.vocab)
         work.decodings = [Decoding(ids, o["limit"], s, stop_ids=llm.eos_ids, think=llm.think, think_budget=o["budget"],
