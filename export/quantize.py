@@ -709,8 +709,12 @@ def plan_budget(survey: Survey, stats, bits_per_weight: float) -> dict:
     if spent > budget:
         raise ValueError(f"--bits-per-weight {bits_per_weight:g} is below the smallest layout of these linears "
                          f"({8 * spent / weights:.3f})")
-    err = {t: layout_errors(survey.linears[t][2], survey.linears[t][0], stats.get(t), _mlp(survey, stats, t))
-           for t in names}
+    err = {}
+    for t in names:
+        own, mlp = stats.get(t), _mlp(survey, stats, t)
+        err[t] = layout_errors(survey.linears[t][2], survey.linears[t][0], own, mlp)
+        if mlp and hasattr(own, "release"):     # (_mlp made down the input the stats release next, not gate_up)
+            own.release()
     while True:
         best = None
         for t in names:

@@ -229,6 +229,22 @@ def test_budget_spends_where_the_perplexity_drops(exported):
     assert any(t.endswith("mlp.gate_up") and v["bits"] == 8 for t, v in tensors.items())
 
 
+def test_budget_plan_holds_one_linears_inputs_at_a_time(monkeypatch, tmp_path):
+    """Measuring gate_up at the MLP's output reads down's inputs too: the plan must still let each
+    linear's calibration inputs go once measured (every layer's gate_up inputs at once: hundreds of MB at 1.5B)."""
+    import edgert_export.artifact as artifact
+    from edgert_export import export
+    plan, held = artifact.plan_budget, []
+
+    def spy(survey, stats, bpw):
+        out = plan(survey, stats, bpw)
+        held.extend(n for n, s in stats.stats.items() if s._x is not None)
+        return out
+    monkeypatch.setattr(artifact, "plan_budget", spy)
+    export(BUNDLED_STORIES, tmp_path / "art", progress=False, bits_per_weight=6.0)
+    assert len(held) <= 1, held
+
+
 ANCHOR = ROOT / "export" / "data" / "anchor256"
 
 
