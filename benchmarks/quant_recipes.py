@@ -1,6 +1,6 @@
 """Quantization recipes on trained models: perplexity over fp32 on held-out text, KL, top-1, bytes.
 
-    python benchmarks/quant_recipes.py [MODEL_DIR ...] [--recipes a,b] [--llamacpp] [--plot PNG] [--json OUT]
+    python benchmarks/quant_recipes.py [MODEL_DIR ...] [--recipes a,b] [--seeds 0,1,2] [--llamacpp] [--plot PNG] [--json OUT]
     python benchmarks/quant_recipes.py --frontier          # the anchor table + benchmarks/frontier.png and .json
 
 MODEL_DIR defaults to the bundled stories260K. What is scored (text the exporter never saw):
@@ -214,10 +214,17 @@ def gguf_bytes(path: Path) -> tuple[int, int, str]:
 
 # ---- variants -------------------------------------------------------------------------------
 
-def export_candidate(src: Path, out: Path, spec: dict) -> dict:
-    from edgert_export import export
+def export_candidate(src: Path, out: Path, spec: dict, seed: int | None = None) -> dict:
+    """seed: the self-calibration's sampling seed (None: the exporter's SELF_SEED)."""
+    from edgert_export import artifact, calibrate, export
     t0 = time.time()
-    m = export(src, out, force=True, progress=False, **spec)
+    kept = calibrate.SELF_SEED
+    if seed is not None:          # the sampler reads it from calibrate, the manifest's record from artifact
+        calibrate.SELF_SEED = artifact.SELF_SEED = seed
+    try:
+        m = export(src, out, force=True, progress=False, **spec)
+    finally:
+        calibrate.SELF_SEED = artifact.SELF_SEED = kept
     seconds = time.time() - t0
     every, linear = edgert_bytes(out)
     q = m["quantization"]
@@ -233,7 +240,7 @@ def llamacpp_logprobs(gguf: Path, windows) -> list[np.ndarray]:
     return [log_softmax(scorer.logits(_ids(w))[:-1]) for w in windows]
 
 
-def run_model(src: Path, text: str, names: list[str], work: Path, llamacpp: bool) -> list[dict]:
+def run_model(src: Path, text: str, names: list[str], work: Path, llamacpp: bool, seeds=(None,)) -> list[dict]:
     windows = eval_windows(src, text)
     ref = reference_logprobs(src, windows)
     base = score(windows, ref, ref)["ppl"]
@@ -241,9 +248,14 @@ def run_model(src: Path, text: str, names: list[str], work: Path, llamacpp: bool
     rows = []
     for name in names:
         out = work / name
-        info = export_candidate(src, out, CANDIDATES[name])
-        rows.append({"model": src.name, "recipe": name, **info, **score(windows, ref, artifact_logprobs(out, windows))})
-        print(f"  {src.name} {name}: {100 * (rows[-1]['ppl'] / base - 1):+.2f}%", file=sys.stderr, flush=True)
+        spec = CANDIDATES[name]
+        sampled = spec.get("bits") == 4 and spec.get("recipe", "gptq") == "gptq" and spec.get("calib", "self") == "self"
+        for seed in seeds if sampled else (None,):
+            info = export_candidate(src, out, spec, seed)
+            label = name if seed is None else f"{name} seed {seed}"
+            rows.append({"model": src.name, "recipe": label, **info, **({"seed": seed} if seed is not None else {}),
+                         **score(windows, ref, artifact_logprobs(out, windows))})
+            print(f"  {src.name} {label}: {100 * (rows[-1]['ppl'] / base - 1):+.2f}%", file=sys.stderr, flush=True)
     if llamacpp:
         import peers
         peers.LLAMA_QTYPES = tuple(dict.fromkeys(peers.LLAMA_QTYPES + LLAMA_TYPES))
@@ -319,6 +331,8 @@ def main(argv=None):
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="held-out evaluation text (story models)")
     ap.add_argument("--recipes", default=None, help=f"comma-separated subset of: {', '.join(CANDIDATES)}; "
                     "'calib' = the calibration comparison")
+    ap.add_argument("--seeds", default=None, help="comma-separated self-calibration sampling seeds: each "
+                    "self-calibrated recipe once per seed [default: the exporter's]")
     ap.add_argument("--llamacpp", action="store_true", help=f"add llama.cpp {', '.join(LLAMA_TYPES)} rows")
     ap.add_argument("--frontier", action="store_true", help="the anchor fixture, the frontier recipes and llama.cpp, "
                     "the plot to benchmarks/frontier.png")
@@ -340,6 +354,10 @@ def main(argv=None):
     if unknown:
         sys.exit(f"quant_recipes: unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(CANDIDATES)}")
     text = args.text.read_text(encoding="utf-8")
+    try:
+        seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else (None,)
+    except ValueError:
+        sys.exit(f"quant_recipes: --seeds takes integers, not {args.seeds!r}")
     rows = [r for f in args.rows for r in json.loads(f.read_text())]
     if args.rows and not args.models and not args.frontier:
         models = []
@@ -347,7 +365,7 @@ def main(argv=None):
         for src in models:
             if not (src / "config.json").is_file():
                 sys.exit(f"quant_recipes: {src} is not a Hugging Face model folder (no config.json)")
-            rows += run_model(src, text, names, (args.work or Path(tmp)) / src.name, args.llamacpp)
+            rows += run_model(src, text, names, (args.work or Path(tmp)) / src.name, args.llamacpp, seeds)
     print(table(rows))
     if args.plot:
         plot(rows, args.plot)

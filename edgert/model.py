@@ -56,9 +56,13 @@ def int8_kernel_available() -> bool:
 
 
 def uses_int8_matmul(manifest: dict) -> bool:
+    """An 8-bit MatMulNBits in the graphs: int8 layers, an int8 lm_head, or a budget's int8 projections
+    (`quantization.tensors`; the embedding is a gather, not a MatMulNBits)."""
     q = manifest.get("quantization", {})
     head = None if "lm_head_int8_candidates" in q else q.get("lm_head")   # int8 split in int4 planes: int4 kernels only
-    return 8 in (q.get("attention"), q.get("mlp"), head)
+    tensors = q.get("tensors") if isinstance(q.get("tensors"), dict) else {}
+    mixed = any(isinstance(v, dict) and v.get("bits") == 8 for t, v in tensors.items() if t not in ("embed_tokens", "lm_head"))
+    return 8 in (q.get("attention"), q.get("mlp"), head) or mixed
 
 
 def choose_graph(graphs: dict, strategy: str | None, needs_int8: bool = False) -> str:

@@ -25,7 +25,7 @@ from .decoder import UnsupportedModel
 from .graph import IR_VERSION, KV_TYPES, Graph, Recipe
 from .hub import HubError, looks_like_repo_id, resolve
 from .outdir import OutError, check_out, signals_unwind, writing
-from .quantize import DEFAULT_RECIPE, RECIPES, TABLE_BLOCK, Quantizer, Survey, plan_budget, workers
+from .quantize import DEFAULT_RECIPE, RECIPES, TABLE_BLOCK, Quantizer, Survey, default_budget, plan_budget, workers
 from .validate import text_config, validate
 
 FORMAT_VERSION = 1
@@ -179,6 +179,8 @@ def export(model_dir, out, bits: int = 4, block_size: int | None = None, context
             recipe = Recipe(bits=bits, block_size=block_size or 0, embed_bits=embed_bits, method=recipe, kv_cache=kv_cache)
             calibrated = recipe.method == "gptq" and bits != 32 and 4 in (bits, embed_bits)
             stats, plan = None, None
+            if bits_per_weight is None and block_size is None and bits == 4 and calibrated:
+                bits_per_weight = default_budget(model.hidden)       # narrow models only
             survey = Survey if bits_per_weight is not None else None
             if calibrated and self_calib:
                 eos = _special_tokens(src, ckpt)["eos"]
@@ -191,12 +193,15 @@ def export(model_dir, out, bits: int = 4, block_size: int | None = None, context
                 stats = ckpt.kv_ranges(model)                     # calibration would find, for the int8 cache
             if survey is not None:
                 surveyed = stats.survey if stats is not None else None
-                if not surveyed or not surveyed.linears:
+                if (not surveyed or not surveyed.linears) and explicit["--bits-per-weight"]:
                     raise ExportError("--bits-per-weight: this model has no linears to budget")
                 try:
-                    plan = plan_budget(surveyed, stats, bits_per_weight)
+                    plan = plan_budget(surveyed, stats, bits_per_weight) if surveyed and surveyed.linears else None
                 except ValueError as e:
-                    raise ExportError(str(e)) from None
+                    if explicit["--bits-per-weight"]:
+                        raise ExportError(str(e)) from None
+                    plan = None     # the default budget below what padded rows cost at their cheapest: uniform
+                bits_per_weight = bits_per_weight if plan else None
             g = Graph(tmp / "model.onnx.data")
             g.quantizer = Quantizer(recipe.method, stats, plan, workers())
             tick = _progress(model.n_layers, f"export {ckpt.config.get('model_type')}") if progress else (lambda: None)

@@ -6,7 +6,8 @@ lose far less than with symmetric q4_0). int8 is symmetric: its grid is fine eno
 K that is not a multiple of the block is zero-padded, exactly as the kernel expects.
 Without --block-size each linear gets `auto_block` of its input width (128 on real models, whose
 decode then reads 4.28 bits per weight instead of 5.13); the embedding and lm_head tables keep
-blocks of TABLE_BLOCK.
+blocks of TABLE_BLOCK. A model under 128 wide is exported under a byte budget instead
+(`default_budget`, `plan_budget`).
 
 How int4 codes are chosen (the recipe, `Quantizer`):
   rtn     round to nearest on each block's min/max range;
@@ -600,6 +601,23 @@ class Quantizer:
 LAYOUTS = ((4, 128), (4, 64), (4, 32), (4, 16), (8, 64))
 _SURVEY_ROWS = 128       # rows per linear whose error is measured (the rest scale with it)
 SKIP = ("embed_tokens", "lm_head")   # tables: at --embed-bits, outside the budget
+
+
+NARROW_HIDDEN = 128           # a model narrower than this gets NARROW_BITS_PER_WEIGHT by default
+NARROW_BITS_PER_WEIGHT = 6.0
+
+
+def default_budget(hidden: int) -> float | None:
+    """The byte budget of an int4 GPTQ export given neither --bits-per-weight nor --block-size: none
+    (uniform int4 in `auto_block`'s blocks) unless the model's hidden size is under NARROW_HIDDEN.
+    Rows that narrow take blocks of 32, whose scales and zero points are a fifth of int4's bytes, and
+    lose the most to int4: stories260K (64 wide) +3.9% perplexity, where the 128- and 256-wide
+    fixtures lose under 1 point of accuracy and +0.1% (benchmarks/quant_recipes.py). llama.cpp
+    spends more there too: its k-quants need rows of 256 and fall back to 5- and 8-bit types
+    (Q4_K_M on stories260K: 8.16 bits per matrix weight, +1.9%). A budget of 6 bits gives
+    stories260K +1.5% to +2.5% over three sampling seeds (5.5: +3.0% to +3.2%), spent mostly on
+    holding gate/up at int8; uniform int4 there is `--block-size 32`."""
+    return NARROW_BITS_PER_WEIGHT if hidden < NARROW_HIDDEN else None
 
 
 def layout_bytes(n: int, k: int, bits: int, block_size: int) -> int:

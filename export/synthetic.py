@@ -34,7 +34,7 @@ from .quantize import Quantized, _pack4
 
 STD = 0.02              # the random checkpoints' weight scale
 PLANE_CHUNK = 4096      # rows of split int8 planes generated per step (bounds the temporaries)
-GENERATOR_VERSION = 5   # bump when the weights or the layout change: cached artifacts are rebuilt
+GENERATOR_VERSION = 6   # bump when the weights or the layout change: cached artifacts are rebuilt
 
 
 def _qwen2(**kw) -> dict:
@@ -176,7 +176,9 @@ class SyntheticWeight:
         scales = (STD / rms_code * rng.uniform(0.9, 1.1, (n, kb))).astype(np.float32)
         zero_points = None
         if not symmetric:
-            zp = rng.integers(mid - 1, mid + 1, (n, kb + (kb % 2 if bits == 4 else 0)), dtype=np.uint8, endpoint=True)
+            # mid - 1 or mid: centred on the codes' mean, mid - 1/2 (mid - 1 to mid + 1 shifted every weight by
+            # half a step on average, a shared direction that sent a 128-wide tiny MoE's tokens to 2 experts)
+            zp = rng.integers(mid - 1, mid, (n, kb + (kb % 2 if bits == 4 else 0)), dtype=np.uint8, endpoint=True)
             zero_points = _pack4(zp) if bits == 4 else zp
         return Quantized(packed, scales, zero_points, bits, block_size, k)
 

@@ -18,11 +18,14 @@ from edgert_export.checkpoint import Checkpoint
 from edgert_export.synthetic import SHAPES, SyntheticCheckpoint, SyntheticError, build, weight_bytes
 from edgert_export.graph import Recipe
 
+# 128 wide: a narrower model's export spends a default budget chosen from its calibration
+# (quantize.default_budget), which a synthetic build's random codes have not; bench shapes are wider
 TINY = {   # a dense Qwen2 with tied embeddings (q/k/v bias) and an OLMoE (q/k norm over all heads, experts)
-    "qwen2": ("qwen2", dict(tie_word_embeddings=True, intermediate_size=160)),
-    "olmoe": ("olmoe", dict(num_experts=8, num_experts_per_tok=2, intermediate_size=64, norm_topk_prob=False)),
+    "qwen2": ("qwen2", dict(hidden_size=128, tie_word_embeddings=True, intermediate_size=160)),
+    "olmoe": ("olmoe", dict(hidden_size=128, num_experts=8, num_experts_per_tok=2, intermediate_size=64,
+                            norm_topk_prob=False)),
     # a vocabulary past split_head_min_vocab, untied: the lm_head as split int8 planes
-    "qwen2-split-head": ("qwen2", dict(vocab_size=20000, intermediate_size=160)),
+    "qwen2-split-head": ("qwen2", dict(hidden_size=128, vocab_size=20000, intermediate_size=160)),
 }
 
 

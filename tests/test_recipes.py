@@ -67,7 +67,7 @@ def test_export_is_deterministic_and_recorded(tmp_path):
     q = runs[0]["quantization"]
     assert q["recipe"] == "gptq" and q["calibration"] == DEFAULT_CALIBRATION == "self"
     assert q["calibration_tokens"] >= SELF_TOKENS and q["calibration_seed"] == SELF_SEED
-    assert 5 < q["bits_per_weight"] < 12
+    assert 5 < q["bits_per_weight"] < 14      # stories260K: its default budget of 6 bits over the projections
     built_in = [export(BUNDLED_STORIES, tmp_path / f"b{i}", progress=False, calib="built-in") for i in range(2)]
     assert built_in[0]["files"]["model.onnx.data"]["sha256"] == built_in[1]["files"]["model.onnx.data"]["sha256"]
     b = built_in[0]["quantization"]
@@ -215,18 +215,26 @@ def test_bits_per_weight_budget_in_the_artifact(tmp_path):
     assert sum(rq["layouts"].values()) == len(q["tensors"])
 
 
-def test_budget_spends_where_the_perplexity_drops(exported):
-    """A budget measures a gated MLP's gate_up where its down is measured, at the MLP's output: on
-    stories260K 6 bits a weight must beat the uniform default (5.125) clearly, and by holding some
-    gate_up at int8. Measured: +2.46% against +3.87% perplexity; with gate_up's error measured at
-    its own output the budget went to down instead and did worse than the default (+4.11%)."""
+def test_narrow_models_default_to_a_budget_that_spends_where_the_perplexity_drops(exported, tmp_path):
+    """A model under 128 wide (stories260K: 64) is exported by default under a budget of 6 bits a
+    weight, which measures a gated MLP's gate_up where its down is measured, at the MLP's output:
+    it must beat uniform int4 (`--block-size 32`, 5.125 bits) clearly, meet issue 14's +3% on the
+    held-out stories, and do it by holding some gate_up at int8. Measured: +2.46% against +3.87%;
+    with gate_up's error measured at its own output the budget went to down and did worse than
+    uniform (+4.11%). A 128-wide model keeps uniform int4 in auto blocks."""
     from edgert.evaluate import evaluate
-    fp32, default, budget = (evaluate(exported(BUNDLED_STORIES, bits=b, **kw), window=512)["ppl"]
-                             for b, kw in ((32, {}), (4, {}), (4, {"bits_per_weight": 6.0})))
-    assert budget / fp32 - 1 < 0.8 * (default / fp32 - 1), (fp32, default, budget)
-    tensors = json.loads((exported(BUNDLED_STORIES, bits=4, bits_per_weight=6.0) / "edgert.json").read_text()
-                         )["quantization"]["tensors"]
-    assert any(t.endswith("mlp.gate_up") and v["bits"] == 8 for t, v in tensors.items())
+    from edgert_export import export
+    fp32, uniform, default = (evaluate(exported(BUNDLED_STORIES, bits=b, **kw), window=512)["ppl"]
+                              for b, kw in ((32, {}), (4, {"block_size": 32}), (4, {})))
+    assert default / fp32 - 1 < min(0.03, 0.8 * (uniform / fp32 - 1)), (fp32, uniform, default)
+    q = json.loads((exported(BUNDLED_STORIES, bits=4) / "edgert.json").read_text())["quantization"]
+    assert q["bits_per_weight_budget"] == 6.0 and 5.9 < q["linear_bits_per_weight"] <= 6.0
+    assert any(t.endswith("mlp.gate_up") and v["bits"] == 8 for t, v in q["tensors"].items())
+    assert "bits_per_weight_budget" not in json.loads((exported(BUNDLED_STORIES, bits=4, block_size=32) / "edgert.json"
+                                                       ).read_text())["quantization"]
+    wide = export(ROOT / "export" / "data" / "reasoning-qwen2", tmp_path / "wide", progress=False)["quantization"]
+    assert "bits_per_weight_budget" not in wide
+    assert {v["bits"] for t, v in wide["tensors"].items() if t.startswith("layers.")} == {4}
 
 
 def test_budget_plan_holds_one_linears_inputs_at_a_time(monkeypatch, tmp_path):
