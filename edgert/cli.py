@@ -95,9 +95,14 @@ def export(
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", 130)
-    s = manifest["summary"]
+    s, q = manifest["summary"], manifest["quantization"]
+    budget = ""
+    if "bits_per_weight_budget" in q:      # mixed layouts: say so (a narrow model gets one by default)
+        projections = [v for t, v in q["tensors"].items() if t not in ("embed_tokens", "lm_head")]
+        budget = (f"; projections {q['linear_bits_per_weight']:.2f} bits/weight under a budget of "
+                  f"{q['bits_per_weight_budget']:g}, {sum(v['bits'] == 8 for v in projections)} of {len(projections)} at int8")
     typer.echo(f"exported {manifest['architecture']} ({manifest['model']['parameters'] / 1e6:.1f}M parameters) to {out}: "
-               f"{s['bytes'] / 1e6:.1f} MB, {s['bits_per_weight']:.2f} bits/weight, {s['seconds']:.1f} s", err=True)
+               f"{s['bytes'] / 1e6:.1f} MB, {s['bits_per_weight']:.2f} bits/weight, {s['seconds']:.1f} s{budget}", err=True)
 
 
 @app.command()

@@ -232,6 +232,8 @@ def test_narrow_models_default_to_a_budget_that_spends_where_the_perplexity_drop
     assert any(t.endswith("mlp.gate_up") and v["bits"] == 8 for t, v in q["tensors"].items())
     assert "bits_per_weight_budget" not in json.loads((exported(BUNDLED_STORIES, bits=4, block_size=32) / "edgert.json"
                                                        ).read_text())["quantization"]
+    said = edgert("export", BUNDLED_STORIES, "-o", tmp_path / "cli")     # the user is told the layers are mixed
+    assert said.returncode == 0 and "under a budget of 6, 3 of 20 at int8" in said.stderr, said.stderr
     wide = export(ROOT / "export" / "data" / "reasoning-qwen2", tmp_path / "wide", progress=False)["quantization"]
     assert "bits_per_weight_budget" not in wide
     assert {v["bits"] for t, v in wide["tensors"].items() if t.startswith("layers.")} == {4}
