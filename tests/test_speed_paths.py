@@ -87,8 +87,11 @@ def test_stories_keeps_greedy_tokens_and_quality(tmp_path, split_head, monkeypat
     assert "lm_head_int8_candidates" not in plain.manifest["quantization"]
     # int8 layers still need the 8-bit kernel (absent from onnxruntime 1.22 on aarch64); a split head does not
     assert uses_int8_matmul(split.manifest) and uses_int8_matmul(plain.manifest)
-    four = {"quantization": {**split.manifest["quantization"], "attention": 4, "mlp": 4}}
+    q = split.manifest["quantization"]
+    four = {"quantization": {**q, "attention": 4, "mlp": 4, "tensors": {t: {**v, "bits": 4} for t, v in q["tensors"].items()}}}
     assert not uses_int8_matmul(four)
+    four["quantization"]["tensors"]["layers.1.mlp.gate_up"]["bits"] = 8     # a budget's int8 projection
+    assert uses_int8_matmul(four)
     assert uses_int8_matmul({"quantization": {**plain.manifest["quantization"], "attention": 4, "mlp": 4}})
     assert runtime_greedy(split, prompt, 100) == want_ids == runtime_greedy(plain, prompt, 100)
     # teacher-forced over the model's own sampled text (as test_quality): as close to fp32 as the plain int8 head
