@@ -613,8 +613,8 @@ def default_budget(hidden: int) -> float | None:
     Rows that narrow take blocks of 32, whose scales and zero points are a fifth of int4's bytes, and
     lose the most to int4: stories260K (64 wide) +3.9% perplexity, where the 128- and 256-wide
     fixtures lose under 1 point of accuracy and +0.1% (benchmarks/quant_recipes.py). llama.cpp
-    spends more there too: its k-quants need rows of 256 and fall back to 5- and 8-bit types
-    (Q4_K_M on stories260K: 8.16 bits per matrix weight, +1.9%). A budget of 6 bits gives
+    spends more there too: its k-quants need rows of 256 and fall back to 5- and 8-bit types, and
+    F16 where a row is not a multiple of 32 (Q4_K_M on stories260K: 8.16 bits per matrix weight, +1.9%). A budget of 6 bits gives
     stories260K +1.5% to +2.5% over three sampling seeds (5.5: +3.0% to +3.2%), spent mostly on
     holding gate/up at int8; uniform int4 there is `--block-size 32`."""
     return NARROW_BITS_PER_WEIGHT if hidden < NARROW_HIDDEN else None
