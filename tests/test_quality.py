@@ -61,7 +61,9 @@ def test_int8_and_int4_against_fp32(reference, exported):
           f"int4 {top1_4:.4f}/{kl_4:.2e}")
     assert top1_32 > 0.999 and kl_32 < 1e-6          # the reference export is exact
     assert top1_8 >= 0.98 and kl_8 < 0.002
-    assert top1_4 >= 0.85 and kl_4 < 0.073
+    # int4: the default's 6-bit budget on these 64-wide rows (quantize.default_budget) measured 0.883 / 0.043;
+    # the same without GPTQ's calibration 0.856 / 0.070, uniform int4 ~0.06
+    assert top1_4 >= 0.87 and kl_4 < 0.055
     assert kl_8 < kl_4                               # more bits, closer
 
 
