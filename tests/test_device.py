@@ -270,7 +270,8 @@ def test_a_loaded_model_keeps_its_row_tables_cached_and_pages_out_the_rest(artif
     from edgert.device import _data_mappings, row_tables
     from edgert.model import Model
     folder = Path(artifact)
-    with open(folder / "model.onnx.data", "rb") as f:                   # a cold cache, as after a reboot
+    with open(folder / "model.onnx.data", "rb+") as f:                  # a cold cache, as after a reboot
+        os.fsync(f.fileno())       # a just-exported file's pages are dirty: neither dropped nor paged out until written
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     model = Model(folder, context=32, threads=1)
     tables = row_tables(folder, "model.onnx")["model.onnx.data"]
